@@ -1,0 +1,317 @@
+"""Settings: one frozen dataclass per TOML section, loaded and checked once at start.
+
+Sources, later ones winning: built-in defaults, the TOML file, the ``[env.NAME]`` table
+picked by ``PMQ_ENV``, then ``PMQ_<SECTION>_<KEY>`` environment variables. Unknown keys and
+wrong types raise :class:`ConfigError` naming the key, so a typo never runs silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pmq.errors import ConfigError
+
+DEFAULT_PATHS = ("etc/pmq.toml", "/etc/pmq/pmq.toml")
+RESERVED_ENV = frozenset({"PMQ_ENV", "PMQ_CONFIG"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 9501
+    workers: int = 0  # 0: one per CPU
+    task_workers: int = 2
+    node: str = ""  # "": the host name
+    pid_file: str = ""  # "": /tmp/pmq-NODE.pid
+    control_socket: str = ""  # "": the pid file with .sock instead of .pid
+    graceful_timeout: float = 10.0
+    worker_timeout: float = 30.0
+    max_frame: int = 65536
+    rate: int = 50
+    max_pending: int = 1048576
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    host: str = "127.0.0.1"
+    port: int = 9502
+    api_key: str = ""
+    max_body: int = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "pmq:"
+    cluster: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    url: str = "sqlite:///var/pmq.db"
+    shards: int = 128
+    pool_size: int = 8
+    shard_map: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    mode: str = "jwt"
+    jwt_secret: str = ""  # "": generated once, kept beside the embedded store
+    url: str = ""
+    timeout: float = 2.0
+    cache_ttl: int = 3650
+    cache_jitter: int = 3000
+    invalid_ttl: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatConfig:
+    interval: float = 25.0
+    timeout: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class InboxConfig:
+    hot_seconds: int = 86400
+    sweep_seconds: int = 60
+    retention_seconds: int = 1296000
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcastConfig:
+    dedupe_seconds: int = 900
+    replay_max: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadConfig:
+    push_interval: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CsConfig:
+    max_sessions_per_agent: int = 5
+    idle_seconds: int = 1800
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    json: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    heartbeat: HeartbeatConfig = dataclasses.field(default_factory=HeartbeatConfig)
+    inbox: InboxConfig = dataclasses.field(default_factory=InboxConfig)
+    broadcast: BroadcastConfig = dataclasses.field(default_factory=BroadcastConfig)
+    unread: UnreadConfig = dataclasses.field(default_factory=UnreadConfig)
+    cs: CsConfig = dataclasses.field(default_factory=CsConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    path: str = ""  # the file it was read from, "" for built-in defaults
+
+    # Sections whose change a HUP applies without restarting workers.
+    RELOADABLE: typing.ClassVar[frozenset[str]] = frozenset(
+        {"log", "inbox", "broadcast", "unread", "cs"}
+    )
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "path"
+}
+
+
+def find_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The config file to read: the argument, ``$PMQ_CONFIG``, then DEFAULT_PATHS."""
+    if explicit:
+        return explicit
+    env = environ.get("PMQ_CONFIG")
+    if env:
+        return env
+    for candidate in DEFAULT_PATHS:
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, merge and check the configuration; raise ConfigError naming the bad key."""
+    environ = os.environ if environ is None else environ
+    path = find_path(path, environ)
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    overlays = raw.pop("env", {})
+    if not isinstance(overlays, dict):
+        raise ConfigError("env: must be a table of [env.NAME] tables")
+    env_name = environ.get("PMQ_ENV", "")
+    if env_name:
+        if env_name not in overlays:
+            raise ConfigError(f"PMQ_ENV={env_name}: no [env.{env_name}] table in {path}")
+        raw = _merge(raw, overlays[env_name])
+    raw = _merge(raw, _from_environ(environ))
+    config = _build(raw, path or "")
+    _check(config)
+    return config
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``PMQ_SECTION_KEY=value`` variables, values parsed by the key's declared type."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, text in environ.items():
+        if not name.startswith("PMQ_") or name in RESERVED_ENV:
+            continue
+        section, _, key = name[4:].lower().partition("_")
+        if section not in SECTIONS:
+            continue
+        types = typing.get_type_hints(SECTIONS[section])
+        if key not in types:
+            raise ConfigError(f"{name}: unknown key {section}.{key}")
+        out.setdefault(section, {})[key] = _parse_env(name, text, types[key])
+    return out
+
+
+def _parse_env(name: str, text: str, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot parse {text!r} as {_type_name(kind)}") from None
+
+
+def _build(raw: dict[str, Any], path: str) -> Config:
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a table")
+        cls = SECTIONS[section]
+        types = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"unknown key {section}.{key}")
+            values[key] = _typed(f"{section}.{key}", value, types[key])
+        sections[section] = cls(**values)
+    config = Config(**sections, path=path)
+    return _resolve(config)
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(kind)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{name}: must be a table of strings")
+        return dict(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{name}: must be {_type_name(kind)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(
+        kind, "a table"
+    )
+
+
+def _resolve(config: Config) -> Config:
+    """Fill the defaults that depend on the machine or on other keys."""
+    server = config.server
+    node = server.node or socket.gethostname()
+    pid_file = server.pid_file or f"/tmp/pmq-{node}.pid"
+    control = server.control_socket or str(Path(pid_file).with_suffix(".sock"))
+    workers = server.workers or os.cpu_count() or 1
+    return dataclasses.replace(
+        config,
+        server=dataclasses.replace(
+            server, node=node, pid_file=pid_file, control_socket=control, workers=workers
+        ),
+    )
+
+
+def _check(config: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    s = config.server
+    for key, port in (("server.port", s.port), ("ingest.port", config.ingest.port)):
+        need(0 < port < 65536, f"{key}: must be a port number 1..65535")
+    need(s.workers >= 1, "server.workers: must be at least 1")
+    need(s.task_workers >= 0, "server.task_workers: must not be negative")
+    need(s.graceful_timeout > 0, "server.graceful_timeout: must be positive")
+    need(s.worker_timeout > 0, "server.worker_timeout: must be positive")
+    need(s.max_frame >= 1024, "server.max_frame: must be at least 1024")
+    need(s.rate >= 1, "server.rate: must be at least 1")
+    need(s.max_pending >= 4096, "server.max_pending: must be at least 4096")
+    need(all(c.isalnum() or c in "-_." for c in s.node), "server.node: letters, digits, -_.")
+    need(config.ingest.max_body >= 256, "ingest.max_body: must be at least 256")
+    need(config.auth.mode in ("jwt", "http"), "auth.mode: must be 'jwt' or 'http'")
+    need(
+        config.auth.mode != "http" or bool(config.auth.url),
+        "auth.url: required when auth.mode = 'http'",
+    )
+    need(config.auth.cache_jitter >= 1, "auth.cache_jitter: must be at least 1")
+    need(
+        config.storage.url.startswith(("sqlite:///", "mysql://")),
+        "storage.url: must start with sqlite:/// or mysql://",
+    )
+    need(config.storage.shards >= 1, "storage.shards: must be at least 1")
+    need(
+        config.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")),
+        "redis.url: must be a redis:// URL",
+    )
+    hb = config.heartbeat
+    need(0 < hb.interval < hb.timeout, "heartbeat.interval: must be positive and below timeout")
+    need(config.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level: bad level")

@@ -1,0 +1,180 @@
+"""The client wire format, sans I/O: frames in as bytes or text, values out, and back.
+
+Nothing here touches a socket. The gateway calls :func:`parse_request` on every text frame
+and the ``encode_*`` functions to build what it sends; every frame is one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any
+
+import orjson
+
+KIND_PATTERN = re.compile(r"[a-z_]{1,32}")
+ACTION_PATTERN = re.compile(r"[a-z][a-z_.]{0,63}")
+MAX_REQUEST_ID = 64  # characters
+
+
+class Code(enum.IntEnum):
+    """Reply codes (HTTP's, so the site's developers know them already)."""
+
+    OK = 200
+    ACCEPTED = 202
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    FORBIDDEN = 403
+    NOT_FOUND = 404
+    CONFLICT = 409
+    TOO_LARGE = 413
+    RATE_LIMITED = 429
+    SERVER_ERROR = 500
+    UNAVAILABLE = 503
+
+
+MESSAGES = {
+    Code.OK: "OK",
+    Code.ACCEPTED: "Accepted",
+    Code.BAD_REQUEST: "Bad Request",
+    Code.UNAUTHORIZED: "Unauthorized",
+    Code.FORBIDDEN: "Forbidden",
+    Code.NOT_FOUND: "Not Found",
+    Code.CONFLICT: "Conflict",
+    Code.TOO_LARGE: "Payload Too Large",
+    Code.RATE_LIMITED: "Too Many Requests",
+    Code.SERVER_ERROR: "Internal Server Error",
+    Code.UNAVAILABLE: "Service Unavailable",
+}
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes PMQ sends."""
+
+    GOING_AWAY = 1001  # graceful stop or rolling restart: reconnect
+    POLICY_VIOLATION = 1008  # send buffer over server.max_pending, or silent too long
+    MESSAGE_TOO_BIG = 1009  # frame over server.max_frame
+    INTERNAL_ERROR = 1011
+    KICKED = 4001  # the site asked to close this user's connections
+
+
+class Kind(enum.StrEnum):
+    """Message kinds with a meaning of their own; any KIND_PATTERN name is also allowed."""
+
+    COMMENT = "comment"
+    NOTICE = "notice"
+    LETTER = "letter"
+    SYSTEM = "system"
+    CS = "cs"
+
+
+UNREAD_KINDS: tuple[str, ...] = tuple(k.value for k in Kind)
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    AGENT = "agent"
+
+
+class FrameType(enum.StrEnum):
+    HELLO = "hello"
+    REPLY = "reply"
+    PUSH = "push"
+    UNREAD = "unread"
+    CS_ASSIGNED = "cs.assigned"
+    CS_CLOSED = "cs.closed"
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be served; answered with ``code`` and kept open."""
+
+    def __init__(self, code: Code, msg: str, request_id: str | None = None) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.request_id = request_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    id: str | None
+    action: str
+    data: dict[str, Any]
+
+
+def parse_request(frame: str | bytes) -> Request:
+    """Decode one client frame; raise ProtocolError(400) naming what is wrong."""
+    try:
+        value = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(Code.BAD_REQUEST, "frame is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(Code.BAD_REQUEST, "frame must be a JSON object")
+    request_id = value.get("id")
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        request_id = str(request_id)
+    if request_id is not None and (
+        not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID
+    ):
+        raise ProtocolError(Code.BAD_REQUEST, f"id: must be a string of at most {MAX_REQUEST_ID}")
+    action = value.get("action")
+    if not isinstance(action, str) or not ACTION_PATTERN.fullmatch(action):
+        raise ProtocolError(Code.BAD_REQUEST, "action: missing or not an action name", request_id)
+    data = value.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.BAD_REQUEST, "data: must be an object", request_id)
+    return Request(request_id, action, data)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode a frame (UTF-8 bytes, sent as a text frame)."""
+    return orjson.dumps(value)
+
+
+def encode_hello(conn_id: str, uid: str, heartbeat: float) -> bytes:
+    interval: float | int = int(heartbeat) if heartbeat == int(heartbeat) else heartbeat
+    return dumps({"type": FrameType.HELLO, "conn_id": conn_id, "uid": uid, "heartbeat": interval})
+
+
+def encode_reply(
+    request_id: str | None,
+    code: Code | int = Code.OK,
+    msg: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> bytes:
+    code = Code(code)
+    return dumps(
+        {
+            "type": FrameType.REPLY,
+            "id": request_id,
+            "code": int(code),
+            "msg": MESSAGES[code] if msg is None else msg,
+            "data": {} if data is None else data,
+        }
+    )
+
+
+def encode_push(message: dict[str, Any]) -> bytes:
+    """A push frame around a message dict (id, kind, from, to, body, ts)."""
+    return dumps({"type": FrameType.PUSH, "msg": message})
+
+
+def encode_event(frame_type: FrameType, **fields: Any) -> bytes:
+    """A server event such as ``unread``, ``cs.assigned`` or ``cs.closed``."""
+    return dumps({"type": frame_type, **fields})
+
+
+def is_kind(value: object) -> bool:
+    return isinstance(value, str) and KIND_PATTERN.fullmatch(value) is not None
+
+
+def is_uid(value: object) -> bool:
+    """A uid is a positive integer, sent as a number or a string of digits."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 < value < 2**63
+    return isinstance(value, str) and value.isdigit() and 0 < int(value) < 2**63 and len(value) < 20

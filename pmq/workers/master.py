@@ -1,0 +1,486 @@
+"""The master: a prefork supervisor in the manner of gunicorn's arbiter.
+
+It writes the pid file, forks ``server.workers`` socket workers and ``server.task_workers``
+task workers, and then loops: reap the dead, kill the stuck, keep the count, answer pmqctl.
+Signal handlers only queue the signal; the loop calls one ``handle_*`` method per signal.
+The master never imports pmq.reactor, pmq.tasks or pmq.handlers: children load them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+import psutil
+import setproctitle
+
+from pmq.config import Config
+from pmq.errors import AlreadyRunning, WorkerExit
+from pmq.workers import pidfile
+from pmq.workers.channel import LineReader
+from pmq.workers.control import ControlServer
+from pmq.workers.notify import notify
+
+log = logging.getLogger(__name__)
+
+WORKER_MODULES = {"socket": "pmq.reactor.main", "task": "pmq.tasks.main"}
+SIGNALS = {
+    signal.SIGTERM: "term",
+    signal.SIGINT: "int",
+    signal.SIGQUIT: "quit",
+    signal.SIGHUP: "hup",
+    signal.SIGUSR2: "usr2",
+    signal.SIGCHLD: "chld",
+}
+LOOP_SECONDS = 0.5
+FAST_STOP_SECONDS = 2.0
+RELOAD_SECONDS = 10.0
+MAX_BACKOFF = 30.0
+SHORT_LIFE = 10.0  # a worker that dies younger than this counts as a failed start
+
+
+class StopMaster(Exception):
+    def __init__(self, code: int = 0) -> None:
+        self.code = code
+
+
+@dataclasses.dataclass
+class WorkerState:
+    pid: int
+    kind: str
+    index: int
+    fd: int
+    started: float
+    last_seen: float
+    ready: bool = False
+    retiring: bool = False
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reader: LineReader = dataclasses.field(default_factory=LineReader)
+
+
+@dataclasses.dataclass
+class Slot:
+    """One (kind, index) place to keep filled, with its respawn back-off."""
+
+    failures: int = 0
+    next_spawn: float = 0.0
+
+
+class Master:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node = config.server.node
+        self.title = f"pmq: master [{self.node}]"
+        self.workers: dict[int, WorkerState] = {}
+        self.slots: dict[tuple[str, int], Slot] = {
+            ("socket", i): Slot() for i in range(1, config.server.workers + 1)
+        }
+        self.slots.update({("task", j): Slot() for j in range(1, config.server.task_workers + 1)})
+        self.signals: list[int] = []
+        self.started = time.time()
+        self.restarts = 0
+        self.announced_ready = False
+        self.rolling: list[tuple[str, int]] = []  # slots still to replace on USR2
+        self.replacing: tuple[int, int] | None = None  # (old pid, new pid)
+        self.reload_pending: dict[int, dict[str, Any]] | None = None
+        self.reload_deadline = 0.0
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.control = ControlServer(config.server.control_socket, self)
+
+    # Start and loop -----------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        try:
+            self.start()
+        except AlreadyRunning as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            while True:
+                self.wait_for_events()
+                if self.signals:
+                    getattr(self, f"handle_{SIGNALS[self.signals.pop(0)]}")()
+                    continue
+                self.reap_workers()
+                self.murder_stuck_workers()
+                self.manage_workers()
+                self.step_rolling_restart()
+                self.check_reload()
+        except StopMaster as stop:
+            return stop.code
+        finally:
+            self.cleanup()
+
+    def start(self) -> None:
+        setproctitle.setproctitle(self.title)
+        self.refuse_live_master()
+        pidfile.create(self.config.server.pid_file)
+        self.stop_leftovers()
+        self.control.open()
+        for sig in SIGNALS:
+            signal.signal(sig, self.record_signal)
+        log.info("%s starting (pid %d)", self.title, os.getpid())
+        self.manage_workers()
+
+    def record_signal(self, signum: int, frame: Any) -> None:
+        if len(self.signals) < 5:
+            self.signals.append(signum)
+        try:
+            os.write(self.wake_w, b".")
+        except BlockingIOError:
+            pass
+
+    def wait_for_events(self) -> None:
+        fds = [self.wake_r, *self.control.fds(), *(w.fd for w in self.workers.values())]
+        try:
+            readable, _, _ = select.select(fds, [], [], LOOP_SECONDS)
+        except InterruptedError:
+            return
+        except OSError as exc:  # a worker fd closed under us
+            if exc.errno != errno.EBADF:
+                raise
+            return
+        for fd in readable:
+            if fd == self.wake_r:
+                self.drain_wakeups()
+            elif fd in self.control.fds():
+                self.control.handle(fd)
+            else:
+                self.read_worker_events(fd)
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # Signal handlers ------------------------------------------------------------------
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True)
+
+    def handle_int(self) -> None:
+        self.stop(graceful=True)
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_usr2(self) -> None:
+        self.rolling_restart()
+
+    # Workers ------------------------------------------------------------------------
+    def spawn_worker(self, kind: str, index: int) -> WorkerState:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(write_fd, False)
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            os.close(read_fd)
+            self.close_in_child()
+            code = WorkerExit.BOOT_ERROR
+            try:
+                module = importlib.import_module(WORKER_MODULES[kind])
+                code = module.run(self.config, index, write_fd, master_pid)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("pmq: %s worker #%d crashed", kind, index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        now = time.monotonic()
+        state = WorkerState(pid, kind, index, read_fd, started=now, last_seen=now)
+        self.workers[pid] = state
+        log.info("spawned %s worker #%d (pid %d)", kind, index, pid)
+        return state
+
+    def close_in_child(self) -> None:
+        """Drop the master's descriptors and handlers from a freshly forked worker."""
+        self.control.close_in_child()
+        for fd in (self.wake_r, self.wake_w, *(w.fd for w in self.workers.values())):
+            os.close(fd)
+        self.workers.clear()
+
+    def read_worker_events(self, fd: int) -> None:
+        worker = next((w for w in self.workers.values() if w.fd == fd), None)
+        if worker is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            return  # EOF: the process is gone; reap_workers will notice
+        worker.last_seen = time.monotonic()
+        for event in worker.reader.feed(data):
+            self.on_worker_event(worker, event)
+
+    def on_worker_event(self, worker: WorkerState, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            worker.ready = True
+            self.slots[(worker.kind, worker.index)].failures = 0
+            self.announce_ready()
+        elif kind == "heartbeat":
+            worker.stats = {k: v for k, v in event.items() if k != "event"}
+        elif kind == "reload" and self.reload_pending is not None:
+            if worker.pid in self.reload_pending:
+                self.reload_pending[worker.pid] = event
+
+    def announce_ready(self) -> None:
+        if self.announced_ready:
+            return
+        if all(self.ready_worker(slot) for slot in self.slots):
+            self.announced_ready = True
+            notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
+            log.info("%s ready: %d workers", self.title, len(self.slots))
+
+    def ready_worker(self, slot: tuple[str, int]) -> bool:
+        return any(
+            (w.kind, w.index) == slot and w.ready and not w.retiring for w in self.workers.values()
+        )
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            os.close(worker.fd)
+            self.on_worker_exit(worker, os.waitstatus_to_exitcode(status))
+
+    def on_worker_exit(self, worker: WorkerState, code: int) -> None:
+        name = f"{worker.kind} worker #{worker.index} (pid {worker.pid})"
+        if worker.retiring:
+            log.info("%s retired (exit %d)", name, code)
+            return
+        self.restarts += 1
+        if code == WorkerExit.BOOT_ERROR and not worker.ready:
+            log.error("%s failed to boot; stopping the node", name)
+            self.stop(graceful=True, code=1)
+        log.error("%s died (exit %d); respawning", name, code)
+        slot = self.slots[(worker.kind, worker.index)]
+        if time.monotonic() - worker.started < SHORT_LIFE:
+            slot.failures += 1
+        delay = min(0.1 * 2**slot.failures, MAX_BACKOFF) if slot.failures else 0.0
+        slot.next_spawn = time.monotonic() + delay
+
+    def murder_stuck_workers(self) -> None:
+        timeout = self.config.server.worker_timeout
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > timeout:
+                log.error(
+                    "%s worker #%d (pid %d) silent for %.0fs; killing it",
+                    worker.kind, worker.index, worker.pid, now - worker.last_seen,
+                )
+                self.kill(worker.pid, signal.SIGKILL)
+                worker.last_seen = now  # one kill per timeout; reaping follows
+
+    def manage_workers(self) -> None:
+        now = time.monotonic()
+        for (kind, index), slot in self.slots.items():
+            filled = any(
+                (w.kind, w.index) == (kind, index) and not w.retiring
+                for w in self.workers.values()
+            )
+            if not filled and now >= slot.next_spawn:
+                self.spawn_worker(kind, index)
+
+    def kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    # Reload and rolling restart -------------------------------------------------------
+    def reload(self) -> None:
+        """HUP every worker: they re-import handlers and re-read reloadable config."""
+        notify("RELOADING=1")
+        log.info("reloading handlers in %d workers", len(self.workers))
+        live = [w for w in self.workers.values() if not w.retiring]
+        self.reload_pending = {w.pid: {} for w in live}
+        self.reload_deadline = time.monotonic() + RELOAD_SECONDS
+        for worker in live:
+            self.kill(worker.pid, signal.SIGHUP)
+        self.check_reload()
+
+    def check_reload(self) -> None:
+        pending = self.reload_pending
+        if pending is None:
+            return
+        for pid in [pid for pid in pending if pid not in self.workers]:
+            pending[pid] = {"ok": False, "error": f"worker {pid} exited during reload"}
+        answered = all(pending.values())
+        if not answered and time.monotonic() < self.reload_deadline:
+            return
+        errors = [e.get("error") or f"worker {pid} did not answer" for pid, e in pending.items()
+                  if not e.get("ok")]
+        self.reload_pending = None
+        notify("READY=1\nSTATUS=serving")
+        for error in errors:
+            log.error("reload: %s", error)
+        self.control.finish("reload", {"ok": not errors, "error": "; ".join(map(str, errors))})
+
+    def rolling_restart(self) -> None:
+        """USR2: replace every worker one at a time, the new one up before the old drains."""
+        if self.rolling or self.replacing:
+            log.info("rolling restart already under way")
+            return
+        log.info("rolling restart of %d workers", len(self.slots))
+        self.rolling = list(self.slots)
+
+    def step_rolling_restart(self) -> None:
+        if self.replacing is not None:
+            old_pid, new_pid = self.replacing
+            new = self.workers.get(new_pid)
+            if new is None:  # the replacement died: keep the old one, move on
+                self.replacing = None
+            elif new.ready:
+                old = self.workers.get(old_pid)
+                if old is not None:
+                    old.retiring = True
+                    self.kill(old_pid, signal.SIGTERM)
+                self.replacing = None
+            return
+        while self.rolling:
+            slot = self.rolling.pop(0)
+            old = next(
+                (w for w in self.workers.values() if (w.kind, w.index) == slot and not w.retiring),
+                None,
+            )
+            if old is not None:
+                self.replacing = (old.pid, self.spawn_worker(*slot).pid)
+                return
+        self.control.finish("restart", {"ok": True})
+
+    # Stop ---------------------------------------------------------------------------
+    def stop(self, graceful: bool = True, code: int = 0) -> None:
+        """Stop every worker (TERM, or QUIT when fast), wait, kill the rest; raise StopMaster."""
+        notify("STOPPING=1")
+        log.info("%s stopping (%s)", self.title, "graceful" if graceful else "fast")
+        self.control.close()
+        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        for pid in list(self.workers):
+            self.kill(pid, sig)
+        timeout = self.config.server.graceful_timeout if graceful else FAST_STOP_SECONDS
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self.reap_workers_quietly()
+            time.sleep(0.02)
+        for pid in list(self.workers):
+            log.warning("worker pid %d still alive after %.0fs; killing it", pid, timeout)
+            self.kill(pid, signal.SIGKILL)
+        while self.workers:
+            self.reap_workers_quietly()
+            time.sleep(0.01)
+        raise StopMaster(code)
+
+    def reap_workers_quietly(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.retiring = True
+        self.reap_workers()
+
+    def cleanup(self) -> None:
+        self.control.close()
+        pidfile.remove(self.config.server.pid_file)
+        log.info("%s exited", self.title)
+
+    # Start-up checks --------------------------------------------------------------------
+    def refuse_live_master(self) -> None:
+        for proc in self.node_processes():
+            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("pmq: master"):
+                raise AlreadyRunning(f"already running: master pid {proc.pid} [{self.node}]")
+
+    def stop_leftovers(self) -> None:
+        """Stop workers of this node left behind by a master that died."""
+        leftovers = list(self.node_processes())
+        if not leftovers:
+            return
+        for proc in leftovers:
+            log.warning("stopping leftover %r (pid %d)", proc.info["cmdline"][0], proc.pid)
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(leftovers, timeout=3)
+        for proc in alive:
+            proc.kill()
+        psutil.wait_procs(alive, timeout=3)
+
+    def node_processes(self) -> list[psutil.Process]:
+        suffix = f" [{self.node}]"
+        me = os.getpid()
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"]
+            if proc.pid == me or not cmdline:
+                continue
+            title = cmdline[0]
+            if title.startswith("pmq: ") and title.endswith(suffix):
+                found.append(proc)
+        return found
+
+    # Status -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: (w.kind, w.index, w.started)):
+            workers.append(
+                {
+                    "pid": w.pid,
+                    "kind": w.kind,
+                    "index": w.index,
+                    "uptime": round(now - w.started, 1),
+                    "ready": w.ready,
+                    "retiring": w.retiring,
+                    "rss": rss(w.pid),
+                    **w.stats,
+                }
+            )
+        return {
+            "node": self.node,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "rss": rss(os.getpid()),
+            "ready": self.announced_ready,
+            "restarts": self.restarts,
+            "workers": workers,
+            "config": self.config.path,
+            "python": sys.version.split()[0],
+        }
+
+
+def rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def serve(config: Config) -> int:
+    """Run a master for this config in the current process (``pmq`` / ``pmqctl start``)."""
+    return Master(config).run()
+
