@@ -170,6 +170,8 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     if env_name:
         if env_name not in overlays:
             raise ConfigError(f"PMQ_ENV={env_name}: no [env.{env_name}] table in {path}")
+        if not isinstance(overlays[env_name], dict):
+            raise ConfigError(f"env.{env_name}: must be a table of sections")
         raw = _merge(raw, overlays[env_name])
     raw = _merge(raw, _from_environ(environ))
     config = _build(raw, path or "")

@@ -177,4 +177,12 @@ def is_uid(value: object) -> bool:
         return False
     if isinstance(value, int):
         return 0 < value < 2**63
-    return isinstance(value, str) and value.isdigit() and 0 < int(value) < 2**63 and len(value) < 20
+    # isascii: str.isdigit() also accepts "²" and "١٢٣"; length first: int() of a huge
+    # string is slow and raises past 4300 digits.
+    return (
+        isinstance(value, str)
+        and len(value) < 20
+        and value.isascii()
+        and value.isdigit()
+        and 0 < int(value) < 2**63
+    )

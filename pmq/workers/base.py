@@ -59,7 +59,8 @@ class Worker(abc.ABC):
         # Ctrl-C in a terminal reaches the whole group; the master decides for everyone.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            return asyncio.run(self._main(), loop_factory=uvloop.new_event_loop)
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(self._main())
         except BootError as exc:
             log.error("%s failed to boot: %s", self.title, exc)
             return WorkerExit.BOOT_ERROR

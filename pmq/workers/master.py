@@ -22,8 +22,10 @@ from typing import Any
 import psutil
 import setproctitle
 
+from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
+from pmq.store import open_store
 from pmq.workers import pidfile
 from pmq.workers.channel import LineReader
 from pmq.workers.control import ControlServer
@@ -470,6 +472,8 @@ class Master:
             "workers": workers,
             "config": self.config.path,
             "python": sys.version.split()[0],
+            # Which PMQ code the master holds: workers load theirs after fork (STYLE 7).
+            "modules": sorted(m for m in sys.modules if m == "pmq" or m.startswith("pmq.")),
         }
 
 
@@ -478,6 +482,22 @@ def rss(pid: int) -> int:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return 0
+
+
+def prepare(config: Config) -> Config:
+    """Settle what workers must share before the fork: the JWT secret, the embedded schema."""
+    if config.auth.mode == "jwt" and not config.auth.jwt_secret:
+        secret = resolve_jwt_secret(config)
+        config = dataclasses.replace(
+            config, auth=dataclasses.replace(config.auth, jwt_secret=secret)
+        )
+    if config.storage.url.startswith("sqlite:"):
+        store = open_store(config.storage)
+        try:
+            store.init_schema()
+        finally:
+            store.close()
+    return config
 
 
 def serve(config: Config) -> int:

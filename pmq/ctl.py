@@ -1,0 +1,229 @@
+"""``pmqctl`` and ``pmq``: thin command-line entry points over pmq.workers and pmq.store.
+
+Exit codes (pmq.errors.ExitCode): 0 ok, 1 failure, 3 not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import orjson
+import psutil
+
+from pmq import __version__
+from pmq import config as configuration
+from pmq import log as logsetup
+from pmq.errors import ExitCode, NotRunning, PMQError
+from pmq.workers import pidfile
+from pmq.workers.channel import request
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return ExitCode.FAILURE
+    try:
+        return int(args.func(args))
+    except NotRunning as exc:
+        print(f"pmq is not running: {exc}", file=sys.stderr)
+        return ExitCode.NOT_RUNNING
+    except PMQError as exc:
+        print(f"pmqctl {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+
+
+def main_pmq(argv: Sequence[str] | None = None) -> int:
+    """``pmq [-c PATH]``: run a node in the foreground (same as ``pmqctl start``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return main(["start", *args])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmqctl", description="Control a PMQ node.")
+    parser.add_argument("--version", action="version", version=f"pmq {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    def command(name: str, func: Command, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-c", "--config", help="config file (default: $PMQ_CONFIG, "
+                       "etc/pmq.toml, /etc/pmq/pmq.toml, built-in defaults)")
+        p.set_defaults(func=func)
+        return p
+
+    start = command("start", cmd_start, "run the node (foreground unless --daemon)")
+    start.add_argument("--daemon", action="store_true", help="detach and return once ready")
+    start.add_argument("--log-file", help="with --daemon: where the node logs (else discarded)")
+    stop = command("stop", cmd_stop, "graceful stop (SIGTERM), waiting for the master to exit")
+    stop.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT)")
+    command("reload", cmd_reload, "reload handlers and reloadable config in every worker")
+    command("restart", cmd_restart, "rolling restart: each worker replaced, new before old")
+    status = command("status", cmd_status, "workers, pids, uptime, connections, RSS")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    token = command("token", cmd_token, "print a client token (auth.mode = jwt)")
+    token.add_argument("uid")
+    token.add_argument("--groups", default="", help="comma-separated groups")
+    token.add_argument("--role", default="user", choices=["user", "agent"])
+    token.add_argument("--ttl", type=int, default=86400, help="seconds the token is valid")
+    db = command("db", cmd_db, "storage schema")
+    db.add_argument("action", choices=["init"], help="init: create or upgrade, idempotent")
+    return parser
+
+
+def load(args: argparse.Namespace) -> configuration.Config:
+    config = configuration.load(args.config)
+    logsetup.setup(config.log)
+    return config
+
+
+# Commands ---------------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from pmq.workers.master import prepare, serve
+
+    config = prepare(load(args))
+    if args.daemon:
+        return daemonize(config, args.log_file)
+    return serve(config)
+
+
+def daemonize(config: configuration.Config, log_file: str | None) -> int:
+    """Fork a detached master and return once it reports ready (1 if it died first)."""
+    from pmq.workers.master import serve
+
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        redirect_stdio(log_file)
+        os._exit(serve(config))
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if request(config.server.control_socket, "status", timeout=2).get("ready"):
+                print(f"pmq started: master pid {pidfile.read(config.server.pid_file)}")
+                return ExitCode.OK
+        except PMQError:
+            pass
+        time.sleep(0.1)
+    print("pmq did not report ready within 60s", file=sys.stderr)
+    return ExitCode.FAILURE
+
+
+def redirect_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    config = load(args)
+    pid = pidfile.live_master(config.server.pid_file)
+    if pid is None:
+        raise NotRunning(f"no live master in {config.server.pid_file}")
+    os.kill(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
+    deadline = time.monotonic() + config.server.graceful_timeout + 5
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            print(f"pmq stopped (master pid {pid})")
+            return ExitCode.OK
+        time.sleep(0.05)
+    print(f"master pid {pid} still running after the graceful timeout", file=sys.stderr)
+    return ExitCode.FAILURE
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = load(args)
+    request(config.server.control_socket, "reload", timeout=30)
+    print("reloaded")
+    return ExitCode.OK
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    config = load(args)
+    request(config.server.control_socket, "restart", timeout=600)
+    print("restarted every worker")
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load(args)
+    status = request(config.server.control_socket, "status", timeout=10)
+    status.pop("ok", None)
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(status))
+    return ExitCode.OK
+
+
+def format_status(status: dict[str, object]) -> str:
+    lines = [
+        f"node {status['node']}: master pid {status['pid']}, up {duration(status['uptime'])}, "
+        f"rss {megabytes(status['rss'])}, {'ready' if status['ready'] else 'starting'}, "
+        f"{status['restarts']} worker restarts",
+        f"{'KIND':<8}{'#':>3}{'PID':>9}{'UPTIME':>10}{'RSS':>10}{'CONNS':>8}  STATE",
+    ]
+    workers = status.get("workers") or []
+    assert isinstance(workers, list)
+    for w in workers:
+        state = "retiring" if w["retiring"] else ("ready" if w["ready"] else "starting")
+        conns = w.get("connections", "-") if w["kind"] == "socket" else "-"
+        lines.append(
+            f"{w['kind']:<8}{w['index']:>3}{w['pid']:>9}{duration(w['uptime']):>10}"
+            f"{megabytes(w['rss']):>10}{conns!s:>8}  {state}"
+        )
+    return "\n".join(lines)
+
+
+def duration(seconds: object) -> str:
+    s = int(float(str(seconds)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def megabytes(value: object) -> str:
+    return f"{int(str(value)) / 2**20:.1f}M"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from pmq.auth import mint_token, resolve_jwt_secret
+
+    config = load(args)
+    groups = [g for g in args.groups.split(",") if g]
+    print(mint_token(resolve_jwt_secret(config), args.uid, groups, args.role, args.ttl))
+    return ExitCode.OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from pmq.store import open_store
+
+    config = load(args)
+    store = open_store(config.storage)
+    try:
+        store.init_schema()
+    finally:
+        store.close()
+    print(f"schema ready ({config.storage.shards} message shards)")
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

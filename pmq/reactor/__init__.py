@@ -1,0 +1,1 @@
+"""The socket worker: WebSocket gateway, ingest HTTP, local connection table, relay."""

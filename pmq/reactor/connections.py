@@ -1,0 +1,126 @@
+"""This worker's live WebSocket connections, by conn id and by uid.
+
+Writes never await: a frame is queued on the socket at once (websockets' broadcast path),
+and a client whose unsent bytes pass ``server.max_pending`` is closed with 1008, or aborted
+when even the close frame would not fit, so one slow reader never stalls the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from websockets.asyncio.connection import broadcast
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from pmq.auth import Identity
+from pmq.protocol import CloseCode
+
+log = logging.getLogger(__name__)
+
+CLOSE_SECONDS = 2.0
+
+
+class Client:
+    """One WebSocket connection of an authenticated user."""
+
+    __slots__ = ("conn_id", "identity", "max_pending", "rate", "tokens", "updated", "ws")
+
+    def __init__(
+        self, ws: ServerConnection, conn_id: str, identity: Identity, max_pending: int, rate: int
+    ) -> None:
+        self.ws = ws
+        self.conn_id = conn_id
+        self.identity = identity
+        self.max_pending = max_pending
+        self.rate = rate
+        self.tokens = float(rate)
+        self.updated = time.monotonic()
+
+    @property
+    def uid(self) -> str:
+        return self.identity.uid
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one text frame without waiting; False when the client is gone or dropped."""
+        if self.ws.protocol.state is not State.OPEN:
+            return False
+        broadcast((self.ws,), frame, text=True)
+        pending = self.ws.transport.get_write_buffer_size()
+        if pending > self.max_pending:
+            self.drop_slow(pending)
+            return False
+        return True
+
+    def drop_slow(self, pending: int) -> None:
+        log.warning(
+            "closing slow client conn=%s uid=%s: %d bytes unsent", self.conn_id, self.uid, pending
+        )
+        if pending > 2 * self.max_pending:
+            self.ws.transport.abort()  # not even a close frame would reach it in time
+        else:
+            self.close(CloseCode.POLICY_VIOLATION, "send buffer full")
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start a closing handshake in the background (idempotent)."""
+        if self.ws.protocol.state is State.OPEN:
+            asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_SECONDS)
+        except (TimeoutError, OSError):
+            self.ws.transport.abort()
+
+    def allow_request(self) -> bool:
+        """Token bucket of ``server.rate`` requests per second, burst of the same size."""
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class ConnectionTable:
+    def __init__(self) -> None:
+        self.by_conn: dict[str, Client] = {}
+        self.by_uid: dict[str, dict[str, Client]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_conn)
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(list(self.by_conn.values()))
+
+    def add(self, client: Client) -> None:
+        self.by_conn[client.conn_id] = client
+        self.by_uid.setdefault(client.uid, {})[client.conn_id] = client
+
+    def remove(self, client: Client) -> None:
+        self.by_conn.pop(client.conn_id, None)
+        mine = self.by_uid.get(client.uid)
+        if mine is not None:
+            mine.pop(client.conn_id, None)
+            if not mine:
+                del self.by_uid[client.uid]
+
+    def of_user(self, uid: str) -> Iterable[Client]:
+        return list(self.by_uid.get(uid, {}).values())
+
+    def uids(self) -> list[str]:
+        return list(self.by_uid)
+
+    def send_to_user(self, uid: str, frame: bytes) -> int:
+        """Write ``frame`` to every local connection of ``uid``; returns how many took it."""
+        return sum(client.send(frame) for client in self.of_user(uid))
+
+    def kick_user(self, uid: str, reason: str) -> int:
+        clients = self.of_user(uid)
+        for client in clients:
+            client.close(CloseCode.KICKED, reason)
+        return len(clients)

@@ -1,0 +1,164 @@
+"""The client WebSocket endpoint: handshake auth, the request loop, hello and replies.
+
+One :class:`Gateway` per socket worker, listening with SO_REUSEPORT on the client port.
+The handshake authenticates the token (query ``token`` or ``Authorization: Bearer``) before
+anything is kept; a refused token gets HTTP 401 and no registry entry.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from pmq import protocol
+from pmq.auth import Authenticator, Identity
+from pmq.errors import ActionError, AuthError
+from pmq.handlers.base import App, Caller, Handler
+from pmq.protocol import Code, ProtocolError
+from pmq.reactor.connections import Client, ConnectionTable
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+CLOSE_TIMEOUT = 2.0
+
+OnOpen = Callable[[Client], Awaitable[None]]
+OnClose = Callable[[Client], Awaitable[None]]
+
+
+def token_of(request: Request) -> str:
+    """The client token from ``?token=`` or ``Authorization: Bearer``; "" when absent."""
+    query = parse_qs(urlsplit(request.path).query)
+    if query.get("token"):
+        return query["token"][0]
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def plain_response(status: http.HTTPStatus, text: str) -> Response:
+    body = (text + "\n").encode()
+    headers = Headers([("Content-Type", "text/plain; charset=utf-8"),
+                       ("Content-Length", str(len(body))), ("Connection", "close")])
+    return Response(status.value, status.phrase, headers, body)
+
+
+class Gateway:
+    def __init__(
+        self,
+        app: App,
+        table: ConnectionTable,
+        authenticator: Authenticator,
+        handlers: Callable[[], dict[str, Handler]],
+        on_open: OnOpen,
+        on_close: OnClose,
+    ) -> None:
+        self.app = app
+        self.table = table
+        self.authenticator = authenticator
+        self.handlers = handlers
+        self.on_open = on_open
+        self.on_close = on_close
+        self.server: Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        config = self.app.config
+        self.server = await websockets.serve(
+            self.serve_connection,
+            host,
+            port,
+            reuse_port=True,
+            process_request=self.process_request,
+            max_size=config.server.max_frame,
+            max_queue=4,
+            ping_interval=config.heartbeat.interval,
+            ping_timeout=config.heartbeat.timeout - config.heartbeat.interval,
+            close_timeout=CLOSE_TIMEOUT,
+            compression=None,
+            server_header=None,
+        )
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Authenticate before the upgrade; anything but a good token on /ws is refused."""
+        if urlsplit(request.path).path != WS_PATH:
+            return plain_response(http.HTTPStatus.NOT_FOUND, "not found")
+        token = token_of(request)
+        if not token:
+            return plain_response(http.HTTPStatus.UNAUTHORIZED, "missing token")
+        try:
+            identity = await self.authenticator.authenticate(token)
+        except AuthError as exc:
+            return plain_response(http.HTTPStatus(exc.status), exc.reason)
+        connection.pmq_identity = identity  # type: ignore[attr-defined]
+        return None
+
+    async def serve_connection(self, ws: ServerConnection) -> None:
+        identity: Identity = ws.pmq_identity  # type: ignore[attr-defined]
+        config = self.app.config.server
+        client = Client(ws, secrets.token_hex(8), identity, config.max_pending, config.rate)
+        self.table.add(client)
+        try:
+            await self.on_open(client)
+            async for frame in ws:
+                await self.on_frame(client, frame)
+        except websockets.ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("connection failed conn=%s uid=%s", client.conn_id, client.uid)
+        finally:
+            self.table.remove(client)
+            try:
+                await self.on_close(client)
+            except Exception:
+                log.exception("cleanup failed conn=%s uid=%s", client.conn_id, client.uid)
+
+    async def on_frame(self, client: Client, frame: str | bytes) -> None:
+        try:
+            request = protocol.parse_request(frame)
+        except ProtocolError as exc:
+            client.send(protocol.encode_reply(exc.request_id, exc.code, exc.msg))
+            return
+        if not client.allow_request():
+            client.send(protocol.encode_reply(request.id, Code.RATE_LIMITED,
+                                              "rate limit: slow down"))
+            return
+        client.send(await self.call(client, request))
+
+    async def call(self, client: Client, request: protocol.Request) -> bytes:
+        handler = self.handlers().get(request.action)
+        if handler is None:
+            return protocol.encode_reply(
+                request.id, Code.NOT_FOUND, f"unknown action {request.action!r}"
+            )
+        try:
+            data: dict[str, Any] = await handler(
+                self.app, Caller(client.identity, client.conn_id), request.data
+            )
+        except ActionError as exc:
+            return protocol.encode_reply(request.id, exc.code, exc.msg)
+        except Exception:
+            log.exception(
+                "action %s failed conn=%s uid=%s", request.action, client.conn_id, client.uid
+            )
+            return protocol.encode_reply(request.id, Code.SERVER_ERROR, "internal error")
+        return protocol.encode_reply(request.id, Code.OK, data=data)
+
+    def close(self) -> None:
+        """Stop accepting new connections (idempotent); open ones stay."""
+        if self.server is not None:
+            self.server.close(close_connections=False)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in self.table:
+            client.close(code, reason)

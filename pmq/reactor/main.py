@@ -1,0 +1,163 @@
+"""The socket worker: WebSocket gateway and ingest HTTP on SO_REUSEPORT listeners.
+
+Everything with a connection or a thread (Redis, the store's thread pool, the event loop)
+is created here, after fork. Shutdown runs in the fixed phases of SPEC 1, each bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pmq import protocol
+from pmq.auth import Authenticator, make_authenticator
+from pmq.config import Config
+from pmq.handlers.base import Handler
+from pmq.keys import Keys
+from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor.gateway import Gateway
+from pmq.reactor.http import HttpServer, start_http_server
+from pmq.reactor.ingest import build_router
+from pmq.reactor.reload import load_handlers
+from pmq.routing import Routes
+from pmq.store import Store, open_store
+from pmq.workers.base import BootError, Worker
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CLOSE_PHASE_SECONDS = 3.0
+
+
+class SocketWorker(Worker):
+    kind = "socket"
+
+    def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
+        super().__init__(config, index, status_fd, ppid)
+        self.keys = Keys(config.redis.prefix)
+        self.table = ConnectionTable()
+        self.handlers: dict[str, Handler] = {}
+        self.background: list[asyncio.Task[Any]] = []
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-store")
+
+    # Services offered to handlers and routes (pmq.handlers.base.App) ------------------
+    async def start(self) -> None:
+        config = self.config
+        self.redis = aioredis.Redis.from_url(config.redis.url)
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise BootError(f"redis at {config.redis.url}: {exc}") from exc
+        self.store: Store = open_store(config.storage)
+        self.routes = Routes(
+            self.redis, self.keys, self.id, config.heartbeat.interval,
+            self.table.send_to_user, self.table.kick_user,
+        )
+        self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
+        self.handlers = load_handlers()
+        self.pubsub = self.redis.pubsub()
+        await self.pubsub.subscribe(**{self.keys.worker_channel(self.id): self.routes.on_message})
+        self.background.append(asyncio.create_task(self.pubsub.run(), name="relay"))
+        await self.routes.beat(())
+        self.gateway = Gateway(
+            self, self.table, self.authenticator, lambda: self.handlers,
+            self.on_open, self.on_close,
+        )
+        try:
+            await self.gateway.start(config.server.host, config.server.port)
+            self.ingest: HttpServer = await start_http_server(
+                build_router(self), config.ingest.host, config.ingest.port,
+                max_body=config.ingest.max_body, api_key=config.ingest.api_key,
+            )
+        except OSError as exc:
+            raise BootError(f"cannot listen: {exc}") from exc
+        self.background.append(asyncio.create_task(self.keep_registry(), name="registry"))
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking store work on this worker's thread pool, never on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+    # Connections ----------------------------------------------------------------------
+    async def on_open(self, client: Client) -> None:
+        await self.routes.register(client.uid, client.conn_id)
+        client.send(
+            protocol.encode_hello(client.conn_id, client.uid, self.config.heartbeat.interval)
+        )
+
+    async def on_close(self, client: Client) -> None:
+        await self.routes.unregister(client.uid, client.conn_id)
+
+    async def keep_registry(self) -> None:
+        """Refresh our entries' TTL and sweep workers that stopped beating."""
+        interval = self.config.heartbeat.interval
+        beat_every = max(0.5, min(5.0, interval / 3))
+        next_sweep = time.monotonic()
+        while True:
+            try:
+                await self.routes.beat(self.table.uids())
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + interval / 2
+                    await self.routes.sweep_dead_workers()
+            except (RedisError, OSError) as exc:
+                log.warning("registry refresh failed: %s", exc)
+            await asyncio.sleep(beat_every)
+
+    # Reload, stats, shutdown ------------------------------------------------------------
+    async def reload(self) -> None:
+        self.handlers = load_handlers()  # raises, keeping the old registry, on any error
+        log.info("%s reloaded %d actions", self.title, len(self.handlers))
+
+    def stats(self) -> dict[str, Any]:
+        ingest = getattr(self, "ingest", None)
+        return {
+            "id": self.id,
+            "connections": len(self.table),
+            "ingest_in_flight": ingest.in_flight if ingest else 0,
+        }
+
+    async def shutdown(self, fast: bool) -> None:
+        """Stop accepting, close sockets 1001, remove routes, drain, cancel the rest."""
+        if hasattr(self, "gateway"):
+            self.gateway.close()
+        if hasattr(self, "ingest"):
+            self.ingest.close()
+        await self.close_clients(0.5 if fast else CLOSE_PHASE_SECONDS)
+        if hasattr(self, "routes"):
+            with contextlib.suppress(RedisError, OSError):
+                removed = await self.routes.forget(self.id)
+                log.info("%s removed %d route entries", self.title, removed)
+        if hasattr(self, "ingest"):
+            left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)
+            if left:
+                log.warning("%s: %d ingest requests cut short", self.title, left)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        if hasattr(self, "redis"):
+            await self.redis.aclose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def close_clients(self, timeout: float) -> None:
+        if not len(self.table):
+            return
+        count = len(self.table)
+        self.gateway.close_all(protocol.CloseCode.GOING_AWAY, "server shutting down")
+        deadline = time.monotonic() + timeout
+        while len(self.table) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        log.info("%s closed %d connections (%d left)", self.title, count, len(self.table))
+        for client in self.table:
+            client.ws.transport.abort()
+
+
+def run(config: Config, index: int, status_fd: int, ppid: int) -> int:
+    """Entry point called by the master in the forked child."""
+    return SocketWorker(config, index, status_fd, ppid).run()

@@ -1,0 +1,184 @@
+"""The connection registry in Redis and delivery of frames to a user wherever they are.
+
+Every socket worker keeps, in Redis: ``user_conns(uid)`` (conn id -> worker id) for each of
+its users, ``worker_conns(wid)`` (conn id -> uid) and its heartbeat in ``workers``. Keys carry
+a TTL of 3 x ``heartbeat.interval`` that the worker's heartbeat refreshes, so the entries of a
+worker that died without cleaning up expire by themselves; survivors also sweep dead workers'
+entries, and readers skip entries whose worker stopped beating.
+
+:meth:`Routes.deliver` gets a frame to every connection of a user: local connections are
+written directly (never awaiting a slow client), others get it through their worker's
+pub/sub channel, one PUBLISH per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pmq.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# A relayed frame is "<op> <uid>\n<payload>"; ops are the verbs of Routes.
+OP_PUSH = "push"
+OP_KICK = "kick"
+
+LocalSend = Callable[[str, bytes], int]  # (uid, frame) -> connections written
+LocalKick = Callable[[str, str], int]  # (uid, reason) -> connections closed
+
+# Removes every registry entry of one worker: the dead one a survivor found, or our own
+# at graceful stop. KEYS[1] worker_conns, KEYS[2] workers; ARGV[1] worker id; ARGV[2] and
+# ARGV[3] the user_conns key around the uid (keys.py owns the key's shape, not this script).
+FORGET_WORKER = """
+local conns = redis.call('HGETALL', KEYS[1])
+for i = 1, #conns, 2 do
+    local key = ARGV[2] .. conns[i + 1] .. ARGV[3]
+    if redis.call('HGET', key, conns[i]) == ARGV[1] then
+        redis.call('HDEL', key, conns[i])
+    end
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return #conns / 2
+"""
+
+
+def encode_relay(op: str, uid: str, payload: bytes) -> bytes:
+    return f"{op} {uid}\n".encode() + payload
+
+
+def decode_relay(message: bytes) -> tuple[str, str, bytes]:
+    head, _, payload = message.partition(b"\n")
+    op, _, uid = head.decode().partition(" ")
+    return op, uid, payload
+
+
+class Routes:
+    """One socket worker's view of the registry. Create after fork, one per worker."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        worker_id: str,
+        heartbeat_interval: float,
+        local_send: LocalSend,
+        local_kick: LocalKick,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.worker_id = worker_id
+        self.ttl = max(3, int(3 * heartbeat_interval))
+        self.stale_ms = int(2 * heartbeat_interval * 1000)
+        self.local_send = local_send
+        self.local_kick = local_kick
+        self.live_workers: set[str] = {worker_id}
+        self._forget = redis.register_script(FORGET_WORKER)
+
+    # Registry writes ----------------------------------------------------------------
+    async def register(self, uid: str, conn_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.user_conns(uid), conn_id, self.worker_id)
+        pipe.expire(self.keys.user_conns(uid), self.ttl)
+        pipe.hset(self.keys.worker_conns(self.worker_id), conn_id, uid)
+        pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
+        await pipe.execute()
+
+    async def unregister(self, uid: str, conn_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.keys.user_conns(uid), conn_id)
+        pipe.hdel(self.keys.worker_conns(self.worker_id), conn_id)
+        await pipe.execute()
+
+    async def beat(self, uids: Iterable[str], chunk: int = 2000) -> None:
+        """Mark this worker alive and push back the TTL of its users' entries."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
+        pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
+        pipe.zrangebyscore(self.keys.workers(), now_ms - self.stale_ms, "+inf")
+        live = (await pipe.execute())[2]
+        self.live_workers = {w.decode() for w in live} | {self.worker_id}
+        batch = self.redis.pipeline(transaction=False)
+        for n, uid in enumerate(uids, 1):
+            batch.expire(self.keys.user_conns(uid), self.ttl)
+            if n % chunk == 0:
+                await batch.execute()
+        await batch.execute()
+
+    async def sweep_dead_workers(self) -> int:
+        """Forget the entries of workers that stopped beating; returns how many went."""
+        cutoff = int(time.time() * 1000) - self.stale_ms
+        dead = await self.redis.zrangebyscore(self.keys.workers(), "-inf", cutoff)
+        forgotten = 0
+        for raw in dead:
+            worker_id = raw.decode()
+            forgotten += await self.forget(worker_id)
+            log.warning("forgot %s: no heartbeat for %.0fs", worker_id, self.stale_ms / 1000)
+        return forgotten
+
+    async def forget(self, worker_id: str) -> int:
+        """Remove every entry of ``worker_id`` (ours at stop, or a dead one's)."""
+        keys = [self.keys.worker_conns(worker_id), self.keys.workers()]
+        before, after = self.keys.user_conns("\0").split("\0")
+        removed = await self._forget(keys=keys, args=[worker_id, before, after])
+        return int(removed)
+
+    # Reads and delivery -------------------------------------------------------------
+    async def connections(self, uid: str) -> dict[str, str]:
+        """conn id -> worker id for every live connection of ``uid``."""
+        entries = await self.redis.hgetall(self.keys.user_conns(uid))
+        return {
+            conn.decode(): wid
+            for conn, raw in entries.items()
+            if (wid := raw.decode()) in self.live_workers
+        }
+
+    async def deliver(self, uid: str, frame: bytes) -> int:
+        """Push ``frame`` to every connection of ``uid``; returns how many it went to."""
+        return await self._send(OP_PUSH, uid, frame)
+
+    async def kick(self, uid: str, reason: str) -> int:
+        """Close every connection of ``uid`` on every node (close code 4001)."""
+        return await self._send(OP_KICK, uid, reason.encode())
+
+    async def _send(self, op: str, uid: str, payload: bytes) -> int:
+        conns = await self.connections(uid)
+        per_worker: dict[str, int] = {}
+        for wid in conns.values():
+            per_worker[wid] = per_worker.get(wid, 0) + 1
+        sent = 0
+        remote = [wid for wid in per_worker if wid != self.worker_id]
+        if self.worker_id in per_worker:
+            sent += self.on_relay(op, uid, payload)
+        if remote:
+            message = encode_relay(op, uid, payload)
+            pipe = self.redis.pipeline(transaction=False)
+            for wid in remote:
+                pipe.publish(self.keys.worker_channel(wid), message)
+            receivers = await pipe.execute()
+            sent += sum(per_worker[wid] for wid, n in zip(remote, receivers, strict=True) if n)
+        return sent
+
+    def on_relay(self, op: str, uid: str, payload: bytes) -> int:
+        """Apply a relayed (or local) operation to this worker's connections."""
+        if op == OP_PUSH:
+            return self.local_send(uid, payload)
+        if op == OP_KICK:
+            return self.local_kick(uid, payload.decode())
+        log.warning("unknown relay op %r for uid %s", op, uid)
+        return 0
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        """pub/sub callback for this worker's channel."""
+        try:
+            op, uid, payload = decode_relay(message["data"])
+        except (KeyError, ValueError, UnicodeDecodeError):
+            log.warning("dropped a malformed relay message")
+            return
+        self.on_relay(op, uid, payload)

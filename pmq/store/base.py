@@ -1,0 +1,221 @@
+"""The storage contract and the SQL both engines share.
+
+A :class:`Store` is blocking and thread-safe: call it from task workers and thread pools,
+never from an event loop. Every method either does all it says or raises
+:class:`~pmq.errors.StorageError` with the driver's complaint; writes are idempotent by id,
+so the caller's answer to a StorageError is to retry the same call later.
+
+Messages live in ``pmq_msg_{uid % shards}``. The engines (``sqlite.py``, ``mysql.py``) supply
+their DDL, their placeholder and their way of holding a connection; the statements below are
+written once for both.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Protocol
+
+from pmq.errors import StorageError
+
+SCHEMA_VERSION = 1
+
+# A write is sent as few statements as possible, but one statement must stay well inside the
+# engines' limits: SQLite's 32766 host parameters and MySQL's max_allowed_packet (16 MiB by
+# default on MariaDB; a character of UTF-8 takes at most 4 bytes).
+MAX_ROWS_PER_INSERT = 1000
+MAX_CHARS_PER_INSERT = 1024 * 1024
+# Retention deletes this many rows per transaction, so no lock is held for long.
+DELETE_CHUNK = 5000
+# Ids named in one UPDATE ... IN (...).
+ACK_CHUNK = 500
+
+MSG_COLUMNS = "id, uid, kind, from_uid, body, ts"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredMessage:
+    """One unicast message as stored: ``body`` is JSON text, ``ts`` unix milliseconds."""
+
+    id: int
+    uid: int
+    kind: str
+    from_uid: int | None
+    body: str
+    ts: int
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the shared SQL uses."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> object: ...
+
+    def fetchall(self) -> Sequence[Any]: ...
+
+
+class Store(abc.ABC):
+    """Messages and the other PMQ tables in an SQL database (see the module docstring)."""
+
+    # Filled in by each engine.
+    engine: ClassVar[str]  # "sqlite" or "mysql", for error messages
+    placeholder: ClassVar[str]  # "?" or "%s"
+    insert_ignore: ClassVar[str]  # "INSERT OR IGNORE" or "INSERT IGNORE"
+
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+
+    # -- what each engine provides --------------------------------------------------------
+
+    @abc.abstractmethod
+    def _session(self, op: str, write: bool) -> AbstractContextManager[Cursor]:
+        """A cursor inside one transaction, committed on a clean exit and rolled back on an
+        error; driver errors leave it as StorageError naming ``op``."""
+
+    @abc.abstractmethod
+    def _schema_statements(self) -> list[str]:
+        """Idempotent DDL creating every table except ``pmq_schema``."""
+
+    @abc.abstractmethod
+    def _schema_table(self) -> str:
+        """Idempotent DDL creating ``pmq_schema``."""
+
+    @abc.abstractmethod
+    def _delete_chunk(self, table: str) -> str:
+        """A DELETE of at most DELETE_CHUNK rows of ``table`` with ``ts`` below one parameter."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Return when the store answers a trivial query; raise StorageError otherwise."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every connection. Idempotent; the store is unusable afterwards."""
+
+    # -- the contract ----------------------------------------------------------------------
+
+    def table(self, uid: int) -> str:
+        """The message table holding ``uid``'s messages."""
+        return f"pmq_msg_{uid % self.shards}"
+
+    def init_schema(self) -> None:
+        """Create every table (``pmq_msg_0..shards-1`` and the others) that is missing and
+        record SCHEMA_VERSION in ``pmq_schema``. Safe to run any number of times and from
+        several processes at once; refuses a database written by a newer PMQ."""
+        with self._session("init_schema", write=True) as cur:
+            cur.execute(self._schema_table())
+            cur.execute("SELECT MAX(version) FROM pmq_schema")
+            found = cur.fetchall()[0][0]
+            if found is not None and found > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.engine} schema version {found} is newer than this PMQ's "
+                    f"({SCHEMA_VERSION}); upgrade PMQ"
+                )
+            for statement in self._schema_statements():
+                cur.execute(statement)
+            p = self.placeholder
+            cur.execute(
+                f"{self.insert_ignore} INTO pmq_schema (version, applied_at) VALUES ({p}, {p})",
+                (SCHEMA_VERSION, int(time.time() * 1000)),
+            )
+
+    def write_messages(self, rows: Sequence[StoredMessage]) -> int:
+        """Insert ``rows`` in one transaction, one multi-row INSERT per shard (split only when
+        a statement would exceed MAX_ROWS_PER_INSERT or MAX_CHARS_PER_INSERT). Ids already
+        stored are skipped, so retrying a failed or partly applied batch never duplicates.
+        Returns the number of rows newly inserted."""
+        if not rows:
+            return 0
+        by_table: dict[str, list[StoredMessage]] = {}
+        for row in rows:
+            by_table.setdefault(self.table(row.uid), []).append(row)
+        inserted = 0
+        one_row = "(" + ", ".join([self.placeholder] * 6) + ")"
+        with self._session("write_messages", write=True) as cur:
+            # Shards in one fixed order, so concurrent batches take row locks in the same order.
+            for table, table_rows in sorted(by_table.items()):
+                for chunk in _insert_chunks(table_rows):
+                    values = ", ".join([one_row] * len(chunk))
+                    params = [
+                        v for r in chunk for v in (r.id, r.uid, r.kind, r.from_uid, r.body, r.ts)
+                    ]
+                    cur.execute(
+                        f"{self.insert_ignore} INTO {table} ({MSG_COLUMNS}) VALUES {values}",
+                        params,
+                    )
+                    inserted += cur.rowcount
+        return inserted
+
+    def unacked(self, uid: int, after_id: int = 0, limit: int = 200) -> list[StoredMessage]:
+        """``uid``'s unacked messages with ids above ``after_id``, at most ``limit``, in id
+        order. Page by passing the last id returned as the next ``after_id``."""
+        p = self.placeholder
+        with self._session("unacked", write=False) as cur:
+            cur.execute(
+                f"SELECT {MSG_COLUMNS} FROM {self.table(uid)} "
+                f"WHERE uid = {p} AND acked = 0 AND id > {p} ORDER BY id LIMIT {p}",
+                (uid, after_id, limit),
+            )
+            return [StoredMessage(*row) for row in cur.fetchall()]
+
+    def ack(self, uid: int, ids: Iterable[int]) -> int:
+        """Mark ``uid``'s messages ``ids`` acked; ids of other users or unknown ids are
+        ignored. Returns how many were unacked before."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0
+        p = self.placeholder
+        acked = 0
+        with self._session("ack", write=True) as cur:
+            for start in range(0, len(wanted), ACK_CHUNK):
+                chunk = wanted[start : start + ACK_CHUNK]
+                marks = ", ".join([p] * len(chunk))
+                cur.execute(
+                    f"UPDATE {self.table(uid)} SET acked = 1 "
+                    f"WHERE uid = {p} AND acked = 0 AND id IN ({marks})",
+                    (uid, *chunk),
+                )
+                acked += cur.rowcount
+        return acked
+
+    def delete_before(self, ts_ms: int) -> int:
+        """Delete every message (acked or not) with ``ts`` below ``ts_ms`` from every shard,
+        DELETE_CHUNK rows per transaction so no lock is held for long. Returns the count."""
+        deleted = 0
+        for n in range(self.shards):
+            statement = self._delete_chunk(f"pmq_msg_{n}")
+            while True:
+                with self._session("delete_before", write=True) as cur:
+                    cur.execute(statement, (ts_ms,))
+                    count = cur.rowcount
+                deleted += count
+                if count < DELETE_CHUNK:
+                    break
+        return deleted
+
+    def count_messages(self) -> int:
+        """The number of stored messages, acked or not, over all shards."""
+        total = 0
+        with self._session("count_messages", write=False) as cur:
+            for n in range(self.shards):
+                cur.execute(f"SELECT COUNT(*) FROM pmq_msg_{n}")
+                total += int(cur.fetchall()[0][0])
+        return total
+
+
+def _insert_chunks(rows: list[StoredMessage]) -> Iterator[list[StoredMessage]]:
+    """``rows`` cut into runs small enough for one INSERT statement."""
+    chunk: list[StoredMessage] = []
+    size = 0
+    for row in rows:
+        if chunk and (len(chunk) >= MAX_ROWS_PER_INSERT or size >= MAX_CHARS_PER_INSERT):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row.body)
+    yield chunk

@@ -1,0 +1,153 @@
+"""The embedded store: one SQLite file in WAL mode, one connection per thread.
+
+WAL lets readers run beside the single writer; writers wait for each other up to
+BUSY_TIMEOUT_MS instead of failing at once. Each thread that touches the store gets its own
+connection (sqlite3 connections must not be shared between threads) and keeps it until
+:meth:`SqliteStore.close`, which suits the long-lived threads of task workers and pools.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pmq.errors import StorageError
+from pmq.store.base import DELETE_CHUNK, Cursor, Store
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class SqliteStore(Store):
+    """A :class:`Store` in the SQLite file ``path`` (its directory is created if missing)."""
+
+    engine = "sqlite"
+    placeholder = "?"
+    insert_ignore = "INSERT OR IGNORE"
+
+    def __init__(self, path: Path, shards: int) -> None:
+        super().__init__(shards)
+        self.path = path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"sqlite: cannot create {path.parent}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        if self._closed:
+            raise StorageError("sqlite: store is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise StorageError("sqlite: store is closed")
+            # timeout: the busy timeout. isolation_level=None: no implicit transactions,
+            # _session says BEGIN itself.
+            # check_same_thread=False only so close() may close every thread's connection.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._connections.append(conn)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _session(self, op: str, write: bool) -> Iterator[Cursor]:
+        try:
+            conn = self._connection()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite {op}: cannot open {self.path}: {exc}") from exc
+        if not write:  # one statement per read: autocommit sees a consistent snapshot
+            try:
+                yield conn.cursor()
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite {op} failed: {exc}") from exc
+            return
+        try:
+            # IMMEDIATE takes the write lock up front, so busy_timeout applies to waiting
+            # for it instead of a deferred upgrade failing with SQLITE_BUSY mid-transaction.
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite {op}: cannot begin: {exc}") from exc
+        try:
+            yield conn.cursor()
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"sqlite {op} failed: {exc}") from exc
+            raise
+
+    def _schema_table(self) -> str:
+        return (
+            "CREATE TABLE IF NOT EXISTS pmq_schema ("
+            "version INTEGER NOT NULL PRIMARY KEY, applied_at BIGINT NOT NULL)"
+        )
+
+    def _schema_statements(self) -> list[str]:
+        statements: list[str] = []
+        for n in range(self.shards):
+            t = f"pmq_msg_{n}"
+            statements += [
+                # INTEGER PRIMARY KEY: the id is the rowid, no separate index.
+                f"CREATE TABLE IF NOT EXISTS {t} ("
+                "id INTEGER PRIMARY KEY, uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, "
+                "from_uid BIGINT NULL, body TEXT NOT NULL, ts BIGINT NOT NULL, "
+                "acked TINYINT NOT NULL DEFAULT 0)",
+                f"CREATE INDEX IF NOT EXISTS {t}_uid_acked_id ON {t} (uid, acked, id)",
+                f"CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts)",
+            ]
+        return [
+            *statements,
+            "CREATE TABLE IF NOT EXISTS pmq_broadcast ("
+            "id INTEGER PRIMARY KEY, grp VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL, "
+            "body TEXT NOT NULL, ts BIGINT NOT NULL, dedupe_key VARCHAR(128) NULL)",
+            "CREATE INDEX IF NOT EXISTS pmq_broadcast_grp_id ON pmq_broadcast (grp, id)",
+            "CREATE TABLE IF NOT EXISTS pmq_last_read ("
+            "uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, ts BIGINT NOT NULL, "
+            "PRIMARY KEY (uid, kind)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS pmq_cs_session ("
+            "id INTEGER PRIMARY KEY, uid BIGINT NOT NULL, agent BIGINT NULL, "
+            "status VARCHAR(16) NOT NULL, opened_at BIGINT NOT NULL, closed_at BIGINT NULL, "
+            "last_msg_id BIGINT NULL)",
+            "CREATE INDEX IF NOT EXISTS pmq_cs_session_uid ON pmq_cs_session (uid)",
+            "CREATE INDEX IF NOT EXISTS pmq_cs_session_agent ON pmq_cs_session (agent)",
+            "CREATE TABLE IF NOT EXISTS pmq_cs_message ("
+            "id INTEGER PRIMARY KEY, session_id BIGINT NOT NULL, from_uid BIGINT NOT NULL, "
+            "to_uid BIGINT NOT NULL, body TEXT NOT NULL, ts BIGINT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS pmq_cs_message_session_id "
+            "ON pmq_cs_message (session_id, id)",
+        ]
+
+    def _delete_chunk(self, table: str) -> str:
+        # DELETE ... LIMIT needs a compile-time option most builds lack; go through the rowid.
+        return (
+            f"DELETE FROM {table} WHERE id IN "
+            f"(SELECT id FROM {table} WHERE ts < ? LIMIT {DELETE_CHUNK})"
+        )
+
+    def ping(self) -> None:
+        with self._session("ping", write=False) as cur:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()

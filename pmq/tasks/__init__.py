@@ -1,0 +1,1 @@
+"""Task workers: blocking work kept off the socket workers' loops (storage writes, sweeps)."""

@@ -1,0 +1,379 @@
+"""Token verification against real Redis and a real (tiny) user centre over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import jwt
+import pytest
+from redis.asyncio import Redis
+
+from pmq.auth import (
+    SECRET_FILE,
+    HttpAuthenticator,
+    Identity,
+    JwtAuthenticator,
+    make_authenticator,
+    mint_token,
+    resolve_jwt_secret,
+)
+from pmq.config import AuthConfig, Config, StorageConfig
+from pmq.errors import AuthError, ConfigError
+from pmq.keys import Keys
+from pmq.protocol import Role
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+SECRET = "test-secret-" + "x" * 40
+T = TypeVar("T")
+
+
+def jwt_auth(token: str, secret: str = SECRET) -> Identity:
+    return asyncio.run(JwtAuthenticator(secret).authenticate(token))
+
+
+def jwt_refused(token: str) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        jwt_auth(token)
+    assert info.value.status == 401
+    return info.value
+
+
+# JWT ------------------------------------------------------------------------------------
+
+
+def test_jwt_valid_token_gives_identity() -> None:
+    token = mint_token(SECRET, 42, groups=["author", "signed_author"])
+    assert jwt_auth(token) == Identity("42", ("author", "signed_author"), Role.USER)
+
+
+def test_jwt_agent_role() -> None:
+    identity = jwt_auth(mint_token(SECRET, "7", role="agent"))
+    assert identity.role is Role.AGENT
+    assert identity.groups == ()
+
+
+def test_jwt_int_sub_is_accepted() -> None:
+    token = jwt.encode({"sub": 42, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert jwt_auth(token) == Identity("42", (), Role.USER)
+
+
+def test_jwt_expired_is_refused() -> None:
+    assert "expired" in jwt_refused(mint_token(SECRET, 42, ttl=-3600)).reason
+
+
+def test_jwt_bad_signature_is_refused() -> None:
+    assert "signature" in jwt_refused(mint_token("another-secret-" + "y" * 40, 42)).reason
+
+
+@pytest.mark.parametrize("token", ["", "garbage", "a.b.c", "x" * 10000])
+def test_jwt_garbage_is_refused(token: str) -> None:
+    jwt_refused(token)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "abc"},
+        {"sub": "0"},
+        {"sub": -5},
+        {"sub": True},
+        {"sub": "42", "role": "admin"},
+        {"sub": "42", "groups": "author"},
+        {"sub": "42", "groups": [1, 2]},
+        {},  # no sub
+    ],
+)
+def test_jwt_bad_claims_are_refused(claims: dict[str, Any]) -> None:
+    token = jwt.encode({**claims, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    jwt_refused(token)
+
+
+def test_jwt_without_exp_is_refused() -> None:
+    jwt_refused(jwt.encode({"sub": "42"}, SECRET, algorithm="HS256"))
+
+
+# The secret -----------------------------------------------------------------------------
+
+
+def sqlite_config(url: str, secret: str = "") -> Config:
+    return Config(storage=StorageConfig(url=url), auth=AuthConfig(jwt_secret=secret))
+
+
+def test_secret_file_is_created_once_beside_the_database(tmp_path: Path) -> None:
+    config = sqlite_config(f"sqlite:///{tmp_path}/data/pmq.db")  # four slashes: absolute
+    first = resolve_jwt_secret(config)
+    path = tmp_path / "data" / SECRET_FILE
+    assert path.read_text().strip() == first
+    assert len(first) >= 64
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert resolve_jwt_secret(config) == first
+    assert [p.name for p in path.parent.iterdir()] == [SECRET_FILE]  # no temp files left
+    # Another process (as pmqctl token would be) reads the same secret.
+    code = (
+        "import sys; from pmq.auth import resolve_jwt_secret; from pmq.config import *;"
+        "print(resolve_jwt_secret(Config(storage=StorageConfig(url=sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, config.storage.url], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == first
+    # and tokens minted with it are accepted by the node's authenticator.
+    auth = make_authenticator(config, None, Keys())  # type: ignore[arg-type]
+    assert asyncio.run(auth.authenticate(mint_token(out.stdout.strip(), 5))).uid == "5"
+
+
+def test_secret_relative_url_is_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    secret = resolve_jwt_secret(sqlite_config("sqlite:///var/pmq.db"))
+    assert (tmp_path / "var" / SECRET_FILE).read_text().strip() == secret
+
+
+def test_secret_racing_processes_agree(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/pmq.db"
+    code = (
+        "import sys, time; from pmq.auth import resolve_jwt_secret; from pmq.config import *;"
+        "time.sleep(float(sys.argv[2]) - time.time());"
+        "print(resolve_jwt_secret(Config(storage=StorageConfig(url=sys.argv[1]))))"
+    )
+    start = str(time.time() + 1.0)  # every process starts at once
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, url, start], stdout=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    outputs = {p.communicate(timeout=30)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outputs) == 1
+    assert outputs == {(tmp_path / SECRET_FILE).read_bytes().strip()}
+
+
+def test_secret_from_config_wins() -> None:
+    assert resolve_jwt_secret(sqlite_config("mysql://u@h:3306/db", "s3cret")) == "s3cret"
+
+
+def test_secret_required_without_sqlite() -> None:
+    with pytest.raises(ConfigError, match=r"auth\.jwt_secret: must be set"):
+        resolve_jwt_secret(sqlite_config("mysql://u:p@127.0.0.1:3306/pmq"))
+
+
+# User centre ----------------------------------------------------------------------------
+
+GOOD = {"uid": 123, "groups": ["author"], "role": "user"}
+
+
+class UserCentre:
+    """A user centre on 127.0.0.1: answers by token, counts calls per token."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+        centre = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                token = parse_qs(self.rfile.read(length).decode()).get("token", [""])[0]
+                with centre.lock:
+                    centre.calls[token] = centre.calls.get(token, 0) + 1
+                status, body = centre.answer(token)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/check"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    @staticmethod
+    def answer(token: str) -> tuple[int, bytes]:
+        if token.startswith("good"):
+            if token.startswith("good-slow"):
+                time.sleep(0.2)
+            return 200, json.dumps(GOOD).encode()
+        if token == "agent":
+            return 200, json.dumps({"uid": "9", "role": "agent"}).encode()
+        if token == "uid0":
+            return 200, b'{"uid": 0}'
+        if token == "uid0-string":
+            return 200, b'{"uid": "0", "groups": []}'
+        if token == "forbidden":
+            return 403, b'{"error": "no such token"}'
+        if token == "crash":
+            return 500, b"<html>Internal Server Error</html>"
+        if token == "slow":
+            time.sleep(1.0)
+            return 200, json.dumps(GOOD).encode()
+        return 404, b""
+
+
+@pytest.fixture
+def centre() -> Iterator[UserCentre]:
+    uc = UserCentre()
+    yield uc
+    uc.server.shutdown()
+    uc.server.server_close()
+
+
+Scenario = Callable[[HttpAuthenticator, Redis, Keys], Awaitable[T]]
+
+
+def with_http_auth(url: str, scenario: Scenario[T], **auth: Any) -> T:
+    """Run ``scenario`` with an HttpAuthenticator on its own Redis key prefix, then clean up."""
+
+    async def main() -> T:
+        redis = Redis.from_url(REDIS_URL)
+        keys = Keys(f"pmqtest:{secrets.token_hex(8)}:")
+        config = AuthConfig(mode="http", url=url, **auth)
+        authenticator = HttpAuthenticator(redis, keys, config)
+        try:
+            return await scenario(authenticator, redis, keys)
+        finally:
+            await authenticator.close()
+            async for key in redis.scan_iter(match=keys.prefix + "*"):
+                await redis.delete(key)
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def cache_key(keys: Keys, token: str) -> str:
+    return keys.auth_cache(hashlib.sha256(token.encode()).hexdigest())
+
+
+async def refused(auth: HttpAuthenticator, token: str) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        await auth.authenticate(token)
+    return info.value
+
+
+def test_http_valid_token_is_cached_with_jittered_ttl(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        expected = Identity("123", ("author",), Role.USER)
+        assert await auth.authenticate("good") == expected
+        assert await auth.authenticate("good") == expected
+        assert centre.calls["good"] == 1
+        assert 101 <= await redis.ttl(cache_key(keys, "good")) <= 150
+        assert (await auth.authenticate("agent")).role is Role.AGENT
+
+    with_http_auth(centre.url, scenario, cache_ttl=100, cache_jitter=50)
+
+
+def test_http_cache_ttls_differ(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> set[int]:
+        tokens = [f"good-{i}" for i in range(20)]
+        for token in tokens:
+            await auth.authenticate(token)
+        return {await redis.ttl(cache_key(keys, t)) for t in tokens}
+
+    ttls = with_http_auth(centre.url, scenario, cache_ttl=100, cache_jitter=1000)
+    assert len(ttls) > 1
+    assert all(101 <= ttl <= 1100 for ttl in ttls)
+
+
+@pytest.mark.parametrize("token", ["uid0", "uid0-string", "forbidden", "unknown"])
+def test_http_invalid_token_is_refused_and_cached(centre: UserCentre, token: str) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        assert (await refused(auth, token)).status == 401
+        assert (await refused(auth, token)).status == 401
+        assert centre.calls[token] == 1
+        assert 0 < await redis.ttl(cache_key(keys, token)) <= 20
+
+    with_http_auth(centre.url, scenario, invalid_ttl=20)
+
+
+def test_http_empty_token_makes_no_call(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        assert (await refused(auth, "")).status == 401
+
+    with_http_auth(centre.url, scenario)
+    assert centre.calls == {}
+
+
+def test_http_concurrent_lookups_make_one_call(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> list[Identity]:
+        return await asyncio.gather(*(auth.authenticate("good-slow") for _ in range(10)))
+
+    identities = with_http_auth(centre.url, scenario)
+    assert centre.calls["good-slow"] == 1
+    assert len(identities) == 10 and len(set(identities)) == 1
+
+
+def test_http_cancelled_waiter_does_not_cancel_the_others(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> Identity:
+        first = asyncio.create_task(auth.authenticate("good-slow"))
+        second = asyncio.create_task(auth.authenticate("good-slow"))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        return await second
+
+    assert with_http_auth(centre.url, scenario).uid == "123"
+    assert centre.calls["good-slow"] == 1
+
+
+def test_http_server_error_is_unavailable_and_not_cached(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        for _ in range(2):
+            error = await refused(auth, "crash")
+            assert (error.status, error.reason) == (503, "user centre unavailable")
+        assert centre.calls["crash"] == 2
+        assert await redis.exists(cache_key(keys, "crash")) == 0
+
+    with_http_auth(centre.url, scenario)
+
+
+def test_http_server_down_is_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed when the block ends: nothing listens there
+
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        assert (await refused(auth, "good")).status == 503
+        assert await redis.exists(cache_key(keys, "good")) == 0
+
+    with_http_auth(f"http://127.0.0.1:{port}/check", scenario)
+
+
+def test_http_slow_server_is_unavailable(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> float:
+        started = time.monotonic()
+        assert (await refused(auth, "slow")).status == 503
+        return time.monotonic() - started
+
+    assert with_http_auth(centre.url, scenario, timeout=0.3) < 0.9
+
+
+def test_make_authenticator_picks_the_mode(tmp_path: Path) -> None:
+    keys = Keys()
+    jwt_config = sqlite_config(f"sqlite:///{tmp_path}/pmq.db")
+    assert isinstance(make_authenticator(jwt_config, None, keys), JwtAuthenticator)  # type: ignore[arg-type]
+
+    async def build() -> None:
+        http_config = Config(auth=AuthConfig(mode="http", url="http://127.0.0.1:1/"))
+        redis = Redis.from_url(REDIS_URL)
+        authenticator = make_authenticator(http_config, redis, keys)
+        assert isinstance(authenticator, HttpAuthenticator)
+        await authenticator.close()
+        await authenticator.close()  # idempotent
+        await redis.aclose()
+
+    asyncio.run(build())

@@ -1,0 +1,238 @@
+"""End-to-end: the master and its workers as real processes (SPEC 1, issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+import pmq
+from tests.conftest import Node, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def ws_connect(node: Node, uid: str = "1") -> ClientConnection:
+    ws = connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5)
+    hello = json.loads(ws.recv(timeout=5))
+    assert hello["type"] == "hello" and hello["uid"] == uid
+    return ws
+
+
+def ping(ws: ClientConnection, request_id: str = "p1") -> dict:
+    ws.send(json.dumps({"id": request_id, "action": "ping", "data": {}}))
+    while True:
+        frame = json.loads(ws.recv(timeout=5))
+        if frame.get("type") == "reply":
+            return frame
+
+
+def healthz(node: Node) -> int:
+    try:
+        with urllib.request.urlopen(f"{node.ingest_url}/healthz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def titles(node: Node) -> list[str]:
+    return sorted(p.cmdline()[0] for p in node.processes())
+
+
+def test_start_names_processes_and_serves(make_node):
+    node = make_node().start()
+    assert titles(node) == sorted(
+        [
+            f"pmq: master [{node.name}]",
+            f"pmq: socket worker #1 [{node.name}]",
+            f"pmq: socket worker #2 [{node.name}]",
+            f"pmq: task worker #1 [{node.name}]",
+        ]
+    )
+    assert Path(node.pid_file).read_text().strip() == str(node.master_pid())
+    with ws_connect(node) as ws:
+        reply = ping(ws)
+        assert reply["code"] == 200 and reply["id"] == "p1" and reply["data"]["ts"] > 0
+    assert healthz(node) == 200
+
+
+def test_master_never_loads_worker_code(make_node):
+    node = make_node().start()
+    loaded = node.status()["modules"]
+    assert "pmq.workers.master" in loaded
+    for forbidden in ("pmq.handlers", "pmq.reactor", "pmq.tasks"):
+        assert not [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")]
+
+
+def test_killed_socket_worker_is_replaced_and_port_keeps_serving(make_node):
+    node = make_node().start()
+    victim = node.workers("socket")[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    with ws_connect(node) as ws:  # the other worker serves meanwhile
+        assert ping(ws)["code"] == 200
+
+    def replaced():
+        same_slot = [w for w in node.workers("socket") if w["index"] == victim["index"]]
+        return same_slot and same_slot[0]["pid"] != victim["pid"] and same_slot[0]["ready"]
+
+    wait_for(replaced, 10, "the killed worker to be replaced")
+    assert node.status()["restarts"] == 1
+    for _ in range(6):  # SO_REUSEPORT spreads these over both workers
+        with ws_connect(node) as ws:
+            assert ping(ws)["code"] == 200
+
+
+def test_kill_9_master_leaves_no_process(make_node):
+    node = make_node().start()
+    assert len(node.processes()) == 4
+    node.signal(signal.SIGKILL)
+    wait_for(lambda: not node.processes(), 3, "every worker to leave after the master died")
+
+
+def test_sigterm_closes_clients_1001_and_exits_clean(make_node):
+    node = make_node().start()
+    ws = ws_connect(node)
+    node.signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert node.wait_exit(20) == 0
+    assert not Path(node.pid_file).exists()
+    assert not node.processes()
+
+
+def test_hup_keeps_clients_connected(make_node):
+    node = make_node().start()
+    with ws_connect(node) as ws:
+        pids = sorted(w["pid"] for w in node.workers())
+        node.signal(signal.SIGHUP)
+        result = node.ctl("reload")  # also waits for every worker to answer
+        assert result.returncode == 0, result.stderr
+        assert ping(ws, "after-hup")["code"] == 200
+        assert sorted(w["pid"] for w in node.workers()) == pids
+
+
+def test_reload_with_broken_handler_keeps_old_code(make_node, tmp_path):
+    # Run the node from a copy of the package so the test can break a handler file.
+    code = tmp_path / "code"
+    shutil.copytree(Path(pmq.__file__).parent, code / "pmq",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    node = make_node()
+    node_env = {"PYTHONPATH": str(code)}
+    node.start(**node_env)
+    with ws_connect(node) as ws:
+        handler = code / "pmq" / "handlers" / "system.py"
+        handler.write_text(handler.read_text() + "\ndef broken(:\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "pmq.ctl", "reload", "-c", str(node.config_path)],
+            capture_output=True, text=True, env=node.env(**node_env), timeout=60,
+        )
+        assert result.returncode == 1
+        assert "SyntaxError" in result.stderr or "invalid syntax" in result.stderr
+        assert "system.py" in result.stderr
+        assert ping(ws, "still-old")["code"] == 200
+    with ws_connect(node) as ws:
+        assert ping(ws)["code"] == 200
+
+
+def test_sd_notify_ready_reloading_stopping(make_node, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    node = make_node()
+    node.start(NOTIFY_SOCKET=path)
+
+    def next_states() -> str:
+        return sock.recv(4096).decode()
+
+    assert "READY=1" in next_states()
+    node.signal(signal.SIGHUP)
+    assert "RELOADING=1" in next_states()
+    assert "READY=1" in next_states()
+    node.signal(signal.SIGTERM)
+    assert "STOPPING=1" in next_states()
+    assert node.wait_exit() == 0
+    sock.close()
+
+
+def test_stuck_worker_is_killed_and_replaced(make_node):
+    node = make_node(server={"worker_timeout": 2}).start()
+    victim = node.workers("task")[0]
+    os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent
+    wait_for(lambda: not psutil.pid_exists(victim["pid"])
+             or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE,
+             10, "the stuck worker to be killed")
+    wait_for(lambda: [w for w in node.workers("task") if w["ready"]
+                      and w["pid"] != victim["pid"]], 10, "a replacement task worker")
+
+
+def test_start_refuses_when_already_running(make_node):
+    node = make_node().start()
+    again = node.ctl("start")
+    assert again.returncode == 1
+    assert "already running" in again.stderr.lower()
+    assert node.status()["pid"] == node.master_pid()
+
+
+def test_leftover_workers_of_a_dead_master_are_stopped(make_node):
+    node = make_node().start()
+    stuck = node.workers("socket")[0]["pid"]
+    os.kill(stuck, signal.SIGSTOP)  # cannot notice its master is gone
+    node.signal(signal.SIGKILL)
+    node.wait_exit()
+    assert psutil.pid_exists(stuck)
+    node.start()
+    wait_for(lambda: not psutil.pid_exists(stuck)
+             or psutil.Process(stuck).status() == psutil.STATUS_ZOMBIE,
+             5, "the leftover to be stopped")
+    assert "leftover" in node.log()
+    with ws_connect(node) as ws:
+        assert ping(ws)["code"] == 200
+
+
+def test_usr2_rolling_restart_replaces_every_worker(make_node):
+    node = make_node().start()
+    before = {w["pid"] for w in node.status()["workers"]}
+    result = node.ctl("restart")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not [w for w in node.status()["workers"] if w["retiring"]], 20,
+             "old workers to drain")
+    after = {w["pid"] for w in node.status()["workers"]}
+    assert len(after) == 3 and not before & after
+    with ws_connect(node) as ws:
+        assert ping(ws)["code"] == 200
+
+
+def test_pmqctl_status_stop_and_not_running(make_node):
+    node = make_node().start()
+    status = node.ctl("status")
+    assert status.returncode == 0, status.stderr
+    for worker in node.status()["workers"]:
+        assert str(worker["pid"]) in status.stdout
+    as_json = json.loads(node.ctl("status", "--json").stdout)
+    assert {w["kind"] for w in as_json["workers"]} == {"socket", "task"}
+    assert all(w["rss"] > 0 for w in as_json["workers"])
+    stop = node.ctl("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert node.wait_exit() == 0
+    for command in ("status", "stop", "reload"):
+        assert node.ctl(command).returncode == 3
+
+
+def test_bad_config_fails_naming_the_key(make_node):
+    node = make_node(server={"wokers": 2})
+    result = node.ctl("start")
+    assert result.returncode == 1
+    assert "server.wokers" in result.stderr

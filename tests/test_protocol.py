@@ -1,0 +1,249 @@
+"""Pure unit tests of pmq/protocol.py: frames in, values out, and back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmq import protocol
+from pmq.protocol import (
+    Code,
+    FrameType,
+    ProtocolError,
+    Request,
+    encode_event,
+    encode_hello,
+    encode_push,
+    encode_reply,
+    is_kind,
+    is_uid,
+    parse_request,
+)
+
+
+def bad_request(frame: str | bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_request(frame)
+    assert info.value.code == Code.BAD_REQUEST
+    return info.value
+
+
+# parse_request ---------------------------------------------------------------------------
+
+
+def test_parse_valid_frame() -> None:
+    request = parse_request('{"id":"c1","action":"msg.ack","data":{"ids":["1","2"]}}')
+    assert request == Request("c1", "msg.ack", {"ids": ["1", "2"]})
+
+
+def test_parse_bytes_frame() -> None:
+    assert parse_request(b'{"id":"c2","action":"ping","data":{}}') == Request("c2", "ping", {})
+
+
+def test_parse_int_id_becomes_string() -> None:
+    request = parse_request('{"id":7,"action":"ping"}')
+    assert request.id == "7"
+
+
+def test_parse_without_id_or_data() -> None:
+    request = parse_request('{"action":"unread.get"}')
+    assert request == Request(None, "unread.get", {})
+
+
+def test_parse_null_data_is_empty() -> None:
+    assert parse_request('{"id":"a","action":"ping","data":null}').data == {}
+
+
+@pytest.mark.parametrize("frame", ["{not json", "", b"\xff\xfe", '{"id":"c1",'])
+def test_invalid_json_is_400_without_id(frame: str | bytes) -> None:
+    error = bad_request(frame)
+    assert error.request_id is None
+    assert "JSON" in error.msg
+
+
+@pytest.mark.parametrize("frame", ["[]", '"ping"', "42", "null", '[{"action":"ping"}]'])
+def test_non_object_is_400(frame: str) -> None:
+    error = bad_request(frame)
+    assert error.request_id is None
+    assert "object" in error.msg
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"id":"c3"}',
+        '{"id":"c3","action":""}',
+        '{"id":"c3","action":5}',
+        '{"id":"c3","action":"Ping"}',
+        '{"id":"c3","action":"1ping"}',
+        '{"id":"c3","action":"msg-ack"}',
+        '{"id":"c3","action":"' + "a" * 65 + '"}',
+    ],
+)
+def test_missing_or_invalid_action_is_400_with_id(frame: str) -> None:
+    error = bad_request(frame)
+    assert error.request_id == "c3"
+    assert "action" in error.msg
+
+
+def test_action_at_max_length_is_accepted() -> None:
+    assert parse_request('{"action":"' + "a" * 64 + '"}').action == "a" * 64
+
+
+def test_invalid_action_carries_int_id_as_string() -> None:
+    assert bad_request('{"id":9,"action":null}').request_id == "9"
+
+
+@pytest.mark.parametrize("data", ['"x"', "[]", "1", "true"])
+def test_data_not_object_is_400_with_id(data: str) -> None:
+    error = bad_request('{"id":"c4","action":"ping","data":' + data + "}")
+    assert error.request_id == "c4"
+    assert "data" in error.msg
+
+
+@pytest.mark.parametrize("request_id", ["true", "[1]", '{"a":1}', "1.5", '"' + "x" * 65 + '"'])
+def test_bad_id_is_400(request_id: str) -> None:
+    error = bad_request('{"id":' + request_id + ',"action":"ping"}')
+    assert error.request_id is None
+    assert "id" in error.msg
+
+
+def test_id_at_max_length_is_accepted() -> None:
+    long_id = "x" * protocol.MAX_REQUEST_ID
+    assert parse_request(json.dumps({"id": long_id, "action": "ping"})).id == long_id
+
+
+# Encoding --------------------------------------------------------------------------------
+
+
+def test_encode_reply_defaults() -> None:
+    assert json.loads(encode_reply("c1")) == {
+        "type": "reply",
+        "id": "c1",
+        "code": 200,
+        "msg": "OK",
+        "data": {},
+    }
+
+
+def test_encode_reply_error_with_default_msg() -> None:
+    assert json.loads(encode_reply(None, Code.BAD_REQUEST)) == {
+        "type": "reply",
+        "id": None,
+        "code": 400,
+        "msg": "Bad Request",
+        "data": {},
+    }
+
+
+def test_encode_reply_int_code_and_explicit_fields() -> None:
+    frame = encode_reply("c2", 429, "slow down", {"retry": 1})
+    assert json.loads(frame) == {
+        "type": "reply",
+        "id": "c2",
+        "code": 429,
+        "msg": "slow down",
+        "data": {"retry": 1},
+    }
+
+
+def test_encode_reply_empty_msg_is_kept() -> None:
+    assert json.loads(encode_reply("c", Code.OK, ""))["msg"] == ""
+
+
+def test_every_code_has_a_message() -> None:
+    for code in Code:
+        assert json.loads(encode_reply("x", code))["msg"] == protocol.MESSAGES[code]
+
+
+def test_encode_reply_unknown_code_raises() -> None:
+    with pytest.raises(ValueError):
+        encode_reply("x", 418)
+
+
+def test_encode_push() -> None:
+    message = {
+        "id": "123456789",
+        "kind": "comment",
+        "from": "42",
+        "to": "7",
+        "body": {"text": "hi"},
+        "ts": 1700000000000,
+    }
+    assert json.loads(encode_push(message)) == {"type": "push", "msg": message}
+
+
+def test_encode_hello_whole_heartbeat_is_int() -> None:
+    frame = json.loads(encode_hello("conn-1", "7", 25.0))
+    assert frame == {"type": "hello", "conn_id": "conn-1", "uid": "7", "heartbeat": 25}
+    assert type(frame["heartbeat"]) is int
+
+
+def test_encode_hello_fractional_heartbeat() -> None:
+    assert json.loads(encode_hello("c", "7", 2.5))["heartbeat"] == 2.5
+
+
+def test_encode_event() -> None:
+    frame = encode_event(FrameType.UNREAD, counts={"comment": 1, "total": 1})
+    assert json.loads(frame) == {"type": "unread", "counts": {"comment": 1, "total": 1}}
+
+
+def test_frames_are_bytes() -> None:
+    assert isinstance(encode_reply("c"), bytes)
+    assert isinstance(encode_push({}), bytes)
+    assert isinstance(encode_hello("c", "1", 25), bytes)
+
+
+# Validators ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["comment", "cs", "a", "new_follower", "z" * 32])
+def test_is_kind_accepts(value: str) -> None:
+    assert is_kind(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "Comment", "a-b", "a b", "x1", "z" * 33, None, 1, True, ["comment"]]
+)
+def test_is_kind_rejects(value: object) -> None:
+    assert not is_kind(value)
+
+
+def test_kind_enum_values_are_kinds() -> None:
+    assert all(is_kind(k) for k in protocol.Kind)
+    assert protocol.UNREAD_KINDS == ("comment", "notice", "letter", "system", "cs")
+
+
+@pytest.mark.parametrize("value", [1, 42, 2**63 - 1, "1", "42", "9223372036854775807"])
+def test_is_uid_accepts(value: object) -> None:
+    assert is_uid(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        0,
+        -1,
+        2**63,
+        "0",
+        "-1",
+        "+1",
+        " 1",
+        "1.0",
+        "",
+        "abc",
+        "9223372036854775808",  # 2**63
+        "1" * 20,
+        "1" * 5000,  # past int()'s 4300-digit limit: must not raise
+        "\u00b2",  # superscript two: isdigit() but not a number int() takes
+        "\u0661\u0662\u0663",  # Arabic-Indic digits: int() takes them, a uid must not
+        1.0,
+        None,
+        b"1",
+    ],
+)
+def test_is_uid_rejects(value: object) -> None:
+    assert not is_uid(value)
