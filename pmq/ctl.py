@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, func: Command, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("-c", "--config", help="config file (default: $PMQ_CONFIG, "
-                       "etc/pmq.toml, /etc/pmq/pmq.toml, built-in defaults)")
+        p.add_argument(
+            "-c",
+            "--config",
+            help="config file (default: $PMQ_CONFIG, "
+            "etc/pmq.toml, /etc/pmq/pmq.toml, built-in defaults)",
+        )
         p.set_defaults(func=func)
         return p
 

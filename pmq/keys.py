@@ -34,6 +34,44 @@ class Keys:
         """HASH node -> JSON status summary, written by each node's workers."""
         return f"{self.prefix}nodes"
 
+    def id_lease(self, generator: int) -> str:
+        """STRING worker id: who holds message-id generator number ``generator``."""
+        return f"{self.prefix}idgen:{generator}"
+
+    # Inbox and unread ---------------------------------------------------------------
+    def inbox(self, uid: str) -> str:
+        """ZSET message id -> unix ms: the user's unacked messages still in Redis (hot)."""
+        return f"{self.prefix}u:{uid}:inbox"
+
+    def inbox_bodies(self, uid: str) -> str:
+        """HASH message id -> message JSON, beside inbox(uid)."""
+        return f"{self.prefix}u:{uid}:bodies"
+
+    def inbox_index(self) -> str:
+        """ZSET uid -> unix ms of the oldest hot message: what the sweep looks at."""
+        return f"{self.prefix}inbox-index"
+
+    def cold(self, uid: str) -> str:
+        """STRING: set while storage holds unacked messages of uid that left Redis."""
+        return f"{self.prefix}u:{uid}:cold"
+
+    def unread(self, uid: str) -> str:
+        """HASH kind -> unread count of one user."""
+        return f"{self.prefix}u:{uid}:unread"
+
+    def publish_dedupe(self, key: str) -> str:
+        """STRING ids JSON: the answer to a publish with this idempotency key."""
+        return f"{self.prefix}dedupe:msg:{key}"
+
+    # Storage queue ------------------------------------------------------------------
+    def store_queue(self) -> str:
+        """LIST of storage operations (JSON) waiting for a task worker."""
+        return f"{self.prefix}q:store"
+
+    def store_taken(self, owner: str) -> str:
+        """LIST of operations one task worker took and has not written yet."""
+        return f"{self.prefix}q:store:taken:{owner}"
+
     # Auth ---------------------------------------------------------------------------
     def auth_cache(self, token_digest: str) -> str:
         """STRING: the user centre's answer for one token (JSON), with a jittered TTL."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 
@@ -24,12 +24,20 @@ from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# A relayed frame is "<op> <uid>\n<payload>"; ops are the verbs of Routes.
-OP_PUSH = "push"
-OP_KICK = "kick"
+# A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
+OP_PUSH = "push"  # payload: a frame for every connection of the user
+OP_MESSAGE = "msg"  # the same, and the user's unread counters changed
+OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
+OP_KICK = "kick"  # payload: the reason; close every connection with 4001
 
-LocalSend = Callable[[str, bytes], int]  # (uid, frame) -> connections written
-LocalKick = Callable[[str, str], int]  # (uid, reason) -> connections closed
+
+class LocalDelivery(Protocol):
+    """What a socket worker does with frames for its own connections."""
+
+    def push(self, uid: str, frame: bytes) -> int: ...
+    def unread_changed(self, uid: str) -> None: ...
+    def kick(self, uid: str, reason: str) -> int: ...
+
 
 # Removes every registry entry of one worker: the dead one a survivor found, or our own
 # at graceful stop. KEYS[1] worker_conns, KEYS[2] workers; ARGV[1] worker id; ARGV[2] and
@@ -67,17 +75,17 @@ class Routes:
         keys: Keys,
         worker_id: str,
         heartbeat_interval: float,
-        local_send: LocalSend,
-        local_kick: LocalKick,
+        local: LocalDelivery,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
         self.ttl = max(3, int(3 * heartbeat_interval))
         self.stale_ms = int(2 * heartbeat_interval * 1000)
-        self.local_send = local_send
-        self.local_kick = local_kick
-        self.live_workers: set[str] = {worker_id}
+        self.local = local
+        # Workers that stopped beating: their entries are skipped until a sweep removes them.
+        # (Not a set of live ones: a worker that just started must be reachable at once.)
+        self.stale_workers: set[str] = set()
         self._forget = redis.register_script(FORGET_WORKER)
 
     # Registry writes ----------------------------------------------------------------
@@ -101,9 +109,9 @@ class Routes:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
         pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
-        pipe.zrangebyscore(self.keys.workers(), now_ms - self.stale_ms, "+inf")
-        live = (await pipe.execute())[2]
-        self.live_workers = {w.decode() for w in live} | {self.worker_id}
+        pipe.zrangebyscore(self.keys.workers(), "-inf", now_ms - self.stale_ms)
+        stale = (await pipe.execute())[2]
+        self.stale_workers = {w.decode() for w in stale} - {self.worker_id}
         batch = self.redis.pipeline(transaction=False)
         for n, uid in enumerate(uids, 1):
             batch.expire(self.keys.user_conns(uid), self.ttl)
@@ -114,7 +122,9 @@ class Routes:
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""
         cutoff = int(time.time() * 1000) - self.stale_ms
-        dead = await self.redis.zrangebyscore(self.keys.workers(), "-inf", cutoff)
+        dead = cast(
+            list[bytes], await self.redis.zrangebyscore(self.keys.workers(), "-inf", cutoff)
+        )
         forgotten = 0
         for raw in dead:
             worker_id = raw.decode()
@@ -132,45 +142,60 @@ class Routes:
     # Reads and delivery -------------------------------------------------------------
     async def connections(self, uid: str) -> dict[str, str]:
         """conn id -> worker id for every live connection of ``uid``."""
-        entries = await self.redis.hgetall(self.keys.user_conns(uid))
+        entries = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.user_conns(uid)))
         return {
             conn.decode(): wid
             for conn, raw in entries.items()
-            if (wid := raw.decode()) in self.live_workers
+            if (wid := raw.decode()) not in self.stale_workers
         }
 
-    async def deliver(self, uid: str, frame: bytes) -> int:
+    async def deliver(self, uid: str, frame: bytes, op: str = OP_PUSH) -> int:
         """Push ``frame`` to every connection of ``uid``; returns how many it went to."""
-        return await self._send(OP_PUSH, uid, frame)
+        return await self.send([(op, uid, await self.connections(uid), frame)])
 
     async def kick(self, uid: str, reason: str) -> int:
         """Close every connection of ``uid`` on every node (close code 4001)."""
-        return await self._send(OP_KICK, uid, reason.encode())
+        return await self.send([(OP_KICK, uid, await self.connections(uid), reason.encode())])
 
-    async def _send(self, op: str, uid: str, payload: bytes) -> int:
-        conns = await self.connections(uid)
-        per_worker: dict[str, int] = {}
-        for wid in conns.values():
-            per_worker[wid] = per_worker.get(wid, 0) + 1
-        sent = 0
-        remote = [wid for wid in per_worker if wid != self.worker_id]
-        if self.worker_id in per_worker:
-            sent += self.on_relay(op, uid, payload)
+    async def notify_unread(self, uid: str) -> None:
+        """Tell every worker holding ``uid`` that the counters changed."""
+        await self.send([(OP_UNREAD, uid, await self.connections(uid), b"")])
+
+    async def send(self, items: Sequence[tuple[str, str, dict[str, str], bytes]]) -> int:
+        """Apply (op, uid, connections, payload) items: ours at once, others' through one
+        PUBLISH per worker and item, all in one pipeline. Returns connections reached."""
+        reached = 0
+        remote: list[tuple[str, bytes, int]] = []
+        for op, uid, conns, payload in items:
+            per_worker: dict[str, int] = {}
+            for wid in conns.values():
+                if wid not in self.stale_workers:
+                    per_worker[wid] = per_worker.get(wid, 0) + 1
+            for wid, count in per_worker.items():
+                if wid == self.worker_id:
+                    reached += self.on_relay(op, uid, payload)
+                else:
+                    remote.append((wid, encode_relay(op, uid, payload), count))
         if remote:
-            message = encode_relay(op, uid, payload)
             pipe = self.redis.pipeline(transaction=False)
-            for wid in remote:
+            for wid, message, _ in remote:
                 pipe.publish(self.keys.worker_channel(wid), message)
             receivers = await pipe.execute()
-            sent += sum(per_worker[wid] for wid, n in zip(remote, receivers, strict=True) if n)
-        return sent
+            reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
+        return reached
 
     def on_relay(self, op: str, uid: str, payload: bytes) -> int:
         """Apply a relayed (or local) operation to this worker's connections."""
         if op == OP_PUSH:
-            return self.local_send(uid, payload)
+            return self.local.push(uid, payload)
+        if op == OP_MESSAGE:
+            self.local.unread_changed(uid)
+            return self.local.push(uid, payload)
+        if op == OP_UNREAD:
+            self.local.unread_changed(uid)
+            return 0
         if op == OP_KICK:
-            return self.local_kick(uid, payload.decode())
+            return self.local.kick(uid, payload.decode())
         log.warning("unknown relay op %r for uid %s", op, uid)
         return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -18,16 +20,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import pmq
-from tests.conftest import Node, wait_for
+from tests.helpers import Node, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def ws_connect(node: Node, uid: str = "1") -> ClientConnection:
-    ws = connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5)
-    hello = json.loads(ws.recv(timeout=5))
-    assert hello["type"] == "hello" and hello["uid"] == uid
-    return ws
+@contextlib.contextmanager
+def ws_connect(node: Node, uid: str = "1") -> Iterator[ClientConnection]:
+    with connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5) as ws:
+        hello = json.loads(ws.recv(timeout=5))
+        assert hello["type"] == "hello" and hello["uid"] == uid
+        yield ws
 
 
 def ping(ws: ClientConnection, request_id: str = "p1") -> dict:
@@ -102,9 +105,8 @@ def test_kill_9_master_leaves_no_process(make_node):
 
 def test_sigterm_closes_clients_1001_and_exits_clean(make_node):
     node = make_node().start()
-    ws = ws_connect(node)
-    node.signal(signal.SIGTERM)
-    with pytest.raises(ConnectionClosed) as closed:
+    with ws_connect(node) as ws, pytest.raises(ConnectionClosed) as closed:
+        node.signal(signal.SIGTERM)
         ws.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert node.wait_exit(20) == 0

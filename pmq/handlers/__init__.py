@@ -11,7 +11,7 @@ import importlib
 
 from pmq.handlers.base import Handler
 
-MODULES = ("pmq.handlers.system",)
+MODULES = ("pmq.handlers.system", "pmq.handlers.msg", "pmq.handlers.unread")
 
 
 def build_registry() -> dict[str, Handler]:

@@ -16,7 +16,10 @@ import redis.asyncio as aioredis
 
 from pmq.auth import Identity
 from pmq.config import Config
+from pmq.errors import ActionError
+from pmq.inbox import Inbox
 from pmq.keys import Keys
+from pmq.protocol import Code
 from pmq.routing import Routes
 
 
@@ -31,6 +34,16 @@ class App(Protocol):
     def keys(self) -> Keys: ...
     @property
     def routes(self) -> Routes: ...
+    @property
+    def inbox(self) -> Inbox: ...
+
+    async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
+        """Unacked messages of ``uid`` that left Redis for storage (id order)."""
+        ...
+
+    async def ack_cold(self, uid: str, ids: list[int]) -> int:
+        """Mark messages acked in storage at once (when the user has cold ones)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,3 +57,19 @@ class Caller:
 
 
 Handler = Callable[[App, Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def bad_request(msg: str) -> ActionError:
+    return ActionError(Code.BAD_REQUEST, msg)
+
+
+def int_field(data: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    """An optional integer field within [low, high]; a 400 naming the field otherwise."""
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise bad_request(f"{name}: must be an integer from {low} to {high}")
+    return value

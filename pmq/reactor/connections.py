@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection
@@ -27,7 +27,7 @@ CLOSE_SECONDS = 2.0
 class Client:
     """One WebSocket connection of an authenticated user."""
 
-    __slots__ = ("conn_id", "identity", "max_pending", "rate", "tokens", "updated", "ws")
+    __slots__ = ("conn_id", "held", "identity", "max_pending", "rate", "tokens", "updated", "ws")
 
     def __init__(
         self, ws: ServerConnection, conn_id: str, identity: Identity, max_pending: int, rate: int
@@ -39,12 +39,30 @@ class Client:
         self.rate = rate
         self.tokens = float(rate)
         self.updated = time.monotonic()
+        self.held: list[bytes] | None = None  # live frames kept back while the inbox replays
 
     @property
     def uid(self) -> str:
         return self.identity.uid
 
+    def hold(self) -> None:
+        """Keep live frames back (replay must come first, in id order)."""
+        self.held = []
+
+    def release(self) -> None:
+        """Send the frames kept back since hold(), in the order they came."""
+        held, self.held = self.held or [], None
+        for frame in held:
+            self.write(frame)
+
     def send(self, frame: bytes) -> bool:
+        """Queue one live frame (kept back during a replay); see write()."""
+        if self.held is not None:
+            self.held.append(frame)
+            return True
+        return self.write(frame)
+
+    def write(self, frame: bytes) -> bool:
         """Queue one text frame without waiting; False when the client is gone or dropped."""
         if self.ws.protocol.state is not State.OPEN:
             return False
@@ -109,7 +127,7 @@ class ConnectionTable:
             if not mine:
                 del self.by_uid[client.uid]
 
-    def of_user(self, uid: str) -> Iterable[Client]:
+    def of_user(self, uid: str) -> list[Client]:
         return list(self.by_uid.get(uid, {}).values())
 
     def uids(self) -> list[str]:

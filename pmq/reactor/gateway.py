@@ -47,8 +47,13 @@ def token_of(request: Request) -> str:
 
 def plain_response(status: http.HTTPStatus, text: str) -> Response:
     body = (text + "\n").encode()
-    headers = Headers([("Content-Type", "text/plain; charset=utf-8"),
-                       ("Content-Length", str(len(body))), ("Connection", "close")])
+    headers = Headers(
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+    )
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -130,8 +135,9 @@ class Gateway:
             client.send(protocol.encode_reply(exc.request_id, exc.code, exc.msg))
             return
         if not client.allow_request():
-            client.send(protocol.encode_reply(request.id, Code.RATE_LIMITED,
-                                              "rate limit: slow down"))
+            client.send(
+                protocol.encode_reply(request.id, Code.RATE_LIMITED, "rate limit: slow down")
+            )
             return
         client.send(await self.call(client, request))
 

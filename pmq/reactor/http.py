@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hmac
 import http
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote
 
 import httptools
@@ -40,6 +42,7 @@ REASONS: dict[int, str] = {s.value: s.phrase for s in http.HTTPStatus} | {
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handler = Callable[..., Awaitable["HttpResponse"]]
+Methods = dict[str, tuple[Handler, bool]]  # method -> (handler, public)
 
 
 class HttpError(Exception):
@@ -72,7 +75,8 @@ class HttpRequest:
             raise HttpError(400, "body is not valid JSON") from None
 
     def form(self) -> dict[str, str]:
-        """The x-www-form-urlencoded body, first value of each field; HttpError(400) if not UTF-8."""
+        """The x-www-form-urlencoded body, first value of each field; HttpError(400) if not
+        UTF-8."""
         try:
             text = self.body.decode()
         except UnicodeDecodeError:
@@ -90,16 +94,13 @@ class HttpResponse:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def json_response(status: int, data: dict[str, Any] | None = None, msg: str | None = None) -> HttpResponse:
-    """``{"code": status, "msg": msg or the reason phrase, "data": data or {}}`` with that status."""
+def json_response(
+    status: int, data: dict[str, Any] | None = None, msg: str | None = None
+) -> HttpResponse:
+    """A reply of the SPEC 5 shape: ``{"code": status, "msg": msg or the reason phrase,
+    "data": data or {}}``, with that HTTP status."""
     body = {"code": status, "msg": msg or REASONS.get(status, ""), "data": data or {}}
     return HttpResponse(status, orjson.dumps(body))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Route:
-    handler: Handler
-    public: bool
 
 
 class Router:
@@ -107,28 +108,29 @@ class Router:
     is passed to the handler as a keyword argument, percent-decoded."""
 
     def __init__(self) -> None:
-        self._static: dict[str, dict[str, _Route]] = {}
-        self._dynamic: list[tuple[re.Pattern[str], dict[str, _Route]]] = []
-        self._by_pattern: dict[str, dict[str, _Route]] = {}
+        self._static: dict[str, Methods] = {}
+        self._dynamic: list[tuple[re.Pattern[str], Methods]] = []
+        self._by_pattern: dict[str, Methods] = {}
 
     def add(self, method: str, pattern: str, handler: Handler, *, public: bool = False) -> None:
         """Route ``method pattern`` to ``handler``; ``public`` routes skip the API key check.
         Raises ValueError for a malformed pattern or a route added twice."""
+        if not pattern.startswith("/"):
+            raise ValueError(f"route pattern must start with '/': {pattern!r}")
         method = method.upper()
         methods = self._by_pattern.get(pattern)
         if methods is None:
+            regex = _compile(pattern) if "{" in pattern or "}" in pattern else None
             methods = self._by_pattern[pattern] = {}
-            if "{" in pattern:
-                self._dynamic.append((_compile(pattern), methods))
-            elif pattern.startswith("/"):
+            if regex is None:
                 self._static[pattern] = methods
             else:
-                raise ValueError(f"route pattern must start with '/': {pattern!r}")
+                self._dynamic.append((regex, methods))
         if method in methods:
             raise ValueError(f"route added twice: {method} {pattern}")
-        methods[method] = _Route(handler, public)
+        methods[method] = (handler, public)
 
-    def match(self, path: str) -> tuple[dict[str, _Route], dict[str, str]] | None:
+    def match(self, path: str) -> tuple[Methods, dict[str, str]] | None:
         """The routes by method for ``path`` and its parameters, or None if no pattern matches."""
         methods = self._static.get(path)
         if methods is not None:
@@ -141,8 +143,6 @@ class Router:
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    if not pattern.startswith("/"):
-        raise ValueError(f"route pattern must start with '/': {pattern!r}")
     parts = []
     for segment in pattern.split("/"):
         if segment.startswith("{") and segment.endswith("}") and segment[1:-1].isidentifier():
@@ -175,24 +175,16 @@ class HttpServer:
         self.max_body = max_body
         self._auth = f"Bearer {api_key}".encode() if api_key else b""
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
-        self._in_flight = 0
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # running handlers (strong references)
+        self.in_flight = 0  # requests received in full, not yet answered (running or queued)
         self._idle: asyncio.Future[None] | None = None
         self.draining = False
+        self.port = 0  # the bound port, set once listening (useful when asked for port 0)
 
     @property
-    def in_flight(self) -> int:
-        """Requests received in full and not yet answered (running or queued behind one)."""
-        return self._in_flight
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
+    def sockets(self) -> tuple[socket.socket, ...]:
         return tuple(self._server.sockets) if self._server is not None else ()
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful when started on port 0)."""
-        return int(self.sockets[0].getsockname()[1])
 
     def close(self) -> None:
         """Stop accepting connections; open ones carry on. Idempotent."""
@@ -207,33 +199,28 @@ class HttpServer:
         self.close()
         self.draining = True
         loop = asyncio.get_running_loop()
-        if self._in_flight:
+        if self.in_flight:
             self._idle = loop.create_future()
-        for conn in list(self._connections):
+        for conn in list(self.connections):
             conn.begin_drain()
         if self._idle is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._idle), timeout)
-            except TimeoutError:
-                pass
-        left = self._in_flight
+        left = self.in_flight
         if left:
             log.warning("http drain: %d request(s) still running at the deadline; cancelling", left)
-            tasks = [c.task for c in self._connections if c.task is not None]
+            tasks = list(self.tasks)
             for task in tasks:
                 task.cancel()
-            for conn in list(self._connections):
+            for conn in list(self.connections):
                 conn.abort()
             if tasks:
                 await asyncio.wait(tasks, timeout=CANCEL_GRACE)
         return left
 
-    def request_started(self) -> None:
-        self._in_flight += 1
-
     def request_done(self, count: int = 1) -> None:
-        self._in_flight -= count
-        if self._in_flight == 0 and self._idle is not None and not self._idle.done():
+        self.in_flight -= count
+        if self.in_flight == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
     def prepare(self, request: HttpRequest) -> HttpResponse | tuple[Handler, dict[str, str]]:
@@ -248,13 +235,14 @@ class HttpServer:
             response = json_response(405, msg=f"method not allowed; allowed: {allow}")
             response.headers = (("Allow", allow),)
             return response
-        if self._auth and not route.public:
+        handler, public = route
+        if self._auth and not public:
             given = request.headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(given, self._auth):
                 response = json_response(401, msg="missing or wrong API key")
                 response.headers = (("WWW-Authenticate", "Bearer"),)
                 return response
-        return route.handler, params
+        return handler, params
 
     @staticmethod
     async def call(handler: Handler, request: HttpRequest, params: dict[str, str]) -> HttpResponse:
@@ -269,50 +257,45 @@ class HttpServer:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: feeds httptools, queues complete requests, answers in order."""
+    """One client connection. It is also the parser's callback object (the ``on_*`` methods).
+    Complete requests queue up; one at a time is answered, in order (pipelining safe)."""
+
+    transport: asyncio.Transport
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: collections.deque[tuple[HttpRequest | HttpResponse, bool]] = collections.deque()
+        self.queue: collections.deque[tuple[HttpRequest, bool]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
-        self.rejected = False  # a 400/413/431 is queued: read and drop whatever else comes
+        self.rejected = False  # a 400/413/431 is owed last; further input is read and dropped
+        self.rejection: HttpResponse | None = None
         self.read_paused = self.write_paused = self.eof = self.owe_continue = False
-        self.messages = 0
         self.in_head = False
-        self.head_size = 0
-        self._reset_message()
-        self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
-
-    def _reset_message(self) -> None:
+        self.messages = self.head_size = self.body_size = 0
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
-        self.body_size = 0
-        self.path = ""
-        self.query: dict[str, str] = {}
+        self.last_active = self.loop.time()
+        self.timer = self.loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.server._connections.add(self)
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
         if self.server.draining:
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.timer.cancel()
-        self._drop_queue()
-        self.server._connections.discard(self)
         # A running handler is left to finish (it may be half-way through a write to Redis);
-        # its reply is discarded and it is counted done then.
+        # its reply is dropped and it is counted done then.
+        self.timer.cancel()
+        self.server.connections.discard(self)
+        self._drop_queue()
 
     def data_received(self, data: bytes) -> None:
-        if self.rejected:
+        if self.rejected or self.transport.is_closing():
             return
         self.last_active = self.loop.time()
         message, was_in_head = self.messages, self.in_head
@@ -326,18 +309,17 @@ class _Connection(asyncio.Protocol):
             self._reject(cause.status, cause.msg)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._reject(400, "malformed HTTP request")
-        else:
-            # Count only chunks wholly inside one request head: exact enough to bound memory.
-            if self.in_head and was_in_head and self.messages == message:
-                self.head_size += len(data)
-                if self.head_size > MAX_HEAD:
-                    self._reject(431, "request head too large")
+        # httptools buffers a head in full before calling back: bound it by counting the
+        # reads that fall wholly inside one head (one read of slack, never a false alarm).
+        if self.in_head and was_in_head and self.messages == message and not self.rejected:
+            self.head_size += len(data)
+            if self.head_size > MAX_HEAD:
+                self._reject(431, "request head too large")
+        self._next()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.task is None and not self.queue:
-            return False  # nothing owed: let the transport close
-        return True  # half-closed: answer what was received, then close
+        return self.task is not None or bool(self.queue)  # True: answer, then close
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -351,7 +333,10 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.messages += 1
         self.in_head = True
-        self.head_size = 0
+        self.head_size = self.body_size = 0
+        self.url = b""
+        self.headers = {}
+        self.body = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -365,20 +350,14 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         if self.parser.should_upgrade():
             raise HttpError(400, "protocol upgrade not supported")
-        try:
-            url = httptools.parse_url(self.url)
-        except httptools.HttpParserInvalidURLError:
-            raise HttpError(400, "malformed request target") from None
-        self.path = url.path.decode("latin-1")
-        if url.query:
-            parsed = parse_qs(url.query.decode("latin-1"), keep_blank_values=True)
-            self.query = {k: v[0] for k, v in parsed.items()}
-        length = self.headers.get("content-length")
-        if length is not None and int(length) > self.server.max_body:
+        length = self.headers.get("content-length", "0")
+        if not length.isdigit():
+            raise HttpError(400, "malformed Content-Length")
+        if int(length) > self.server.max_body:
             raise HttpError(413, f"body over {self.server.max_body} bytes")
-        if self.headers.get("expect", "").lower() == "100-continue":
-            self.owe_continue = True
-            self._send_continue()
+        expect = self.headers.get("expect", "").lower() == "100-continue"
+        self.owe_continue = expect and self.parser.get_http_version() == "1.1"
+        self._send_continue()
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -387,53 +366,52 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        self.owe_continue = False
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            raise HttpError(400, "malformed request target") from None
+        query = parse_qs(url.query.decode("latin-1"), keep_blank_values=True) if url.query else {}
         request = HttpRequest(
             self.parser.get_method().decode("ascii"),
-            self.path,
-            self.query,
+            (url.path or b"/").decode("latin-1"),
+            {k: v[0] for k, v in query.items()},
             self.headers,
             b"".join(self.body),
         )
+        self.owe_continue = False
         self.queue.append((request, self.parser.should_keep_alive()))
-        self.server.request_started()
-        self._reset_message()
+        self.server.in_flight += 1
         if len(self.queue) >= MAX_PIPELINE and not self.read_paused:
-            self._transport().pause_reading()
+            self.transport.pause_reading()
             self.read_paused = True
-        self._next()
 
     # answering
 
-    def _transport(self) -> asyncio.Transport:
-        assert self.transport is not None
-        return self.transport
-
     def _next(self) -> None:
-        """Answer queued requests in order: a routing refusal at once, a handler in a task.
-        Returns while a handler runs; its task calls back here when it is done."""
-        transport = self._transport()
+        """Answer what is owed, in order: routing refusals at once, a handler in a task (which
+        calls back here when done), the rejection last; close when draining and idle."""
+        transport = self.transport
         while self.task is None and self.queue and not self.write_paused:
             if transport.is_closing():
                 return
-            item, keep_alive = self.queue.popleft()
-            if isinstance(item, HttpResponse):
-                self._send_rejection(item)
-                return
-            prepared = self.server.prepare(item)
+            request, keep_alive = self.queue.popleft()
+            prepared = self.server.prepare(request)
             if isinstance(prepared, HttpResponse):
-                self._send(item, prepared, keep_alive)
+                self._send(request, prepared, keep_alive)
             else:
-                handler, params = prepared
-                self.task = self.loop.create_task(self._run(item, handler, params, keep_alive))
-        if self.read_paused and len(self.queue) < MAX_PIPELINE // 2 and not self.server.draining:
-            transport.resume_reading()
-            self.read_paused = False
-        if self.task is None and not self.queue and not transport.is_closing():
-            if self.eof or self.server.draining:
-                transport.close()
-            else:
-                self._send_continue()
+                self.task = self.loop.create_task(self._run(request, *prepared, keep_alive))
+                self.server.tasks.add(self.task)
+        if self.task is not None or self.queue or transport.is_closing():
+            return
+        if self.rejection is not None:
+            self._send_rejection(self.rejection)
+        elif self.eof or self.server.draining:
+            transport.close()
+        else:
+            if self.read_paused:
+                transport.resume_reading()
+                self.read_paused = False
+            self._send_continue()
 
     async def _run(
         self, request: HttpRequest, handler: Handler, params: dict[str, str], keep_alive: bool
@@ -442,83 +420,77 @@ class _Connection(asyncio.Protocol):
         try:
             response = await self.server.call(handler, request, params)
         finally:
+            self.server.tasks.discard(cast(asyncio.Task[None], self.task))
             self.task = None
-            if response is None:  # cancelled by drain()
+            if response is None:  # cancelled (drain's deadline): the client gets a reset
                 self.server.request_done()
+                self.transport.abort()
             else:
                 self._send(request, response, keep_alive)
                 self._next()
 
     def _send(self, request: HttpRequest, response: HttpResponse, keep_alive: bool) -> None:
         self.server.request_done()
-        transport = self._transport()
-        if transport.is_closing():
-            return
-        if self.server.draining and not self.queue:
-            keep_alive = False
-        transport.write(_encode(response, keep_alive, request.method == "HEAD"))
+        if self.transport.is_closing():
+            return  # the client left: the reply is dropped
+        keep_alive = keep_alive and not (self.server.draining and not self.queue)
+        self.transport.write(_encode(response, keep_alive, request.method == "HEAD"))
         self.last_active = self.loop.time()
         if not keep_alive:
             self._drop_queue()
-            transport.close()
+            self.transport.close()
 
     def _send_continue(self) -> None:
         # Only when nothing is owed before it: a 100 must not overtake an earlier reply.
         if self.owe_continue and self.task is None and not self.queue:
             self.owe_continue = False
-            self._transport().write(CONTINUE)
+            self.transport.write(CONTINUE)
 
     def _reject(self, status: int, msg: str) -> None:
-        """Queue a final error reply after the replies already owed, then drop all input."""
         self.rejected = True
+        self.rejection = json_response(status, msg=msg)
         self.owe_continue = False
-        self.queue.append((json_response(status, msg=msg), False))
-        if self.read_paused:  # keep reading (and dropping) so closing does not reset the reply
-            self._transport().resume_reading()
+        if self.read_paused:  # keep reading (and dropping) until the rejection is out
+            self.transport.resume_reading()
             self.read_paused = False
-        self._next()
 
     def _send_rejection(self, response: HttpResponse) -> None:
-        transport = self._transport()
-        transport.write(_encode(response, False, False))
-        self._drop_queue()
-        if transport.can_write_eof():
-            # Half-close and read-and-drop until the client closes or LINGER_TIMEOUT, so
-            # unread request bytes do not turn our close into a reset that loses the reply.
-            transport.write_eof()
-            self.timer.cancel()
-            self.timer = self.loop.call_later(LINGER_TIMEOUT, transport.abort)
-        else:
-            transport.close()
+        self.rejection = None
+        self.transport.write(_encode(response, False, False))
+        if self.eof or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Half-close, then read and drop until the client closes (or LINGER_TIMEOUT): closing
+        # with unread request bytes would send a reset that can destroy the reply in flight.
+        self.transport.write_eof()
+        self.timer.cancel()
+        self.timer = self.loop.call_later(LINGER_TIMEOUT, self.transport.abort)
 
     def _drop_queue(self) -> None:
-        dropped = sum(isinstance(item, HttpRequest) for item, _ in self.queue)
-        self.queue.clear()
-        if dropped:
-            self.server.request_done(dropped)
+        if self.queue:
+            self.server.request_done(len(self.queue))
+            self.queue.clear()
 
     def _check_idle(self) -> None:
-        transport = self._transport()
-        if transport.is_closing():
+        if self.transport.is_closing():
             return
         quiet = self.loop.time() - self.last_active
         if self.task is None and not self.queue and quiet >= KEEPALIVE_TIMEOUT:
-            transport.close()
+            self.transport.close()
         else:
             self.timer = self.loop.call_later(max(KEEPALIVE_TIMEOUT - quiet, 1.0), self._check_idle)
 
     def begin_drain(self) -> None:
-        """Stop reading new requests; close now if nothing is owed (else after the last reply)."""
-        transport = self._transport()
-        if not transport.is_closing():
-            transport.pause_reading()
-            self.read_paused = True
-            if self.task is None and not self.queue:
-                transport.close()
+        """Stop reading; close now if nothing is owed, else after the last reply."""
+        if not self.transport.is_closing():
+            if not self.read_paused:
+                self.transport.pause_reading()
+                self.read_paused = True
+            self._next()
 
     def abort(self) -> None:
         self._drop_queue()
-        self._transport().abort()
+        self.transport.abort()
 
 
 async def start_http_server(
@@ -538,4 +510,5 @@ async def start_http_server(
     server._server = await loop.create_server(
         lambda: _Connection(server), host, port, reuse_port=reuse_port
     )
+    server.port = server._server.sockets[0].getsockname()[1]
     return server

@@ -7,13 +7,16 @@ this module only maps paths to what the site asks for.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Protocol
 
+import orjson
 from redis.exceptions import RedisError
 
 from pmq import protocol
 from pmq.errors import StorageError
 from pmq.handlers.base import App
+from pmq.messaging import publish
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.store import Store
 
@@ -26,10 +29,44 @@ class IngestApp(App, Protocol):
     async def in_thread(self, func: Any, *args: Any) -> Any: ...
 
 
-def check_uid(value: str) -> str:
+MAX_RECIPIENTS = 1000
+DEDUPE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def check_uid(value: object, field: str = "uid") -> str:
+    """A uid as its canonical decimal string; 400 naming ``field`` otherwise."""
     if not protocol.is_uid(value):
-        raise HttpError(400, "uid: must be a positive integer")
-    return value
+        raise HttpError(400, f"{field}: must be a user id (a positive integer)")
+    return str(int(value))  # type: ignore[call-overload]
+
+
+def json_object(request: HttpRequest) -> dict[str, Any]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise HttpError(400, "body: must be a JSON object")
+    return body
+
+
+def message_fields(body: dict[str, Any]) -> tuple[list[str], str, str | None, Any, str | None]:
+    """Check a publish request: (recipients, kind, sender, body, dedupe key)."""
+    to = body.get("to")
+    if isinstance(to, list):
+        if not to or len(to) > MAX_RECIPIENTS:
+            raise HttpError(400, f"to: a list of 1 to {MAX_RECIPIENTS} user ids")
+        recipients = list(dict.fromkeys(check_uid(uid, "to") for uid in to))
+    else:
+        recipients = [check_uid(to, "to")]
+    kind = body.get("kind")
+    if not protocol.is_kind(kind):
+        raise HttpError(400, 'kind: must match [a-z_]{1,32}, e.g. "comment"')
+    sender = body.get("from")
+    sender = None if sender is None else check_uid(sender, "from")
+    if not isinstance(body.get("body"), dict):
+        raise HttpError(400, "body: must be a JSON object")
+    key = body.get("id")
+    if key is not None and (not isinstance(key, str) or not DEDUPE_KEY.fullmatch(key)):
+        raise HttpError(400, "id: must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    return recipients, str(kind), sender, body["body"], key
 
 
 def build_router(app: IngestApp) -> Router:
@@ -53,17 +90,44 @@ def build_router(app: IngestApp) -> Router:
         return json_response(200, checks)
 
     async def user(request: HttpRequest, uid: str) -> HttpResponse:
-        check_uid(uid)
+        uid = check_uid(uid)
         conns = await redis_call(app.routes.connections(uid))
-        return json_response(200, {"uid": uid, "online": bool(conns), "connections": len(conns)})
+        unread = await redis_call(app.inbox.unread(uid))
+        return json_response(
+            200, {"uid": uid, "online": bool(conns), "connections": len(conns), "unread": unread}
+        )
+
+    async def accept(
+        recipients: list[str], kind: str, sender: str | None, body: Any, key: str | None
+    ) -> HttpResponse:
+        accepted, online = await redis_call(
+            publish(app.inbox, app.routes, recipients, kind, sender, body, key)
+        )
+        if accepted.duplicate:
+            return json_response(200, {"ids": accepted.ids, "online": 0, "duplicate": True})
+        return json_response(202, {"ids": accepted.ids, "online": online})
+
+    async def messages(request: HttpRequest) -> HttpResponse:
+        return await accept(*message_fields(json_object(request)))
+
+    async def seed_comment(request: HttpRequest) -> HttpResponse:
+        """The old site's form: ``uid`` and ``msg`` (JSON with ``comment_uid``)."""
+        form = request.form()
+        uid = check_uid(form.get("uid"), "uid")
+        try:
+            msg = orjson.loads(form.get("msg", ""))
+        except orjson.JSONDecodeError:
+            raise HttpError(400, "msg: must be JSON") from None
+        if not isinstance(msg, dict):
+            raise HttpError(400, "msg: must be a JSON object")
+        sender = check_uid(msg.get("comment_uid"), "msg.comment_uid")
+        return await accept([uid], protocol.Kind.COMMENT, sender, msg, None)
 
     async def kick(request: HttpRequest, uid: str) -> HttpResponse:
-        check_uid(uid)
+        uid = check_uid(uid)
         reason = ""
         if request.body:
-            body = request.json()
-            if not isinstance(body, dict):
-                raise HttpError(400, "body: must be a JSON object")
+            body = json_object(request)
             reason = body.get("reason") or ""
             if not isinstance(reason, str) or len(reason) > 120:
                 raise HttpError(400, "reason: must be a string of at most 120 characters")
@@ -73,6 +137,8 @@ def build_router(app: IngestApp) -> Router:
     router.add("GET", "/healthz", healthz, public=True)
     router.add("GET", "/api/v1/users/{uid}", user)
     router.add("POST", "/api/v1/users/{uid}/kick", kick)
+    router.add("POST", "/api/v1/messages", messages)
+    router.add("POST", "/api/comment/message", seed_comment)
     return router
 
 

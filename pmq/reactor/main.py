@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from collections.abc import Callable
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -21,12 +22,16 @@ from pmq import protocol
 from pmq.auth import Authenticator, make_authenticator
 from pmq.config import Config
 from pmq.handlers.base import Handler
+from pmq.ids import GeneratorLease, IdGenerator
+from pmq.inbox import Inbox
 from pmq.keys import Keys
+from pmq.messaging import push_frame
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
 from pmq.reactor.reload import load_handlers
+from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes
 from pmq.store import Store, open_store
 from pmq.workers.base import BootError, Worker
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
+REPLAY_PAGE = 200
 
 
 class SocketWorker(Worker):
@@ -57,9 +63,17 @@ class SocketWorker(Worker):
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {config.redis.url}: {exc}") from exc
         self.store: Store = open_store(config.storage)
-        self.routes = Routes(
-            self.redis, self.keys, self.id, config.heartbeat.interval,
-            self.table.send_to_user, self.table.kick_user,
+        self.routes = Routes(self.redis, self.keys, self.id, config.heartbeat.interval, self)
+        self.lease = GeneratorLease(self.redis, self.keys, self.id, self.routes.ttl)
+        self.inbox = Inbox(
+            self.redis,
+            self.keys,
+            IdGenerator(await self.lease.acquire()),
+            config.inbox.hot_seconds,
+            config.inbox.retention_seconds,
+        )
+        self.unread_pusher = UnreadPusher(
+            config.unread.push_interval, self.table, self.inbox.unread
         )
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
@@ -68,14 +82,21 @@ class SocketWorker(Worker):
         self.background.append(asyncio.create_task(self.pubsub.run(), name="relay"))
         await self.routes.beat(())
         self.gateway = Gateway(
-            self, self.table, self.authenticator, lambda: self.handlers,
-            self.on_open, self.on_close,
+            self,
+            self.table,
+            self.authenticator,
+            lambda: self.handlers,
+            self.on_open,
+            self.on_close,
         )
         try:
             await self.gateway.start(config.server.host, config.server.port)
             self.ingest: HttpServer = await start_http_server(
-                build_router(self), config.ingest.host, config.ingest.port,
-                max_body=config.ingest.max_body, api_key=config.ingest.api_key,
+                build_router(self),
+                config.ingest.host,
+                config.ingest.port,
+                max_body=config.ingest.max_body,
+                api_key=config.ingest.api_key,
             )
         except OSError as exc:
             raise BootError(f"cannot listen: {exc}") from exc
@@ -85,12 +106,52 @@ class SocketWorker(Worker):
         """Run blocking store work on this worker's thread pool, never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
+    async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
+        rows = await self.in_thread(self.store.unacked, int(uid), after, limit)
+        if not rows and not after:
+            await self.redis.delete(self.keys.cold(uid))  # nothing left in storage
+        return [
+            {
+                "id": str(r.id),
+                "kind": r.kind,
+                "from": None if r.from_uid is None else str(r.from_uid),
+                "to": uid,
+                "body": orjson.loads(r.body),
+                "ts": r.ts,
+            }
+            for r in rows
+        ]
+
+    async def ack_cold(self, uid: str, ids: list[int]) -> int:
+        return await self.in_thread(self.store.ack, int(uid), ids)
+
+    # LocalDelivery: what relayed operations do to our connections -----------------------
+    def push(self, uid: str, frame: bytes) -> int:
+        return self.table.send_to_user(uid, frame)
+
+    def unread_changed(self, uid: str) -> None:
+        self.unread_pusher.changed(uid)
+
+    def kick(self, uid: str, reason: str) -> int:
+        return self.table.kick_user(uid, reason)
+
     # Connections ----------------------------------------------------------------------
     async def on_open(self, client: Client) -> None:
+        """Register, say hello, replay the inbox in id order, then let live frames through."""
+        client.hold()
         await self.routes.register(client.uid, client.conn_id)
-        client.send(
+        client.write(
             protocol.encode_hello(client.conn_id, client.uid, self.config.heartbeat.interval)
         )
+        after = 0
+        while True:
+            batch = await self.inbox.pending(client.uid, self.cold_messages, after, REPLAY_PAGE)
+            for message in batch:
+                client.write(push_frame(orjson.dumps(message)))
+            if len(batch) < REPLAY_PAGE:
+                break
+            after = int(batch[-1]["id"])
+        client.release()
 
     async def on_close(self, client: Client) -> None:
         await self.routes.unregister(client.uid, client.conn_id)
@@ -103,6 +164,9 @@ class SocketWorker(Worker):
         while True:
             try:
                 await self.routes.beat(self.table.uids())
+                if not await self.lease.renew():
+                    log.error("%s lost its id generator lease; taking a new one", self.title)
+                    self.inbox.ids = IdGenerator(await self.lease.acquire())
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval / 2
                     await self.routes.sweep_dead_workers()
@@ -134,6 +198,7 @@ class SocketWorker(Worker):
             with contextlib.suppress(RedisError, OSError):
                 removed = await self.routes.forget(self.id)
                 log.info("%s removed %d route entries", self.title, removed)
+                await self.lease.release()
         if hasattr(self, "ingest"):
             left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)
             if left:

@@ -86,8 +86,8 @@ class Store(abc.ABC):
         """Idempotent DDL creating ``pmq_schema``."""
 
     @abc.abstractmethod
-    def _delete_chunk(self, table: str) -> str:
-        """A DELETE of at most DELETE_CHUNK rows of ``table`` with ``ts`` below one parameter."""
+    def _delete_chunk(self, table: str, limit: int) -> str:
+        """A DELETE of at most ``limit`` rows of ``table`` with ``ts`` below one parameter."""
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -188,7 +188,7 @@ class Store(abc.ABC):
         DELETE_CHUNK rows per transaction so no lock is held for long. Returns the count."""
         deleted = 0
         for n in range(self.shards):
-            statement = self._delete_chunk(f"pmq_msg_{n}")
+            statement = self._delete_chunk(f"pmq_msg_{n}", DELETE_CHUNK)
             while True:
                 with self._session("delete_before", write=True) as cur:
                     cur.execute(statement, (ts_ms,))

@@ -20,7 +20,7 @@ from dbutils.pooled_db import PooledDB, PooledDBError
 from pymysql.constants import ER
 
 from pmq.errors import StorageError
-from pmq.store.base import DELETE_CHUNK, Cursor, Store
+from pmq.store.base import Cursor, Store
 
 CONNECT_TIMEOUT = 5  # seconds to open a connection
 IO_TIMEOUT = 60  # seconds one statement may take before the connection is given up
@@ -165,9 +165,9 @@ class MysqlStore(Store):
             f"KEY idx_session_id (session_id, id)) {TABLE_OPTIONS}",
         ]
 
-    def _delete_chunk(self, table: str) -> str:
+    def _delete_chunk(self, table: str, limit: int) -> str:
         # ORDER BY follows the (ts, id) index and keeps the statement safe for replication.
-        return f"DELETE FROM {table} WHERE ts < %s ORDER BY ts, id LIMIT {DELETE_CHUNK}"
+        return f"DELETE FROM {table} WHERE ts < %s ORDER BY ts, id LIMIT {limit}"
 
     def ping(self) -> None:
         with self._session("ping", write=False) as cur:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pmq.errors import StorageError
-from pmq.store.base import DELETE_CHUNK, Cursor, Store
+from pmq.store.base import Cursor, Store
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -133,11 +133,11 @@ class SqliteStore(Store):
             "ON pmq_cs_message (session_id, id)",
         ]
 
-    def _delete_chunk(self, table: str) -> str:
+    def _delete_chunk(self, table: str, limit: int) -> str:
         # DELETE ... LIMIT needs a compile-time option most builds lack; go through the rowid.
         return (
             f"DELETE FROM {table} WHERE id IN "
-            f"(SELECT id FROM {table} WHERE ts < ? LIMIT {DELETE_CHUNK})"
+            f"(SELECT id FROM {table} WHERE ts < ? LIMIT {limit})"
         )
 
     def ping(self) -> None:

@@ -141,7 +141,7 @@ class Worker(abc.ABC):
     async def shutdown(self, fast: bool) -> None:
         """Stop in phases (SPEC 1); ``fast`` skips the niceties, not the cleanup."""
 
-    async def reload(self) -> None:
+    async def reload(self) -> None:  # noqa: B027 - optional hook
         """Re-read what can change without a restart; raise to keep the old state."""
 
     def stats(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from pmq.workers.notify import notify
 log = logging.getLogger(__name__)
 
 WORKER_MODULES = {"socket": "pmq.reactor.main", "task": "pmq.tasks.main"}
-SIGNALS = {
+SIGNALS: dict[int, str] = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
     signal.SIGQUIT: "quit",
@@ -193,7 +193,7 @@ class Master:
         if pid == 0:  # the child never returns from here
             os.close(read_fd)
             self.close_in_child()
-            code = WorkerExit.BOOT_ERROR
+            code: int = WorkerExit.BOOT_ERROR
             try:
                 module = importlib.import_module(WORKER_MODULES[kind])
                 code = module.run(self.config, index, write_fd, master_pid)
@@ -242,9 +242,8 @@ class Master:
             self.announce_ready()
         elif kind == "heartbeat":
             worker.stats = {k: v for k, v in event.items() if k != "event"}
-        elif kind == "reload" and self.reload_pending is not None:
-            if worker.pid in self.reload_pending:
-                self.reload_pending[worker.pid] = event
+        elif kind == "reload" and self.reload_pending and worker.pid in self.reload_pending:
+            self.reload_pending[worker.pid] = event
 
     def announce_ready(self) -> None:
         if self.announced_ready:
@@ -296,7 +295,10 @@ class Master:
             if now - worker.last_seen > timeout:
                 log.error(
                     "%s worker #%d (pid %d) silent for %.0fs; killing it",
-                    worker.kind, worker.index, worker.pid, now - worker.last_seen,
+                    worker.kind,
+                    worker.index,
+                    worker.pid,
+                    now - worker.last_seen,
                 )
                 self.kill(worker.pid, signal.SIGKILL)
                 worker.last_seen = now  # one kill per timeout; reaping follows
@@ -305,8 +307,7 @@ class Master:
         now = time.monotonic()
         for (kind, index), slot in self.slots.items():
             filled = any(
-                (w.kind, w.index) == (kind, index) and not w.retiring
-                for w in self.workers.values()
+                (w.kind, w.index) == (kind, index) and not w.retiring for w in self.workers.values()
             )
             if not filled and now >= slot.next_spawn:
                 self.spawn_worker(kind, index)
@@ -338,8 +339,11 @@ class Master:
         answered = all(pending.values())
         if not answered and time.monotonic() < self.reload_deadline:
             return
-        errors = [e.get("error") or f"worker {pid} did not answer" for pid, e in pending.items()
-                  if not e.get("ok")]
+        errors = [
+            e.get("error") or f"worker {pid} did not answer"
+            for pid, e in pending.items()
+            if not e.get("ok")
+        ]
         self.reload_pending = None
         notify("READY=1\nSTATUS=serving")
         for error in errors:
@@ -503,4 +507,3 @@ def prepare(config: Config) -> Config:
 def serve(config: Config) -> int:
     """Run a master for this config in the current process (``pmq`` / ``pmqctl start``)."""
     return Master(config).run()
-

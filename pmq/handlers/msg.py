@@ -1,0 +1,47 @@
+"""Inbox actions: msg.ack, msg.pull."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pmq.handlers.base import App, Caller, Handler, bad_request, int_field
+
+MAX_ACK = 1000
+MAX_PULL = 200
+MAX_ID = 2**63 - 1
+
+
+def message_ids(data: dict[str, Any]) -> list[int]:
+    ids = data.get("ids")
+    if not isinstance(ids, list) or not ids:
+        raise bad_request("ids: must be a non-empty list of message ids")
+    if len(ids) > MAX_ACK:
+        raise bad_request(f"ids: at most {MAX_ACK} per request")
+    parsed = []
+    for value in ids:
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_ID:
+            raise bad_request("ids: every id must be a message id (a string of digits)")
+        parsed.append(value)
+    return parsed
+
+
+async def ack(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
+    """Remove messages from the user's inbox, for every device."""
+    ids = message_ids(data)
+    acked = await app.inbox.ack(caller.uid, ids)
+    if await app.inbox.has_cold(caller.uid):
+        acked += await app.ack_cold(caller.uid, ids)
+    return {"acked": acked}
+
+
+async def pull(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
+    """Page through unacked messages in id order, after ``after``."""
+    after = int_field(data, "after", 0, 0, MAX_ID)
+    limit = int_field(data, "limit", MAX_PULL, 1, MAX_PULL)
+    messages = await app.inbox.pending(caller.uid, app.cold_messages, after, limit)
+    return {"messages": messages}
+
+
+ACTIONS: dict[str, Handler] = {"msg.ack": ack, "msg.pull": pull}

@@ -1,0 +1,233 @@
+"""The durable inbox and unread counters, on Redis (SPEC 4).
+
+Accepting a message is one Lua call: the message enters the user's hot inbox (a ZSET of
+ids beside a HASH of bodies), the unread counter moves, a storage operation is queued for
+the task workers, and the user's live connections are read back for delivery — atomically,
+so a message is either accepted whole or not at all. It stays until ``msg.ack`` names it.
+
+Messages older than ``inbox.hot_seconds`` are moved to storage by the sweep (pmq.tasks);
+replay and ``msg.pull`` read those from storage first, then the hot ones, in id order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+
+from pmq.ids import IdGenerator, timestamp_ms
+from pmq.keys import Keys
+from pmq.protocol import UNREAD_KINDS, Kind
+
+PUBLISH_DEDUPE_SECONDS = 86400
+KEYS_PER_MESSAGE = 4
+ARGS_PER_MESSAGE = 6
+
+# KEYS: dedupe, queue, index, then per message: inbox, bodies, unread, user_conns.
+# ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
+#       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
+# Returns {0, ids_json} for a repeated idempotency key, else {1, conns_1, conns_2, ...}.
+PUBLISH = """
+if ARGV[1] == '1' then
+    local previous = redis.call('GET', KEYS[1])
+    if previous then return {0, previous} end
+end
+local result = {1}
+local ttl = tonumber(ARGV[3])
+local n = (#KEYS - 3) / 4
+for i = 0, n - 1 do
+    local k = 4 + i * 4
+    local a = 5 + i * 6
+    redis.call('ZADD', KEYS[k], ARGV[a + 1], ARGV[a])
+    redis.call('HSET', KEYS[k + 1], ARGV[a], ARGV[a + 3])
+    redis.call('EXPIRE', KEYS[k], ttl)
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    if ARGV[a + 4] ~= '' then
+        redis.call('HINCRBY', KEYS[k + 2], ARGV[a + 4], 1)
+    end
+    redis.call('ZADD', KEYS[3], 'NX', ARGV[a + 1], ARGV[a + 2])
+    redis.call('RPUSH', KEYS[2], ARGV[a + 5])
+    result[#result + 1] = redis.call('HGETALL', KEYS[k + 3])
+end
+if ARGV[1] == '1' then
+    redis.call('SET', KEYS[1], ARGV[4], 'EX', tonumber(ARGV[2]))
+end
+return result
+"""
+
+# KEYS: inbox, bodies, queue; ARGV: uid, ids... Removes what is hot, queues the storage ack.
+ACK = """
+local removed = redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
+redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = {unpack(ARGV, 2)}}))
+return removed
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A unicast message as clients see it (SPEC 3 push frame ``msg``)."""
+
+    id: int
+    kind: str
+    sender: str | None
+    to: str
+    body: Any
+    ts: int
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "kind": self.kind,
+            "from": self.sender,
+            "to": self.to,
+            "body": self.body,
+            "ts": self.ts,
+        }
+
+    @property
+    def counts_unread(self) -> bool:
+        """A comment on one's own content counts nothing (SPEC 4)."""
+        return not (self.kind == Kind.COMMENT and self.sender == self.to)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Accepted:
+    """What publish did: the ids, and for each message the user's live connections."""
+
+    ids: list[str]
+    duplicate: bool
+    encoded: list[bytes]  # each message's wire JSON, to wrap in a push frame
+    connections: list[dict[str, str]]  # conn id -> worker id, per message
+
+
+ColdReader = Callable[[str, int, int], Awaitable[list[dict[str, Any]]]]
+
+
+class Inbox:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        ids: IdGenerator,
+        hot_seconds: int,
+        retention_seconds: int,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ids = ids
+        self.hot_seconds = hot_seconds
+        self.ttl = retention_seconds
+        self._publish = redis.register_script(PUBLISH)
+        self._ack = redis.register_script(ACK)
+
+    async def publish(
+        self,
+        recipients: Sequence[str],
+        kind: str,
+        sender: str | None,
+        body: Any,
+        dedupe_key: str | None = None,
+    ) -> Accepted:
+        """Accept one message per recipient; a repeated ``dedupe_key`` returns the first ids."""
+        now = int(time.time() * 1000)
+        messages = [Message(self.ids.next(), kind, sender, to, body, now) for to in recipients]
+        ids = [str(m.id) for m in messages]
+        keys = [
+            self.keys.publish_dedupe(dedupe_key or ""),
+            self.keys.store_queue(),
+            self.keys.inbox_index(),
+        ]
+        args: list[Any] = [
+            "1" if dedupe_key else "0",
+            PUBLISH_DEDUPE_SECONDS,
+            self.ttl,
+            orjson.dumps(ids),
+        ]
+        encoded = []
+        for m in messages:
+            wire = orjson.dumps(m.wire())
+            encoded.append(wire)
+            keys += [
+                self.keys.inbox(m.to),
+                self.keys.inbox_bodies(m.to),
+                self.keys.unread(m.to),
+                self.keys.user_conns(m.to),
+            ]
+            args += [
+                m.id,
+                m.ts,
+                m.to,
+                wire,
+                m.kind if m.counts_unread else "",
+                b'{"op":"msg","msg":' + wire + b"}",
+            ]
+        result = await self._publish(keys=keys, args=args)
+        if result[0] == 0:
+            return Accepted(orjson.loads(result[1]), True, [], [])
+        connections = [_pairs(flat) for flat in result[1:]]
+        return Accepted(ids, False, encoded, connections)
+
+    async def ack(self, uid: str, ids: Sequence[int]) -> int:
+        """Remove ``ids`` from the user's inbox, hot and cold; returns how many were hot."""
+        if not ids:
+            return 0
+        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), self.keys.store_queue()]
+        return int(await self._ack(keys=keys, args=[uid, *map(str, ids)]))
+
+    async def hot(self, uid: str, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+        """Unacked messages still in Redis, id order, with id > ``after``."""
+        low = timestamp_ms(after) if after else "-inf"
+        members = cast(
+            list[bytes], await self.redis.zrangebyscore(self.keys.inbox(uid), low, "+inf")
+        )
+        wanted = sorted(i for i in map(int, members) if i > after)[:limit]
+        if not wanted:
+            return []
+        bodies = await self.redis.hmget(self.keys.inbox_bodies(uid), [str(i) for i in wanted])
+        return [orjson.loads(b) for b in bodies if b is not None]
+
+    async def has_cold(self, uid: str) -> bool:
+        return bool(await self.redis.exists(self.keys.cold(uid)))
+
+    async def pending(
+        self, uid: str, cold: ColdReader, after: int = 0, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Unacked messages in id order: storage's older ones first, then Redis's."""
+        found: list[dict[str, Any]] = []
+        if await self.has_cold(uid):
+            found = await cold(uid, after, limit)
+        seen = {m["id"] for m in found}
+        for message in await self.hot(uid, after, limit):
+            if message["id"] not in seen:
+                found.append(message)
+        found.sort(key=lambda m: int(m["id"]))
+        return found[:limit]
+
+    async def unread(self, uid: str, extra: dict[str, int] | None = None) -> dict[str, int]:
+        """Counters of every kind (0 when unset) and their total."""
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.unread(uid)))
+        counts = dict.fromkeys(UNREAD_KINDS, 0)
+        counts.update({k.decode(): max(0, int(v)) for k, v in raw.items()})
+        counts.update(extra or {})
+        counts["total"] = sum(counts.values())
+        return counts
+
+    async def clear_unread(self, uid: str, kinds: Sequence[str] | None) -> list[str]:
+        """Set the named counters (all when None) to 0; returns the kinds cleared."""
+        key = self.keys.unread(uid)
+        if kinds is None:
+            present = [k.decode() for k in cast(list[bytes], await self.redis.hkeys(key))]
+            kinds = sorted(set(UNREAD_KINDS) | set(present))
+            await self.redis.delete(key)
+        elif kinds:
+            await self.redis.hdel(key, *kinds)
+        return list(kinds)
+
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}

@@ -1,0 +1,43 @@
+"""Publishing a unicast message: accept it into the inbox, then push it to whoever is online.
+
+Used by the ingest API and by handlers that send messages of their own (chat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pmq.inbox import Accepted, Inbox
+from pmq.protocol import Kind
+from pmq.routing import OP_MESSAGE, OP_PUSH, Routes
+
+
+def push_frame(message_json: bytes) -> bytes:
+    """The push frame around an already encoded message (encoded once for every socket)."""
+    return b'{"type":"push","msg":' + message_json + b"}"
+
+
+async def publish(
+    inbox: Inbox,
+    routes: Routes,
+    recipients: Sequence[str],
+    kind: str,
+    sender: str | None,
+    body: Any,
+    dedupe_key: str | None = None,
+) -> tuple[Accepted, int]:
+    """Accept one message per recipient and push each to its user's live connections.
+
+    Returns what was accepted and how many connections it reached now. Once this returns,
+    the messages are durable in Redis and queued for storage.
+    """
+    accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
+    if accepted.duplicate:
+        return accepted, 0
+    self_comment = kind == Kind.COMMENT
+    items = [
+        (OP_PUSH if self_comment and sender == to else OP_MESSAGE, to, conns, push_frame(wire))
+        for to, conns, wire in zip(recipients, accepted.connections, accepted.encoded, strict=True)
+    ]
+    return accepted, await routes.send(items)
