@@ -149,10 +149,10 @@ def test_secret_racing_processes_agree(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/pmq.db"
     code = (
         "import sys, time; from pmq.auth import resolve_jwt_secret; from pmq.config import *;"
-        "time.sleep(float(sys.argv[2]) - time.time());"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()));"
         "print(resolve_jwt_secret(Config(storage=StorageConfig(url=sys.argv[1]))))"
     )
-    start = str(time.time() + 1.0)  # every process starts at once
+    start = str(time.time() + 2.0)  # every process starts at once (if the machine keeps up)
     procs = [
         subprocess.Popen([sys.executable, "-c", code, url, start], stdout=subprocess.PIPE)
         for _ in range(6)

@@ -49,6 +49,13 @@ def healthz(node: Node) -> int:
         return exc.code
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def titles(node: Node) -> list[str]:
     return sorted(p.cmdline()[0] for p in node.processes())
 
@@ -82,6 +89,7 @@ def test_killed_socket_worker_is_replaced_and_port_keeps_serving(make_node):
     node = make_node().start()
     victim = node.workers("socket")[0]
     os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: gone(victim["pid"]), 5, "the killed worker to die")
     with ws_connect(node) as ws:  # the other worker serves meanwhile
         assert ping(ws)["code"] == 200
 
@@ -173,9 +181,7 @@ def test_stuck_worker_is_killed_and_replaced(make_node):
     node = make_node(server={"worker_timeout": 2}).start()
     victim = node.workers("task")[0]
     os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent
-    wait_for(lambda: not psutil.pid_exists(victim["pid"])
-             or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE,
-             10, "the stuck worker to be killed")
+    wait_for(lambda: gone(victim["pid"]), 10, "the stuck worker to be killed")
     wait_for(lambda: [w for w in node.workers("task") if w["ready"]
                       and w["pid"] != victim["pid"]], 10, "a replacement task worker")
 
@@ -196,9 +202,7 @@ def test_leftover_workers_of_a_dead_master_are_stopped(make_node):
     node.wait_exit()
     assert psutil.pid_exists(stuck)
     node.start()
-    wait_for(lambda: not psutil.pid_exists(stuck)
-             or psutil.Process(stuck).status() == psutil.STATUS_ZOMBIE,
-             5, "the leftover to be stopped")
+    wait_for(lambda: gone(stuck), 5, "the leftover to be stopped")
     assert "leftover" in node.log()
     with ws_connect(node) as ws:
         assert ping(ws)["code"] == 200
