@@ -5,8 +5,9 @@ ids beside a HASH of bodies), the unread counter moves, a storage operation is q
 the task workers, and the user's live connections are read back for delivery — atomically,
 so a message is either accepted whole or not at all. It stays until ``msg.ack`` names it.
 
-Messages older than ``inbox.hot_seconds`` are moved to storage by the sweep (pmq.tasks);
-replay and ``msg.pull`` read those from storage first, then the hot ones, in id order.
+Unread counters live beside it (pmq.unread). Messages older than ``inbox.hot_seconds`` are
+moved to storage by the sweep (pmq.tasks); replay and ``msg.pull`` read those from storage
+first, then the hot ones, in id order.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import redis.asyncio as aioredis
 
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.keys import Keys
-from pmq.protocol import UNREAD_KINDS, Kind
+from pmq.protocol import Kind
 
 PUBLISH_DEDUPE_SECONDS = 86400
 KEYS_PER_MESSAGE = 4
@@ -207,26 +208,6 @@ class Inbox:
                 found.append(message)
         found.sort(key=lambda m: int(m["id"]))
         return found[:limit]
-
-    async def unread(self, uid: str, extra: dict[str, int] | None = None) -> dict[str, int]:
-        """Counters of every kind (0 when unset) and their total."""
-        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.unread(uid)))
-        counts = dict.fromkeys(UNREAD_KINDS, 0)
-        counts.update({k.decode(): max(0, int(v)) for k, v in raw.items()})
-        counts.update(extra or {})
-        counts["total"] = sum(counts.values())
-        return counts
-
-    async def clear_unread(self, uid: str, kinds: Sequence[str] | None) -> list[str]:
-        """Set the named counters (all when None) to 0; returns the kinds cleared."""
-        key = self.keys.unread(uid)
-        if kinds is None:
-            present = [k.decode() for k in cast(list[bytes], await self.redis.hkeys(key))]
-            kinds = sorted(set(UNREAD_KINDS) | set(present))
-            await self.redis.delete(key)
-        elif kinds:
-            await self.redis.hdel(key, *kinds)
-        return list(kinds)
 
 
 def _pairs(flat: list[bytes]) -> dict[str, str]:

@@ -63,6 +63,47 @@ class Keys:
         """STRING ids JSON: the answer to a publish with this idempotency key."""
         return f"{self.prefix}dedupe:msg:{key}"
 
+    def last_read(self, uid: str) -> str:
+        """HASH kind -> unix ms of the user's last unread.clear (system unread counts after it)."""
+        return f"{self.prefix}u:{uid}:last-read"
+
+    def user_groups(self, uid: str) -> str:
+        """STRING JSON list: the groups of the user's last token, for counting broadcasts."""
+        return f"{self.prefix}u:{uid}:groups"
+
+    # Broadcasts ---------------------------------------------------------------------
+    def broadcasts(self, group: str) -> str:
+        """ZSET broadcast id -> unix ms: the broadcasts to one group, within retention."""
+        return f"{self.prefix}bc:group:{group}"
+
+    def broadcast_index(self) -> str:
+        """ZSET broadcast id -> unix ms of every broadcast, for retention trimming."""
+        return f"{self.prefix}bc:index"
+
+    def broadcast_bodies(self) -> str:
+        """HASH broadcast id -> message JSON."""
+        return f"{self.prefix}bc:bodies"
+
+    def broadcast_dedupe(self, key: str) -> str:
+        """STRING broadcast id: one broadcast per key per broadcast.dedupe_seconds."""
+        return f"{self.prefix}dedupe:bc:{key}"
+
+    def broadcast_mark(self, uid: str) -> str:
+        """STRING: the newest broadcast id the user acked; replay starts above it."""
+        return f"{self.prefix}u:{uid}:bc-mark"
+
+    def broadcast_queue(self) -> str:
+        """LIST of broadcasts waiting for a task worker to store and fan out."""
+        return f"{self.prefix}q:broadcast"
+
+    def broadcast_taken(self, owner: str) -> str:
+        """LIST of broadcasts one task worker took and has not fanned out yet."""
+        return f"{self.prefix}q:broadcast:taken:{owner}"
+
+    def broadcast_channel(self) -> str:
+        """Pub/sub channel every socket worker listens on for broadcast frames."""
+        return f"{self.prefix}ch:broadcast"
+
     # Storage queue ------------------------------------------------------------------
     def store_queue(self) -> str:
         """LIST of storage operations (JSON) waiting for a task worker."""

@@ -18,11 +18,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, cast
 
+import orjson
 import redis.asyncio as aioredis
 
 from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
+
+GROUPS_TTL = 30 * 86400
 
 # A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
 OP_PUSH = "push"  # payload: a frame for every connection of the user
@@ -89,8 +92,10 @@ class Routes:
         self._forget = redis.register_script(FORGET_WORKER)
 
     # Registry writes ----------------------------------------------------------------
-    async def register(self, uid: str, conn_id: str) -> None:
+    async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
+        """Add a connection; also remember the user's groups (for counting broadcasts)."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.user_groups(uid), orjson.dumps(list(groups)), ex=GROUPS_TTL)
         pipe.hset(self.keys.user_conns(uid), conn_id, self.worker_id)
         pipe.expire(self.keys.user_conns(uid), self.ttl)
         pipe.hset(self.keys.worker_conns(self.worker_id), conn_id, uid)
@@ -140,6 +145,11 @@ class Routes:
         return int(removed)
 
     # Reads and delivery -------------------------------------------------------------
+    async def groups(self, uid: str) -> list[str]:
+        """The groups of the user's last connection ([] when unknown)."""
+        raw = await self.redis.get(self.keys.user_groups(uid))
+        return list(orjson.loads(raw)) if raw else []
+
     async def connections(self, uid: str) -> dict[str, str]:
         """conn id -> worker id for every live connection of ``uid``."""
         entries = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.user_conns(uid)))

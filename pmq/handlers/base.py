@@ -15,12 +15,14 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from pmq.auth import Identity
+from pmq.broadcast import Broadcasts
 from pmq.config import Config
 from pmq.errors import ActionError
 from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.protocol import Code
 from pmq.routing import Routes
+from pmq.unread import Unread
 
 
 class App(Protocol):
@@ -36,6 +38,10 @@ class App(Protocol):
     def routes(self) -> Routes: ...
     @property
     def inbox(self) -> Inbox: ...
+    @property
+    def unread(self) -> Unread: ...
+    @property
+    def broadcasts(self) -> Broadcasts: ...
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         """Unacked messages of ``uid`` that left Redis for storage (id order)."""
@@ -54,6 +60,10 @@ class Caller:
     @property
     def uid(self) -> str:
         return self.identity.uid
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return self.identity.groups
 
 
 Handler = Callable[[App, Caller, dict[str, Any]], Awaitable[dict[str, Any]]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pmq.handlers.base import App, Caller, Handler, bad_request, int_field
+from pmq.protocol import Kind
 
 MAX_ACK = 1000
 MAX_PULL = 200
@@ -33,14 +34,22 @@ async def ack(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
     acked = await app.inbox.ack(caller.uid, ids)
     if await app.inbox.has_cold(caller.uid):
         acked += await app.ack_cold(caller.uid, ids)
+    acked += await app.broadcasts.acknowledge(caller.uid, ids)
     return {"acked": acked}
 
 
 async def pull(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
-    """Page through unacked messages in id order, after ``after``."""
+    """Page through unacked messages in id order, after ``after``; with ``kind: system``,
+    through the broadcasts to the user's groups (acked or not) within retention."""
     after = int_field(data, "after", 0, 0, MAX_ID)
     limit = int_field(data, "limit", MAX_PULL, 1, MAX_PULL)
-    messages = await app.inbox.pending(caller.uid, app.cold_messages, after, limit)
+    kind = data.get("kind")
+    if kind is not None and kind != Kind.SYSTEM:
+        raise bad_request('kind: only "system" can be pulled on its own')
+    if kind == Kind.SYSTEM:
+        messages = await app.broadcasts.above(caller.groups, after, limit)
+    else:
+        messages = await app.inbox.pending(caller.uid, app.cold_messages, after, limit)
     return {"messages": messages}
 
 

@@ -9,7 +9,7 @@ from pmq.handlers.base import App, Caller, Handler, bad_request
 
 
 async def get(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
-    return await app.inbox.unread(caller.uid)
+    return await app.unread.counts(caller.uid, caller.groups)
 
 
 async def clear(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
@@ -19,7 +19,7 @@ async def clear(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any
         not isinstance(kinds, list) or not all(protocol.is_kind(k) for k in kinds)
     ):
         raise bad_request('kinds: must be a list of kinds like "comment"')
-    cleared = await app.inbox.clear_unread(caller.uid, kinds)
+    cleared = await app.unread.clear(caller.uid, kinds)
     await app.routes.notify_unread(caller.uid)
     return {"cleared": cleared}
 

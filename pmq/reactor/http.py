@@ -208,7 +208,6 @@ class HttpServer:
                 await asyncio.wait_for(asyncio.shield(self._idle), timeout)
         left = self.in_flight
         if left:
-            log.warning("http drain: %d request(s) still running at the deadline; cancelling", left)
             tasks = list(self.tasks)
             for task in tasks:
                 task.cancel()
@@ -326,6 +325,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_active = self.loop.time()
         self._next()
 
     # httptools callbacks
@@ -472,13 +472,14 @@ class _Connection(asyncio.Protocol):
             self.queue.clear()
 
     def _check_idle(self) -> None:
-        if self.transport.is_closing():
-            return
         quiet = self.loop.time() - self.last_active
-        if self.task is None and not self.queue and quiet >= KEEPALIVE_TIMEOUT:
-            self.transport.close()
+        if self.task is not None or quiet < KEEPALIVE_TIMEOUT:
+            delay = KEEPALIVE_TIMEOUT if self.task is not None else KEEPALIVE_TIMEOUT - quiet
+            self.timer = self.loop.call_later(delay, self._check_idle)
+        elif self.queue or self.transport.is_closing():
+            self.abort()  # replies stuck behind a client that stopped reading
         else:
-            self.timer = self.loop.call_later(max(KEEPALIVE_TIMEOUT - quiet, 1.0), self._check_idle)
+            self.transport.close()
 
     def begin_drain(self) -> None:
         """Stop reading; close now if nothing is owed, else after the last reply."""

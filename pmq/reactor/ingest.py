@@ -14,6 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from pmq import protocol
+from pmq.broadcast import ALL
 from pmq.errors import StorageError
 from pmq.handlers.base import App
 from pmq.messaging import publish
@@ -31,6 +32,7 @@ class IngestApp(App, Protocol):
 
 MAX_RECIPIENTS = 1000
 DEDUPE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+GROUP = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def check_uid(value: object, field: str = "uid") -> str:
@@ -63,10 +65,27 @@ def message_fields(body: dict[str, Any]) -> tuple[list[str], str, str | None, An
     sender = None if sender is None else check_uid(sender, "from")
     if not isinstance(body.get("body"), dict):
         raise HttpError(400, "body: must be a JSON object")
+    return recipients, str(kind), sender, body["body"], dedupe_field(body)
+
+
+def dedupe_field(body: dict[str, Any]) -> str | None:
     key = body.get("id")
     if key is not None and (not isinstance(key, str) or not DEDUPE_KEY.fullmatch(key)):
         raise HttpError(400, "id: must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-    return recipients, str(kind), sender, body["body"], key
+    return key
+
+
+def broadcast_fields(body: dict[str, Any]) -> tuple[str, str, Any, str | None]:
+    """Check a broadcast request: (group, kind, body, dedupe key)."""
+    group = body.get("group")
+    if not isinstance(group, str) or not GROUP.fullmatch(group):
+        raise HttpError(400, 'group: "all" or a group name (1-64 of A-Z a-z 0-9 _ . : -)')
+    kind = body.get("kind", protocol.Kind.SYSTEM)
+    if not protocol.is_kind(kind):
+        raise HttpError(400, 'kind: must match [a-z_]{1,32}, e.g. "system"')
+    if not isinstance(body.get("body"), dict):
+        raise HttpError(400, "body: must be a JSON object")
+    return group, str(kind), body["body"], dedupe_field(body)
 
 
 def build_router(app: IngestApp) -> Router:
@@ -92,7 +111,7 @@ def build_router(app: IngestApp) -> Router:
     async def user(request: HttpRequest, uid: str) -> HttpResponse:
         uid = check_uid(uid)
         conns = await redis_call(app.routes.connections(uid))
-        unread = await redis_call(app.inbox.unread(uid))
+        unread = await redis_call(app.unread.counts(uid, await app.routes.groups(uid)))
         return json_response(
             200, {"uid": uid, "online": bool(conns), "connections": len(conns), "unread": unread}
         )
@@ -134,11 +153,32 @@ def build_router(app: IngestApp) -> Router:
         closed = await redis_call(app.routes.kick(uid, reason or "kicked"))
         return json_response(200, {"closed": closed})
 
+    async def announce(group: str, kind: str, body: Any, key: str | None) -> HttpResponse:
+        published = await redis_call(app.broadcasts.publish(group, kind, body, key))
+        if published.duplicate:
+            return json_response(200, {"id": published.id, "duplicate": True})
+        return json_response(202, {"id": published.id})
+
+    async def broadcast(request: HttpRequest) -> HttpResponse:
+        return await announce(*broadcast_fields(json_object(request)))
+
+    async def seed_system(request: HttpRequest) -> HttpResponse:
+        """The old site's form: ``msg`` (JSON), a system message to everyone."""
+        try:
+            msg = orjson.loads(request.form().get("msg", ""))
+        except orjson.JSONDecodeError:
+            raise HttpError(400, "msg: must be JSON") from None
+        if not isinstance(msg, dict):
+            raise HttpError(400, "msg: must be a JSON object")
+        return await announce(ALL, protocol.Kind.SYSTEM, msg, None)
+
     router.add("GET", "/healthz", healthz, public=True)
     router.add("GET", "/api/v1/users/{uid}", user)
     router.add("POST", "/api/v1/users/{uid}/kick", kick)
     router.add("POST", "/api/v1/messages", messages)
     router.add("POST", "/api/comment/message", seed_comment)
+    router.add("POST", "/api/v1/broadcast", broadcast)
+    router.add("POST", "/api/system/message", seed_system)
     return router
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from pmq import protocol
 from pmq.auth import Authenticator, make_authenticator
+from pmq.broadcast import Broadcasts
 from pmq.config import Config
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
@@ -27,6 +29,7 @@ from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.messaging import push_frame
 from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
@@ -34,6 +37,7 @@ from pmq.reactor.reload import load_handlers
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes
 from pmq.store import Store, open_store
+from pmq.unread import Unread
 from pmq.workers.base import BootError, Worker
 
 log = logging.getLogger(__name__)
@@ -72,13 +76,26 @@ class SocketWorker(Worker):
             config.inbox.hot_seconds,
             config.inbox.retention_seconds,
         )
-        self.unread_pusher = UnreadPusher(
-            config.unread.push_interval, self.table, self.inbox.unread
+        self.broadcasts = Broadcasts(
+            self.redis,
+            self.keys,
+            self.inbox.ids,
+            config.broadcast.dedupe_seconds,
+            config.broadcast.replay_max,
+            config.inbox.retention_seconds,
         )
+        self.unread = Unread(self.redis, self.keys, config.inbox.retention_seconds)
+        self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
+        self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
         self.pubsub = self.redis.pubsub()
-        await self.pubsub.subscribe(**{self.keys.worker_channel(self.id): self.routes.on_message})
+        await self.pubsub.subscribe(
+            **{
+                self.keys.worker_channel(self.id): self.routes.on_message,
+                self.keys.broadcast_channel(): self.fanout.on_message,
+            }
+        )
         self.background.append(asyncio.create_task(self.pubsub.run(), name="relay"))
         await self.routes.beat(())
         self.gateway = Gateway(
@@ -100,7 +117,11 @@ class SocketWorker(Worker):
             )
         except OSError as exc:
             raise BootError(f"cannot listen: {exc}") from exc
-        self.background.append(asyncio.create_task(self.keep_registry(), name="registry"))
+        self.background += [
+            asyncio.create_task(self.keep_registry(), name="registry"),
+            asyncio.create_task(self.unread_pusher.run(), name="unread"),
+            asyncio.create_task(self.fanout.run(), name="fanout"),
+        ]
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
@@ -139,18 +160,23 @@ class SocketWorker(Worker):
     async def on_open(self, client: Client) -> None:
         """Register, say hello, replay the inbox in id order, then let live frames through."""
         client.hold()
-        await self.routes.register(client.uid, client.conn_id)
+        await self.routes.register(client.uid, client.conn_id, client.identity.groups)
         client.write(
             protocol.encode_hello(client.conn_id, client.uid, self.config.heartbeat.interval)
         )
+        broadcasts = deque(await self.broadcasts.replay(client.uid, client.identity.groups))
         after = 0
         while True:
             batch = await self.inbox.pending(client.uid, self.cold_messages, after, REPLAY_PAGE)
-            for message in batch:
+            for message in batch:  # broadcasts interleaved: one id order for both
+                while broadcasts and int(broadcasts[0]["id"]) < int(message["id"]):
+                    client.write(push_frame(orjson.dumps(broadcasts.popleft())))
                 client.write(push_frame(orjson.dumps(message)))
             if len(batch) < REPLAY_PAGE:
                 break
             after = int(batch[-1]["id"])
+        for message in broadcasts:
+            client.write(push_frame(orjson.dumps(message)))
         client.release()
 
     async def on_close(self, client: Client) -> None:
@@ -180,11 +206,13 @@ class SocketWorker(Worker):
         log.info("%s reloaded %d actions", self.title, len(self.handlers))
 
     def stats(self) -> dict[str, Any]:
-        ingest = getattr(self, "ingest", None)
+        """Sent with every heartbeat, which starts only once start() has finished."""
         return {
             "id": self.id,
             "connections": len(self.table),
-            "ingest_in_flight": ingest.in_flight if ingest else 0,
+            "broadcast_deliveries": self.fanout.delivered,
+            "fanout_max_stall_ms": round(self.fanout.max_stall_ms, 2),
+            "ingest_in_flight": self.ingest.in_flight,
         }
 
     async def shutdown(self, fast: bool) -> None:

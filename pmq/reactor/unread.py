@@ -1,55 +1,52 @@
 """Live unread badges: when a user's counters change, push them, coalesced per user.
 
-At most one ``unread`` frame per ``unread.push_interval`` per user from this worker: a burst
-of messages schedules one push at the end of the interval instead of one per message.
+Changes only mark the user dirty; one loop per worker, every ``unread.push_interval``,
+reads the counters of every dirty user in one pipelined round trip and pushes an
+``unread`` frame to their connections here. So a burst of messages, or a broadcast to
+thousands, costs one frame per user per interval, never one per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
 from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import ConnectionTable
+from pmq.unread import Unread
 
 log = logging.getLogger(__name__)
 
-PRUNE_AT = 10000
+CHUNK = 500
 
 
 class UnreadPusher:
-    def __init__(
-        self,
-        interval: float,
-        table: ConnectionTable,
-        read: Callable[[str], Awaitable[dict[str, int]]],
-    ) -> None:
+    def __init__(self, interval: float, table: ConnectionTable, unread: Unread) -> None:
         self.interval = interval
         self.table = table
-        self.read = read
-        self.not_before: dict[str, float] = {}  # uid -> earliest next push (monotonic)
-        self.scheduled: set[str] = set()
+        self.unread = unread
+        self.dirty: set[str] = set()
 
     def changed(self, uid: str) -> None:
-        """The counters of ``uid`` changed: schedule a push unless one is already due."""
-        if uid in self.scheduled or not self.table.of_user(uid):
-            return
-        self.scheduled.add(uid)
-        delay = max(0.0, self.not_before.get(uid, 0.0) - time.monotonic())
-        loop = asyncio.get_running_loop()
-        loop.call_later(delay, lambda: loop.create_task(self.push(uid)))
+        """The counters of ``uid`` changed: push them at the next tick."""
+        self.dirty.add(uid)
 
-    async def push(self, uid: str) -> None:
-        self.scheduled.discard(uid)
-        now = time.monotonic()
-        self.not_before[uid] = now + self.interval
-        if len(self.not_before) > PRUNE_AT:
-            self.not_before = {u: t for u, t in self.not_before.items() if t > now}
-        try:
-            counts = await self.read(uid)
-        except Exception:
-            log.exception("unread push failed uid=%s", uid)
-            return
-        self.table.send_to_user(uid, encode_event(FrameType.UNREAD, data=counts))
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("unread push failed for %d users", len(self.dirty))
+
+    async def flush(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        users = []
+        for uid in dirty:
+            clients = self.table.of_user(uid)
+            if clients:
+                users.append((uid, clients[0].identity.groups))
+        for start in range(0, len(users), CHUNK):
+            chunk = users[start : start + CHUNK]
+            for (uid, _), counts in zip(chunk, await self.unread.counts_many(chunk), strict=True):
+                self.table.send_to_user(uid, encode_event(FrameType.UNREAD, data=counts))

@@ -1,0 +1,159 @@
+"""Broadcasts (SPEC 4, 5): one message to every user of a group, never copied per user.
+
+A broadcast is kept once in Redis (``broadcasts(group)`` ids by time, ``broadcast_bodies``)
+and queued for a task worker, which stores it in SQL and publishes it once on the broadcast
+channel; every socket worker writes it to its own connections of the group. Users who were
+offline get it on their next connect: each user has a watermark (the newest broadcast id
+they acked), and connect replays the newest ``broadcast.replay_max`` above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+
+from pmq.ids import IdGenerator, timestamp_ms
+from pmq.keys import Keys
+
+ALL = "all"
+
+# KEYS: dedupe, group zset, index zset, bodies, queue.
+# ARGV: dedupe_ttl, id, ms, message_json, queue_item. Returns {0, first id} or {1}.
+PUBLISH = """
+local previous = redis.call('GET', KEYS[1])
+if previous then return {0, previous} end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
+redis.call('RPUSH', KEYS[5], ARGV[5])
+return {1}
+"""
+
+# KEYS: mark; ARGV: id. Moves the watermark up, never down.
+RAISE_MARK = """
+local current = redis.call('GET', KEYS[1])
+if not current or #current < #ARGV[1] or (#current == #ARGV[1] and current < ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return 1
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Published:
+    id: str
+    duplicate: bool
+
+
+def dedupe_key(explicit: str | None, group: str, kind: str, body: Any) -> str:
+    """The site's id, else a digest of what is sent (same kind, group and body = same)."""
+    if explicit:
+        return "id:" + explicit
+    canonical = orjson.dumps([group, kind, body], option=orjson.OPT_SORT_KEYS)
+    return "body:" + hashlib.sha256(canonical).hexdigest()
+
+
+def groups_of(groups: Iterable[str]) -> list[str]:
+    """The groups whose broadcasts reach a user: theirs and "all"."""
+    return [ALL, *sorted(set(groups) - {ALL})]
+
+
+class Broadcasts:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        ids: IdGenerator,
+        dedupe_seconds: int,
+        replay_max: int,
+        retention_seconds: int,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ids = ids
+        self.dedupe_seconds = dedupe_seconds
+        self.replay_max = replay_max
+        self.retention_ms = retention_seconds * 1000
+        self._publish = redis.register_script(PUBLISH)
+        self._raise_mark = redis.register_script(RAISE_MARK)
+
+    async def publish(self, group: str, kind: str, body: Any, key: str | None) -> Published:
+        """Keep and queue one broadcast; a repeat of its key within the window is a duplicate."""
+        message_id = self.ids.next()
+        now = int(time.time() * 1000)
+        wire = orjson.dumps(
+            {
+                "id": str(message_id),
+                "kind": kind,
+                "from": None,
+                "to": None,
+                "group": group,
+                "body": body,
+                "ts": now,
+            }
+        )
+        item = b'{"group":' + orjson.dumps(group) + b',"msg":' + wire + b"}"
+        keys = [
+            self.keys.broadcast_dedupe(dedupe_key(key, group, kind, body)),
+            self.keys.broadcasts(group),
+            self.keys.broadcast_index(),
+            self.keys.broadcast_bodies(),
+            self.keys.broadcast_queue(),
+        ]
+        result = await self._publish(
+            keys=keys, args=[self.dedupe_seconds, message_id, now, wire, item]
+        )
+        if result[0] == 0:
+            return Published(result[1].decode(), True)
+        return Published(str(message_id), False)
+
+    def floor_ms(self) -> int:
+        return int(time.time() * 1000) - self.retention_ms
+
+    async def above(self, groups: Sequence[str], after: int, limit: int) -> list[dict[str, Any]]:
+        """Broadcasts to ``groups`` with id > ``after``, within retention, id order."""
+        low = max(self.floor_ms(), timestamp_ms(after) if after else 0)
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups_of(groups):
+            pipe.zrangebyscore(self.keys.broadcasts(group), low, "+inf")
+        found = sorted({int(i) for ids in await pipe.execute() for i in ids if int(i) > after})
+        if not found:
+            return []
+        return await self.bodies(found[:limit])
+
+    async def bodies(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        raw = await self.redis.hmget(self.keys.broadcast_bodies(), [str(i) for i in ids])
+        return [orjson.loads(b) for b in cast(list[bytes | None], raw) if b is not None]
+
+    async def replay(self, uid: str, groups: Sequence[str]) -> list[dict[str, Any]]:
+        """The newest ``replay_max`` broadcasts above the user's watermark, in id order."""
+        if not self.replay_max:
+            return []
+        mark = int(cast(bytes | None, await self.redis.get(self.keys.broadcast_mark(uid))) or 0)
+        low = max(self.floor_ms(), timestamp_ms(mark) if mark else 0)
+        pipe = self.redis.pipeline(transaction=False)
+        for group in groups_of(groups):  # newest first, at most replay_max from each group
+            pipe.zrevrangebyscore(self.keys.broadcasts(group), "+inf", low, 0, self.replay_max)
+        newest = sorted({int(i) for ids in await pipe.execute() for i in ids if int(i) > mark})
+        return await self.bodies(newest[-self.replay_max :]) if newest else []
+
+    async def acknowledge(self, uid: str, ids: Sequence[int]) -> int:
+        """Move the watermark to the newest of ``ids`` that is a broadcast; returns how many
+        of ``ids`` were broadcasts."""
+        if not ids:
+            return 0
+        present = await self.redis.hmget(self.keys.broadcast_bodies(), [str(i) for i in ids])
+        known = [i for i, body in zip(ids, present, strict=True) if body is not None]
+        if known:
+            await self._raise_mark(
+                keys=[self.keys.broadcast_mark(uid)],
+                args=[str(max(known)), self.retention_ms // 1000],
+            )
+        return len(known)

@@ -1,0 +1,69 @@
+"""Broadcast fan-out on one socket worker: write one encoded frame to every local member.
+
+The task worker publishes each broadcast once on the broadcast channel; every socket
+worker of every node gets it here. Connections are written in chunks with a yield to the
+event loop between them, so pings and other clients keep being served while thousands of
+sockets are written; the frame is encoded once, and no write ever waits for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pmq.broadcast import ALL
+from pmq.reactor.connections import ConnectionTable
+from pmq.reactor.unread import UnreadPusher
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+
+
+def encode_fanout(group: str, frame: bytes) -> bytes:
+    return group.encode() + b"\n" + frame
+
+
+def decode_fanout(message: bytes) -> tuple[str, bytes]:
+    group, _, frame = message.partition(b"\n")
+    return group.decode(), frame
+
+
+class Fanout:
+    def __init__(self, table: ConnectionTable, unread: UnreadPusher) -> None:
+        self.table = table
+        self.unread = unread
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.delivered = 0
+        self.max_stall_ms = 0.0  # the longest the loop went without a yield, for stats
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        """pub/sub callback: queue the broadcast; run() delivers them one at a time."""
+        try:
+            self.queue.put_nowait(decode_fanout(message["data"]))
+        except (KeyError, ValueError, UnicodeDecodeError):
+            log.warning("dropped a malformed broadcast message")
+
+    async def run(self) -> None:
+        while True:
+            group, frame = await self.queue.get()
+            try:
+                await self.deliver(group, frame)
+            except Exception:
+                log.exception("broadcast fan-out to %r failed", group)
+
+    async def deliver(self, group: str, frame: bytes) -> int:
+        """Write ``frame`` to every local connection of ``group``; returns how many."""
+        clients = [c for c in self.table if group == ALL or group in c.identity.groups]
+        for start in range(0, len(clients), CHUNK):
+            began = time.perf_counter()
+            for client in clients[start : start + CHUNK]:
+                client.send(frame)
+            self.max_stall_ms = max(self.max_stall_ms, (time.perf_counter() - began) * 1000)
+            await asyncio.sleep(0)
+        for uid in {c.uid for c in clients}:
+            self.unread.changed(uid)
+        self.delivered += len(clients)
+        return len(clients)
