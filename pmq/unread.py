@@ -55,7 +55,8 @@ class Unread:
         """counts() for many users in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for uid, groups in users:
-            self._call(uid, groups, client=pipe)
+            # Awaiting a script on a pipeline only queues it (AsyncScript is a coroutine).
+            await self._call(uid, groups, client=pipe)
         return [_counts(flat) for flat in await pipe.execute()]
 
     async def clear(self, uid: str, kinds: Sequence[str] | None) -> list[str]:

@@ -420,6 +420,23 @@ def test_pipelined_requests_are_answered_in_order() -> None:
     run(main)
 
 
+def test_many_pipelined_requests_in_one_write() -> None:
+    async def main() -> None:
+        server = await serve()
+        client = await Client.connect(server)
+        count = 10 * pmq_http.MAX_PIPELINE  # reading pauses and resumes on the way
+        get = "GET /api/v1/users/{} HTTP/1.1\r\nHost: t\r\n\r\n"
+        await client.send("".join(get.format(i) for i in range(count)).encode())
+        for i in range(count):
+            reply = await client.response()
+            assert reply.json()["data"]["uid"] == str(i)
+        await wait_until(lambda: server.in_flight == 0)
+        client.close()
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
 def test_handler_exception_is_500_and_server_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
