@@ -60,6 +60,16 @@ def dedupe_key(explicit: str | None, group: str, kind: str, body: Any) -> str:
     return "body:" + hashlib.sha256(canonical).hexdigest()
 
 
+def encode_fanout(group: str, frame: bytes) -> bytes:
+    """What the broadcast channel carries: the group, a newline, the push frame."""
+    return group.encode() + b"\n" + frame
+
+
+def decode_fanout(message: bytes) -> tuple[str, bytes]:
+    group, _, frame = message.partition(b"\n")
+    return group.decode(), frame
+
+
 def groups_of(groups: Iterable[str]) -> list[str]:
     """The groups whose broadcasts reach a user: theirs and "all"."""
     return [ALL, *sorted(set(groups) - {ALL})]

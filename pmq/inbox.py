@@ -60,11 +60,24 @@ end
 return result
 """
 
-# KEYS: inbox, bodies, queue; ARGV: uid, ids... Removes what is hot, queues the storage ack.
+# KEYS: cold flag; ARGV: the mark read before storage was found empty.
+FORGET_COLD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: inbox, bodies, queue; ARGV: uid, ids... Removes what is hot and queues the storage
+# ack of those (their rows may not be written yet); returns them. The caller acks the others
+# in storage itself, so no id is acked (and counted) twice.
 ACK = """
-local removed = redis.call('ZREM', KEYS[1], unpack(ARGV, 2))
+local removed = {}
+for i = 2, #ARGV do
+    if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then removed[#removed + 1] = ARGV[i] end
+end
 redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
-redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = {unpack(ARGV, 2)}}))
+if #removed > 0 then
+    redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = removed}))
+end
 return removed
 """
 
@@ -124,6 +137,7 @@ class Inbox:
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
         self._publish = redis.register_script(PUBLISH)
+        self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
 
     async def publish(
@@ -161,7 +175,10 @@ class Inbox:
             ]
             args += [
                 m.id,
-                m.ts,
+                # Scored by the id's own time, not m.ts: ids made over several milliseconds
+                # (a large multicast, another worker) must never score below an older id's
+                # time, or hot()'s range from timestamp_ms(after) would skip them.
+                timestamp_ms(m.id),
                 m.to,
                 wire,
                 m.kind if m.counts_unread else "",
@@ -173,12 +190,14 @@ class Inbox:
         connections = [_pairs(flat) for flat in result[1:]]
         return Accepted(ids, False, encoded, connections)
 
-    async def ack(self, uid: str, ids: Sequence[int]) -> int:
-        """Remove ``ids`` from the user's inbox, hot and cold; returns how many were hot."""
+    async def ack(self, uid: str, ids: Sequence[int]) -> set[int]:
+        """Remove ``ids`` from the user's hot inbox (their stored rows are acked through the
+        storage queue); returns those that were hot. The caller acks the rest in storage."""
         if not ids:
-            return 0
+            return set()
         keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), self.keys.store_queue()]
-        return int(await self._ack(keys=keys, args=[uid, *map(str, ids)]))
+        removed = await self._ack(keys=keys, args=[uid, *map(str, ids)])
+        return {int(i) for i in removed}
 
     async def hot(self, uid: str, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
         """Unacked messages still in Redis, id order, with id > ``after``."""
@@ -199,11 +218,18 @@ class Inbox:
         self, uid: str, cold: ColdReader, after: int = 0, limit: int = 200
     ) -> list[dict[str, Any]]:
         """Unacked messages in id order: storage's older ones first, then Redis's."""
+        # Redis first: the sweep flags the user cold in the same step that removes a message
+        # from Redis, so one it moves meanwhile is then found through the flag.
+        hot = await self.hot(uid, after, limit)
         found: list[dict[str, Any]] = []
-        if await self.has_cold(uid):
+        mark = await self.redis.get(self.keys.cold(uid))
+        if mark is not None:
             found = await cold(uid, after, limit)
+            if not found and not after:  # storage holds none: drop the flag, unless a
+                await self._forget_cold(keys=[self.keys.cold(uid)], args=[mark])  # new sweep
+
         seen = {m["id"] for m in found}
-        for message in await self.hot(uid, after, limit):
+        for message in hot:
             if message["id"] not in seen:
                 found.append(message)
         found.sort(key=lambda m: int(m["id"]))

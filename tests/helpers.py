@@ -8,20 +8,28 @@ teardown, so runs never collide.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import http.client
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import psutil
+import pymysql
 import pytest
+from websockets.sync.client import ClientConnection, connect
 
 from pmq.auth import mint_token
 from pmq.errors import PMQError
@@ -186,3 +194,304 @@ class Node:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+# Clients of a node: the main site over HTTP, users over WebSocket ----------------------
+
+
+class Ingest:
+    """The main site's side of a node: one keep-alive HTTP connection to the ingest port.
+
+    :meth:`call` returns ``(status, decoded JSON reply)``; the connection reopens by itself
+    after a reply that closed it (413, 400 on a malformed request)."""
+
+    def __init__(self, node: Node, api_key: str = "", timeout: float = 10.0) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", node.ingest_port, timeout=timeout)
+        self.api_key = api_key
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        form: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        sent = dict(headers or {})
+        if self.api_key and "Authorization" not in sent:
+            sent["Authorization"] = f"Bearer {self.api_key}"
+        payload: bytes | None = raw
+        if form is not None:
+            payload = urlencode(form).encode()
+            sent.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        elif body is not None:
+            payload = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        try:
+            self.conn.request(method, path, body=payload, headers=sent)
+            response = self.conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            raise
+        if response.will_close:
+            self.conn.close()
+        return response.status, json.loads(data) if data else None
+
+    def publish(self, body: dict[str, Any], **kwargs: Any) -> tuple[int, Any]:
+        return self.call("POST", "/api/v1/messages", body, **kwargs)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class WsClient:
+    """One user's real WebSocket connection. Frames are read in order; frames a call did not
+    ask for are kept for later calls, so pushes, unread events and replies can interleave."""
+
+    def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.kept: collections.deque[dict[str, Any]] = collections.deque()
+        self.sequence = 0
+
+    def _read(self, deadline: float, what: str) -> dict[str, Any]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"timed out waiting for {what}")
+        try:
+            frame = self.ws.recv(timeout=left)
+        except TimeoutError:
+            pytest.fail(f"timed out waiting for {what}")
+        return json.loads(frame)  # type: ignore[no-any-return]
+
+    def next(self, frame_type: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame of ``frame_type`` (kept ones first); others stay kept."""
+        for frame in self.kept:
+            if frame.get("type") == frame_type:
+                self.kept.remove(frame)
+                return frame
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._read(deadline, f"a {frame_type!r} frame")
+            if frame.get("type") == frame_type:
+                return frame
+            self.kept.append(frame)
+
+    def pushes(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The ``msg`` of the next ``count`` push frames, in the order they came."""
+        return [self.next("push", timeout)["msg"] for _ in range(count)]
+
+    def request(
+        self, action: str, data: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """Send one request and return its reply frame; frames before it are kept."""
+        self.sequence += 1
+        request_id = f"r{self.sequence}"
+        self.ws.send(json.dumps({"id": request_id, "action": action, "data": data or {}}))
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._read(deadline, f"the reply to {action}")
+            if frame.get("type") == "reply" and frame.get("id") == request_id:
+                return frame
+            self.kept.append(frame)
+
+    def quiet(self, seconds: float) -> list[dict[str, Any]]:
+        """Every frame that arrives within ``seconds`` (kept ones first)."""
+        frames = list(self.kept)
+        self.kept.clear()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frames.append(json.loads(self.ws.recv(timeout=left)))
+            except TimeoutError:
+                break
+        return frames
+
+
+@contextlib.contextmanager
+def ws_client(node: Node, uid: str | int, sync: bool = True) -> Iterator[WsClient]:
+    """Connect as ``uid``; the first frame must be the hello, which the client keeps.
+
+    With ``sync`` it also waits for the reply to a ping, which the server sends only after
+    the inbox replay: the replayed pushes are then in ``kept``, and a message published
+    afterwards cannot also be part of the replay (delivery is at-least-once, so a message
+    published during a replay may arrive twice)."""
+    with connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5) as ws:
+        hello = json.loads(ws.recv(timeout=5))
+        assert hello["type"] == "hello" and hello["uid"] == str(uid), hello
+        client = WsClient(ws, hello)
+        if sync:
+            assert client.request("ping")["code"] == 200
+        yield client
+
+
+# Servers a test controls ------------------------------------------------------------
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, as a subprocess the test can stop."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.answers, 10, f"redis-server on port {self.port}")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class TcpProxy:
+    """A TCP forwarder from a free local port to ``target``, run on its own event loop in a
+    thread. :meth:`cut` closes the listener and every connection through it (clients see
+    their connections die and new ones refused); :meth:`restore` listens again on the same
+    port. ``upstream_bytes`` counts what clients sent on to the target; setting
+    ``upstream_rate`` (bytes per second) slows that direction down, so a test can act while
+    a large write is still on the wire."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.upstream_bytes = 0
+        self.upstream_rate: float | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.transports: set[asyncio.BaseTransport] = set()
+        self.thread.start()
+        self.restore()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def restore(self) -> None:
+        async def listen() -> None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+        self._run(listen())
+
+    def cut(self) -> None:
+        async def close() -> None:
+            if self.server is not None:
+                self.server.close()
+            for transport in list(self.transports):
+                transport.abort()
+            self.transports.clear()
+            if self.server is not None:
+                await self.server.wait_closed()
+                self.server = None
+
+        self._run(close())
+
+    def close(self) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.transports.add(writer.transport)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            self.transports.discard(writer.transport)
+            return
+        self.transports.add(up_writer.transport)
+        await asyncio.gather(
+            self._pipe(reader, up_writer, upstream=True),
+            self._pipe(up_reader, writer, upstream=False),
+        )
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        try:
+            while data := await reader.read(4096 if upstream and self.upstream_rate else 65536):
+                writer.write(data)
+                await writer.drain()
+                if upstream:
+                    self.upstream_bytes += len(data)
+                    if self.upstream_rate:
+                        await asyncio.sleep(len(data) / self.upstream_rate)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+            self.transports.discard(writer.transport)
+
+
+class MysqlDatabase:
+    """A throw-away database on the test server (``MYSQL_URL``), created now and dropped by
+    :meth:`drop`; pytest.skip if the server does not answer. ``url(port)`` is its
+    ``storage.url``, optionally through another port (a :class:`TcpProxy`)."""
+
+    def __init__(self) -> None:
+        parts = urlsplit(MYSQL_URL)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 3306
+        self.user = parts.username or "root"
+        self.password = parts.password or ""
+        self.name = f"pmq_test_{secrets.token_hex(6)}"
+        try:
+            self.conn = pymysql.connect(
+                host=self.host, port=self.port, user=self.user, password=self.password,
+                connect_timeout=2, autocommit=True,
+            )
+        except pymysql.MySQLError as exc:
+            pytest.skip(f"MariaDB not reachable at {self.host}:{self.port}: {exc}")
+        self.query(f"CREATE DATABASE `{self.name}` CHARACTER SET utf8mb4")
+        self.query(f"USE `{self.name}`")
+
+    def url(self, port: int | None = None) -> str:
+        auth = self.user + (f":{self.password}" if self.password else "")
+        return f"mysql://{auth}@{self.host}:{port or self.port}/{self.name}"
+
+    def query(self, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        """Run one statement in autocommit, so each read sees every committed write."""
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def message_ids(self, shards: int) -> list[int]:
+        """Every stored message id over ``pmq_msg_0..shards-1`` (repeats kept); [] while the
+        tables do not exist yet."""
+        try:
+            return [
+                int(row[0])
+                for n in range(shards)
+                for row in self.query(f"SELECT id FROM pmq_msg_{n}")
+            ]
+        except pymysql.err.ProgrammingError:
+            return []
+
+    def drop(self) -> None:
+        with contextlib.suppress(pymysql.MySQLError):
+            self.query(f"DROP DATABASE IF EXISTS `{self.name}`")
+        self.conn.close()

@@ -173,6 +173,17 @@ def test_ack_many_ids(engine: tuple[Store, Query]) -> None:
     assert [m.id for m in store.unacked(1)] == [1201]
 
 
+def test_existing(engine: tuple[Store, Query]) -> None:
+    store, _ = engine
+    store.write_messages([msg(i, uid=3) for i in (1, 2, 3)] + [msg(7, uid=7)])
+    store.ack(3, [2])
+    assert store.existing(3, [1, 2, 3, 7, 999, 1]) == {1, 2, 3}  # acked rows count too
+    assert store.existing(7, [1, 7]) == {7}  # same shard, only the user's own
+    assert store.existing(3, []) == set()
+    store.write_messages([msg(i, uid=5) for i in range(100, 1300)])
+    assert store.existing(5, range(50, 1350)) == set(range(100, 1300))  # several chunks
+
+
 def test_delete_before(engine: tuple[Store, Query], monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = engine
     monkeypatch.setattr("pmq.store.base.DELETE_CHUNK", 3)  # force several chunks per shard

@@ -13,22 +13,13 @@ import logging
 import time
 from typing import Any
 
-from pmq.broadcast import ALL
+from pmq.broadcast import ALL, decode_fanout
 from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.unread import UnreadPusher
 
 log = logging.getLogger(__name__)
 
 CHUNK = 500
-
-
-def encode_fanout(group: str, frame: bytes) -> bytes:
-    return group.encode() + b"\n" + frame
-
-
-def decode_fanout(message: bytes) -> tuple[str, bytes]:
-    group, _, frame = message.partition(b"\n")
-    return group.decode(), frame
 
 
 class Fanout:

@@ -48,6 +48,26 @@ class StoredMessage:
     ts: int
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredBroadcast:
+    """One broadcast as stored: ``body`` is JSON text, ``ts`` unix milliseconds."""
+
+    id: int
+    group: str
+    kind: str
+    body: str
+    ts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LastRead:
+    """When a user last cleared the unread count of a kind (the seed's REPLACE INTO row)."""
+
+    uid: int
+    kind: str
+    ts: int
+
+
 class Cursor(Protocol):
     """The part of a DB-API cursor the shared SQL uses."""
 
@@ -66,6 +86,7 @@ class Store(abc.ABC):
     engine: ClassVar[str]  # "sqlite" or "mysql", for error messages
     placeholder: ClassVar[str]  # "?" or "%s"
     insert_ignore: ClassVar[str]  # "INSERT OR IGNORE" or "INSERT IGNORE"
+    replace_into: ClassVar[str]  # "INSERT OR REPLACE" or "REPLACE"
 
     def __init__(self, shards: int) -> None:
         self.shards = shards
@@ -151,6 +172,41 @@ class Store(abc.ABC):
                     inserted += cur.rowcount
         return inserted
 
+    def write_broadcasts(self, rows: Sequence[StoredBroadcast]) -> int:
+        """Insert broadcasts, skipping ids already stored; returns rows newly inserted."""
+        if not rows:
+            return 0
+        p = self.placeholder
+        values = ", ".join([f"({p}, {p}, {p}, {p}, {p})"] * len(rows))
+        with self._session("write_broadcasts", write=True) as cur:
+            cur.execute(
+                f"{self.insert_ignore} INTO pmq_broadcast (id, grp, kind, body, ts) "
+                f"VALUES {values}",
+                [v for r in rows for v in (r.id, r.group, r.kind, r.body, r.ts)],
+            )
+            return cur.rowcount
+
+    def set_last_reads(self, rows: Sequence[LastRead]) -> None:
+        """Record last-read times (one row per user and kind; a later write replaces it)."""
+        if not rows:
+            return
+        p = self.placeholder
+        with self._session("set_last_reads", write=True) as cur:
+            for row in rows:
+                cur.execute(
+                    f"{self.replace_into} INTO pmq_last_read (uid, kind, ts) "
+                    f"VALUES ({p}, {p}, {p})",
+                    (row.uid, row.kind, row.ts),
+                )
+
+    def last_read(self, uid: int, kind: str) -> int | None:
+        """The stored last-read time of ``uid`` for ``kind``, None when never cleared."""
+        p = self.placeholder
+        with self._session("last_read", write=False) as cur:
+            cur.execute(f"SELECT ts FROM pmq_last_read WHERE uid = {p} AND kind = {p}", (uid, kind))
+            found = cur.fetchall()
+        return int(found[0][0]) if found else None
+
     def unacked(self, uid: int, after_id: int = 0, limit: int = 200) -> list[StoredMessage]:
         """``uid``'s unacked messages with ids above ``after_id``, at most ``limit``, in id
         order. Page by passing the last id returned as the next ``after_id``."""
@@ -182,6 +238,25 @@ class Store(abc.ABC):
                 )
                 acked += cur.rowcount
         return acked
+
+    def existing(self, uid: int, ids: Iterable[int]) -> set[int]:
+        """Which of ``ids`` are stored as ``uid``'s messages, acked or not; ids of other users
+        and unknown ids are left out. The sweep asks this before a message leaves Redis."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return set()
+        p = self.placeholder
+        found: set[int] = set()
+        with self._session("existing", write=False) as cur:
+            for start in range(0, len(wanted), ACK_CHUNK):
+                chunk = wanted[start : start + ACK_CHUNK]
+                marks = ", ".join([p] * len(chunk))
+                cur.execute(
+                    f"SELECT id FROM {self.table(uid)} WHERE uid = {p} AND id IN ({marks})",
+                    (uid, *chunk),
+                )
+                found.update(int(row[0]) for row in cur.fetchall())
+        return found
 
     def delete_before(self, ts_ms: int) -> int:
         """Delete every message (acked or not) with ``ts`` below ``ts_ms`` from every shard,

@@ -46,6 +46,7 @@ class MysqlStore(Store):
     engine = "mysql"
     placeholder = "%s"
     insert_ignore = "INSERT IGNORE"
+    replace_into = "REPLACE"
 
     def __init__(self, target: MysqlTarget, shards: int, pool_size: int) -> None:
         super().__init__(shards)

@@ -26,6 +26,7 @@ class SqliteStore(Store):
     engine = "sqlite"
     placeholder = "?"
     insert_ignore = "INSERT OR IGNORE"
+    replace_into = "INSERT OR REPLACE"
 
     def __init__(self, path: Path, shards: int) -> None:
         super().__init__(shards)
@@ -136,8 +137,7 @@ class SqliteStore(Store):
     def _delete_chunk(self, table: str, limit: int) -> str:
         # DELETE ... LIMIT needs a compile-time option most builds lack; go through the rowid.
         return (
-            f"DELETE FROM {table} WHERE id IN "
-            f"(SELECT id FROM {table} WHERE ts < ? LIMIT {limit})"
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT {limit})"
         )
 
     def ping(self) -> None:

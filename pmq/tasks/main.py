@@ -1,24 +1,38 @@
 """The task worker: runs jobs that need the SQL store, on a thread pool beside one loop.
 
-Clients (Redis, the store's pool) are created here, after fork.
+Jobs: the storage writer (pmq.tasks.writer) drains the storage queue into the store; the
+broadcast fan-out (pmq.tasks.fanout) publishes each broadcast once to every socket worker
+and stores it; the sweeper (pmq.tasks.sweep) moves stored messages out of Redis and applies
+retention, on one task worker of the cluster at a time. Clients (Redis, the store's pool)
+are created here,
+after fork.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pmq import redisconn
 from pmq.config import Config
 from pmq.keys import Keys
 from pmq.store import open_store
+from pmq.tasks.fanout import BroadcastFanout
+from pmq.tasks.sweep import Sweeper
+from pmq.tasks.writer import StorageWriter
 from pmq.workers.base import BootError, Worker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Seconds of the graceful deadline kept for closing clients after the writer's drain.
+CLOSE_MARGIN = 1.0
 
 
 class TaskWorker(Worker):
@@ -27,23 +41,83 @@ class TaskWorker(Worker):
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         super().__init__(config, index, status_fd, ppid)
         self.keys = Keys(config.redis.prefix)
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pmq-task")
+        # One thread per job that calls the store (writer, sweeper, ...), so a slow retention
+        # delete never holds up the writer.
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-task")
         self.jobs: list[asyncio.Task[Any]] = []
+        self.writer: StorageWriter | None = None
+        self.sweeper: Sweeper | None = None
+        self.sweeper_job: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.redis = aioredis.Redis.from_url(self.config.redis.url)
+        self.redis = redisconn.connect(self.config.redis)
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {self.config.redis.url}: {exc}") from exc
         self.store = open_store(self.config.storage)
+        owner = f"{self.config.server.node}:{self.index}"  # stable across respawns of the slot
+        inbox = self.config.inbox
+        self.writer = StorageWriter(self.redis, self.keys, self.store, owner, self.in_thread)
+        self.sweeper = Sweeper(
+            self.redis,
+            self.keys,
+            self.store,
+            self.in_thread,
+            hot_seconds=inbox.hot_seconds,
+            retention_seconds=inbox.retention_seconds,
+            interval=inbox.sweep_seconds,
+            owner=owner,
+        )
+        self.fanout = BroadcastFanout(self.redis, self.keys, self.store, owner, self.in_thread)
+        self.sweeper_job = asyncio.create_task(self.sweeper.run(), name="sweeper")
+        self.jobs += [
+            asyncio.create_task(self.writer.run(), name="storage-writer"),
+            asyncio.create_task(self.fanout.run(), name="broadcast-fanout"),
+            self.sweeper_job,
+        ]
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking store work on this worker's thread pool, never on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+    def stats(self) -> dict[str, Any]:
+        return self.writer.stats() if self.writer else {}
 
     async def shutdown(self, fast: bool) -> None:
+        """Stop the sweeper (a sweep is idempotent: cut it anywhere) and hand its lock over;
+        on a graceful stop let the writer finish its batch within the deadline (a fast stop
+        cancels it: the taken list keeps the batch for the slot's next start); then cancel
+        what remains and close the clients."""
+        left = 0
+        if self.sweeper_job is not None and self.sweeper is not None:
+            self.sweeper_job.cancel()
+            await asyncio.gather(self.sweeper_job, return_exceptions=True)
+            try:
+                await self.sweeper.release()
+            except (RedisError, OSError) as exc:
+                log.warning("%s: could not release the sweep lock: %s", self.title, exc)
+        if self.writer is not None and not fast:
+            timeout = max(0.1, self.config.server.graceful_timeout - CLOSE_MARGIN)
+            try:
+                left = await self.writer.drain(timeout)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: storage writer drain failed: %s", self.title, exc)
+                left = -1
+            if left:
+                log.warning(
+                    "%s: %s storage items stay taken for this slot's next start",
+                    self.title,
+                    "some" if left < 0 else left,
+                )
         for job in self.jobs:
             job.cancel()
         await asyncio.gather(*self.jobs, return_exceptions=True)
         await self.redis.aclose()
-        self.executor.shutdown(wait=not fast, cancel_futures=fast)
+        # A store call still running in a thread (a retention delete, a write cut off by the
+        # deadline) is not waited for: the sweep is idempotent and an unfinished batch is
+        # still in Redis. Closing the store makes such a call fail or end on its own.
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
 

@@ -1,0 +1,207 @@
+"""The inbox sweep: keeps Redis memory bounded by letting stored messages leave it (SPEC 4).
+
+Every ``interval`` seconds one task worker of the whole cluster (the holder of a Redis lock)
+looks at the users whose oldest hot message is older than ``hot_seconds``
+(``keys.inbox_index()``). Of those messages, the ones the store confirms it holds leave the
+user's hot inbox and ``keys.cold(uid)`` is set, so replay reads them from storage; the ones
+the storage writer has not written yet stay hot until a later sweep. Then retention: rows
+older than ``retention_seconds`` are deleted from storage, and hot entries that old are
+dropped from Redis whether stored or not (storage no longer keeps them either).
+
+Removing messages, setting the cold flag and updating the index is one Lua call per user,
+so a message is always either hot or flagged cold, and a message published meanwhile never
+loses its index entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pmq.errors import StorageError
+from pmq.keys import Keys
+from pmq.protocol import is_uid
+from pmq.store import Store
+from pmq.tasks.writer import InThread, raise_if_cancelled
+
+log = logging.getLogger(__name__)
+
+PAGE = 500  # users read from the index per call
+USER_CHUNK = 1000  # messages of one user moved per Lua call (Lua's unpack() has a limit)
+PASS_BUDGET = 1.0  # seconds one sweep spends on the hot -> cold pass; the next one goes on
+
+# KEYS: lock; ARGV: owner, ttl. Takes the lock, or renews it when the caller holds it: the
+# holder stays the sweeper (one sweep per interval in the cluster) until it stops renewing.
+LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+"""
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: inbox, bodies, cold, index; ARGV: uid, cold_ttl, cold mark ('0': leave the flag), ids...
+# The mark is new on every sweep, so a reader that saw storage empty deletes the flag only
+# if no sweep set it again meanwhile (see the socket worker's cold_messages).
+# Removes ids from the hot inbox, flags the user cold if asked, and points the index at the
+# new oldest hot message (or drops the user from it). Returns that message's ms, or -1.
+EVICT = """
+if #ARGV > 3 then
+    redis.call('ZREM', KEYS[1], unpack(ARGV, 4))
+    redis.call('HDEL', KEYS[2], unpack(ARGV, 4))
+end
+if ARGV[3] ~= '0' then
+    redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[2]))
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #oldest == 0 then
+    redis.call('ZREM', KEYS[4], ARGV[1])
+    return -1
+end
+redis.call('ZADD', KEYS[4], oldest[2], ARGV[1])
+return tonumber(oldest[2])
+"""
+
+Counts = dict[str, int]
+
+
+class Sweeper:
+    """Sweeps inboxes every ``interval`` seconds while it holds the cluster's sweep lock
+    (module docstring). ``owner`` names this worker slot in the lock; ``in_thread(func,
+    *args)`` runs blocking store calls off the event loop. Counters ``sweeps`` and ``moved``
+    are for stats."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        store: Store,
+        in_thread: InThread,
+        hot_seconds: int,
+        retention_seconds: int,
+        interval: float,
+        owner: str,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.store = store
+        self.in_thread = in_thread
+        self.hot_ms = hot_seconds * 1000
+        self.retention_seconds = retention_seconds
+        self.interval = interval
+        self.owner = owner
+        # Twice the interval: a holder that misses one sweep keeps the lock; a dead one
+        # hands it over within two intervals.
+        self.lock_ttl = max(1, math.ceil(interval * 2))
+        self._lock = redis.register_script(LOCK)
+        self._unlock = redis.register_script(UNLOCK)
+        self._evict = redis.register_script(EVICT)
+        self.sweeps = self.moved = 0
+
+    async def run(self) -> None:
+        """Sweep now and every ``interval`` seconds until cancelled. A failed sweep is
+        logged and the next one runs on time: this is the task's outer boundary."""
+        while True:
+            try:
+                counts = await self.sweep_once()
+                if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
+                    log.info("inbox sweep: %s", counts)
+            except (StorageError, RedisError, OSError) as exc:
+                log.warning("inbox sweep failed, retrying in %.0fs: %s", self.interval, exc)
+            except Exception:
+                log.exception("inbox sweep failed, retrying in %.0fs", self.interval)
+            raise_if_cancelled()
+            await asyncio.sleep(self.interval)
+
+    async def release(self) -> None:
+        """Give up the sweep lock if this sweeper holds it, so another takes over at once."""
+        await self._unlock(keys=[self.keys.sweep_lock()], args=[self.owner])
+
+    async def sweep_once(self, now_ms: int | None = None) -> Counts:
+        """One sweep if this sweeper gets the lock. Returns counts: ``ran`` (0 when another
+        worker holds the lock, and then nothing else), ``users`` looked at, messages
+        ``moved`` to storage only, ``kept`` hot because storage does not hold them yet,
+        hot entries ``expired`` past retention, and storage rows ``deleted``. ``now_ms``
+        (unix ms, default the clock) is for tests."""
+        if not await self._lock(keys=[self.keys.sweep_lock()], args=[self.owner, self.lock_ttl]):
+            return {"ran": 0}
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        counts: Counts = {"ran": 1, "users": 0, "moved": 0, "kept": 0, "expired": 0}
+        await self._sweep_hot(now, counts)
+        before = now - self.retention_seconds * 1000
+        counts["deleted"] = await self.in_thread(self.store.delete_before, before)
+        self.sweeps += 1
+        self.moved += counts["moved"]
+        return counts
+
+    async def _sweep_hot(self, now: int, counts: Counts) -> None:
+        """Visit the users with hot messages past the hot or retention cutoff, oldest first,
+        within PASS_BUDGET seconds."""
+        upper = now - min(self.hot_ms, self.retention_seconds * 1000)
+        deadline = time.monotonic() + PASS_BUDGET
+        visited: set[bytes] = set()
+        offset = 0  # users of the range that stay in it: the next page starts after them
+        while time.monotonic() < deadline:
+            page = cast(
+                list[bytes],
+                await self.redis.zrangebyscore(
+                    self.keys.inbox_index(), "-inf", upper, start=offset, num=PAGE
+                ),
+            )
+            fresh = [uid for uid in page if uid not in visited]
+            if not fresh:
+                break
+            for uid in fresh:
+                visited.add(uid)
+                oldest = await self._sweep_user(uid.decode(), now, deadline, counts)
+                if 0 <= oldest <= upper:
+                    offset += 1
+                if time.monotonic() >= deadline:
+                    break
+        counts["users"] = len(visited)
+
+    async def _sweep_user(self, uid: str, now: int, deadline: float, counts: Counts) -> int:
+        """Move the user's old stored messages out of Redis and drop the expired ones,
+        USER_CHUNK at a time. Returns the new oldest hot message's ms, or -1 if none."""
+        hot_cutoff = now - self.hot_ms
+        expire_before = now - self.retention_seconds * 1000
+        upper = max(hot_cutoff, expire_before)
+        keys = [
+            self.keys.inbox(uid),
+            self.keys.inbox_bodies(uid),
+            self.keys.cold(uid),
+            self.keys.inbox_index(),
+        ]
+        while True:
+            entries = cast(
+                list[tuple[bytes, float]],
+                await self.redis.zrangebyscore(
+                    keys[0], "-inf", upper, start=0, num=USER_CHUNK, withscores=True
+                ),
+            )
+            expired = [m for m, score in entries if score < expire_before]
+            young = [int(m) for m, score in entries if expire_before <= score <= hot_cutoff]
+            confirmed: set[int] = set()
+            if young and is_uid(uid):
+                confirmed = await self.in_thread(self.store.existing, int(uid), young)
+            remove: list[bytes | str] = [*expired, *map(str, confirmed)]
+            args: list[bytes | str | int] = [
+                uid,
+                self.retention_seconds,
+                str(time.time_ns()) if confirmed else "0",
+                *remove,
+            ]
+            oldest = int(await self._evict(keys=keys, args=args))
+            counts["moved"] += len(confirmed)
+            counts["expired"] += len(expired)
+            if len(entries) < USER_CHUNK or not remove or time.monotonic() >= deadline:
+                counts["kept"] += len(young) - len(confirmed)
+                return oldest

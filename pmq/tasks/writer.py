@@ -1,0 +1,334 @@
+"""The storage writer: moves the operations PUBLISH and ACK queue into the SQL store.
+
+It is a reliable-queue consumer (the Redis LMOVE pattern). A batch is first moved atomically
+from ``keys.store_queue()`` into this writer's own list ``keys.store_taken(owner)``, written,
+and only then is the taken list deleted. A worker killed mid-batch leaves its batch in the
+taken list and the next worker of the same slot (same ``owner``) writes it first thing; a
+worker stopped gracefully hands what it could not write back to the queue. Store writes are
+idempotent by id, so writing an item twice never duplicates a row.
+
+While the store fails, the writer retries the same batch with back-off and the queue simply
+grows; nothing is dropped except malformed items, which would otherwise block the queue.
+
+Within a batch, messages are written before acks. Several writers drain one queue, though,
+so an ack can reach the store before another writer's batch holding its message commits;
+such acks are retried a few times (ACK_RETRY_DELAYS) before giving up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pmq.errors import StorageError
+from pmq.keys import Keys
+from pmq.protocol import is_kind, is_uid
+from pmq.store import Store, StoredMessage
+from pmq.store.base import LastRead
+
+log = logging.getLogger(__name__)
+
+TAKE_TIMEOUT = 1  # seconds BLMOVE waits for the first item of a batch
+RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
+RETRY_MAX = 5.0
+ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
+MAX_DEFERRED_ACKS = 10_000  # ack items held for retry; beyond this they are dropped
+
+# KEYS: queue, taken; ARGV: batch. Tops the taken list up to ``batch`` items from the head
+# of the queue and returns the whole taken list, leftovers of a failed attempt included.
+TOP_UP = """
+local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
+if want > 0 then
+    local items = redis.call('LRANGE', KEYS[1], 0, want - 1)
+    if #items > 0 then
+        redis.call('LTRIM', KEYS[1], #items, -1)
+        redis.call('RPUSH', KEYS[2], unpack(items))
+    end
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+# KEYS: taken, queue. Moves the taken list back to the head of the queue, keeping its order;
+# returns how many items moved.
+GIVE_BACK = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do
+    redis.call('LPUSH', KEYS[2], items[i])
+end
+redis.call('DEL', KEYS[1])
+return #items
+"""
+
+InThread = Callable[..., Awaitable[Any]]
+Ack = tuple[int, list[int]]
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the current task was asked to stop but is still running.
+
+    redis-py (8.1 on Python 3.11) can swallow a cancellation that lands while it opens a new
+    connection; the command then goes on as if nothing happened. Loops call this at each
+    turn so such a task still stops, one turn late."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """Queue items parsed for the store: rows to insert, then acks as (uid, ids)."""
+
+    rows: list[StoredMessage] = dataclasses.field(default_factory=list)
+    acks: list[Ack] = dataclasses.field(default_factory=list)
+    last_reads: list[LastRead] = dataclasses.field(default_factory=list)
+    malformed: int = 0
+
+
+def parse_item(raw: bytes) -> StoredMessage | Ack | LastRead:
+    """One queue item as a row or an ack; ValueError when it is not one PMQ wrote."""
+    item = orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
+    op = item.get("op") if isinstance(item, dict) else None
+    if op == "msg" and isinstance(item.get("msg"), dict):
+        m = item["msg"]
+        sender = m.get("from")
+        ts = m.get("ts")
+        if (
+            is_uid(m.get("id"))
+            and is_uid(m.get("to"))
+            and is_kind(m.get("kind"))
+            and (sender is None or is_uid(sender))
+            and isinstance(ts, int)
+            and not isinstance(ts, bool)
+            and "body" in m
+        ):
+            return StoredMessage(
+                id=int(m["id"]),
+                uid=int(m["to"]),
+                kind=m["kind"],
+                from_uid=None if sender is None else int(sender),
+                body=orjson.dumps(m["body"]).decode(),
+                ts=ts,
+            )
+    elif op == "ack":
+        ids = item.get("ids")
+        if is_uid(item.get("uid")) and isinstance(ids, list) and all(map(is_uid, ids)):
+            return int(item["uid"]), [int(i) for i in ids]
+    elif op == "last_read":
+        ts = item.get("ts")
+        if is_uid(item.get("uid")) and is_kind(item.get("kind")) and isinstance(ts, int):
+            return LastRead(int(item["uid"]), item["kind"], ts)
+    raise ValueError(f"not a storage operation: {raw[:200]!r}")
+
+
+def parse_batch(items: Sequence[bytes]) -> Batch:
+    """Parse every item, logging and counting (not raising for) the malformed ones."""
+    batch = Batch()
+    for raw in items:
+        try:
+            parsed = parse_item(raw)
+        except ValueError as exc:
+            log.error("storage writer: dropping malformed queue item: %s", exc)
+            batch.malformed += 1
+            continue
+        if isinstance(parsed, StoredMessage):
+            batch.rows.append(parsed)
+        elif isinstance(parsed, LastRead):
+            batch.last_reads.append(parsed)
+        elif parsed[1]:
+            batch.acks.append(parsed)
+    return batch
+
+
+@dataclasses.dataclass(slots=True)
+class _DeferredAck:
+    uid: int
+    ids: list[int]
+    attempt: int  # index into ACK_RETRY_DELAYS of the next retry
+    due: float  # time.monotonic() of the next retry
+
+
+class StorageWriter:
+    """Drains the storage queue into ``store``, ``batch`` items at a time (module docstring).
+
+    ``owner`` ("NODE:INDEX") names the taken list and must stay the same across respawns of
+    one worker slot and differ between slots. ``in_thread(func, *args)`` runs blocking store
+    calls off the event loop. Counters ``written`` (rows newly inserted), ``acked`` (rows
+    newly marked acked), ``batches``, ``errors`` (failed store attempts), ``malformed`` and
+    ``dropped_acks`` (acks past MAX_DEFERRED_ACKS) are for stats.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        store: Store,
+        owner: str,
+        in_thread: InThread,
+        batch: int = 500,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.in_thread = in_thread
+        self.batch = batch
+        self.queue = keys.store_queue()
+        self.taken = keys.store_taken(owner)
+        self._top_up = redis.register_script(TOP_UP)
+        self._give_back = redis.register_script(GIVE_BACK)
+        self.written = self.acked = self.batches = self.errors = self.malformed = 0
+        self.dropped_acks = 0
+        self._deferred: list[_DeferredAck] = []
+        self._leftover = True  # the taken list may hold a batch: write it before taking more
+        self._busy = False  # a batch is being written; drain lets it finish
+        self._stopping = False
+        self._outage = False  # logged the current storage outage already
+        self._task: asyncio.Task[None] | None = None
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "acked": self.acked, "errors": self.errors}
+
+    @property
+    def deferred(self) -> int:
+        """Ack items waiting for a retry because their message was not stored yet."""
+        return len(self._deferred)
+
+    async def run(self) -> None:
+        """Write batches until cancelled or drained. Errors other than the store's (Redis
+        down, a bug) are logged and retried after a pause: this is a task's outer boundary."""
+        self._task = asyncio.current_task()
+        delay = RETRY_FIRST
+        while not self._stopping:
+            raise_if_cancelled()
+            try:
+                await self._retry_deferred()
+                await self._cycle()
+                delay = RETRY_FIRST
+            except Exception as exc:
+                self._leftover = True  # whatever was taken is still in the taken list
+                self._busy = False
+                log.error(
+                    "storage writer %s: %s; retrying in %.1fs",
+                    self.taken,
+                    exc,
+                    delay,
+                    exc_info=not isinstance(exc, RedisError | OSError),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop taking batches and let the one in progress finish within ``timeout`` seconds
+        (cancelling it after). What is still taken then goes back to the head of the queue,
+        in order, for any writer (writes are idempotent, so even a batch whose write was cut
+        off mid-way is safe to hand over), and deferred acks go to its tail. Returns the
+        number of items left in this writer's taken list (0 unless Redis failed)."""
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            if not self._busy:
+                task.cancel()  # waiting on the queue: nothing to finish
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        returned = int(await self._give_back(keys=[self.taken, self.queue]))
+        if returned:
+            log.warning("storage writer: put %d unwritten items back on the queue", returned)
+        if self._deferred:
+            ops = [
+                orjson.dumps({"op": "ack", "uid": str(d.uid), "ids": [str(i) for i in d.ids]})
+                for d in self._deferred
+            ]
+            await self.redis.rpush(self.queue, *ops)
+            self._deferred.clear()
+        return int(await self.redis.llen(self.taken))
+
+    async def _cycle(self) -> None:
+        """Take one batch (waiting up to TAKE_TIMEOUT for its first item), write it, and
+        delete the taken list."""
+        if not self._leftover:
+            first = await self.redis.blmove(self.queue, self.taken, TAKE_TIMEOUT, "LEFT", "RIGHT")
+            if first is None:
+                return
+        self._busy = True
+        items: list[bytes] = await self._top_up(keys=[self.queue, self.taken], args=[self.batch])
+        self._leftover = False
+        if not items:
+            self._busy = False
+            return
+        batch = parse_batch(items)
+        self.malformed += batch.malformed
+        await self._store(batch)
+        await self.redis.delete(self.taken)
+        self.batches += 1
+        self._busy = False
+
+    async def _store(self, batch: Batch) -> None:
+        """Write ``batch`` (rows, then acks in queue order, then last-read times), retrying
+        with back-off until the store takes it. A step that succeeded is not repeated."""
+        rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
+        delay = RETRY_FIRST
+        failures = 0
+        while True:
+            try:
+                if rows:
+                    self.written += await self.in_thread(self.store.write_messages, rows)
+                    rows = []
+                while acks:
+                    await self._ack(*acks[-1])
+                    acks.pop()
+                if last_reads:
+                    await self.in_thread(self.store.set_last_reads, last_reads)
+                    last_reads = []
+                break
+            except StorageError as exc:
+                self.errors += 1
+                failures += 1
+                if not self._outage:  # once per outage: a line per retry would be noise
+                    self._outage = True
+                    log.warning("storage writer: store failed, holding the queue: %s", exc)
+                raise_if_cancelled()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        if self._outage:
+            self._outage = False
+            log.warning("storage writer: store is back after %d failed attempts", failures)
+
+    async def _ack(self, uid: int, ids: list[int], attempt: int = 0) -> None:
+        """Mark ``ids`` acked; those with no row yet are deferred (module docstring)."""
+        count = await self.in_thread(self.store.ack, uid, ids)
+        self.acked += count
+        if count >= len(set(ids)):
+            return
+        # Short: some were acked already (fine) or are not stored yet (their message may be
+        # in another writer's batch, or was never a stored message, e.g. a broadcast).
+        missing = sorted(set(ids) - await self.in_thread(self.store.existing, uid, ids))
+        if not missing or attempt >= len(ACK_RETRY_DELAYS):
+            return
+        if len(self._deferred) >= MAX_DEFERRED_ACKS:
+            self.dropped_acks += 1
+            if self.dropped_acks == 1:  # the first says it; stats count the rest
+                log.warning("storage writer: %d acks deferred, dropping more", MAX_DEFERRED_ACKS)
+            return
+        due = time.monotonic() + ACK_RETRY_DELAYS[attempt]
+        self._deferred.append(_DeferredAck(uid, missing, attempt + 1, due))
+
+    async def _retry_deferred(self) -> None:
+        """Retry the deferred acks that are due. Each leaves the list only once retried (a
+        retry still short defers a new entry), so neither a failing store nor a drain
+        cancelling this loses one."""
+        now = time.monotonic()
+        for item in [d for d in self._deferred if d.due <= now]:
+            try:
+                await self._ack(item.uid, item.ids, item.attempt)
+            except StorageError:
+                item.due = now + ACK_RETRY_DELAYS[0]
+                continue
+            self._deferred.remove(item)

@@ -1,0 +1,225 @@
+"""End-to-end: broadcasts to everyone and to groups (SPEC 4, 5; issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.helpers import Ingest, Node, wait_for, ws_client
+
+pytestmark = pytest.mark.e2e
+
+
+def broadcast(node: Node, body: dict[str, Any], group: str = "all", **extra: Any) -> tuple[int, Any]:
+    ingest = Ingest(node)
+    try:
+        return ingest.call("POST", "/api/v1/broadcast", {"group": group, "body": body, **extra})
+    finally:
+        ingest.close()
+
+
+async def open_clients(
+    node: Node, uids: Sequence[int], groups: tuple[str, ...] = ()
+) -> list[ClientConnection]:
+    async def one(uid: int) -> ClientConnection:
+        ws = await connect(f"{node.ws_url}?token={node.token(uid, groups)}", open_timeout=10)
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello"
+        return ws
+
+    return list(await asyncio.gather(*(one(uid) for uid in uids)))
+
+
+async def next_push(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "push":
+                return frame["msg"]  # type: ignore[no-any-return]
+
+
+async def quiet(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
+    """The push frames that arrive within ``seconds``."""
+    pushes = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "push":
+                    pushes.append(frame["msg"])
+    except TimeoutError:
+        pass
+    return pushes
+
+
+def held_by_both_workers(node: Node, total: int) -> bool:
+    counts = [w.get("connections", 0) for w in node.workers("socket")]
+    return len(counts) == 2 and min(counts) > 0 and sum(counts) == total
+
+
+def test_broadcast_reaches_every_connection_on_both_workers(make_node):
+    node = make_node().start()
+
+    async def scenario() -> None:
+        clients = await open_clients(node, range(1000, 1200))
+        wait_for(lambda: held_by_both_workers(node, 200), 10, "200 clients over both workers")
+        status, reply = await asyncio.to_thread(broadcast, node, {"text": "maintenance at 2"})
+        assert status == 202
+        pushes = await asyncio.gather(*(next_push(ws) for ws in clients))
+        assert {p["id"] for p in pushes} == {reply["data"]["id"]}
+        assert all(p["kind"] == "system" and p["body"] == {"text": "maintenance at 2"}
+                   for p in pushes)
+        await asyncio.gather(*(ws.close() for ws in clients))
+
+    asyncio.run(scenario())
+
+
+def test_group_broadcast_reaches_members_only(make_node):
+    node = make_node().start()
+
+    async def scenario() -> None:
+        authors = await open_clients(node, range(2000, 2010), ("author",))
+        others = await open_clients(node, range(3000, 3010), ("reader",))
+        status, reply = await asyncio.to_thread(
+            broadcast, node, {"text": "authors only"}, "author"
+        )
+        assert status == 202
+        pushes = await asyncio.gather(*(next_push(ws) for ws in authors))
+        assert {p["id"] for p in pushes} == {reply["data"]["id"]}
+        assert pushes[0]["group"] == "author"
+        leaked = await asyncio.gather(*(quiet(ws, 0.5) for ws in others))
+        assert not any(leaked)
+        await asyncio.gather(*(ws.close() for ws in authors + others))
+
+    asyncio.run(scenario())
+
+
+def test_same_id_is_a_duplicate_and_a_different_id_is_sent(make_node):
+    node = make_node().start()
+
+    async def scenario() -> None:
+        [ws] = await open_clients(node, [4000])
+        first = await asyncio.to_thread(broadcast, node, {"text": "a"}, id="release-1")
+        again = await asyncio.to_thread(broadcast, node, {"text": "a"}, id="release-1")
+        other = await asyncio.to_thread(broadcast, node, {"text": "a"}, id="release-2")
+        assert first[0] == 202 and other[0] == 202
+        assert again[0] == 200 and again[1]["data"]["duplicate"] is True
+        assert again[1]["data"]["id"] == first[1]["data"]["id"]
+        pushes = await quiet(ws, 1.5)
+        assert sorted(p["id"] for p in pushes) == sorted(
+            [first[1]["data"]["id"], other[1]["data"]["id"]]
+        )
+        await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_same_body_without_id_is_a_duplicate_within_the_window(make_node):
+    node = make_node().start()
+    assert broadcast(node, {"text": "same"})[0] == 202
+    status, reply = broadcast(node, {"text": "same"})
+    assert status == 200 and reply["data"]["duplicate"] is True
+    assert broadcast(node, {"text": "different"})[0] == 202
+
+
+def test_offline_user_gets_it_later_with_system_unread(make_node):
+    node = make_node().start()
+    status, reply = broadcast(node, {"text": "while you were away"})
+    assert status == 202
+    with ws_client(node, 5000) as client:
+        [push] = [f["msg"] for f in client.kept if f.get("type") == "push"]
+        assert push["id"] == reply["data"]["id"]
+        assert client.request("unread.get")["data"]["system"] == 1
+        cleared = client.request("unread.clear", {"kinds": ["system"]})
+        assert cleared["data"]["cleared"] == ["system"]
+        assert client.request("unread.get")["data"]["system"] == 0
+        assert client.request("msg.ack", {"ids": [push["id"]]})["data"]["acked"] == 1
+    with ws_client(node, 5000) as client:  # acked: no replay; still pullable on demand
+        assert not [f for f in client.kept if f.get("type") == "push"]
+        pulled = client.request("msg.pull", {"kind": "system"})["data"]["messages"]
+        assert [m["id"] for m in pulled] == [reply["data"]["id"]]
+
+
+def test_seed_system_message_alias(make_node):
+    node = make_node().start()
+    with ws_client(node, 5100) as client:
+        ingest = Ingest(node)
+        status, reply = ingest.call(
+            "POST", "/api/system/message", form={"msg": json.dumps({"title": "seed"})}
+        )
+        ingest.close()
+        assert status == 202
+        push = client.next("push")["msg"]
+        assert push["id"] == reply["data"]["id"] and push["body"] == {"title": "seed"}
+
+
+def test_bad_broadcasts_name_the_field(make_node):
+    node = make_node().start()
+    ingest = Ingest(node)
+    for body, field in (
+        ({"body": {}}, "group"),
+        ({"group": "a b", "body": {}}, "group"),
+        ({"group": "all", "kind": "Sys", "body": {}}, "kind"),
+        ({"group": "all", "body": "text"}, "body"),
+        ({"group": "all", "body": {}, "id": ""}, "id"),
+    ):
+        status, reply = ingest.call("POST", "/api/v1/broadcast", body)
+        assert status == 400 and reply["msg"].startswith(field), (body, reply)
+    ingest.close()
+
+
+CLIENTS = 2000
+
+
+def raw_client(node: Node, uid: int) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads: it costs the
+    test process nothing while the node writes to it."""
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    sock.sendall(
+        f"GET /ws?token={node.token(uid)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    received = b""
+    while b'"hello"' not in received:  # hello comes after the registry entry is written
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed during the handshake"
+        received += chunk
+    return sock
+
+
+def test_worker_busy_fanning_out_still_answers_ping(make_node):
+    # The idle clients never answer pings: keep the heartbeat from closing them meanwhile.
+    node = make_node(
+        server={"max_pending": 4 * 1024 * 1024}, heartbeat={"interval": 60, "timeout": 120}
+    ).start()
+    idle = [raw_client(node, 10000 + i) for i in range(CLIENTS)]
+    wait_for(lambda: held_by_both_workers(node, CLIENTS), 20, "the clients over both workers")
+    with ws_client(node, 9999) as pinger:
+        body = {"text": "x" * 2000}
+        slowest = 0.0
+        for n in range(5):
+            assert broadcast(node, body, id=f"load-{n}")[0] == 202
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                began = time.perf_counter()
+                assert pinger.request("ping", timeout=5)["code"] == 200
+                took = time.perf_counter() - began
+                slowest = max(slowest, took)
+                time.sleep(max(0.0, 0.025 - took))  # 40 pings/s: under server.rate (50)
+        assert slowest < 0.1, f"a ping took {slowest * 1000:.0f} ms during fan-out"
+    wait_for(
+        lambda: sum(w.get("broadcast_deliveries", 0) for w in node.workers()) >= 5 * (CLIENTS + 1),
+        20, "every broadcast to reach every connection",
+    )
+    stalls = [w["fanout_max_stall_ms"] for w in node.workers()]
+    assert max(stalls) < 100, stalls
+    for sock in idle:
+        sock.close()

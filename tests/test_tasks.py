@@ -1,0 +1,561 @@
+"""The task worker's storage jobs against real Redis, SQLite and MariaDB (SPEC 4).
+
+Every test has its own Redis key prefix (its keys removed afterwards) and its own SQLite file
+or throw-away MariaDB database. Coroutines run under asyncio.run in plain test functions;
+conditions are polled with deadlines, never slept for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from pmq.config import StorageConfig
+from pmq.ids import IdGenerator
+from pmq.inbox import Inbox, Message
+from pmq.keys import Keys
+from pmq.store import Store, StoredMessage, open_store
+from pmq.tasks.sweep import Sweeper
+from pmq.tasks.writer import StorageWriter
+from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for
+
+SHARDS = 4
+OWNER = "test-node:1"
+RETENTION = 3600
+IDS = IdGenerator(4000)
+
+
+# Fixtures and helpers ------------------------------------------------------------------
+
+
+def make_store(url: str) -> Store:
+    store = open_store(StorageConfig(url=url, shards=SHARDS, pool_size=2))
+    store.init_schema()
+    return store
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store with its schema: SQLite in tmp_path, or a throw-away MariaDB database."""
+    db = MysqlDatabase() if request.param == "mysql" else None
+    made = make_store(db.url() if db else f"sqlite:///{tmp_path}/pmq.db")
+    yield made
+    made.close()
+    if db:
+        db.drop()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    made = make_store(f"sqlite:///{tmp_path}/pmq.db")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def mysql_db() -> Iterator[MysqlDatabase]:
+    db = MysqlDatabase()
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def msg_op(to: int, sender: int | None = 42, ts: int | None = None) -> tuple[int, bytes]:
+    """A new message id and its storage op, built as Inbox.publish builds it."""
+    message_id = IDS.next()
+    message = Message(
+        message_id,
+        "comment",
+        None if sender is None else str(sender),
+        str(to),
+        {"n": message_id, "text": "héllo"},
+        now_ms() if ts is None else ts,
+    )
+    return message_id, b'{"op":"msg","msg":' + orjson.dumps(message.wire()) + b"}"
+
+
+def ack_op(uid: int, ids: list[int]) -> bytes:
+    return orjson.dumps({"op": "ack", "uid": str(uid), "ids": [str(i) for i in ids]})
+
+
+def stored(message_id: int, uid: int, ts: int | None = None) -> StoredMessage:
+    ts = now_ms() if ts is None else ts
+    return StoredMessage(message_id, uid, "comment", 42, "{}", ts)
+
+
+@asynccontextmanager
+async def connect() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` (a function returning a value or an awaitable of one) until it is
+    truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def new_writer(r: aioredis.Redis, keys: Keys, store: Store, owner: str = OWNER) -> StorageWriter:
+    return StorageWriter(r, keys, store, owner, asyncio.to_thread, batch=500)
+
+
+@asynccontextmanager
+async def running(writer: StorageWriter) -> AsyncIterator[asyncio.Task[None]]:
+    """The writer running as a task, cancelled (a fast stop) on the way out."""
+    task = asyncio.create_task(writer.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def caught_up(
+    r: aioredis.Redis, keys: Keys, store: Store, rows: int, owner: str = OWNER
+) -> Callable[[], Awaitable[bool]]:
+    """True once the queue and the taken list are empty and the store holds ``rows``."""
+
+    async def check() -> bool:
+        return (
+            await r.llen(keys.store_queue()) == 0
+            and not await r.exists(keys.store_taken(owner))
+            and await asyncio.to_thread(store.count_messages) == rows
+        )
+
+    return check
+
+
+# The storage writer --------------------------------------------------------------------
+
+
+def test_writer_stores_1000_queued_messages(store: Store, keys: Keys) -> None:
+    ops = [msg_op(to=1 + n % 10, sender=None if n % 3 else 42) for n in range(1000)]
+
+    async def scenario() -> None:
+        async with connect() as r:
+            await r.rpush(keys.store_queue(), *[op for _, op in ops])
+            writer = new_writer(r, keys, store)
+            async with running(writer):
+                await until(caught_up(r, keys, store, 1000), "1,000 rows in the store")
+                await until(lambda: writer.batches == 2, "the second batch to be counted")
+            assert (writer.written, writer.batches, writer.errors) == (1000, 2, 0)
+            assert writer.stats() == {"written": 1000, "acked": 0, "errors": 0}
+
+    asyncio.run(scenario())
+    first_id = ops[0][0]
+    [row] = [m for m in store.unacked(1) if m.id == first_id]
+    assert (row.uid, row.kind, row.from_uid) == (1, "comment", 42)
+    assert orjson.loads(row.body) == {"n": first_id, "text": "héllo"}
+    assert sorted(m.id for m in store.unacked(2)) == sorted(i for i, _ in ops[1::10])
+    assert store.unacked(2)[0].from_uid is None
+
+
+def test_writer_applies_acks_after_the_messages_of_their_batch(store: Store, keys: Keys) -> None:
+    async def scenario() -> list[int]:
+        async with connect() as r:
+            inbox = Inbox(r, keys, IDS, hot_seconds=60, retention_seconds=RETENTION)
+            seven = [
+                int((await inbox.publish(["7"], "notice", None, {"n": n})).ids[0]) for n in range(3)
+            ]
+            eight = [int(i) for i in (await inbox.publish(["8"], "comment", "7", "hi")).ids]
+            await inbox.ack("7", [seven[0], seven[2]])  # queued behind the messages
+            writer = new_writer(r, keys, store)
+            async with running(writer):
+                await until(caught_up(r, keys, store, 4), "4 rows")
+                await until(lambda: writer.acked == 2, "2 acks")
+                await inbox.ack("8", eight)  # a later batch
+                await until(lambda: writer.acked == 3, "3 acks")
+            return seven
+
+    seven = asyncio.run(scenario())
+    assert [m.id for m in store.unacked(7)] == [seven[1]]
+    assert store.unacked(8) == []
+    assert store.count_messages() == 4
+
+
+def test_ack_reaching_the_store_before_its_message_is_retried(
+    sqlite_store: Store, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pmq.tasks.writer.ACK_RETRY_DELAYS", (0.05, 0.1, 0.2))
+    early, _ = msg_op(to=5)
+    never, _ = msg_op(to=5)  # e.g. a broadcast id: no row will ever come
+
+    async def scenario() -> None:
+        async with connect() as r:
+            await r.rpush(keys.store_queue(), ack_op(5, [early]), ack_op(5, [never]))
+            writer = new_writer(r, keys, sqlite_store)
+            async with running(writer):
+                await until(lambda: writer.batches == 1, "the ack batch")
+                # Another writer's batch, holding the message, commits after the ack ran.
+                await asyncio.to_thread(sqlite_store.write_messages, [stored(early, 5)])
+                await until(lambda: writer.acked == 1, "the retried ack")
+                await until(lambda: writer.deferred == 0, "giving up on never")
+            assert writer.acked == 1
+
+    asyncio.run(scenario())
+    assert sqlite_store.unacked(5) == []
+
+
+def test_taken_list_of_a_killed_predecessor_is_written_once(store: Store, keys: Keys) -> None:
+    left = [msg_op(to=3) for _ in range(300)]  # a batch taken by a writer killed with -9
+    fresh = [msg_op(to=4) for _ in range(200)]
+    # The same ids are also still on the queue (a crash between the write and the delete).
+    queued = [op for _, op in left[:100]] + [op for _, op in fresh]
+
+    async def scenario() -> StorageWriter:
+        async with connect() as r:
+            await r.rpush(keys.store_taken(OWNER), *[op for _, op in left])
+            await r.rpush(keys.store_queue(), *queued)
+            writer = new_writer(r, keys, store)
+            async with running(writer):
+                await until(caught_up(r, keys, store, 500), "500 rows")
+            return writer
+
+    writer = asyncio.run(scenario())
+    assert writer.written == 500
+    stored_ids = [m.id for uid in (3, 4) for m in store.unacked(uid, limit=1000)]
+    assert sorted(stored_ids) == sorted(i for i, _ in left + fresh)
+
+
+def test_malformed_items_are_dropped_and_the_rest_written(
+    sqlite_store: Store, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, first_op = msg_op(to=1)
+    last, last_op = msg_op(to=2)
+    good = orjson.loads(first_op)
+    bad = [
+        b"not json",
+        b"[1, 2]",
+        b'{"op": "zap"}',
+        orjson.dumps({**good, "msg": {**good["msg"], "id": "12ab"}}),
+        orjson.dumps({**good, "msg": {**good["msg"], "kind": "Not A Kind"}}),
+        orjson.dumps({"op": "msg", "msg": {k: v for k, v in good["msg"].items() if k != "body"}}),
+        orjson.dumps({"op": "ack", "uid": "1", "ids": [1.5]}),
+    ]
+
+    async def scenario() -> StorageWriter:
+        async with connect() as r:
+            await r.rpush(keys.store_queue(), first_op, *bad, last_op)
+            writer = new_writer(r, keys, sqlite_store)
+            async with running(writer):
+                await until(caught_up(r, keys, sqlite_store, 2), "the two good rows")
+            return writer
+
+    writer = asyncio.run(scenario())
+    assert writer.malformed == len(bad)
+    assert [m.id for m in sqlite_store.unacked(1)] == [first]
+    assert [m.id for m in sqlite_store.unacked(2)] == [last]
+    assert sum("malformed" in r.getMessage() for r in caplog.records) == len(bad)
+
+
+@pytest.mark.mysql
+def test_storage_outage_holds_the_queue_and_loses_nothing(
+    mysql_db: MysqlDatabase, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pmq.tasks.writer")
+    proxy = TcpProxy(mysql_db.host, mysql_db.port)
+    store = make_store(mysql_db.url(proxy.port))
+    warm_id, warm_op = msg_op(to=9)
+    ops = [msg_op(to=1 + n % 40) for n in range(1000)]
+
+    async def scenario() -> StorageWriter:
+        async with connect() as r:
+            writer = new_writer(r, keys, store)
+            async with running(writer):
+                await r.rpush(keys.store_queue(), warm_op)  # the pool now holds a connection
+                await until(caught_up(r, keys, store, 1), "the first row")
+                await asyncio.to_thread(proxy.cut)
+                await r.rpush(keys.store_queue(), *[op for _, op in ops])
+                await until(lambda: writer.errors >= 3, "failed retries")
+                assert await r.llen(keys.store_taken(OWNER)) == 500  # the batch being retried
+                assert await r.llen(keys.store_queue()) == 500  # the rest waits
+                await asyncio.to_thread(proxy.restore)
+                await until(caught_up(r, keys, store, 1001), "1,001 rows after the outage")
+            return writer
+
+    try:
+        writer = asyncio.run(scenario())
+    finally:
+        store.close()
+        proxy.close()
+    assert sorted(mysql_db.message_ids(SHARDS)) == sorted([warm_id] + [i for i, _ in ops])
+    assert writer.written == 1001
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("holding the queue" in m for m in messages) == 1, messages  # once per outage
+    assert sum("store is back" in m for m in messages) == 1, messages
+
+
+@pytest.mark.mysql
+def test_stopping_during_an_outage_keeps_or_hands_back_the_batch(
+    mysql_db: MysqlDatabase, keys: Keys
+) -> None:
+    proxy = TcpProxy(mysql_db.host, mysql_db.port)
+    store = make_store(mysql_db.url(proxy.port))
+    proxy.cut()
+    ops = [op for _, op in (msg_op(to=1 + n % 7) for n in range(1000))]
+
+    async def scenario() -> None:
+        async with connect() as r:
+            taken = keys.store_taken(OWNER)
+            await r.rpush(keys.store_queue(), *ops)
+            # A fast stop (or kill -9) mid-batch: the batch stays taken for the slot's next start.
+            writer = new_writer(r, keys, store)
+            async with running(writer):
+                await until(lambda: writer.errors >= 1, "a failed write")
+            assert await r.lrange(taken, 0, -1) == ops[:500]
+            # The next writer of the slot, stopped gracefully while the store is still down,
+            # puts the batch back at the head of the queue, in order.
+            successor = new_writer(r, keys, store)
+            task = asyncio.create_task(successor.run())
+            await until(lambda: successor.errors >= 1, "the successor's try")
+            assert await successor.drain(timeout=0.3) == 0
+            assert task.done()
+            assert not await r.exists(taken)
+            assert await r.lrange(keys.store_queue(), 0, -1) == ops
+            # Any writer then writes all of it once the store is back.
+            await asyncio.to_thread(proxy.restore)
+            other = new_writer(r, keys, store, owner="other-node:1")
+            async with running(other):
+                await until(caught_up(r, keys, store, 1000, "other-node:1"), "1,000 rows")
+            assert await other.drain(timeout=1) == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        proxy.close()
+    assert len(mysql_db.message_ids(SHARDS)) == 1000
+
+
+def test_drain_finishes_the_batch_in_progress(sqlite_store: Store, keys: Keys) -> None:
+    ops = [op for _, op in (msg_op(to=2) for _ in range(300))]
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def gated(func: Callable[..., Any], *args: Any) -> Any:
+            await gate.wait()  # holds the write until the drain has begun
+            return await asyncio.to_thread(func, *args)
+
+        async with connect() as r:
+            await r.rpush(keys.store_queue(), *ops)
+            writer = StorageWriter(r, keys, sqlite_store, OWNER, gated)
+            task = asyncio.create_task(writer.run())
+            await until(lambda: r.llen(keys.store_taken(OWNER)), "the batch to be taken")
+            drain = asyncio.create_task(writer.drain(timeout=10))
+            await asyncio.sleep(0.1)
+            assert not drain.done() and not task.done()  # waiting for the batch in progress
+            gate.set()
+            assert await drain == 0
+            assert task.done() and writer.batches == 1
+            assert not await r.exists(keys.store_queue(), keys.store_taken(OWNER))
+            assert await asyncio.to_thread(sqlite_store.count_messages) == 300
+
+    asyncio.run(scenario())
+
+
+# The sweeper ---------------------------------------------------------------------------
+
+
+def new_sweeper(r: aioredis.Redis, keys: Keys, store: Store, owner: str = "a:1") -> Sweeper:
+    return Sweeper(
+        r,
+        keys,
+        store,
+        asyncio.to_thread,
+        hot_seconds=1,
+        retention_seconds=RETENTION,
+        interval=5,
+        owner=owner,
+    )
+
+
+async def publish(inbox: Inbox, uid: str, count: int = 1) -> list[int]:
+    return [
+        int((await inbox.publish([uid], "notice", None, {"n": n})).ids[0]) for n in range(count)
+    ]
+
+
+async def backdate(r: aioredis.Redis, keys: Keys, uid: str, ids: list[int], ms: int) -> None:
+    """Make hot messages look ``ms`` old, as if published then."""
+    await r.zadd(keys.inbox(uid), {str(i): ms for i in ids}, xx=True)
+    await r.zadd(keys.inbox_index(), {uid: ms}, lt=True)
+
+
+async def hot_ids(r: aioredis.Redis, keys: Keys, uid: str) -> tuple[set[int], set[int]]:
+    """The ids in the user's hot inbox and in its bodies hash."""
+    members = await r.zrange(keys.inbox(uid), 0, -1)
+    bodies = await r.hkeys(keys.inbox_bodies(uid))
+    return {int(m) for m in members}, {int(b) for b in bodies}
+
+
+def test_sweep_moves_stored_messages_cold_and_keeps_the_rest_hot(store: Store, keys: Keys) -> None:
+    async def scenario() -> None:
+        async with connect() as r:
+            inbox = Inbox(r, keys, IDS, hot_seconds=1, retention_seconds=RETENTION)
+            m1, m2, m3, m4 = await publish(inbox, "7", 4)
+            [m5] = await publish(inbox, "8")
+            [m6] = await publish(inbox, "9")
+            old = now_ms() - 5000
+            await backdate(r, keys, "7", [m1, m2, m3], old)
+            await backdate(r, keys, "8", [m5], old)
+            await backdate(r, keys, "9", [m6], old)
+            # The writer has stored all but m3 and m6 (it lags).
+            rows = [stored(m1, 7), stored(m2, 7), stored(m4, 7), stored(m5, 8)]
+            await asyncio.to_thread(store.write_messages, rows)
+
+            sweeper = new_sweeper(r, keys, store)
+            counts = await sweeper.sweep_once()
+            assert counts == {
+                "ran": 1,
+                "users": 3,
+                "moved": 3,
+                "kept": 2,
+                "expired": 0,
+                "deleted": 0,
+            }
+            assert await hot_ids(r, keys, "7") == ({m3, m4}, {m3, m4})
+            assert 0 < await r.ttl(keys.cold("7")) <= RETENTION
+            assert await r.zscore(keys.inbox_index(), "7") == old  # m3, the oldest still hot
+            assert not await r.exists(keys.inbox("8"), keys.inbox_bodies("8"))
+            assert await r.zscore(keys.inbox_index(), "8") is None
+            assert await r.get(keys.cold("8")) == b"1"
+            assert await hot_ids(r, keys, "9") == ({m6}, {m6})  # not stored: stays hot
+            assert not await r.exists(keys.cold("9"))
+            assert await r.zscore(keys.inbox_index(), "9") == old
+
+            async def cold(uid: str, after: int, limit: int) -> list[dict[str, Any]]:
+                found = await asyncio.to_thread(store.unacked, int(uid), after, limit)
+                return [{"id": str(m.id)} for m in found]
+
+            pending = await inbox.pending("7", cold)
+            assert [int(m["id"]) for m in pending] == [m1, m2, m3, m4]  # nothing lost
+
+            await asyncio.to_thread(store.write_messages, [stored(m3, 7), stored(m6, 9)])
+            counts = await sweeper.sweep_once()
+            assert (counts["users"], counts["moved"], counts["kept"]) == (2, 2, 0)
+            assert await hot_ids(r, keys, "7") == ({m4}, {m4})
+            m4_ms = await r.zscore(keys.inbox("7"), str(m4))
+            assert await r.zscore(keys.inbox_index(), "7") == m4_ms
+            assert await r.zscore(keys.inbox_index(), "9") is None
+            assert await r.exists(keys.cold("9"))
+
+    asyncio.run(scenario())
+
+
+def test_sweep_applies_retention_to_storage_and_redis(store: Store, keys: Keys) -> None:
+    now = now_ms()
+    expired_ts = now - (RETENTION + 60) * 1000
+    old_rows = [stored(IDS.next(), 3, ts=expired_ts) for _ in range(3)]
+    new_rows = [stored(IDS.next(), 3, ts=now - 5000) for _ in range(2)]
+    store.write_messages(old_rows + new_rows)
+
+    async def scenario() -> None:
+        async with connect() as r:
+            inbox = Inbox(r, keys, IDS, hot_seconds=1, retention_seconds=RETENTION)
+            gone, kept = await publish(inbox, "5", 2)  # neither stored
+            await backdate(r, keys, "5", [kept], now - 5000)
+            await backdate(r, keys, "5", [gone], expired_ts)
+            counts = await new_sweeper(r, keys, store).sweep_once()
+            assert (counts["deleted"], counts["expired"], counts["kept"]) == (3, 1, 1)
+            assert await hot_ids(r, keys, "5") == ({kept}, {kept})
+            assert not await r.exists(keys.cold("5"))
+            assert await r.zscore(keys.inbox_index(), "5") == now - 5000
+
+    asyncio.run(scenario())
+    assert sorted(m.id for m in store.unacked(3)) == sorted(m.id for m in new_rows)
+
+
+def test_one_sweeper_of_the_cluster_holds_the_lock(sqlite_store: Store, keys: Keys) -> None:
+    async def scenario() -> None:
+        async with connect() as r:
+            a = new_sweeper(r, keys, sqlite_store, owner="a:1")
+            b = new_sweeper(r, keys, sqlite_store, owner="b:1")
+            both = await asyncio.gather(a.sweep_once(), b.sweep_once())
+            assert sorted(c["ran"] for c in both) == [0, 1]
+            holder, other = (a, b) if both[0]["ran"] else (b, a)
+            assert await r.get(keys.sweep_lock()) == holder.owner.encode()
+            assert 0 < await r.ttl(keys.sweep_lock()) <= 10  # twice the interval
+            assert (await holder.sweep_once())["ran"] == 1  # the holder renews
+            assert await other.sweep_once() == {"ran": 0}
+            await other.release()  # not the holder's: no effect
+            assert await other.sweep_once() == {"ran": 0}
+            await holder.release()
+            assert (await other.sweep_once())["ran"] == 1
+
+            task = asyncio.create_task(other.run())
+            try:
+                other.interval = 0.05
+                await until(lambda: other.sweeps >= 3, "sweeps on a timer")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+# A real node ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_task_worker_writes_sweeps_and_stops_clean(
+    make_node: Callable[..., Node], redis_client: redis.Redis
+) -> None:
+    node = make_node(inbox={"hot_seconds": 1, "sweep_seconds": 1}).start()
+    keys = Keys(node.prefix)
+
+    async def send() -> list[int]:
+        async with connect() as r:
+            return await publish(Inbox(r, keys, IDS, 1, RETENTION), "7", 20)
+
+    ids = asyncio.run(send())
+    store = open_store(StorageConfig(url=f"sqlite:///{node.tmp}/pmq.db", shards=SHARDS))
+    try:
+        wait_for(lambda: [m.id for m in store.unacked(7)] == ids, 20, "20 rows in SQLite")
+        wait_for(
+            lambda: (
+                redis_client.zcard(keys.inbox("7")) == 0 and redis_client.exists(keys.cold("7"))
+            ),
+            20,
+            "the sweep to move them out of Redis",
+        )
+        wait_for(lambda: [w.get("written") for w in node.workers("task")] == [20], 10, "task stats")
+    finally:
+        store.close()
+    node.signal(signal.SIGTERM)
+    assert node.wait_exit() == 0
+    log = node.log()
+    assert f"pmq: task worker #1 [{node.name}] stopped" in log, log
+    assert "Traceback" not in log and "shutdown passed" not in log, log
