@@ -32,6 +32,7 @@ import httpx
 import jwt
 from redis.asyncio import Redis
 
+from pmq import metrics
 from pmq.config import AuthConfig, Config
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
@@ -251,9 +252,13 @@ class HttpAuthenticator:
         cached = await self._redis.get(key)
         if cached is not None:
             try:
-                return self._from_cache(json.loads(cached))
-            except (ValueError, TypeError):
+                entry = json.loads(cached)
+            except ValueError:
                 log.warning("ignoring a corrupt auth cache entry %s", key)
+            else:
+                metrics.AUTH_CACHE.labels("hit").inc()
+                return self._from_cache(entry)
+        metrics.AUTH_CACHE.labels("miss").inc()
         try:
             identity = await self._ask(token)
         except AuthError as exc:

@@ -32,6 +32,7 @@ class ServerConfig:
     node: str = ""  # "": the host name
     pid_file: str = ""  # "": /tmp/pmq-NODE.pid
     control_socket: str = ""  # "": the pid file with .sock instead of .pid
+    metrics_dir: str = ""  # "": the pid file with .metrics instead of .pid
     graceful_timeout: float = 10.0
     worker_timeout: float = 30.0
     max_frame: int = 65536
@@ -273,11 +274,17 @@ def _resolve(config: Config) -> Config:
     node = server.node or socket.gethostname()
     pid_file = server.pid_file or f"/tmp/pmq-{node}.pid"
     control = server.control_socket or str(Path(pid_file).with_suffix(".sock"))
+    metrics_dir = server.metrics_dir or str(Path(pid_file).with_suffix(".metrics"))
     workers = server.workers or os.cpu_count() or 1
     return dataclasses.replace(
         config,
         server=dataclasses.replace(
-            server, node=node, pid_file=pid_file, control_socket=control, workers=workers
+            server,
+            node=node,
+            pid_file=pid_file,
+            control_socket=control,
+            metrics_dir=metrics_dir,
+            workers=workers,
         ),
     )
 

@@ -19,7 +19,7 @@ from pmq import __version__
 from pmq import config as configuration
 from pmq import log as logsetup
 from pmq.errors import ExitCode, NotRunning, PMQError
-from pmq.workers import pidfile
+from pmq.workers import metricsdir, pidfile
 from pmq.workers.channel import request
 
 Command = Callable[[argparse.Namespace], int]
@@ -90,9 +90,11 @@ def load(args: argparse.Namespace) -> configuration.Config:
 
 # Commands ---------------------------------------------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
+    config = load(args)
+    metricsdir.use(config.server.metrics_dir)  # before the imports below load the metrics
     from pmq.workers.master import prepare, serve
 
-    config = prepare(load(args))
+    config = prepare(config)
     if args.daemon:
         return daemonize(config, args.log_file)
     return serve(config)

@@ -113,7 +113,60 @@ class Keys:
         """LIST of operations one task worker took and has not written yet."""
         return f"{self.prefix}q:store:taken:{owner}"
 
+    def sweep_lock(self) -> str:
+        """STRING owner, with a TTL: the one task worker of the cluster that sweeps inboxes."""
+        return f"{self.prefix}lock:sweep"
+
     # Auth ---------------------------------------------------------------------------
     def auth_cache(self, token_digest: str) -> str:
         """STRING: the user centre's answer for one token (JSON), with a jittered TTL."""
         return f"{self.prefix}auth:{token_digest}"
+
+    # Customer-service chat (pmq.chat) -----------------------------------------------
+    def cs_online(self) -> str:
+        """SET of agent uids with at least one live connection (checked again on use)."""
+        return f"{self.prefix}cs:online"
+
+    def cs_load(self) -> str:
+        """HASH agent uid -> number of open sessions assigned to the agent."""
+        return f"{self.prefix}cs:load"
+
+    def cs_queue(self) -> str:
+        """LIST of session ids waiting for an agent, oldest first."""
+        return f"{self.prefix}cs:queue"
+
+    def cs_active(self) -> str:
+        """ZSET session id -> unix ms of its last activity, for every open session (idle close)."""
+        return f"{self.prefix}cs:active"
+
+    def cs_session(self, session_id: str) -> str:
+        """HASH of one session: user, agent, status, opened, active, last message, ..."""
+        return f"{self.prefix}cs:s:{session_id}"
+
+    def cs_history(self, session_id: str) -> str:
+        """ZSET message id -> unix ms: the session's newest messages, beside cs_bodies."""
+        return f"{self.prefix}cs:s:{session_id}:history"
+
+    def cs_bodies(self, session_id: str) -> str:
+        """HASH message id -> message JSON, beside cs_history(session_id)."""
+        return f"{self.prefix}cs:s:{session_id}:bodies"
+
+    def cs_user_session(self, uid: str) -> str:
+        """STRING session id: the user's one open or queued session."""
+        return f"{self.prefix}u:{uid}:cs:current"
+
+    def cs_user_sessions(self, uid: str) -> str:
+        """ZSET session id -> unix ms opened: every session of the user (history by peer)."""
+        return f"{self.prefix}u:{uid}:cs:sessions"
+
+    def cs_last_agent(self, uid: str) -> str:
+        """STRING agent uid: the agent of the user's last closed session (sticky assignment)."""
+        return f"{self.prefix}u:{uid}:cs:last-agent"
+
+    def cs_agent_sessions(self, uid: str) -> str:
+        """ZSET session id -> unix ms assigned: the open sessions of one agent."""
+        return f"{self.prefix}u:{uid}:cs:assigned"
+
+    def cs_idle_lock(self) -> str:
+        """STRING owner, with a TTL: the one socket worker of the cluster closing idle sessions."""
+        return f"{self.prefix}lock:cs-idle"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pmq import metrics
 from pmq.inbox import Accepted, Inbox
 from pmq.protocol import Kind
 from pmq.routing import OP_MESSAGE, OP_PUSH, Routes
@@ -35,9 +36,12 @@ async def publish(
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
     if accepted.duplicate:
         return accepted, 0
-    self_comment = kind == Kind.COMMENT
-    items = [
-        (OP_PUSH if self_comment and sender == to else OP_MESSAGE, to, conns, push_frame(wire))
+    metrics.MESSAGES_ACCEPTED.labels(kind).inc(len(accepted.ids))
+    comment = kind == Kind.COMMENT
+    items = [  # a comment on one's own content counts nothing: no unread change to push
+        (OP_PUSH if comment and sender == to else OP_MESSAGE, to, conns, push_frame(wire))
         for to, conns, wire in zip(recipients, accepted.connections, accepted.encoded, strict=True)
     ]
-    return accepted, await routes.send(items)
+    reached = await routes.send(items)
+    metrics.MESSAGES_DELIVERED.labels(kind).inc(reached)
+    return accepted, reached

@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq import metrics
 from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,15 @@ return #conns / 2
 """
 
 
-def encode_relay(op: str, uid: str, payload: bytes) -> bytes:
-    return f"{op} {uid}\n".encode() + payload
+def encode_relay(op: str, uid: str, payload: bytes, sent: float) -> bytes:
+    """``sent`` (unix seconds) travels along so the receiver can time the delivery."""
+    return f"{op} {uid} {sent:.6f}\n".encode() + payload
 
 
-def decode_relay(message: bytes) -> tuple[str, str, bytes]:
+def decode_relay(message: bytes) -> tuple[str, str, float, bytes]:
     head, _, payload = message.partition(b"\n")
-    op, _, uid = head.decode().partition(" ")
-    return op, uid, payload
+    op, uid, sent = head.decode().split(" ")
+    return op, uid, float(sent), payload
 
 
 class Routes:
@@ -175,6 +177,7 @@ class Routes:
         """Apply (op, uid, connections, payload) items: ours at once, others' through one
         PUBLISH per worker and item, all in one pipeline. Returns connections reached."""
         reached = 0
+        sent = time.time()
         remote: list[tuple[str, bytes, int]] = []
         for op, uid, conns, payload in items:
             per_worker: dict[str, int] = {}
@@ -183,9 +186,9 @@ class Routes:
                     per_worker[wid] = per_worker.get(wid, 0) + 1
             for wid, count in per_worker.items():
                 if wid == self.worker_id:
-                    reached += self.on_relay(op, uid, payload)
+                    reached += self.on_relay(op, uid, payload, sent)
                 else:
-                    remote.append((wid, encode_relay(op, uid, payload), count))
+                    remote.append((wid, encode_relay(op, uid, payload, sent), count))
         if remote:
             pipe = self.redis.pipeline(transaction=False)
             for wid, message, _ in remote:
@@ -194,13 +197,15 @@ class Routes:
             reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
         return reached
 
-    def on_relay(self, op: str, uid: str, payload: bytes) -> int:
+    def on_relay(self, op: str, uid: str, payload: bytes, sent: float) -> int:
         """Apply a relayed (or local) operation to this worker's connections."""
-        if op == OP_PUSH:
-            return self.local.push(uid, payload)
-        if op == OP_MESSAGE:
-            self.local.unread_changed(uid)
-            return self.local.push(uid, payload)
+        if op in (OP_PUSH, OP_MESSAGE):
+            if op == OP_MESSAGE:
+                self.local.unread_changed(uid)
+            pushed = self.local.push(uid, payload)
+            if pushed:
+                metrics.DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
+            return pushed
         if op == OP_UNREAD:
             self.local.unread_changed(uid)
             return 0
@@ -212,8 +217,8 @@ class Routes:
     def on_message(self, message: dict[str, Any]) -> None:
         """pub/sub callback for this worker's channel."""
         try:
-            op, uid, payload = decode_relay(message["data"])
+            op, uid, sent, payload = decode_relay(message["data"])
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed relay message")
             return
-        self.on_relay(op, uid, payload)
+        self.on_relay(op, uid, payload, sent)

@@ -17,7 +17,9 @@ from tests.helpers import Ingest, Node, wait_for, ws_client
 pytestmark = pytest.mark.e2e
 
 
-def broadcast(node: Node, body: dict[str, Any], group: str = "all", **extra: Any) -> tuple[int, Any]:
+def broadcast(
+    node: Node, body: dict[str, Any], group: str = "all", **extra: Any
+) -> tuple[int, Any]:
     ingest = Ingest(node)
     try:
         return ingest.call("POST", "/api/v1/broadcast", {"group": group, "body": body, **extra})
@@ -32,6 +34,11 @@ async def open_clients(
         ws = await connect(f"{node.ws_url}?token={node.token(uid, groups)}", open_timeout=10)
         hello = json.loads(await ws.recv())
         assert hello["type"] == "hello"
+        # The reply comes after the replay: a broadcast sent later cannot also be replayed
+        # (delivery is at-least-once, so one sent during a replay may come twice).
+        await ws.send('{"id": "sync", "action": "ping"}')
+        while json.loads(await ws.recv()).get("id") != "sync":
+            pass
         return ws
 
     return list(await asyncio.gather(*(one(uid) for uid in uids)))
@@ -74,8 +81,9 @@ def test_broadcast_reaches_every_connection_on_both_workers(make_node):
         assert status == 202
         pushes = await asyncio.gather(*(next_push(ws) for ws in clients))
         assert {p["id"] for p in pushes} == {reply["data"]["id"]}
-        assert all(p["kind"] == "system" and p["body"] == {"text": "maintenance at 2"}
-                   for p in pushes)
+        assert all(
+            p["kind"] == "system" and p["body"] == {"text": "maintenance at 2"} for p in pushes
+        )
         await asyncio.gather(*(ws.close() for ws in clients))
 
     asyncio.run(scenario())
@@ -87,9 +95,7 @@ def test_group_broadcast_reaches_members_only(make_node):
     async def scenario() -> None:
         authors = await open_clients(node, range(2000, 2010), ("author",))
         others = await open_clients(node, range(3000, 3010), ("reader",))
-        status, reply = await asyncio.to_thread(
-            broadcast, node, {"text": "authors only"}, "author"
-        )
+        status, reply = await asyncio.to_thread(broadcast, node, {"text": "authors only"}, "author")
         assert status == 202
         pushes = await asyncio.gather(*(next_push(ws) for ws in authors))
         assert {p["id"] for p in pushes} == {reply["data"]["id"]}
@@ -217,7 +223,8 @@ def test_worker_busy_fanning_out_still_answers_ping(make_node):
         assert slowest < 0.1, f"a ping took {slowest * 1000:.0f} ms during fan-out"
     wait_for(
         lambda: sum(w.get("broadcast_deliveries", 0) for w in node.workers()) >= 5 * (CLIENTS + 1),
-        20, "every broadcast to reach every connection",
+        20,
+        "every broadcast to reach every connection",
     )
     stalls = [w["fanout_max_stall_ms"] for w in node.workers()]
     assert max(stalls) < 100, stalls

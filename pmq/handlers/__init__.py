@@ -11,7 +11,7 @@ import importlib
 
 from pmq.handlers.base import Handler
 
-MODULES = ("pmq.handlers.system", "pmq.handlers.msg", "pmq.handlers.unread")
+MODULES = ("pmq.handlers.system", "pmq.handlers.msg", "pmq.handlers.unread", "pmq.handlers.cs")
 
 
 def build_registry() -> dict[str, Handler]:

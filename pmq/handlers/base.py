@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from pmq.auth import Identity
 from pmq.broadcast import Broadcasts
+from pmq.chat import Chat
 from pmq.config import Config
 from pmq.errors import ActionError
 from pmq.inbox import Inbox
@@ -42,6 +43,8 @@ class App(Protocol):
     def unread(self) -> Unread: ...
     @property
     def broadcasts(self) -> Broadcasts: ...
+    @property
+    def chat(self) -> Chat: ...
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         """Unacked messages of ``uid`` that left Redis for storage (id order)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pmq import metrics
 from pmq.handlers.base import App, Caller, Handler, bad_request, int_field
 from pmq.protocol import Kind
 
@@ -31,10 +32,13 @@ def message_ids(data: dict[str, Any]) -> list[int]:
 async def ack(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
     """Remove messages from the user's inbox, for every device."""
     ids = message_ids(data)
-    acked = await app.inbox.ack(caller.uid, ids)
-    if await app.inbox.has_cold(caller.uid):
-        acked += await app.ack_cold(caller.uid, ids)
+    hot = await app.inbox.ack(caller.uid, ids)
+    acked = len(hot)
+    cold = [i for i in ids if i not in hot]
+    if cold and await app.inbox.has_cold(caller.uid):
+        acked += await app.ack_cold(caller.uid, cold)
     acked += await app.broadcasts.acknowledge(caller.uid, ids)
+    metrics.MESSAGES_ACKED.inc(acked)
     return {"acked": acked}
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from pmq import metrics
 from pmq.broadcast import ALL, decode_fanout
 from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.unread import UnreadPusher
@@ -57,4 +58,5 @@ class Fanout:
         for uid in {c.uid for c in clients}:
             self.unread.changed(uid)
         self.delivered += len(clients)
+        metrics.BROADCAST_DELIVERIES.inc(len(clients))
         return len(clients)

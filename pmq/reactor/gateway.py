@@ -3,11 +3,15 @@
 One :class:`Gateway` per socket worker, listening with SO_REUSEPORT on the client port.
 The handshake authenticates the token (query ``token`` or ``Authorization: Bearer``) before
 anything is kept; a refused token gets HTTP 401 and no registry entry.
+
+The same port serves the customer-service pages (``/cs/agent.html``, ``/cs/chat.html`` and
+their scripts, from ``pmq/static/cs``) to plain GETs; every other path is a 404.
 """
 
 from __future__ import annotations
 
 import http
+import importlib.resources
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -30,6 +34,26 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
 CLOSE_TIMEOUT = 2.0
+STATIC_PREFIX = "/cs/"
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+# The pages take their token from the URL: never let it leak as a Referer to image hosts.
+# Images may come from any http(s) host; scripts, styles and sockets only from this node.
+STATIC_HEADERS = [
+    ("Cache-Control", "no-cache"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src http: https:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+]
 
 OnOpen = Callable[[Client], Awaitable[None]]
 OnClose = Callable[[Client], Awaitable[None]]
@@ -43,6 +67,27 @@ def token_of(request: Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def load_static() -> dict[str, Response]:
+    """GET path -> ready response for every file of pmq/static/cs (read once, at start)."""
+    pages: dict[str, Response] = {}
+    folder = importlib.resources.files("pmq") / "static" / "cs"
+    for entry in folder.iterdir():
+        content_type = STATIC_TYPES.get("." + entry.name.rpartition(".")[2])
+        if content_type is None or not entry.is_file():
+            continue
+        body = entry.read_bytes()
+        headers = Headers(
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                *STATIC_HEADERS,
+                ("Connection", "close"),
+            ]
+        )
+        pages[STATIC_PREFIX + entry.name] = Response(200, "OK", headers, body)
+    return pages
 
 
 def plain_response(status: http.HTTPStatus, text: str) -> Response:
@@ -74,6 +119,7 @@ class Gateway:
         self.on_open = on_open
         self.on_close = on_close
         self.server: Server | None = None
+        self.static = load_static()
 
     async def start(self, host: str, port: int) -> None:
         config = self.app.config
@@ -95,9 +141,11 @@ class Gateway:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """Authenticate before the upgrade; anything but a good token on /ws is refused."""
-        if urlsplit(request.path).path != WS_PATH:
-            return plain_response(http.HTTPStatus.NOT_FOUND, "not found")
+        """Authenticate before the upgrade; anything but a good token on /ws is refused,
+        except GETs of the static pages, answered here."""
+        path = urlsplit(request.path).path
+        if path != WS_PATH:
+            return self.static.get(path) or plain_response(http.HTTPStatus.NOT_FOUND, "not found")
         token = token_of(request)
         if not token:
             return plain_response(http.HTTPStatus.UNAUTHORIZED, "missing token")

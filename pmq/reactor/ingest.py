@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
-from pmq import protocol
+from pmq import metrics, protocol
 from pmq.broadcast import ALL
 from pmq.errors import StorageError
 from pmq.handlers.base import App
@@ -157,6 +157,7 @@ def build_router(app: IngestApp) -> Router:
         published = await redis_call(app.broadcasts.publish(group, kind, body, key))
         if published.duplicate:
             return json_response(200, {"id": published.id, "duplicate": True})
+        metrics.BROADCASTS.labels(group).inc()
         return json_response(202, {"id": published.id})
 
     async def broadcast(request: HttpRequest) -> HttpResponse:
@@ -172,14 +173,33 @@ def build_router(app: IngestApp) -> Router:
             raise HttpError(400, "msg: must be a JSON object")
         return await announce(ALL, protocol.Kind.SYSTEM, msg, None)
 
+    async def prometheus(request: HttpRequest) -> HttpResponse:
+        body, content_type = metrics.render()
+        return HttpResponse(200, body, content_type)
+
     router.add("GET", "/healthz", healthz, public=True)
-    router.add("GET", "/api/v1/users/{uid}", user)
-    router.add("POST", "/api/v1/users/{uid}/kick", kick)
-    router.add("POST", "/api/v1/messages", messages)
-    router.add("POST", "/api/comment/message", seed_comment)
-    router.add("POST", "/api/v1/broadcast", broadcast)
-    router.add("POST", "/api/system/message", seed_system)
+    router.add("GET", "/metrics", prometheus, public=True)
+    for method, path, handler in (
+        ("GET", "/api/v1/users/{uid}", user),
+        ("POST", "/api/v1/users/{uid}/kick", kick),
+        ("POST", "/api/v1/messages", messages),
+        ("POST", "/api/comment/message", seed_comment),
+        ("POST", "/api/v1/broadcast", broadcast),
+        ("POST", "/api/system/message", seed_system),
+    ):
+        router.add(method, path, timed(path, handler))
     return router
+
+
+def timed(route: str, handler: Any) -> Any:
+    """The handler, its run time recorded in pmq_ingest_request_seconds{route}."""
+    histogram = metrics.INGEST_SECONDS.labels(route)
+
+    async def run(request: HttpRequest, **params: str) -> HttpResponse:
+        with histogram.time():
+            return await handler(request, **params)
+
+    return run
 
 
 async def redis_call(awaitable: Any) -> Any:

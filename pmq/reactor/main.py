@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from pmq import protocol
+from pmq import metrics, protocol, redisconn
 from pmq.auth import Authenticator, make_authenticator
 from pmq.broadcast import Broadcasts
+from pmq.chat import Chat
 from pmq.config import Config
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
 REPLAY_PAGE = 200
+RELAY_RETRY_SECONDS = 0.5
 
 
 class SocketWorker(Worker):
@@ -61,7 +63,7 @@ class SocketWorker(Worker):
     # Services offered to handlers and routes (pmq.handlers.base.App) ------------------
     async def start(self) -> None:
         config = self.config
-        self.redis = aioredis.Redis.from_url(config.redis.url)
+        self.redis = redisconn.connect(config.redis)
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
@@ -85,6 +87,15 @@ class SocketWorker(Worker):
             config.inbox.retention_seconds,
         )
         self.unread = Unread(self.redis, self.keys, config.inbox.retention_seconds)
+        self.chat = Chat(
+            self.redis,
+            self.keys,
+            self.routes,
+            self.inbox,
+            lambda: self.config.cs,
+            config.inbox.retention_seconds,
+            archive=self,
+        )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
@@ -96,7 +107,9 @@ class SocketWorker(Worker):
                 self.keys.broadcast_channel(): self.fanout.on_message,
             }
         )
-        self.background.append(asyncio.create_task(self.pubsub.run(), name="relay"))
+        self.background.append(
+            asyncio.create_task(self.pubsub.run(exception_handler=self.relay_failed), name="relay")
+        )
         await self.routes.beat(())
         self.gateway = Gateway(
             self,
@@ -121,7 +134,14 @@ class SocketWorker(Worker):
             asyncio.create_task(self.keep_registry(), name="registry"),
             asyncio.create_task(self.unread_pusher.run(), name="unread"),
             asyncio.create_task(self.fanout.run(), name="fanout"),
+            asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
         ]
+
+    async def relay_failed(self, e: BaseException, pubsub: PubSub) -> None:
+        """The relay's boundary: log, pause, and go on; its next read reconnects and
+        subscribes again (without this, one Redis outage ends the relay for good)."""
+        log.warning("%s relay: %s; resubscribing", self.title, e)
+        await asyncio.sleep(RELAY_RETRY_SECONDS)
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
@@ -129,8 +149,6 @@ class SocketWorker(Worker):
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.in_thread(self.store.unacked, int(uid), after, limit)
-        if not rows and not after:
-            await self.redis.delete(self.keys.cold(uid))  # nothing left in storage
         return [
             {
                 "id": str(r.id),
@@ -145,6 +163,27 @@ class SocketWorker(Worker):
 
     async def ack_cold(self, uid: str, ids: list[int]) -> int:
         return await self.in_thread(self.store.ack, int(uid), ids)
+
+    # pmq.chat.Archive: chat history that is no longer (or never was) in Redis ----------
+    async def cs_session(self, session_id: int) -> dict[str, Any] | None:
+        row = await self.in_thread(self.store.cs_session, session_id)
+        if row is None:
+            return None
+        return {"user": str(row.uid), "agent": None if row.agent is None else str(row.agent)}
+
+    async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
+        rows = await self.in_thread(self.store.cs_messages, session_id, before, limit)
+        return [
+            {
+                "id": str(r.id),
+                "kind": protocol.Kind.CS.value,
+                "from": str(r.from_uid),
+                "to": str(r.to_uid),
+                "body": orjson.loads(r.body),
+                "ts": r.ts,
+            }
+            for r in rows
+        ]
 
     # LocalDelivery: what relayed operations do to our connections -----------------------
     def push(self, uid: str, frame: bytes) -> int:
@@ -178,9 +217,13 @@ class SocketWorker(Worker):
         for message in broadcasts:
             client.write(push_frame(orjson.dumps(message)))
         client.release()
+        if client.identity.role is protocol.Role.AGENT:
+            await self.chat.agent_online(client.uid)  # may hand it queued sessions
 
     async def on_close(self, client: Client) -> None:
         await self.routes.unregister(client.uid, client.conn_id)
+        if client.identity.role is protocol.Role.AGENT:
+            await self.chat.agent_offline(client.uid)
 
     async def keep_registry(self) -> None:
         """Refresh our entries' TTL and sweep workers that stopped beating."""
@@ -207,6 +250,7 @@ class SocketWorker(Worker):
 
     def stats(self) -> dict[str, Any]:
         """Sent with every heartbeat, which starts only once start() has finished."""
+        metrics.CONNECTIONS.set(len(self.table))
         return {
             "id": self.id,
             "connections": len(self.table),

@@ -34,6 +34,10 @@ DELETE_CHUNK = 5000
 ACK_CHUNK = 500
 
 MSG_COLUMNS = "id, uid, kind, from_uid, body, ts"
+CS_MESSAGE_COLUMNS = "id, session_id, from_uid, to_uid, body, ts"
+CS_SESSION_COLUMNS = "id, uid, agent, status, opened_at, closed_at, last_msg_id"
+# Chat rows per INSERT: a message is at most a few KiB, so this stays under the size limits.
+CS_ROWS_PER_INSERT = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,31 @@ class LastRead:
     uid: int
     kind: str
     ts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCsMessage:
+    """One customer-service chat message (``pmq_cs_message``): ``body`` is JSON text."""
+
+    id: int
+    session_id: int
+    from_uid: int
+    to_uid: int
+    body: str
+    ts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCsSession:
+    """A customer-service session (``pmq_cs_session``), written once it is closed."""
+
+    id: int
+    uid: int
+    agent: int | None
+    status: str
+    opened_at: int
+    closed_at: int | None
+    last_msg_id: int | None
 
 
 class Cursor(Protocol):
@@ -257,6 +286,53 @@ class Store(abc.ABC):
                 )
                 found.update(int(row[0]) for row in cur.fetchall())
         return found
+
+    def write_cs(
+        self, messages: Sequence[StoredCsMessage], sessions: Sequence[StoredCsSession]
+    ) -> int:
+        """Insert chat messages and sessions in one transaction; ids already stored are
+        skipped, so a retried batch never duplicates. Returns the rows newly inserted."""
+        tables = [
+            ("pmq_cs_message", CS_MESSAGE_COLUMNS, [dataclasses.astuple(m) for m in messages]),
+            ("pmq_cs_session", CS_SESSION_COLUMNS, [dataclasses.astuple(s) for s in sessions]),
+        ]
+        inserted = 0
+        with self._session("write_cs", write=True) as cur:
+            for table, columns, rows in tables:
+                for start in range(0, len(rows), CS_ROWS_PER_INSERT):
+                    chunk = rows[start : start + CS_ROWS_PER_INSERT]
+                    one_row = "(" + ", ".join([self.placeholder] * len(chunk[0])) + ")"
+                    cur.execute(
+                        f"{self.insert_ignore} INTO {table} ({columns}) "
+                        f"VALUES {', '.join([one_row] * len(chunk))}",
+                        [v for row in chunk for v in row],
+                    )
+                    inserted += cur.rowcount
+        return inserted
+
+    def cs_session(self, session_id: int) -> StoredCsSession | None:
+        """The stored session ``session_id``, or None."""
+        with self._session("cs_session", write=False) as cur:
+            cur.execute(
+                f"SELECT {CS_SESSION_COLUMNS} FROM pmq_cs_session WHERE id = {self.placeholder}",
+                (session_id,),
+            )
+            rows = cur.fetchall()
+        return StoredCsSession(*rows[0]) if rows else None
+
+    def cs_messages(
+        self, session_id: int, before_id: int = 0, limit: int = 50
+    ) -> list[StoredCsMessage]:
+        """The session's stored messages with ids below ``before_id`` (0: no bound), newest
+        first, at most ``limit``. Page by passing the last id returned as ``before_id``."""
+        p = self.placeholder
+        with self._session("cs_messages", write=False) as cur:
+            cur.execute(
+                f"SELECT {CS_MESSAGE_COLUMNS} FROM pmq_cs_message "
+                f"WHERE session_id = {p} AND id < {p} ORDER BY id DESC LIMIT {p}",
+                (session_id, before_id or 2**63 - 1, limit),
+            )
+            return [StoredCsMessage(*row) for row in cur.fetchall()]
 
     def delete_before(self, ts_ms: int) -> int:
         """Delete every message (acked or not) with ``ts`` below ``ts_ms`` from every shard,

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from pmq import redisconn
+from pmq import metrics, redisconn
 from pmq.config import Config
 from pmq.keys import Keys
 from pmq.store import open_store
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+QUEUE_WATCH_SECONDS = 2.0
 # Seconds of the graceful deadline kept for closing clients after the writer's drain.
 CLOSE_MARGIN = 1.0
 
@@ -45,6 +46,7 @@ class TaskWorker(Worker):
         # delete never holds up the writer.
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-task")
         self.jobs: list[asyncio.Task[Any]] = []
+        self.queue_depths: dict[str, int] = {}
         self.writer: StorageWriter | None = None
         self.sweeper: Sweeper | None = None
         self.sweeper_job: asyncio.Task[None] | None = None
@@ -72,6 +74,7 @@ class TaskWorker(Worker):
         self.fanout = BroadcastFanout(self.redis, self.keys, self.store, owner, self.in_thread)
         self.sweeper_job = asyncio.create_task(self.sweeper.run(), name="sweeper")
         self.jobs += [
+            asyncio.create_task(self.watch_queues(), name="queue-depths"),
             asyncio.create_task(self.writer.run(), name="storage-writer"),
             asyncio.create_task(self.fanout.run(), name="broadcast-fanout"),
             self.sweeper_job,
@@ -81,8 +84,21 @@ class TaskWorker(Worker):
         """Run blocking store work on this worker's thread pool, never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
+    async def watch_queues(self) -> None:
+        """Publish the queues' depths (pmqctl status, /metrics) every few seconds."""
+        queues = {"store": self.keys.store_queue(), "broadcast": self.keys.broadcast_queue()}
+        while True:
+            try:
+                for name, key in queues.items():
+                    self.queue_depths[name] = int(await self.redis.llen(key))
+                    metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
+            except (RedisError, OSError) as exc:
+                log.warning("%s: reading queue depths failed: %s", self.title, exc)
+            await asyncio.sleep(QUEUE_WATCH_SECONDS)
+
     def stats(self) -> dict[str, Any]:
-        return self.writer.stats() if self.writer else {}
+        stats: dict[str, Any] = self.writer.stats() if self.writer else {}
+        return {**stats, "queues": dict(self.queue_depths)}
 
     async def shutdown(self, fast: bool) -> None:
         """Stop the sweeper (a sweep is idempotent: cut it anywhere) and hand its lock over;

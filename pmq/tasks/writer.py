@@ -28,11 +28,12 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pmq import metrics
 from pmq.errors import StorageError
 from pmq.keys import Keys
 from pmq.protocol import is_kind, is_uid
 from pmq.store import Store, StoredMessage
-from pmq.store.base import LastRead
+from pmq.store.base import LastRead, StoredCsMessage, StoredCsSession
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,54 @@ class Batch:
     rows: list[StoredMessage] = dataclasses.field(default_factory=list)
     acks: list[Ack] = dataclasses.field(default_factory=list)
     last_reads: list[LastRead] = dataclasses.field(default_factory=list)
+    cs_messages: list[StoredCsMessage] = dataclasses.field(default_factory=list)
+    cs_sessions: list[StoredCsSession] = dataclasses.field(default_factory=list)
     malformed: int = 0
 
 
-def parse_item(raw: bytes) -> StoredMessage | Ack | LastRead:
+def parse_cs(op: str, item: dict[str, Any]) -> StoredCsMessage | StoredCsSession | None:
+    """A chat item (pmq.chat): ``cs`` = a message, ``cs_session`` = a closed session."""
+    m = item.get("msg")
+    if op == "cs" and isinstance(m, dict):
+        ts = m.get("ts")
+        if (
+            is_uid(item.get("session_id"))
+            and all(is_uid(m.get(name)) for name in ("id", "from", "to"))
+            and isinstance(ts, int)
+            and not isinstance(ts, bool)
+            and "body" in m
+        ):
+            body = orjson.dumps(m["body"]).decode()
+            return StoredCsMessage(
+                int(m["id"]), int(item["session_id"]), int(m["from"]), int(m["to"]), body, ts
+            )
+    elif op == "cs_session":
+        agent, last = item.get("agent"), item.get("last_msg_id")
+        if (
+            all(is_uid(item.get(name)) for name in ("id", "uid", "opened", "closed"))
+            and (agent == "" or is_uid(agent))
+            and (last == "" or is_uid(last))
+        ):
+            return StoredCsSession(
+                id=int(item["id"]),
+                uid=int(item["uid"]),
+                agent=int(agent) if agent else None,
+                status="closed",
+                opened_at=int(item["opened"]),
+                closed_at=int(item["closed"]),
+                last_msg_id=int(last) if last else None,
+            )
+    return None
+
+
+def parse_item(
+    raw: bytes,
+) -> StoredMessage | Ack | LastRead | StoredCsMessage | StoredCsSession:
     """One queue item as a row or an ack; ValueError when it is not one PMQ wrote."""
     item = orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
     op = item.get("op") if isinstance(item, dict) else None
+    if op in ("cs", "cs_session") and (chat := parse_cs(op, item)) is not None:
+        return chat
     if op == "msg" and isinstance(item.get("msg"), dict):
         m = item["msg"]
         sender = m.get("from")
@@ -142,6 +184,10 @@ def parse_batch(items: Sequence[bytes]) -> Batch:
             batch.rows.append(parsed)
         elif isinstance(parsed, LastRead):
             batch.last_reads.append(parsed)
+        elif isinstance(parsed, StoredCsMessage):
+            batch.cs_messages.append(parsed)
+        elif isinstance(parsed, StoredCsSession):
+            batch.cs_sessions.append(parsed)
         elif parsed[1]:
             batch.acks.append(parsed)
     return batch
@@ -263,6 +309,7 @@ class StorageWriter:
         if not items:
             self._busy = False
             return
+        metrics.STORAGE_BATCH.observe(len(items))
         batch = parse_batch(items)
         self.malformed += batch.malformed
         await self._store(batch)
@@ -274,6 +321,7 @@ class StorageWriter:
         """Write ``batch`` (rows, then acks in queue order, then last-read times), retrying
         with back-off until the store takes it. A step that succeeded is not repeated."""
         rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
+        chat = (batch.cs_messages, batch.cs_sessions)
         delay = RETRY_FIRST
         failures = 0
         while True:
@@ -287,9 +335,13 @@ class StorageWriter:
                 if last_reads:
                     await self.in_thread(self.store.set_last_reads, last_reads)
                     last_reads = []
+                if chat[0] or chat[1]:
+                    self.written += await self.in_thread(self.store.write_cs, *chat)
+                    chat = ([], [])
                 break
             except StorageError as exc:
                 self.errors += 1
+                metrics.STORAGE_ERRORS.inc()
                 failures += 1
                 if not self._outage:  # once per outage: a line per retry would be noise
                     self._outage = True

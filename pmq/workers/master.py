@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import setproctitle
 
+from pmq import metrics
 from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
@@ -276,8 +277,11 @@ class Master:
         name = f"{worker.kind} worker #{worker.index} (pid {worker.pid})"
         if worker.retiring:
             log.info("%s retired (exit %d)", name, code)
+            metrics.process_gone(worker.pid)
             return
         self.restarts += 1
+        metrics.WORKER_RESTARTS.inc()
+        metrics.process_gone(worker.pid)
         if code == WorkerExit.BOOT_ERROR and not worker.ready:
             log.error("%s failed to boot; stopping the node", name)
             self.stop(graceful=True, code=1)

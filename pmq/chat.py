@@ -1,0 +1,359 @@
+"""Customer-service chat on Redis (SPEC 6): agent presence, sessions, assignment, history.
+
+Agents are users whose token role is "agent". An agent is online while it holds a
+connection (the socket worker calls :meth:`Chat.agent_online` / :meth:`Chat.agent_offline`);
+its load is the number of its open sessions. Every change of sessions, loads and the queue
+is one Lua script (pmq.chat_lua), so two workers on two nodes never give one agent more than
+``cs.max_sessions_per_agent`` sessions nor one user two open sessions.
+
+A session is ``queued`` (no agent yet), ``open`` or ``closed``. Messages go through the
+durable inbox (pmq.messaging.publish, kind ``cs``): ack, offline delivery and unread work as
+for any message. Each session also keeps its newest messages in Redis for ``cs.history`` and
+queues every message and the closed session for SQL (``pmq_cs_message``, ``pmq_cs_session``),
+where history outlives Redis; an :class:`Archive` reads them back.
+
+Events go to every connection of a party: ``cs.assigned`` (``session_id``, ``user`` and, for
+the user, ``agent``) and ``cs.closed`` (``session_id``, ``by``, ``reason``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pmq import chat_lua
+from pmq.config import CsConfig
+from pmq.errors import ActionError
+from pmq.ids import timestamp_ms
+from pmq.inbox import Inbox
+from pmq.keys import Keys
+from pmq.messaging import publish
+from pmq.protocol import Code, FrameType, Kind, encode_event
+from pmq.routing import Routes
+
+log = logging.getLogger(__name__)
+
+HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
+DRAIN_MAX = 100  # queued sessions assigned per script call
+IDLE_BATCH = 200  # idle sessions looked at per sweep
+CLOSED = "closed"
+IDLE = "idle"
+
+
+class Archive(Protocol):
+    """Reads the chat's SQL tables (off the event loop); ids are decimal strings."""
+
+    async def cs_session(self, session_id: int) -> dict[str, Any] | None:
+        """A stored session as {"user", "agent"}, or None."""
+        ...
+
+    async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
+        """The session's stored messages with id < ``before`` (0 = no bound), newest first."""
+        ...
+
+
+def _template(make: Callable[[str], str]) -> list[str]:
+    """A key family as [before, after] around its id, for the Lua scripts to fill in."""
+    return make("\0").split("\0")
+
+
+def _refused(code: int, what: str) -> ActionError:
+    messages = {
+        404: f"session_id: no such session {what}",
+        403: "session_id: not a party to this session",
+        409: f"session_id: session {what} is closed",
+    }
+    return ActionError(code, messages.get(code, f"session_id: refused ({code})"))
+
+
+class Chat:
+    """One socket worker's chat service. ``settings`` returns the current ``[cs]`` section."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        routes: Routes,
+        inbox: Inbox,
+        settings: Callable[[], CsConfig],
+        retention_seconds: int,
+        archive: Archive | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.routes = routes
+        self.inbox = inbox
+        self.settings = settings
+        self.ttl = retention_seconds
+        self.archive = archive
+        self.templates = orjson.dumps(
+            {
+                "conns": _template(keys.user_conns),
+                "session": _template(keys.cs_session),
+                "history": _template(keys.cs_history),
+                "bodies": _template(keys.cs_bodies),
+                "user_session": _template(keys.cs_user_session),
+                "user_sessions": _template(keys.cs_user_sessions),
+                "last": _template(keys.cs_last_agent),
+                "agent_sessions": _template(keys.cs_agent_sessions),
+            }
+        )
+        self.common_keys = [
+            keys.cs_online(),
+            keys.cs_load(),
+            keys.cs_active(),
+            keys.cs_queue(),
+            keys.store_queue(),
+        ]
+        self._open = redis.register_script(chat_lua.OPEN)
+        self._drain = redis.register_script(chat_lua.DRAIN)
+        self._close = redis.register_script(chat_lua.CLOSE)
+        self._check_send = redis.register_script(chat_lua.CHECK_SEND)
+        self._record = redis.register_script(chat_lua.RECORD)
+        self._agent_offline = redis.register_script(chat_lua.AGENT_OFFLINE)
+        self._lock = redis.register_script(chat_lua.LOCK)
+
+    async def _run(self, script: Any, *args: Any) -> Any:
+        now = int(time.time() * 1000)
+        return await script(keys=self.common_keys, args=[self.templates, now, *args])
+
+    # Presence -------------------------------------------------------------------------
+    async def agent_online(self, agent: str) -> None:
+        """Call after the agent's connection is registered: it may take queued sessions."""
+        await self.redis.sadd(self.keys.cs_online(), agent)
+        await self.drain()
+
+    async def agent_offline(self, agent: str) -> None:
+        """Call after a connection of the agent is unregistered; the agent leaves the online
+        set with its last connection. Its open sessions stay open (offline delivery)."""
+        await self._run(self._agent_offline, agent)
+
+    # Sessions -------------------------------------------------------------------------
+    async def open(self, user: str) -> dict[str, Any]:
+        """The user's open or queued session, else a new one assigned (or queued) at once.
+
+        Returns ``{"session_id", "agent", "queued"}`` plus ``"position"`` (1 = next) when
+        queued. A new assigned session is announced to its agent with ``cs.assigned``."""
+        cap = self.settings().max_sessions_per_agent
+        new_id = str(self.inbox.ids.next())
+        seed = random.randrange(2**31)
+        result = await self._run(self._open, cap, seed, user, new_id, self.ttl)
+        state, sid, agent = int(result[0]), result[1].decode(), result[2].decode()
+        reply: dict[str, Any] = {"session_id": sid, "agent": agent or None, "queued": not agent}
+        if not agent:
+            reply["position"] = int(result[3])
+        if state == 1:
+            event = encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user)
+            await self.routes.deliver(agent, event)
+        return reply
+
+    async def drain(self) -> int:
+        """Assign queued sessions in order while an agent is under the cap; both parties get
+        ``cs.assigned``. Returns how many were assigned."""
+        cap = self.settings().max_sessions_per_agent
+        assigned = 0
+        while True:
+            flat = await self._run(self._drain, cap, random.randrange(2**31), DRAIN_MAX)
+            for i in range(0, len(flat), 3):
+                sid, user, agent = (v.decode() for v in flat[i : i + 3])
+                await self.routes.deliver(
+                    agent, encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user)
+                )
+                await self.routes.deliver(
+                    user,
+                    encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user, agent=agent),
+                )
+            assigned += len(flat) // 3
+            if len(flat) // 3 < DRAIN_MAX:
+                return assigned
+
+    async def close(self, session_id: str, by: str) -> None:
+        """Close the session for one of its parties (ActionError 404/403/409 otherwise);
+        both get ``cs.closed``, and the agent's freed place goes to the queue."""
+        await self._close_one(session_id, by, CLOSED, None)
+
+    async def _close_one(self, session_id: str, by: str, reason: str, cutoff: int | None) -> bool:
+        """Close and notify; False when the idle closer (``cutoff`` set) found the session
+        active again or closed by someone else; ActionError when a party's close is refused."""
+        result = await self._run(
+            self._close, session_id, by, reason, "" if cutoff is None else cutoff, self.ttl
+        )
+        code = int(result[0])
+        if cutoff is not None and code in (304, 404, 409):
+            return False  # the idle closer lost a race with activity or another closer
+        if code != 200:
+            raise _refused(code, session_id)
+        user, agent = result[1].decode(), result[2].decode()
+        event = encode_event(
+            FrameType.CS_CLOSED, session_id=session_id, by=by or None, reason=reason
+        )
+        for party in (user, agent) if agent else (user,):
+            await self.routes.deliver(party, event)
+        if agent:
+            await self.drain()
+        return True
+
+    async def close_idle(self) -> int:
+        """Close the open sessions without a message for ``cs.idle_seconds`` (reason
+        "idle", both parties told). Safe to run anywhere at once: each close is atomic and
+        re-checks the session's last activity. Returns how many closed."""
+        cutoff = int(time.time() * 1000) - self.settings().idle_seconds * 1000
+        idle = cast(
+            list[bytes],
+            await self.redis.zrangebyscore(self.keys.cs_active(), "-inf", cutoff, 0, IDLE_BATCH),
+        )
+        closed = 0
+        for sid in idle:
+            closed += await self._close_one(sid.decode(), "", IDLE, cutoff)
+        return closed
+
+    async def run_idle_closer(self, owner: str) -> None:
+        """Forever: while this worker holds the cluster's idle lock, close idle sessions and
+        assign what waits in the queue. The outer boundary of a background task."""
+        while True:
+            tick = min(5.0, max(0.2, self.settings().idle_seconds / 4))
+            try:
+                lock_ms = int(tick * 3000) + 1000
+                if await self._lock(keys=[self.keys.cs_idle_lock()], args=[owner, lock_ms]):
+                    await self.close_idle()
+                    await self.drain()
+            except (RedisError, OSError) as exc:
+                log.warning("cs idle closer: %s", exc)
+            except Exception:
+                log.exception("cs idle closer failed")
+            await asyncio.sleep(tick)
+
+    # Messages -------------------------------------------------------------------------
+    async def send(self, sender: str, session_id: str, content: dict[str, Any]) -> str:
+        """Send ``content`` ({"text"} or {"image"}, already checked) to the sender's peer in
+        the session as a ``cs`` message; returns its id. ActionError 404/403/409 when the
+        session is unknown, the sender no party, or the session not open."""
+        check = await self._run(self._check_send, session_id, sender)
+        code = int(check[0])
+        if code == 409 and check[1] == b"queued":
+            raise ActionError(Code.CONFLICT, "session_id: still waiting for an agent")
+        if code != 200:
+            raise _refused(code, session_id)
+        peer = check[1].decode()
+        body = {"session_id": session_id, **content}
+        accepted, _ = await publish(self.inbox, self.routes, [peer], Kind.CS, sender, body)
+        message_id, wire = accepted.ids[0], accepted.encoded[0]
+        op = b'{"op":"cs","session_id":"' + session_id.encode() + b'","msg":' + wire + b"}"
+        await self._run(
+            self._record,
+            session_id,
+            message_id,
+            timestamp_ms(int(message_id)),
+            wire,
+            HISTORY_MAX,
+            self.ttl,
+            op,
+        )
+        return message_id
+
+    async def describe(self, session_id: str) -> dict[str, Any] | None:
+        """{"session_id", "user", "agent" (None while queued), "status"} of a session, from
+        Redis or else the archive (then "closed"); None when unknown."""
+        found = cast(
+            list[bytes | None],
+            await self.redis.hmget(self.keys.cs_session(session_id), ["user", "agent", "status"]),
+        )
+        user, agent, status = (v.decode() if v is not None else None for v in found)
+        if user is None and self.archive is not None:
+            row = await self.archive.cs_session(int(session_id))
+            if row is not None:
+                user, agent, status = str(row["user"]), row["agent"], "closed"
+        if user is None:
+            return None
+        return {"session_id": session_id, "user": user, "agent": agent or None, "status": status}
+
+    async def history(
+        self, caller: str, session_id: str, before: int, limit: int
+    ) -> dict[str, Any]:
+        """{"messages": the session's messages with id < ``before`` (0 = newest), newest
+        first, at most ``limit`` (Redis's, then the archive's beyond them), "session":
+        :meth:`describe`}. 404/403 as for send."""
+        session = await self.describe(session_id)
+        if session is None:
+            raise _refused(Code.NOT_FOUND, session_id)
+        if caller not in (session["user"], session["agent"]):
+            raise _refused(Code.FORBIDDEN, session_id)
+        return {"messages": await self._messages(session_id, before, limit), "session": session}
+
+    async def history_with(
+        self, user: str, agent: str, before: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """The messages of every session between ``user`` and ``agent`` kept in Redis,
+        newest first (sessions of one user never overlap, so their ids never interleave)."""
+        key = self.keys.cs_user_sessions(user)
+        sids = [s.decode() for s in cast(list[bytes], await self.redis.zrevrange(key, 0, -1))]
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(self.keys.cs_session(sid), "agent")
+        agents = await pipe.execute()
+        found: list[dict[str, Any]] = []
+        for sid, who in zip(sids, agents, strict=True):
+            if who is None or who.decode() != agent:
+                continue
+            found += await self._messages(sid, before, limit - len(found))
+            if len(found) >= limit:
+                break
+        return found
+
+    async def _messages(self, session_id: str, before: int, limit: int) -> list[dict[str, Any]]:
+        high: int | str = timestamp_ms(before) if before else "+inf"
+        key = self.keys.cs_history(session_id)
+        # A few more than asked: ids of the same millisecond as ``before`` share its score.
+        members = cast(
+            list[bytes], await self.redis.zrevrangebyscore(key, high, "-inf", 0, limit + 32)
+        )
+        wanted = sorted((i for i in map(int, members) if not before or i < before), reverse=True)
+        found: list[dict[str, Any]] = []
+        if wanted[:limit]:
+            raw = await self.redis.hmget(
+                self.keys.cs_bodies(session_id), [str(i) for i in wanted[:limit]]
+            )
+            found = [orjson.loads(b) for b in raw if b is not None]
+        if len(found) < limit and self.archive is not None and await self._trimmed(session_id):
+            floor = int(found[-1]["id"]) if found else before
+            found += await self.archive.cs_messages(int(session_id), floor, limit - len(found))
+        return found
+
+    async def _trimmed(self, session_id: str) -> bool:
+        """Whether storage may hold messages of the session that Redis no longer has."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.keys.cs_session(session_id), "count")
+        pipe.zcard(self.keys.cs_history(session_id))
+        count, kept = await pipe.execute()
+        return count is None or int(count) > int(kept)
+
+    async def sessions(self, agent: str) -> dict[str, Any]:
+        """The agent's open sessions, oldest first, each with its user and last message
+        (or None), and how many sessions wait in the queue."""
+        key = self.keys.cs_agent_sessions(agent)
+        sids = [s.decode() for s in cast(list[bytes], await self.redis.zrange(key, 0, -1))]
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hmget(self.keys.cs_session(sid), ["user", "opened", "active", "last", "status"])
+        pipe.llen(self.keys.cs_queue())
+        *rows, queued = await pipe.execute()
+        sessions = [
+            {
+                "session_id": sid,
+                "user": user.decode(),
+                "opened": int(opened),
+                "active": int(active),
+                "last": orjson.loads(last) if last else None,
+            }
+            for sid, (user, opened, active, last, status) in zip(sids, rows, strict=True)
+            if status == b"open"
+        ]
+        return {"sessions": sessions, "queued": int(queued)}

@@ -1,0 +1,222 @@
+"""The Lua scripts of the customer-service chat (pmq.chat), one per operation.
+
+Every script gets the same KEYS — online agents, agent load, active index, queue, storage
+queue — and ARGV[1] a JSON table of key templates (name -> [before, after] around an id, made
+from pmq.keys so the key shapes live there alone) and ARGV[2] the time in unix ms. Script
+arguments start at ARGV[3]. Results that can fail start with an HTTP-like code.
+"""
+
+from __future__ import annotations
+
+PRELUDE = """
+local T = cjson.decode(ARGV[1])
+local NOW = ARGV[2]
+local function key(name, id) return T[name][1] .. id .. T[name][2] end
+
+-- An agent counts as online while its connection registry entry exists; a stale member
+-- (its worker died) leaves the online set on first sight.
+local function connected(agent)
+    if redis.call('EXISTS', key('conns', agent)) == 1 then return true end
+    redis.call('SREM', KEYS[1], agent)
+    return false
+end
+
+local function load_of(agent) return tonumber(redis.call('HGET', KEYS[2], agent) or '0') end
+
+-- The agent for a session of `user`: the user's last agent when online and under the cap,
+-- else one of the least loaded online agents under the cap (`seed` picks among ties);
+-- false when there is none.
+local function pick(user, cap, seed)
+    local last = redis.call('GET', key('last', user))
+    if last and redis.call('SISMEMBER', KEYS[1], last) == 1 and connected(last)
+        and load_of(last) < cap then
+        return last
+    end
+    local best, ties = nil, {}
+    for _, agent in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+        if connected(agent) then
+            local load = load_of(agent)
+            if load < cap then
+                if best == nil or load < best then
+                    best, ties = load, {agent}
+                elseif load == best then
+                    ties[#ties + 1] = agent
+                end
+            end
+        end
+    end
+    if #ties == 0 then return false end
+    return ties[(seed % #ties) + 1]
+end
+
+local function assign(sid, agent)
+    redis.call('HSET', key('session', sid), 'agent', agent, 'status', 'open', 'active', NOW)
+    redis.call('HINCRBY', KEYS[2], agent, 1)
+    redis.call('ZADD', key('agent_sessions', agent), NOW, sid)
+    redis.call('ZADD', KEYS[3], NOW, sid)
+end
+"""
+
+# ARGV: 3 cap, 4 seed, 5 user, 6 new session id, 7 ttl (seconds a session is remembered).
+# Returns {0, sid, agent|'', position|nil} for the user's existing session, {1, sid, agent}
+# for a new assigned one, {2, sid, '', position} for a new queued one.
+OPEN = (
+    PRELUDE
+    + """
+local user, sid = ARGV[5], ARGV[6]
+local current = redis.call('GET', key('user_session', user))
+if current then
+    local s = redis.call('HMGET', key('session', current), 'status', 'agent')
+    if s[1] == 'open' then return {0, current, s[2]} end
+    if s[1] == 'queued' then
+        local pos = redis.call('LPOS', KEYS[4], current)
+        if not pos then pos = redis.call('RPUSH', KEYS[4], current) - 1 end
+        return {0, current, '', pos + 1}
+    end
+end
+local agent = pick(user, tonumber(ARGV[3]), tonumber(ARGV[4]))
+redis.call('HSET', key('session', sid), 'id', sid, 'user', user, 'agent', '',
+    'status', 'queued', 'opened', NOW, 'active', NOW, 'count', 0)
+redis.call('SET', key('user_session', user), sid)
+local mine, ttl = key('user_sessions', user), tonumber(ARGV[7])
+redis.call('ZADD', mine, NOW, sid)
+redis.call('ZREMRANGEBYSCORE', mine, '-inf', string.format('%d', tonumber(NOW) - ttl * 1000))
+redis.call('EXPIRE', mine, ttl)
+if agent then
+    assign(sid, agent)
+    return {1, sid, agent}
+end
+return {2, sid, '', redis.call('RPUSH', KEYS[4], sid)}
+"""
+)
+
+# ARGV: 3 cap, 4 seed, 5 most assignments. Assigns queued sessions in order while some
+# agent is under the cap; returns {sid, user, agent, ...} of those assigned.
+DRAIN = (
+    PRELUDE
+    + """
+local cap, seed, out = tonumber(ARGV[3]), tonumber(ARGV[4]), {}
+for i = 1, tonumber(ARGV[5]) do
+    local sid = redis.call('LINDEX', KEYS[4], 0)
+    if not sid then break end
+    local s = redis.call('HMGET', key('session', sid), 'status', 'user')
+    if s[1] ~= 'queued' then
+        redis.call('LPOP', KEYS[4])
+    else
+        local agent = pick(s[2], cap, seed + i)
+        if not agent then break end
+        redis.call('LPOP', KEYS[4])
+        assign(sid, agent)
+        out[#out + 1] = sid
+        out[#out + 1] = s[2]
+        out[#out + 1] = agent
+    end
+end
+return out
+"""
+)
+
+# ARGV: 3 sid, 4 by ('' = the idle closer), 5 reason, 6 idle cutoff ms ('' = none), 7 ttl.
+# Returns {200, user, agent|''}, {404}, {403}, {409} closed already, or {304} when the
+# session saw activity after the cutoff (not idle any more).
+CLOSE = (
+    PRELUDE
+    + """
+local sid, by = ARGV[3], ARGV[4]
+local skey = key('session', sid)
+local s = redis.call('HMGET', skey, 'user', 'agent', 'status', 'active', 'opened', 'last_id')
+if not s[1] then
+    redis.call('ZREM', KEYS[3], sid)
+    return {404}
+end
+if by ~= '' and by ~= s[1] and by ~= s[2] then return {403} end
+if s[3] == 'closed' then return {409} end
+if ARGV[6] ~= '' and tonumber(s[4]) > tonumber(ARGV[6]) then return {304} end
+local ttl = tonumber(ARGV[7])
+redis.call('HSET', skey, 'status', 'closed', 'closed', NOW, 'closed_by', by, 'reason', ARGV[5])
+redis.call('EXPIRE', skey, ttl)
+local current = key('user_session', s[1])
+if redis.call('GET', current) == sid then redis.call('DEL', current) end
+redis.call('ZREM', KEYS[3], sid)
+if s[3] == 'open' then
+    if redis.call('HINCRBY', KEYS[2], s[2], -1) <= 0 then redis.call('HDEL', KEYS[2], s[2]) end
+    redis.call('ZREM', key('agent_sessions', s[2]), sid)
+    redis.call('SET', key('last', s[1]), s[2], 'EX', ttl)
+else
+    redis.call('LREM', KEYS[4], 0, sid)
+end
+redis.call('RPUSH', KEYS[5], cjson.encode({op = 'cs_session', id = sid, uid = s[1],
+    agent = s[2], opened = s[5], closed = NOW, last_msg_id = s[6] or '', reason = ARGV[5]}))
+return {200, s[1], s[2]}
+"""
+)
+
+# ARGV: 3 sid, 4 sender. Checks the sender may send now and marks the session active.
+# Returns {200, peer}, {404}, {403}, {409, status}.
+CHECK_SEND = (
+    PRELUDE
+    + """
+local sid, sender = ARGV[3], ARGV[4]
+local skey = key('session', sid)
+local s = redis.call('HMGET', skey, 'user', 'agent', 'status')
+if not s[1] then return {404} end
+if sender ~= s[1] and (s[2] == '' or sender ~= s[2]) then return {403} end
+if s[3] ~= 'open' then return {409, s[3]} end
+redis.call('HSET', skey, 'active', NOW)
+redis.call('ZADD', KEYS[3], 'XX', NOW, sid)
+if sender == s[1] then return {200, s[2]} end
+return {200, s[1]}
+"""
+)
+
+# ARGV: 3 sid, 4 message id, 5 message ms, 6 message JSON, 7 history max, 8 ttl,
+# 9 storage op. Keeps a sent message in the session's history and queues it for storage.
+RECORD = (
+    PRELUDE
+    + """
+local sid, id = ARGV[3], ARGV[4]
+local hkey, bkey, skey = key('history', sid), key('bodies', sid), key('session', sid)
+local ttl = tonumber(ARGV[8])
+redis.call('ZADD', hkey, ARGV[5], id)
+redis.call('HSET', bkey, id, ARGV[6])
+local over = redis.call('ZCARD', hkey) - tonumber(ARGV[7])
+if over > 0 then
+    local old = redis.call('ZRANGE', hkey, 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', hkey, 0, over - 1)
+    redis.call('HDEL', bkey, unpack(old))
+end
+redis.call('EXPIRE', hkey, ttl)
+redis.call('EXPIRE', bkey, ttl)
+if redis.call('EXISTS', skey) == 1 then
+    redis.call('HSET', skey, 'last', ARGV[6], 'last_id', id)
+    redis.call('HINCRBY', skey, 'count', 1)
+end
+redis.call('RPUSH', KEYS[5], ARGV[9])
+return 1
+"""
+)
+
+# ARGV: 3 agent. Takes the agent out of the online set once its last connection is gone.
+AGENT_OFFLINE = (
+    PRELUDE
+    + """
+if redis.call('EXISTS', key('conns', ARGV[3])) == 0 then
+    return redis.call('SREM', KEYS[1], ARGV[3])
+end
+return 0
+"""
+)
+
+# KEYS: the lock; ARGV: owner, ttl ms. Takes the lock when free, renews it when ours.
+LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
