@@ -197,6 +197,9 @@ def format_status(status: dict[str, object]) -> str:
             f"{w['kind']:<8}{w['index']:>3}{w['pid']:>9}{duration(w['uptime']):>10}"
             f"{megabytes(w['rss']):>10}{conns!s:>8}  {state}"
         )
+    queues = next((w["queues"] for w in workers if w.get("queues")), None)
+    if queues:
+        lines.append("queues: " + ", ".join(f"{name} {depth}" for name, depth in queues.items()))
     return "\n".join(lines)
 
 
