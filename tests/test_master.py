@@ -230,6 +230,8 @@ def test_pmqctl_status_stop_and_not_running(make_node):
     as_json = json.loads(node.ctl("status", "--json").stdout)
     assert {w["kind"] for w in as_json["workers"]} == {"socket", "task"}
     assert all(w["rss"] > 0 for w in as_json["workers"])
+    wait_for(lambda: "queues: store 0, broadcast 0" in node.ctl("status").stdout, 10,
+             "queue depths in the status")
     stop = node.ctl("stop")
     assert stop.returncode == 0, stop.stderr
     assert node.wait_exit() == 0
