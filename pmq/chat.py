@@ -34,7 +34,7 @@ from pmq.config import CsConfig
 from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
 from pmq.inbox import Inbox
-from pmq.keys import Keys
+from pmq.keys import Keys, key_template
 from pmq.messaging import publish
 from pmq.protocol import Code, FrameType, Kind, encode_event
 from pmq.routing import Routes
@@ -58,11 +58,6 @@ class Archive(Protocol):
     async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
         """The session's stored messages with id < ``before`` (0 = no bound), newest first."""
         ...
-
-
-def _template(make: Callable[[str], str]) -> list[str]:
-    """A key family as [before, after] around its id, for the Lua scripts to fill in."""
-    return make("\0").split("\0")
 
 
 def _refused(code: int, what: str) -> ActionError:
@@ -96,14 +91,14 @@ class Chat:
         self.archive = archive
         self.templates = orjson.dumps(
             {
-                "conns": _template(keys.user_conns),
-                "session": _template(keys.cs_session),
-                "history": _template(keys.cs_history),
-                "bodies": _template(keys.cs_bodies),
-                "user_session": _template(keys.cs_user_session),
-                "user_sessions": _template(keys.cs_user_sessions),
-                "last": _template(keys.cs_last_agent),
-                "agent_sessions": _template(keys.cs_agent_sessions),
+                "conns": key_template(keys.user_conns),
+                "session": key_template(keys.cs_session),
+                "history": key_template(keys.cs_history),
+                "bodies": key_template(keys.cs_bodies),
+                "user_session": key_template(keys.cs_user_session),
+                "user_sessions": key_template(keys.cs_user_sessions),
+                "last": key_template(keys.cs_last_agent),
+                "agent_sessions": key_template(keys.cs_agent_sessions),
             }
         )
         self.common_keys = [

@@ -7,6 +7,14 @@ Handlers and workers never build a key by hand: they ask a :class:`Keys` made fr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
+
+def key_template(make: Callable[[str], str]) -> list[str]:
+    """A key family as [before, after] around its argument, for Lua scripts that build the
+    keys of many users: the script joins before .. id .. after, and keys.py still owns the
+    key's shape."""
+    return make("\0").split("\0")
 
 
 @dataclasses.dataclass(frozen=True)

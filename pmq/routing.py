@@ -22,7 +22,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq import metrics
-from pmq.keys import Keys
+from pmq.keys import Keys, key_template
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Routes:
     async def forget(self, worker_id: str) -> int:
         """Remove every entry of ``worker_id`` (ours at stop, or a dead one's)."""
         keys = [self.keys.worker_conns(worker_id), self.keys.workers()]
-        before, after = self.keys.user_conns("\0").split("\0")
+        before, after = key_template(self.keys.user_conns)
         removed = await self._forget(keys=keys, args=[worker_id, before, after])
         return int(removed)
 

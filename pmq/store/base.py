@@ -139,9 +139,11 @@ class Store(abc.ABC):
     def _delete_chunk(self, table: str, limit: int) -> str:
         """A DELETE of at most ``limit`` rows of ``table`` with ``ts`` below one parameter."""
 
-    @abc.abstractmethod
     def ping(self) -> None:
         """Return when the store answers a trivial query; raise StorageError otherwise."""
+        with self._session("ping", write=False) as cur:
+            cur.execute("SELECT 1")
+            cur.fetchall()
 
     @abc.abstractmethod
     def close(self) -> None:

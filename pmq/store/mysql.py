@@ -170,11 +170,6 @@ class MysqlStore(Store):
         # ORDER BY follows the (ts, id) index and keeps the statement safe for replication.
         return f"DELETE FROM {table} WHERE ts < %s ORDER BY ts, id LIMIT {limit}"
 
-    def ping(self) -> None:
-        with self._session("ping", write=False) as cur:
-            cur.execute("SELECT 1")
-            cur.fetchall()
-
     def close(self) -> None:
         with self._lock:
             if self._closed:

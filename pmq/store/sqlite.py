@@ -140,11 +140,6 @@ class SqliteStore(Store):
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT {limit})"
         )
 
-    def ping(self) -> None:
-        with self._session("ping", write=False) as cur:
-            cur.execute("SELECT 1")
-            cur.fetchall()
-
     def close(self) -> None:
         with self._lock:
             self._closed = True
