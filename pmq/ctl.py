@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("restart", cmd_restart, "rolling restart: each worker replaced, new before old")
     status = command("status", cmd_status, "workers, pids, uptime, connections, RSS")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--cluster",
+        action="store_true",
+        help="every live node of the cluster, its workers and connections, read from Redis "
+        "(needs no master on this machine)",
+    )
     token = command("token", cmd_token, "print a client token (auth.mode = jwt)")
     token.add_argument("uid")
     token.add_argument("--groups", default="", help="comma-separated groups")
@@ -172,12 +178,32 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
+    if args.cluster:
+        return cluster_status(config, args.json)
     status = request(config.server.control_socket, "status", timeout=10)
     status.pop("ok", None)
     if args.json:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
     else:
         print(format_status(status))
+    return ExitCode.OK
+
+
+def cluster_status(config: configuration.Config, as_json: bool) -> int:
+    """``status --cluster``: 0 when Redis answered (even with no live node), else 1."""
+    from redis.exceptions import RedisError
+
+    from pmq import cluster
+
+    try:
+        view = cluster.snapshot(config)
+    except (RedisError, OSError) as exc:
+        print(f"pmqctl status --cluster: redis does not answer: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    if as_json:
+        print(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(cluster.format_snapshot(view))
     return ExitCode.OK
 
 

@@ -42,6 +42,11 @@ class Keys:
         """HASH node -> JSON status summary, written by each node's workers."""
         return f"{self.prefix}nodes"
 
+    def cluster_workers(self) -> str:
+        """HASH socket worker id -> JSON {node, host, pid, connections, updated ms, ...}: the
+        cluster view (pmq.cluster), one field per worker so a node's workers never collide."""
+        return f"{self.prefix}cluster:workers"
+
     def id_lease(self, generator: int) -> str:
         """STRING worker id: who holds message-id generator number ``generator``."""
         return f"{self.prefix}idgen:{generator}"

@@ -23,6 +23,7 @@ from pmq import metrics, protocol, redisconn
 from pmq.auth import Authenticator, make_authenticator
 from pmq.broadcast import Broadcasts
 from pmq.chat import Chat
+from pmq.cluster import Board
 from pmq.config import Config
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
@@ -226,19 +227,26 @@ class SocketWorker(Worker):
             await self.chat.agent_offline(client.uid)
 
     async def keep_registry(self) -> None:
-        """Refresh our entries' TTL and sweep workers that stopped beating."""
+        """Refresh our entries' TTL and our cluster-view entry; sweep workers that stopped
+        beating (their routes and their cluster-view entries)."""
         interval = self.config.heartbeat.interval
         beat_every = max(0.5, min(5.0, interval / 3))
         next_sweep = time.monotonic()
+        self.board = Board(
+            self.redis, self.keys, self.id, interval,
+            node=self.config.server.node, index=self.index, pid=self.pid, master=self.ppid,
+        )
         while True:
             try:
                 await self.routes.beat(self.table.uids())
+                await self.board.report(len(self.table))
                 if not await self.lease.renew():
                     log.error("%s lost its id generator lease; taking a new one", self.title)
                     self.inbox.ids = IdGenerator(await self.lease.acquire())
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + interval / 2
                     await self.routes.sweep_dead_workers()
+                    await self.board.sweep()
             except (RedisError, OSError) as exc:
                 log.warning("registry refresh failed: %s", exc)
             await asyncio.sleep(beat_every)
@@ -271,6 +279,8 @@ class SocketWorker(Worker):
                 removed = await self.routes.forget(self.id)
                 log.info("%s removed %d route entries", self.title, removed)
                 await self.lease.release()
+                if hasattr(self, "board"):
+                    await self.board.withdraw()
         if hasattr(self, "ingest"):
             left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)
             if left:
