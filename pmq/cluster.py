@@ -13,7 +13,6 @@ that asks (``pmqctl status --cluster``).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import Mapping
@@ -61,7 +60,7 @@ class Board:
     """One socket worker's entry in the view. Create after fork, one per worker.
 
     Call :meth:`report` with every registry beat and :meth:`sweep` with the registry sweep;
-    :meth:`withdraw` at stop removes the entry for good (later reports do nothing)."""
+    :meth:`withdraw` at stop removes the entry (the worker stops reporting first)."""
 
     def __init__(
         self,
@@ -88,31 +87,23 @@ class Board:
             "master": master,
             "started": now_ms(),
         }
-        self.withdrawn = False
-        # A report in flight must land before the withdrawal's HDEL, never after it.
-        self.lock = asyncio.Lock()
         self._sweep = client.register_script(SWEEP)
 
     async def report(self, connections: int) -> None:
         """Write our entry; the whole hash expires too once every worker is gone."""
-        async with self.lock:
-            if self.withdrawn:
-                return
-            updated = now_ms()
-            entry = orjson.dumps({**self.entry, "connections": connections, "updated": updated})
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(self.key, self.worker_id, entry)
-            pipe.pexpire(self.key, self.max_age_ms)
-            await pipe.execute()
+        updated = now_ms()
+        entry = orjson.dumps({**self.entry, "connections": connections, "updated": updated})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.key, self.worker_id, entry)
+        pipe.pexpire(self.key, self.max_age_ms)
+        await pipe.execute()
 
     async def sweep(self) -> int:
         """Delete the entries of workers that stopped reporting; returns how many went."""
         return int(await self._sweep(keys=[self.key], args=[now_ms(), self.max_age_ms]))
 
     async def withdraw(self) -> None:
-        async with self.lock:
-            self.withdrawn = True
-            await self.redis.hdel(self.key, self.worker_id)
+        await self.redis.hdel(self.key, self.worker_id)
 
 
 # Reading the view ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
 import orjson
@@ -42,6 +42,14 @@ class LocalDelivery(Protocol):
     def unread_changed(self, uid: str) -> None: ...
     def kick(self, uid: str, reason: str) -> int: ...
 
+
+# Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds.
+REFRESH = """
+for i = 1, #KEYS do
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS
+"""
 
 # Removes every registry entry of one worker: the dead one a survivor found, or our own
 # at graceful stop. KEYS[1] worker_conns, KEYS[2] workers; ARGV[1] worker id; ARGV[2] and
@@ -92,6 +100,7 @@ class Routes:
         # (Not a set of live ones: a worker that just started must be reachable at once.)
         self.stale_workers: set[str] = set()
         self._forget = redis.register_script(FORGET_WORKER)
+        self._refresh = redis.register_script(REFRESH)
 
     # Registry writes ----------------------------------------------------------------
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
@@ -110,8 +119,8 @@ class Routes:
         pipe.hdel(self.keys.worker_conns(self.worker_id), conn_id)
         await pipe.execute()
 
-    async def beat(self, uids: Iterable[str], chunk: int = 2000) -> None:
-        """Mark this worker alive and push back the TTL of its users' entries."""
+    async def beat(self) -> None:
+        """Mark this worker alive (one round trip, whatever it holds)."""
         now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
@@ -119,12 +128,13 @@ class Routes:
         pipe.zrangebyscore(self.keys.workers(), "-inf", now_ms - self.stale_ms)
         stale = (await pipe.execute())[2]
         self.stale_workers = {w.decode() for w in stale} - {self.worker_id}
-        batch = self.redis.pipeline(transaction=False)
-        for n, uid in enumerate(uids, 1):
-            batch.expire(self.keys.user_conns(uid), self.ttl)
-            if n % chunk == 0:
-                await batch.execute()
-        await batch.execute()
+
+    async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> None:
+        """Push back the TTL of our users' entries: one Lua call per ``chunk`` users, since
+        a command per user would cost the loop more than the rest of an idle worker."""
+        for start in range(0, len(uids), chunk):
+            keys = [self.keys.user_conns(uid) for uid in uids[start : start + chunk]]
+            await self._refresh(keys=keys, args=[self.ttl])
 
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""

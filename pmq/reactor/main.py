@@ -72,6 +72,10 @@ class SocketWorker(Worker):
         self.store: Store = open_store(config.storage)
         self.routes = Routes(self.redis, self.keys, self.id, config.heartbeat.interval, self)
         self.lease = GeneratorLease(self.redis, self.keys, self.id, self.routes.ttl)
+        self.board = Board(
+            self.redis, self.keys, self.id, config.heartbeat.interval,
+            node=config.server.node, index=self.index, pid=self.pid, master=self.ppid,
+        )
         self.inbox = Inbox(
             self.redis,
             self.keys,
@@ -111,7 +115,7 @@ class SocketWorker(Worker):
         self.background.append(
             asyncio.create_task(self.pubsub.run(exception_handler=self.relay_failed), name="relay")
         )
-        await self.routes.beat(())
+        await self.routes.beat()
         self.gateway = Gateway(
             self,
             self.table,
@@ -227,18 +231,18 @@ class SocketWorker(Worker):
             await self.chat.agent_offline(client.uid)
 
     async def keep_registry(self) -> None:
-        """Refresh our entries' TTL and our cluster-view entry; sweep workers that stopped
-        beating (their routes and their cluster-view entries)."""
+        """Beat, refresh our entries' TTL (3 x interval) once an interval, keep our
+        cluster-view entry; sweep workers that stopped beating (their routes and their
+        cluster-view entries)."""
         interval = self.config.heartbeat.interval
         beat_every = max(0.5, min(5.0, interval / 3))
-        next_sweep = time.monotonic()
-        self.board = Board(
-            self.redis, self.keys, self.id, interval,
-            node=self.config.server.node, index=self.index, pid=self.pid, master=self.ppid,
-        )
+        next_sweep = next_refresh = time.monotonic()
         while True:
             try:
-                await self.routes.beat(self.table.uids())
+                await self.routes.beat()
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + interval
+                    await self.routes.refresh(self.table.uids())
                 await self.board.report(len(self.table))
                 if not await self.lease.renew():
                     log.error("%s lost its id generator lease; taking a new one", self.title)
@@ -268,28 +272,22 @@ class SocketWorker(Worker):
         }
 
     async def shutdown(self, fast: bool) -> None:
-        """Stop accepting, close sockets 1001, remove routes, drain, cancel the rest."""
-        if hasattr(self, "gateway"):
-            self.gateway.close()
-        if hasattr(self, "ingest"):
-            self.ingest.close()
-        await self.close_clients(0.5 if fast else CLOSE_PHASE_SECONDS)
-        if hasattr(self, "routes"):
-            with contextlib.suppress(RedisError, OSError):
-                removed = await self.routes.forget(self.id)
-                log.info("%s removed %d route entries", self.title, removed)
-                await self.lease.release()
-                if hasattr(self, "board"):
-                    await self.board.withdraw()
-        if hasattr(self, "ingest"):
-            left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)
-            if left:
-                log.warning("%s: %d ingest requests cut short", self.title, left)
-        for task in self.background:
+        """The phases of SPEC 1, each bounded (start() has run: everything exists)."""
+        self.gateway.close()  # 1. stop accepting
+        self.ingest.close()
+        await self.close_clients(0.5 if fast else CLOSE_PHASE_SECONDS)  # 2. close 1001
+        for task in self.background:  # 3. nothing may write our entries back after 4.
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-        if hasattr(self, "redis"):
-            await self.redis.aclose()
+        with contextlib.suppress(RedisError, OSError):  # 4. remove routes
+            removed = await self.routes.forget(self.id)
+            log.info("%s removed %d route entries", self.title, removed)
+            await self.lease.release()
+            await self.board.withdraw()
+        left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)  # 5. drain
+        if left:
+            log.warning("%s: %d ingest requests cut short", self.title, left)
+        await self.redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def close_clients(self, timeout: float) -> None:
