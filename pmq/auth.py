@@ -48,7 +48,7 @@ _UID = re.compile(r"[0-9]{1,20}")
 _ROLES = frozenset(r.value for r in Role)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Identity:
     """An authenticated client: ``uid`` a canonical decimal string (> 0), its groups, its role."""
 
