@@ -50,10 +50,9 @@ def healthz(node: Node) -> int:
 
 
 def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    """Reaped, not merely a zombie: a killed worker's thread-group leader turns zombie while
+    its other threads still exit, and its sockets stay open until the last one has."""
+    return not psutil.pid_exists(pid)
 
 
 def titles(node: Node) -> list[str]:
