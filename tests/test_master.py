@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -20,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import pmq
-from tests.helpers import Node, wait_for
+from tests.helpers import MysqlDatabase, Node, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +244,33 @@ def test_bad_config_fails_naming_the_key(make_node):
     result = node.ctl("start")
     assert result.returncode == 1
     assert "server.wokers" in result.stderr
+
+
+def test_db_init_twice_on_sqlite(make_node):
+    node = make_node()
+    for _ in range(2):
+        result = node.ctl("db", "init")
+        assert result.returncode == 0, result.stderr
+        assert "schema ready (4 message shards)" in result.stdout
+    with sqlite3.connect(node.tmp / "pmq.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {f"pmq_msg_{n}" for n in range(4)} <= tables
+    assert {"pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message"} <= tables
+
+
+def test_db_init_twice_on_mariadb(make_node):
+    database = MysqlDatabase()  # skips the test when MariaDB does not answer
+    database.query(f"DROP DATABASE `{database.name}`")  # db init must create it
+    try:
+        node = make_node(storage={"url": database.url(), "shards": 4})
+        for _ in range(2):
+            result = node.ctl("db", "init")
+            assert result.returncode == 0, result.stderr
+        tables = {row[0] for row in database.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (database.name,),
+        )}
+        assert {f"pmq_msg_{n}" for n in range(4)} <= tables
+        assert {"pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message"} <= tables
+    finally:
+        database.drop()
