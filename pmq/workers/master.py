@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import importlib
 import logging
 import os
@@ -131,6 +132,10 @@ class Master:
         for sig in SIGNALS:
             signal.signal(sig, self.record_signal)
         log.info("%s starting (pid %d)", self.title, os.getpid())
+        # Workers share the master's pages until written; a collection in a worker would
+        # write to every object it scans, so the master's objects leave the collector.
+        gc.collect()
+        gc.freeze()
         self.manage_workers()
 
     def record_signal(self, signum: int, frame: Any) -> None:
