@@ -20,7 +20,7 @@ from pmq.reactor.unread import UnreadPusher
 
 log = logging.getLogger(__name__)
 
-CHUNK = 500
+CHUNK = 256  # connections written between two yields to the loop
 
 
 class Fanout:
