@@ -38,10 +38,6 @@ class Keys:
         """Pub/sub channel one socket worker listens on for frames to its connections."""
         return f"{self.prefix}ch:{worker_id}"
 
-    def nodes(self) -> str:
-        """HASH node -> JSON status summary, written by each node's workers."""
-        return f"{self.prefix}nodes"
-
     def cluster_workers(self) -> str:
         """HASH socket worker id -> JSON {node, host, pid, connections, updated ms, ...}: the
         cluster view (pmq.cluster), one field per worker so a node's workers never collide."""
