@@ -33,7 +33,7 @@ METHODS = key_methods()
 
 
 def test_methods_found() -> None:
-    assert {"user_conns", "worker_conns", "workers", "worker_channel", "nodes"} <= set(METHODS)
+    assert {"user_conns", "worker_conns", "workers", "worker_channel", "inbox"} <= set(METHODS)
 
 
 def test_default_prefix() -> None:
