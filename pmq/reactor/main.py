@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import orjson
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from pmq import metrics, protocol, redisconn
@@ -48,6 +47,7 @@ T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
 REPLAY_PAGE = 200
 RELAY_RETRY_SECONDS = 0.5
+RELAY_BATCH = 64  # relayed messages handled between two yields to the loop
 
 
 class SocketWorker(Worker):
@@ -113,7 +113,7 @@ class SocketWorker(Worker):
             }
         )
         self.background.append(
-            asyncio.create_task(self.pubsub.run(exception_handler=self.relay_failed), name="relay")
+            asyncio.create_task(self.read_relay(), name="relay")
         )
         await self.routes.beat()
         self.gateway = Gateway(
@@ -142,11 +142,25 @@ class SocketWorker(Worker):
             asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
         ]
 
-    async def relay_failed(self, e: BaseException, pubsub: PubSub) -> None:
-        """The relay's boundary: log, pause, and go on; its next read reconnects and
-        subscribes again (without this, one Redis outage ends the relay for good)."""
-        log.warning("%s relay: %s; resubscribing", self.title, e)
-        await asyncio.sleep(RELAY_RETRY_SECONDS)
+    async def read_relay(self) -> None:
+        """Dispatch our channels' messages (relayed frames, broadcasts) as they come.
+
+        Not PubSub.run(): it yields to the loop after every message, so under load each
+        relayed frame waited a whole loop iteration and a backlog of seconds built up. Here
+        buffered messages are handled back to back, yielding every RELAY_BATCH. On an error
+        it logs, pauses and reads again, which reconnects and subscribes again (one Redis
+        outage must not end the relay for good)."""
+        handled = 0
+        while True:
+            try:
+                await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except (RedisError, OSError) as exc:
+                log.warning("%s relay: %s; resubscribing", self.title, exc)
+                await asyncio.sleep(RELAY_RETRY_SECONDS)
+                continue
+            handled += 1
+            if handled % RELAY_BATCH == 0:
+                await asyncio.sleep(0)
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
