@@ -36,8 +36,8 @@ class UnreadPusher:
             await asyncio.sleep(self.interval)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("unread push failed for %d users", len(self.dirty))
+            except Exception:  # this tick's users are dropped; their next change retries
+                log.exception("unread push failed")
 
     async def flush(self) -> None:
         dirty, self.dirty = self.dirty, set()
