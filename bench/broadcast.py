@@ -62,6 +62,7 @@ from bench.common import (
     collect,
     cpu_used,
     emit,
+    let_go,
     load_average,
     log,
     machine_cpu,
@@ -215,16 +216,7 @@ async def child_main(
             },
         )
     )
-    for start in range(0, len(sockets), 500):  # let go gently, as bench.connections does
-        chunk = sockets[start : start + 500]
-        for ws in chunk:
-            ws.close()
-        await asyncio.wait([asyncio.ensure_future(ws.closed) for ws in chunk], timeout=5)
-    for ws in sockets:
-        ws.abort()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await let_go(sockets, tasks, raw=True)
 
 
 # Probes: ping round trips while the node fans out -------------------------------------

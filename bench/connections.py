@@ -41,6 +41,7 @@ from bench.common import (
     connected_socket,
     cpu_used,
     emit,
+    let_go,
     load_average,
     log,
     node_connections,
@@ -190,20 +191,7 @@ async def child_main(
     state["letting_go"] = True
     results.put(("held", index, {"dropped": sum(drops.values()), "drops": dict(drops)}))
     # Let go gently, a few hundred at a time: a close storm is not what is measured here.
-    for start in range(0, len(sockets), 500):
-        chunk = sockets[start : start + 500]
-        if raw:
-            for ws in chunk:
-                ws.close()
-            waits = [asyncio.ensure_future(ws.closed) for ws in chunk]
-        else:
-            waits = [asyncio.create_task(ws.close()) for ws in chunk]
-        await asyncio.wait(waits, timeout=5)
-    for ws in sockets:
-        ws.transport.abort()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await let_go(sockets, tasks, raw)
 
 
 def warm_up(target: Target, args: argparse.Namespace, ctx: Any) -> None:

@@ -40,6 +40,7 @@ from bench.common import (
     connected_socket,
     cpu_used,
     emit,
+    let_go,
     load_average,
     log,
     machine_cpu,
@@ -195,20 +196,7 @@ async def receiver_main(
             },
         )
     )
-    for start in range(0, len(sockets), 500):
-        chunk = sockets[start : start + 500]
-        if raw:
-            for ws in chunk:
-                ws.close()
-            waits = [asyncio.ensure_future(ws.closed) for ws in chunk]
-        else:
-            waits = [asyncio.create_task(ws.close()) for ws in chunk]
-        await asyncio.wait(waits, timeout=5)
-    for ws in sockets:
-        ws.transport.abort()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await let_go(sockets, tasks, raw)
 
 
 def main() -> None:
