@@ -73,7 +73,6 @@ def main() -> None:
             time.time(),
         )
         calls0 = redis_calls(target.redis_url)
-        calls0 = redis_calls(target.redis_url)
         log(f"publishing {args.messages} messages over {args.concurrency} connections")
         go.set()
         done = merge(list(collect(results, "done", len(procs), args.time_limit + 60).values()))

@@ -298,7 +298,6 @@ def main() -> None:
             time.time(),
         )
         calls0 = redis_calls(target.redis_url)
-        calls0 = redis_calls(target.redis_url)
         log(f"publishing {args.messages} messages over {args.concurrency} connections")
         go.set()
         pub = merge(
