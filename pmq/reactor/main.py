@@ -40,6 +40,7 @@ from pmq.routing import Routes
 from pmq.store import Store, open_store
 from pmq.unread import Unread
 from pmq.workers.base import BootError, Worker
+from pmq.workers.heap import keep_heap_frozen
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class SocketWorker(Worker):
             asyncio.create_task(self.unread_pusher.run(), name="unread"),
             asyncio.create_task(self.fanout.run(), name="fanout"),
             asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
+            asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
         ]
 
     async def read_relay(self) -> None:
