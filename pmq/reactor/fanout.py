@@ -3,7 +3,9 @@
 The task worker publishes each broadcast once on the broadcast channel; every socket
 worker of every node gets it here. Connections are written in chunks with a yield to the
 event loop between them, so pings and other clients keep being served while thousands of
-sockets are written; the frame is encoded once, and no write ever waits for a client.
+sockets are written (a slice of at most SLICE_SECONDS: a count of writes would stall the
+loop for longer on a loaded machine); the frame is encoded once, and no write ever waits
+for a client.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pmq.reactor.unread import UnreadPusher
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # connections written between two yields to the loop
+SLICE_SECONDS = 0.01  # the longest the fan-out writes before it yields to the loop
+CHECK_EVERY = 32  # writes between two looks at the clock
 
 
 class Fanout:
@@ -29,6 +32,7 @@ class Fanout:
         self.unread = unread
         self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.delivered = 0
+        self.delivering = 0
         self.max_stall_ms = 0.0  # the longest the loop went without a yield, for stats
 
     def on_message(self, message: dict[str, Any]) -> None:
@@ -37,6 +41,11 @@ class Fanout:
             self.queue.put_nowait(decode_fanout(message["data"]))
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed broadcast message")
+
+    @property
+    def busy(self) -> bool:
+        """A broadcast is being written or waits to be."""
+        return bool(self.delivering or self.queue.qsize())
 
     async def run(self) -> None:
         while True:
@@ -48,15 +57,24 @@ class Fanout:
 
     async def deliver(self, group: str, frame: bytes) -> int:
         """Write ``frame`` to every local connection of ``group``; returns how many."""
-        clients = [c for c in self.table if group == ALL or group in c.identity.groups]
-        for start in range(0, len(clients), CHUNK):
+        self.delivering += 1
+        try:
+            clients = [c for c in self.table if group == ALL or group in c.identity.groups]
             began = time.perf_counter()
-            for client in clients[start : start + CHUNK]:
+            for n, client in enumerate(clients, 1):
                 client.send(frame)
-            self.max_stall_ms = max(self.max_stall_ms, (time.perf_counter() - began) * 1000)
-            await asyncio.sleep(0)
+                if n % CHECK_EVERY == 0 and time.perf_counter() - began >= SLICE_SECONDS:
+                    self.note_stall(began)
+                    await asyncio.sleep(0)
+                    began = time.perf_counter()
+            self.note_stall(began)
+        finally:
+            self.delivering -= 1
         for uid in {c.uid for c in clients}:
             self.unread.changed(uid)
         self.delivered += len(clients)
         metrics.BROADCAST_DELIVERIES.inc(len(clients))
         return len(clients)
+
+    def note_stall(self, began: float) -> None:
+        self.max_stall_ms = max(self.max_stall_ms, (time.perf_counter() - began) * 1000)
