@@ -7,6 +7,7 @@ seed's REPLACE INTO table), within retention.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,19 +19,16 @@ from pmq.broadcast import groups_of
 from pmq.keys import Keys
 from pmq.protocol import UNREAD_KINDS, Kind
 
-# KEYS: unread hash, last-read hash, then the group zsets; ARGV: retention floor (ms).
-# Returns the hash's field/value pairs followed by 'system' and the broadcast count.
-COUNT = """
-local counts = redis.call('HGETALL', KEYS[1])
-local last = tonumber(redis.call('HGET', KEYS[2], 'system') or '0')
-local since = math.max(tonumber(ARGV[1]), last + 1)
-local system = 0
-for i = 3, #KEYS do
-    system = system + redis.call('ZCOUNT', KEYS[i], since, '+inf')
+# KEYS: per user, the unread hash then the last-read hash. Returns per user a list: the
+# unread hash's field/value pairs, then the time of the user's last clear of system (or 0).
+COUNTERS = """
+local result = {}
+for i = 1, #KEYS, 2 do
+    local counts = redis.call('HGETALL', KEYS[i])
+    counts[#counts + 1] = redis.call('HGET', KEYS[i + 1], 'system') or '0'
+    result[#result + 1] = counts
 end
-counts[#counts + 1] = 'system'
-counts[#counts + 1] = system
-return counts
+return result
 """
 
 
@@ -39,25 +37,42 @@ class Unread:
         self.redis = redis
         self.keys = keys
         self.retention_ms = retention_seconds * 1000
-        self._count = redis.register_script(COUNT)
-
-    def _call(self, uid: str, groups: Sequence[str], client: Any = None) -> Any:
-        keys = [self.keys.unread(uid), self.keys.last_read(uid)]
-        keys += [self.keys.broadcasts(g) for g in groups_of(groups)]
-        floor = int(time.time() * 1000) - self.retention_ms
-        return self._count(keys=keys, args=[floor], client=client)
+        self._counters = redis.register_script(COUNTERS)
 
     async def counts(self, uid: str, groups: Sequence[str]) -> dict[str, int]:
         """Every kind's count (0 when unset), ``system`` included, and ``total``."""
-        return _counts(await self._call(uid, groups))
+        return (await self.counts_many([(uid, groups)]))[0]
 
-    async def counts_many(self, users: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, int]]:
-        """counts() for many users in one round trip."""
+    async def counts_many(
+        self, users: Sequence[tuple[str, Sequence[str]]], chunk: int = 500
+    ) -> list[dict[str, int]]:
+        """counts() for many users in one round trip: one script call per ``chunk`` users
+        for their counters, and each group's broadcast times read once for all of them
+        (``system`` is then counted here, so a broadcast to thousands costs no per-user
+        Redis work)."""
+        floor = int(time.time() * 1000) - self.retention_ms
+        groups = sorted({g for _, theirs in users for g in groups_of(theirs)})
         pipe = self.redis.pipeline(transaction=False)
-        for uid, groups in users:
+        for group in groups:
+            pipe.zrangebyscore(self.keys.broadcasts(group), floor, "+inf", withscores=True)
+        for start in range(0, len(users), chunk):
+            keys = []
+            for uid, _ in users[start : start + chunk]:
+                keys += [self.keys.unread(uid), self.keys.last_read(uid)]
             # Awaiting a script on a pipeline only queues it (AsyncScript is a coroutine).
-            await self._call(uid, groups, client=pipe)
-        return [_counts(flat) for flat in await pipe.execute()]
+            await self._counters(keys=keys, client=pipe)
+        replies = await pipe.execute()
+        timelines, scripts = replies[: len(groups)], replies[len(groups) :]
+        times = {g: sorted(s for _, s in r) for g, r in zip(groups, timelines, strict=True)}
+        counters = [flat for reply in scripts for flat in reply]
+        result = []
+        for (_, theirs), flat in zip(users, counters, strict=True):
+            since = max(floor, int(flat[-1]) + 1)
+            system = sum(
+                len(times[g]) - bisect.bisect_left(times[g], since) for g in groups_of(theirs)
+            )
+            result.append(_counts(flat[:-1], system))
+        return result
 
     async def clear(self, uid: str, kinds: Sequence[str] | None) -> list[str]:
         """Set the named counters (all when None) to 0; returns the kinds cleared.
@@ -81,10 +96,11 @@ class Unread:
         return list(kinds)
 
 
-def _counts(flat: list[Any]) -> dict[str, int]:
+def _counts(flat: list[Any], system: int) -> dict[str, int]:
     counts = dict.fromkeys(UNREAD_KINDS, 0)
     for i in range(0, len(flat), 2):
         name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
         counts[name] = max(0, int(flat[i + 1]))
+    counts[Kind.SYSTEM.value] = system
     counts["total"] = sum(counts.values())
     return counts

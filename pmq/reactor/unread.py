@@ -46,7 +46,12 @@ class UnreadPusher:
             clients = self.table.of_user(uid)
             if clients:
                 users.append((uid, clients[0].identity.groups))
-        for start in range(0, len(users), CHUNK):
+        frames: dict[tuple[tuple[str, int], ...], bytes] = {}  # after a broadcast most
+        for start in range(0, len(users), CHUNK):  # users share their counts: encode once
             chunk = users[start : start + CHUNK]
             for (uid, _), counts in zip(chunk, await self.unread.counts_many(chunk), strict=True):
-                self.table.send_to_user(uid, encode_event(FrameType.UNREAD, data=counts))
+                key = tuple(counts.items())
+                frame = frames.get(key)
+                if frame is None:
+                    frame = frames[key] = encode_event(FrameType.UNREAD, data=counts)
+                self.table.send_to_user(uid, frame)
