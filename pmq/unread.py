@@ -51,7 +51,8 @@ class Unread:
         (``system`` is then counted here, so a broadcast to thousands costs no per-user
         Redis work)."""
         floor = int(time.time() * 1000) - self.retention_ms
-        groups = sorted({g for _, theirs in users for g in groups_of(theirs)})
+        reached = [groups_of(theirs) for _, theirs in users]
+        groups = sorted({g for each in reached for g in each})
         pipe = self.redis.pipeline(transaction=False)
         for group in groups:
             pipe.zrangebyscore(self.keys.broadcasts(group), floor, "+inf", withscores=True)
@@ -66,11 +67,9 @@ class Unread:
         times = {g: sorted(s for _, s in r) for g, r in zip(groups, timelines, strict=True)}
         counters = [flat for reply in scripts for flat in reply]
         result = []
-        for (_, theirs), flat in zip(users, counters, strict=True):
+        for each, flat in zip(reached, counters, strict=True):
             since = max(floor, int(flat[-1]) + 1)
-            system = sum(
-                len(times[g]) - bisect.bisect_left(times[g], since) for g in groups_of(theirs)
-            )
+            system = sum(len(times[g]) - bisect.bisect_left(times[g], since) for g in each)
             result.append(_counts(flat[:-1], system))
         return result
 

@@ -135,7 +135,12 @@ class ConnectionTable:
 
     def send_to_user(self, uid: str, frame: bytes) -> int:
         """Write ``frame`` to every local connection of ``uid``; returns how many took it."""
-        return sum(client.send(frame) for client in self.of_user(uid))
+        mine = self.by_uid.get(uid)
+        if mine is None:
+            return 0
+        if len(mine) == 1:  # the common case, without a generator per frame
+            return int(next(iter(mine.values())).send(frame))
+        return sum(client.send(frame) for client in list(mine.values()))
 
     def kick_user(self, uid: str, reason: str) -> int:
         clients = self.of_user(uid)

@@ -32,7 +32,7 @@ class Fanout:
         self.unread = unread
         self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.delivered = 0
-        self.delivering = 0
+        self.delivering = False
         self.max_stall_ms = 0.0  # the longest the loop went without a yield, for stats
 
     def on_message(self, message: dict[str, Any]) -> None:
@@ -45,31 +45,31 @@ class Fanout:
     @property
     def busy(self) -> bool:
         """A broadcast is being written or waits to be."""
-        return bool(self.delivering or self.queue.qsize())
+        return self.delivering or not self.queue.empty()
 
     async def run(self) -> None:
         while True:
             group, frame = await self.queue.get()
+            self.delivering = True
             try:
-                await self.deliver(group, frame)
+                with self.unread.held():
+                    await self.deliver(group, frame)
             except Exception:
                 log.exception("broadcast fan-out to %r failed", group)
+            finally:
+                self.delivering = False
 
     async def deliver(self, group: str, frame: bytes) -> int:
         """Write ``frame`` to every local connection of ``group``; returns how many."""
-        self.delivering += 1
-        try:
-            clients = [c for c in self.table if group == ALL or group in c.identity.groups]
-            began = time.perf_counter()
-            for n, client in enumerate(clients, 1):
-                client.send(frame)
-                if n % CHECK_EVERY == 0 and time.perf_counter() - began >= SLICE_SECONDS:
-                    self.note_stall(began)
-                    await asyncio.sleep(0)
-                    began = time.perf_counter()
-            self.note_stall(began)
-        finally:
-            self.delivering -= 1
+        clients = [c for c in self.table if group == ALL or group in c.identity.groups]
+        began = time.perf_counter()
+        for n, client in enumerate(clients, 1):
+            client.send(frame)
+            if n % CHECK_EVERY == 0 and time.perf_counter() - began >= SLICE_SECONDS:
+                self.note_stall(began)
+                await asyncio.sleep(0)
+                began = time.perf_counter()
+        self.note_stall(began)
         for uid in {c.uid for c in clients}:
             self.unread.changed(uid)
         self.delivered += len(clients)

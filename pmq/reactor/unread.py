@@ -9,7 +9,9 @@ thousands, costs one frame per user per interval, never one per message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import ConnectionTable
@@ -18,6 +20,7 @@ from pmq.unread import Unread
 log = logging.getLogger(__name__)
 
 CHUNK = 500
+HOLD_POLL_SECONDS = 0.02
 
 
 class UnreadPusher:
@@ -26,14 +29,27 @@ class UnreadPusher:
         self.table = table
         self.unread = unread
         self.dirty: set[str] = set()
+        self.holds = 0  # fan-outs in progress: badges wait, the broadcast itself goes first
 
     def changed(self, uid: str) -> None:
         """The counters of ``uid`` changed: push them at the next tick."""
         self.dirty.add(uid)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No flush starts inside this block (a fan-out writing to every connection: its
+        frames must not queue behind a second frame to every connection)."""
+        self.holds += 1
+        try:
+            yield
+        finally:
+            self.holds -= 1
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            while self.holds:
+                await asyncio.sleep(HOLD_POLL_SECONDS)
             try:
                 await self.flush()
             except Exception:  # this tick's users are dropped; their next change retries
