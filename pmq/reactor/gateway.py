@@ -102,6 +102,20 @@ def plain_response(status: http.HTTPStatus, text: str) -> Response:
     return Response(status.value, status.phrase, headers, body)
 
 
+# What a connection keeps of its upgrade once it is open (see forget_handshake).
+SPENT_REQUEST = Request(WS_PATH, Headers())
+SPENT_RESPONSE = Response(http.HTTPStatus.SWITCHING_PROTOCOLS, "Switching Protocols", Headers())
+
+
+def forget_handshake(ws: ServerConnection) -> None:
+    """Drop the upgrade's request and response, which websockets keeps for the connection's
+    life: their headers (a browser's cookies and user agent, often KiBs) and the token in
+    the URL are not needed past the upgrade. They become shared placeholders, not None:
+    websockets takes a None request for "the handshake has not come yet"."""
+    ws.request = SPENT_REQUEST
+    ws.response = SPENT_RESPONSE
+
+
 class Gateway:
     def __init__(
         self,
@@ -158,6 +172,7 @@ class Gateway:
 
     async def serve_connection(self, ws: ServerConnection) -> None:
         identity: Identity = ws.pmq_identity  # type: ignore[attr-defined]
+        forget_handshake(ws)
         config = self.app.config.server
         client = Client(ws, secrets.token_hex(8), identity, config.max_pending, config.rate)
         self.table.add(client)

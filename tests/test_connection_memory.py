@@ -1,4 +1,5 @@
-"""The heap freezer (pmq.workers.heap) and what makes it safe: connections die by refcount."""
+"""What an open connection keeps in a socket worker, and the heap freezer (pmq.workers.heap)
+that relies on connections dying by reference count."""
 
 from __future__ import annotations
 
@@ -68,10 +69,21 @@ class App:
     config = Config()
 
 
+async def start_gateway(
+    on_open: Any, on_close: Any
+) -> tuple[Gateway, ConnectionTable, int]:
+    table = ConnectionTable()
+    gateway = Gateway(
+        App(), table, Authenticator(), lambda: ACTIONS, on_open, on_close  # type: ignore[arg-type]
+    )
+    await gateway.start("127.0.0.1", 0)
+    assert gateway.server is not None
+    return gateway, table, gateway.server.sockets[0].getsockname()[1]
+
+
 async def churn(connections: int) -> int:
     """Open, use and close ``connections`` clients through the real gateway with the
     collector off; returns how many objects a full collection then finds in cycles."""
-    table = ConnectionTable()
     opened: list[Client] = []
 
     async def on_open(client: Client) -> None:
@@ -80,12 +92,7 @@ async def churn(connections: int) -> int:
     async def on_close(client: Client) -> None:
         pass
 
-    gateway = Gateway(
-        App(), table, Authenticator(), lambda: ACTIONS, on_open, on_close  # type: ignore[arg-type]
-    )
-    await gateway.start("127.0.0.1", 0)
-    assert gateway.server is not None
-    port = gateway.server.sockets[0].getsockname()[1]
+    gateway, table, port = await start_gateway(on_open, on_close)
 
     async def use_one(uid: int) -> None:
         async with connect(f"ws://127.0.0.1:{port}/ws?token={uid}") as ws:
@@ -104,9 +111,14 @@ async def churn(connections: int) -> int:
     assert len(opened) == connections
     opened.clear()
     found = gc.collect()
+    await stop(gateway)
+    return found
+
+
+async def stop(gateway: Gateway) -> None:
+    assert gateway.server is not None
     gateway.close()
     await gateway.server.wait_closed()
-    return found
 
 
 async def wait_until(condition: Any, timeout: float = 5.0) -> None:
@@ -120,3 +132,36 @@ def test_closed_connections_leave_no_cycles(collector: None) -> None:
     every connection would leak once frozen. 200 connections leave less than one object."""
     found = uvloop.run(churn(200))
     assert found < 200, [type(o).__name__ for o in gc.garbage][:50]
+
+
+async def handshake_kept() -> tuple[str, int, int]:
+    """(path, request headers, response headers) an open connection still holds."""
+    opened: list[Client] = []
+
+    async def on_open(client: Client) -> None:
+        opened.append(client)
+
+    async def on_close(client: Client) -> None:
+        pass
+
+    gateway, _, port = await start_gateway(on_open, on_close)
+    cookie = "session=" + "x" * 2000
+    async with connect(
+        f"ws://127.0.0.1:{port}/ws?token=42", additional_headers={"Cookie": cookie}
+    ) as ws:
+        await ws.send('{"id": "p", "action": "ping", "data": {}}')
+        await ws.recv()
+        [client] = opened
+        assert client.ws.request is not None and client.ws.response is not None
+        kept = client.ws.request.path, len(client.ws.request.headers), len(
+            client.ws.response.headers
+        )
+    await stop(gateway)
+    return kept
+
+
+def test_open_connections_drop_the_upgrade_headers_and_token() -> None:
+    """A browser's cookies and the token in the URL are not kept for the connection's life."""
+    path, request_headers, response_headers = uvloop.run(handshake_kept())
+    assert path == "/ws"
+    assert (request_headers, response_headers) == (0, 0)
