@@ -8,6 +8,7 @@ wrong types raise :class:`ConfigError` naming the key, so a typo never runs sile
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -289,6 +290,30 @@ def _resolve(config: Config) -> Config:
     )
 
 
+def shard_ranges(shard_map: Mapping[str, str], shards: int) -> list[tuple[int, int, str]]:
+    """``storage.shard_map`` as sorted (first, last, url) ranges of message shards; raises
+    ConfigError naming the entry when a range is malformed, out of 0..shards-1, overlaps
+    another, or its URL is not mysql://."""
+    ranges: list[tuple[int, int, str]] = []
+    for name, url in shard_map.items():
+        key = f"storage.shard_map.{name!r}"
+        first, dash, last = name.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise ConfigError(f"{key}: want a shard \"N\" or a range \"A-B\"") from None
+        if not 0 <= lo <= hi < shards:
+            raise ConfigError(f"{key}: shards must lie in 0..{shards - 1} (storage.shards)")
+        if not url.startswith("mysql://"):
+            raise ConfigError(f"{key}: must be a mysql:// URL")
+        ranges.append((lo, hi, url))
+    ranges.sort()
+    for (lo1, hi1, _), (lo2, hi2, _) in itertools.pairwise(ranges):
+        if lo2 <= hi1:
+            raise ConfigError(f"storage.shard_map: ranges {lo1}-{hi1} and {lo2}-{hi2} overlap")
+    return ranges
+
+
 def _check(config: Config) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -317,6 +342,7 @@ def _check(config: Config) -> None:
         "storage.url: must start with sqlite:/// or mysql://",
     )
     need(config.storage.shards >= 1, "storage.shards: must be at least 1")
+    shard_ranges(config.storage.shard_map, config.storage.shards)
     need(
         config.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")),
         "redis.url: must be a redis:// URL",
