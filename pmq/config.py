@@ -22,6 +22,9 @@ from pmq.errors import ConfigError
 
 DEFAULT_PATHS = ("etc/pmq.toml", "/etc/pmq/pmq.toml")
 RESERVED_ENV = frozenset({"PMQ_ENV", "PMQ_CONFIG"})
+CLUSTER_URL = "redis+cluster://"
+CLUSTER_BUCKETS = 32  # user buckets ({bN} hash tags) on a Redis Cluster by default
+MAX_BUCKETS = 16384  # one per cluster slot at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ class IngestConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "pmq:"
-    cluster: bool = False
+    cluster: bool = False  # also true when url starts with redis+cluster://
+    buckets: int = 0  # 0: 1 on a single Redis, CLUSTER_BUCKETS on a cluster
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +281,11 @@ def _resolve(config: Config) -> Config:
     control = server.control_socket or str(Path(pid_file).with_suffix(".sock"))
     metrics_dir = server.metrics_dir or str(Path(pid_file).with_suffix(".metrics"))
     workers = server.workers or os.cpu_count() or 1
+    cluster = config.redis.cluster or config.redis.url.startswith(CLUSTER_URL)
+    buckets = config.redis.buckets or (CLUSTER_BUCKETS if cluster else 1)
     return dataclasses.replace(
         config,
+        redis=dataclasses.replace(config.redis, cluster=cluster, buckets=buckets),
         server=dataclasses.replace(
             server,
             node=node,
@@ -344,8 +351,16 @@ def _check(config: Config) -> None:
     need(config.storage.shards >= 1, "storage.shards: must be at least 1")
     shard_ranges(config.storage.shard_map, config.storage.shards)
     need(
-        config.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")),
+        config.redis.url.startswith(("redis://", "rediss://", "unix://", CLUSTER_URL)),
         "redis.url: must be a redis:// URL",
+    )
+    need(
+        "{" not in config.redis.prefix and "}" not in config.redis.prefix,
+        "redis.prefix: must not contain { or } (they would spoil the keys' hash tags)",
+    )
+    need(
+        1 <= config.redis.buckets <= MAX_BUCKETS,
+        f"redis.buckets: must be 1..{MAX_BUCKETS} (0: the default)",
     )
     hb = config.heartbeat
     need(0 < hb.interval < hb.timeout, "heartbeat.interval: must be positive and below timeout")
