@@ -16,16 +16,20 @@ reaches only the shard owning its channel, not every node.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.exceptions import RedisError
 
 from pmq.config import CLUSTER_URL, RedisConfig
 
 MAX_CONNECTIONS = 256
 WAIT_SECONDS = 5.0
+RESUBSCRIBE_SECONDS = 0.2
 
 
 def connect(config: RedisConfig) -> aioredis.Redis:
@@ -53,29 +57,50 @@ class Subscription:
     node owning the channel's slot, followed when the slot moves).
 
     Call :meth:`start` once, then :meth:`dispatch` in a loop: it waits for the next message
-    and runs the handler on it. After a connection error (raised), the next call reconnects
-    and subscribes again."""
+    and runs the handler on it. After a connection error (raised), call :meth:`recover`
+    (which may raise too) and go on."""
 
     def __init__(self, client: aioredis.Redis, channel: str, handler: Handler) -> None:
+        self.client = client
         self.channel = channel
         self.handler = handler
         self.cluster = is_cluster(client)
+        self.pubsub = self._new()
+
+    def _new(self) -> aioredis.client.PubSub:
         if self.cluster:
-            self.pubsub: aioredis.client.PubSub = cast(RedisCluster, client).pubsub()
-        else:
-            self.pubsub = client.pubsub()
+            return cast(RedisCluster, self.client).pubsub()
+        return self.client.pubsub()
 
     async def start(self) -> None:
         await self.pubsub.ssubscribe(**{self.channel: self.handler})
 
     async def dispatch(self) -> None:
         """Wait for one message and handle it (handlers run inside the read)."""
-        if self.cluster:
-            await cast(ClusterPubSub, self.pubsub).get_sharded_message(
-                ignore_subscribe_messages=True, timeout=None  # type: ignore[arg-type]
-            )
-        else:
+        if not self.cluster:
             await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            return
+        pubsub = cast(ClusterPubSub, self.pubsub)
+        if not pubsub.node_pubsub_mapping:
+            # The shard dropped our subscription (its slot moved) and nothing listens now:
+            # subscribe again, at the slot's current owner, rather than spin on nothing.
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+            await self.start()
+            return
+        await pubsub.get_sharded_message(
+            ignore_subscribe_messages=True, timeout=None  # type: ignore[arg-type]
+        )
+
+    async def recover(self) -> None:
+        """After a read failed: on a cluster, a fresh subscription at the slot's current
+        owner (the old node may be gone); on one server the next read reconnects and
+        subscribes again by itself."""
+        if not self.cluster:
+            return
+        old, self.pubsub = self.pubsub, self._new()
+        with contextlib.suppress(RedisError, OSError):
+            await old.aclose()
+        await self.start()
 
     async def close(self) -> None:
         await self.pubsub.aclose()

@@ -162,6 +162,8 @@ class SocketWorker(Worker):
                     "%s relay %s: %s; resubscribing", self.title, subscription.channel, exc
                 )
                 await asyncio.sleep(RELAY_RETRY_SECONDS)
+                with contextlib.suppress(RedisError, OSError):
+                    await subscription.recover()
                 continue
             handled += 1
             if handled % RELAY_BATCH == 0:
