@@ -386,3 +386,28 @@ def test_shard_map_ranges_load(tmp_path: Path) -> None:
 def test_shard_map_bad_entries_name_the_key(tmp_path: Path, entries: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_text(tmp_path, f"[storage]\nshards = 8\n[storage.shard_map]\n{entries}\n")
+
+
+# redis: a cluster and its buckets -------------------------------------------------------
+
+
+def test_cluster_url_implies_cluster_and_buckets(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[redis]\nurl = "redis+cluster://10.0.0.1:7000"\n')
+    assert cfg.redis.cluster is True and cfg.redis.buckets == config.CLUSTER_BUCKETS
+    single = load_text(tmp_path, "")
+    assert single.redis.cluster is False and single.redis.buckets == 1
+    explicit = load_text(tmp_path, "[redis]\ncluster = true\nbuckets = 64\n")
+    assert explicit.redis.buckets == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[redis]\nprefix = "pmq:{x}:"\n', r"redis\.prefix"),
+        ("[redis]\nbuckets = 20000\n", r"redis\.buckets"),
+        ("[redis]\nbuckets = -1\n", r"redis\.buckets"),
+    ],
+)
+def test_bad_redis_layout_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text)
