@@ -4,7 +4,9 @@ Agents are users whose token role is "agent". An agent is online while it holds 
 connection (the socket worker calls :meth:`Chat.agent_online` / :meth:`Chat.agent_offline`);
 its load is the number of its open sessions. Every change of sessions, loads and the queue
 is one Lua script (pmq.chat_lua), so two workers on two nodes never give one agent more than
-``cs.max_sessions_per_agent`` sessions nor one user two open sessions.
+``cs.max_sessions_per_agent`` sessions nor one user two open sessions. All chat keys carry
+the ``{cs}`` hash tag (one Redis Cluster slot); which agents hold a connection is read from
+the registry just before a script that picks an agent.
 
 A session is ``queued`` (no agent yet), ``open`` or ``closed``. Messages go through the
 durable inbox (pmq.messaging.publish, kind ``cs``): ack, offline delivery and unread work as
@@ -22,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 import orjson
@@ -34,7 +36,7 @@ from pmq.config import CsConfig
 from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
 from pmq.inbox import Inbox
-from pmq.keys import Keys, key_template
+from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.messaging import publish
 from pmq.protocol import Code, FrameType, Kind, encode_event
 from pmq.routing import Routes
@@ -91,7 +93,6 @@ class Chat:
         self.archive = archive
         self.templates = orjson.dumps(
             {
-                "conns": key_template(keys.user_conns),
                 "session": key_template(keys.cs_session),
                 "history": key_template(keys.cs_history),
                 "bodies": key_template(keys.cs_bodies),
@@ -106,19 +107,49 @@ class Chat:
             keys.cs_load(),
             keys.cs_active(),
             keys.cs_queue(),
-            keys.store_queue(),
+            keys.store_queue(CHAT_TAG),
         ]
         self._open = redis.register_script(chat_lua.OPEN)
         self._drain = redis.register_script(chat_lua.DRAIN)
         self._close = redis.register_script(chat_lua.CLOSE)
         self._check_send = redis.register_script(chat_lua.CHECK_SEND)
         self._record = redis.register_script(chat_lua.RECORD)
-        self._agent_offline = redis.register_script(chat_lua.AGENT_OFFLINE)
         self._lock = redis.register_script(chat_lua.LOCK)
 
-    async def _run(self, script: Any, *args: Any) -> Any:
+    async def _run(self, script: Any, *args: Any, live: Sequence[str] = ()) -> Any:
+        """Call a chat script; ``live`` lists the online agents with a connection now
+        (only scripts that pick an agent need it)."""
         now = int(time.time() * 1000)
-        return await script(keys=self.common_keys, args=[self.templates, now, *args])
+        args = (self.templates, now, orjson.dumps(list(live)), *args)
+        return await script(keys=self.common_keys, args=args)
+
+    async def _live_agents(self) -> list[str]:
+        """The online agents that hold a connection; members whose connections are gone
+        (their worker died) leave the online set on first sight."""
+        members = sorted(
+            m.decode() for m in cast(set[bytes], await self.redis.smembers(self.keys.cs_online()))
+        )
+        if not members:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for agent in members:
+            pipe.exists(self.keys.user_conns(agent))
+        present = await pipe.execute()
+        live = [a for a, n in zip(members, present, strict=True) if n]
+        for agent in set(members) - set(live):
+            await self._forget_agent(agent)
+        return live
+
+    async def _forget_agent(self, agent: str) -> None:
+        """Take the agent out of the online set unless it holds a connection. Checked again
+        after the removal: a connection registered meanwhile (its SADD may have come just
+        before our SREM) puts the agent back."""
+        conns = self.keys.user_conns(agent)
+        if await self.redis.exists(conns):
+            return
+        await self.redis.srem(self.keys.cs_online(), agent)
+        if await self.redis.exists(conns):
+            await self.redis.sadd(self.keys.cs_online(), agent)
 
     # Presence -------------------------------------------------------------------------
     async def agent_online(self, agent: str) -> None:
@@ -129,7 +160,7 @@ class Chat:
     async def agent_offline(self, agent: str) -> None:
         """Call after a connection of the agent is unregistered; the agent leaves the online
         set with its last connection. Its open sessions stay open (offline delivery)."""
-        await self._run(self._agent_offline, agent)
+        await self._forget_agent(agent)
 
     # Sessions -------------------------------------------------------------------------
     async def open(self, user: str) -> dict[str, Any]:
@@ -140,7 +171,8 @@ class Chat:
         cap = self.settings().max_sessions_per_agent
         new_id = str(self.inbox.ids.next())
         seed = random.randrange(2**31)
-        result = await self._run(self._open, cap, seed, user, new_id, self.ttl)
+        live = await self._live_agents()
+        result = await self._run(self._open, cap, seed, user, new_id, self.ttl, live=live)
         state, sid, agent = int(result[0]), result[1].decode(), result[2].decode()
         reply: dict[str, Any] = {"session_id": sid, "agent": agent or None, "queued": not agent}
         if not agent:
@@ -156,7 +188,12 @@ class Chat:
         cap = self.settings().max_sessions_per_agent
         assigned = 0
         while True:
-            flat = await self._run(self._drain, cap, random.randrange(2**31), DRAIN_MAX)
+            if not await self.redis.llen(self.keys.cs_queue()):
+                return assigned
+            live = await self._live_agents()
+            flat = await self._run(
+                self._drain, cap, random.randrange(2**31), DRAIN_MAX, live=live
+            )
             for i in range(0, len(flat), 3):
                 sid, user, agent = (v.decode() for v in flat[i : i + 3])
                 await self.routes.deliver(

@@ -2,8 +2,12 @@
 
 Every script gets the same KEYS — online agents, agent load, active index, queue, storage
 queue — and ARGV[1] a JSON table of key templates (name -> [before, after] around an id, made
-from pmq.keys so the key shapes live there alone) and ARGV[2] the time in unix ms. Script
-arguments start at ARGV[3]. Results that can fail start with an HTTP-like code.
+from pmq.keys so the key shapes live there alone), ARGV[2] the time in unix ms and ARGV[3] a
+JSON list of the online agents that hold a connection now (checked by pmq.chat just before:
+the connection registry lives in the users' buckets, another slot on a Redis Cluster, so a
+script cannot read it). Script arguments start at ARGV[4]. Every key a script touches,
+declared or built from a template, carries the {cs} hash tag: one slot. Results that can
+fail start with an HTTP-like code.
 """
 
 from __future__ import annotations
@@ -13,13 +17,10 @@ local T = cjson.decode(ARGV[1])
 local NOW = ARGV[2]
 local function key(name, id) return T[name][1] .. id .. T[name][2] end
 
--- An agent counts as online while its connection registry entry exists; a stale member
--- (its worker died) leaves the online set on first sight.
-local function connected(agent)
-    if redis.call('EXISTS', key('conns', agent)) == 1 then return true end
-    redis.call('SREM', KEYS[1], agent)
-    return false
-end
+-- An agent counts as online while it holds a connection (the caller's list).
+local LIVE = {}
+for _, agent in ipairs(cjson.decode(ARGV[3])) do LIVE[agent] = true end
+local function connected(agent) return LIVE[agent] == true end
 
 local function load_of(agent) return tonumber(redis.call('HGET', KEYS[2], agent) or '0') end
 
@@ -57,13 +58,13 @@ local function assign(sid, agent)
 end
 """
 
-# ARGV: 3 cap, 4 seed, 5 user, 6 new session id, 7 ttl (seconds a session is remembered).
+# ARGV: 4 cap, 5 seed, 6 user, 7 new session id, 8 ttl (seconds a session is remembered).
 # Returns {0, sid, agent|'', position|nil} for the user's existing session, {1, sid, agent}
 # for a new assigned one, {2, sid, '', position} for a new queued one.
 OPEN = (
     PRELUDE
     + """
-local user, sid = ARGV[5], ARGV[6]
+local user, sid = ARGV[6], ARGV[7]
 local current = redis.call('GET', key('user_session', user))
 if current then
     local s = redis.call('HMGET', key('session', current), 'status', 'agent')
@@ -74,11 +75,11 @@ if current then
         return {0, current, '', pos + 1}
     end
 end
-local agent = pick(user, tonumber(ARGV[3]), tonumber(ARGV[4]))
+local agent = pick(user, tonumber(ARGV[4]), tonumber(ARGV[5]))
 redis.call('HSET', key('session', sid), 'id', sid, 'user', user, 'agent', '',
     'status', 'queued', 'opened', NOW, 'active', NOW, 'count', 0)
 redis.call('SET', key('user_session', user), sid)
-local mine, ttl = key('user_sessions', user), tonumber(ARGV[7])
+local mine, ttl = key('user_sessions', user), tonumber(ARGV[8])
 redis.call('ZADD', mine, NOW, sid)
 redis.call('ZREMRANGEBYSCORE', mine, '-inf', string.format('%d', tonumber(NOW) - ttl * 1000))
 redis.call('EXPIRE', mine, ttl)
@@ -90,13 +91,13 @@ return {2, sid, '', redis.call('RPUSH', KEYS[4], sid)}
 """
 )
 
-# ARGV: 3 cap, 4 seed, 5 most assignments. Assigns queued sessions in order while some
+# ARGV: 4 cap, 5 seed, 6 most assignments. Assigns queued sessions in order while some
 # agent is under the cap; returns {sid, user, agent, ...} of those assigned.
 DRAIN = (
     PRELUDE
     + """
-local cap, seed, out = tonumber(ARGV[3]), tonumber(ARGV[4]), {}
-for i = 1, tonumber(ARGV[5]) do
+local cap, seed, out = tonumber(ARGV[4]), tonumber(ARGV[5]), {}
+for i = 1, tonumber(ARGV[6]) do
     local sid = redis.call('LINDEX', KEYS[4], 0)
     if not sid then break end
     local s = redis.call('HMGET', key('session', sid), 'status', 'user')
@@ -116,13 +117,13 @@ return out
 """
 )
 
-# ARGV: 3 sid, 4 by ('' = the idle closer), 5 reason, 6 idle cutoff ms ('' = none), 7 ttl.
+# ARGV: 4 sid, 5 by ('' = the idle closer), 6 reason, 7 idle cutoff ms ('' = none), 8 ttl.
 # Returns {200, user, agent|''}, {404}, {403}, {409} closed already, or {304} when the
 # session saw activity after the cutoff (not idle any more).
 CLOSE = (
     PRELUDE
     + """
-local sid, by = ARGV[3], ARGV[4]
+local sid, by = ARGV[4], ARGV[5]
 local skey = key('session', sid)
 local s = redis.call('HMGET', skey, 'user', 'agent', 'status', 'active', 'opened', 'last_id')
 if not s[1] then
@@ -131,9 +132,9 @@ if not s[1] then
 end
 if by ~= '' and by ~= s[1] and by ~= s[2] then return {403} end
 if s[3] == 'closed' then return {409} end
-if ARGV[6] ~= '' and tonumber(s[4]) > tonumber(ARGV[6]) then return {304} end
-local ttl = tonumber(ARGV[7])
-redis.call('HSET', skey, 'status', 'closed', 'closed', NOW, 'closed_by', by, 'reason', ARGV[5])
+if ARGV[7] ~= '' and tonumber(s[4]) > tonumber(ARGV[7]) then return {304} end
+local ttl = tonumber(ARGV[8])
+redis.call('HSET', skey, 'status', 'closed', 'closed', NOW, 'closed_by', by, 'reason', ARGV[6])
 redis.call('EXPIRE', skey, ttl)
 local current = key('user_session', s[1])
 if redis.call('GET', current) == sid then redis.call('DEL', current) end
@@ -146,17 +147,17 @@ else
     redis.call('LREM', KEYS[4], 0, sid)
 end
 redis.call('RPUSH', KEYS[5], cjson.encode({op = 'cs_session', id = sid, uid = s[1],
-    agent = s[2], opened = s[5], closed = NOW, last_msg_id = s[6] or '', reason = ARGV[5]}))
+    agent = s[2], opened = s[5], closed = NOW, last_msg_id = s[6] or '', reason = ARGV[6]}))
 return {200, s[1], s[2]}
 """
 )
 
-# ARGV: 3 sid, 4 sender. Checks the sender may send now and marks the session active.
+# ARGV: 4 sid, 5 sender. Checks the sender may send now and marks the session active.
 # Returns {200, peer}, {404}, {403}, {409, status}.
 CHECK_SEND = (
     PRELUDE
     + """
-local sid, sender = ARGV[3], ARGV[4]
+local sid, sender = ARGV[4], ARGV[5]
 local skey = key('session', sid)
 local s = redis.call('HMGET', skey, 'user', 'agent', 'status')
 if not s[1] then return {404} end
@@ -169,17 +170,17 @@ return {200, s[1]}
 """
 )
 
-# ARGV: 3 sid, 4 message id, 5 message ms, 6 message JSON, 7 history max, 8 ttl,
-# 9 storage op. Keeps a sent message in the session's history and queues it for storage.
+# ARGV: 4 sid, 5 message id, 6 message ms, 7 message JSON, 8 history max, 9 ttl,
+# 10 storage op. Keeps a sent message in the session's history and queues it for storage.
 RECORD = (
     PRELUDE
     + """
-local sid, id = ARGV[3], ARGV[4]
+local sid, id = ARGV[4], ARGV[5]
 local hkey, bkey, skey = key('history', sid), key('bodies', sid), key('session', sid)
-local ttl = tonumber(ARGV[8])
-redis.call('ZADD', hkey, ARGV[5], id)
-redis.call('HSET', bkey, id, ARGV[6])
-local over = redis.call('ZCARD', hkey) - tonumber(ARGV[7])
+local ttl = tonumber(ARGV[9])
+redis.call('ZADD', hkey, ARGV[6], id)
+redis.call('HSET', bkey, id, ARGV[7])
+local over = redis.call('ZCARD', hkey) - tonumber(ARGV[8])
 if over > 0 then
     local old = redis.call('ZRANGE', hkey, 0, over - 1)
     redis.call('ZREMRANGEBYRANK', hkey, 0, over - 1)
@@ -188,22 +189,11 @@ end
 redis.call('EXPIRE', hkey, ttl)
 redis.call('EXPIRE', bkey, ttl)
 if redis.call('EXISTS', skey) == 1 then
-    redis.call('HSET', skey, 'last', ARGV[6], 'last_id', id)
+    redis.call('HSET', skey, 'last', ARGV[7], 'last_id', id)
     redis.call('HINCRBY', skey, 'count', 1)
 end
-redis.call('RPUSH', KEYS[5], ARGV[9])
+redis.call('RPUSH', KEYS[5], ARGV[10])
 return 1
-"""
-)
-
-# ARGV: 3 agent. Takes the agent out of the online set once its last connection is gone.
-AGENT_OFFLINE = (
-    PRELUDE
-    + """
-if redis.call('EXISTS', key('conns', ARGV[3])) == 0 then
-    return redis.call('SREM', KEYS[1], ARGV[3])
-end
-return 0
 """
 )
 

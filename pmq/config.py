@@ -8,6 +8,7 @@ wrong types raise :class:`ConfigError` naming the key, so a typo never runs sile
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -21,6 +22,9 @@ from pmq.errors import ConfigError
 
 DEFAULT_PATHS = ("etc/pmq.toml", "/etc/pmq/pmq.toml")
 RESERVED_ENV = frozenset({"PMQ_ENV", "PMQ_CONFIG"})
+CLUSTER_URL = "redis+cluster://"
+CLUSTER_BUCKETS = 32  # user buckets ({bN} hash tags) on a Redis Cluster by default
+MAX_BUCKETS = 16384  # one per cluster slot at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,8 @@ class IngestConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "pmq:"
-    cluster: bool = False
+    cluster: bool = False  # also true when url starts with redis+cluster://
+    buckets: int = 0  # 0: 1 on a single Redis, CLUSTER_BUCKETS on a cluster
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +281,11 @@ def _resolve(config: Config) -> Config:
     control = server.control_socket or str(Path(pid_file).with_suffix(".sock"))
     metrics_dir = server.metrics_dir or str(Path(pid_file).with_suffix(".metrics"))
     workers = server.workers or os.cpu_count() or 1
+    cluster = config.redis.cluster or config.redis.url.startswith(CLUSTER_URL)
+    buckets = config.redis.buckets or (CLUSTER_BUCKETS if cluster else 1)
     return dataclasses.replace(
         config,
+        redis=dataclasses.replace(config.redis, cluster=cluster, buckets=buckets),
         server=dataclasses.replace(
             server,
             node=node,
@@ -287,6 +295,30 @@ def _resolve(config: Config) -> Config:
             workers=workers,
         ),
     )
+
+
+def shard_ranges(shard_map: Mapping[str, str], shards: int) -> list[tuple[int, int, str]]:
+    """``storage.shard_map`` as sorted (first, last, url) ranges of message shards; raises
+    ConfigError naming the entry when a range is malformed, out of 0..shards-1, overlaps
+    another, or its URL is not mysql://."""
+    ranges: list[tuple[int, int, str]] = []
+    for name, url in shard_map.items():
+        key = f"storage.shard_map.{name!r}"
+        first, dash, last = name.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise ConfigError(f"{key}: want a shard \"N\" or a range \"A-B\"") from None
+        if not 0 <= lo <= hi < shards:
+            raise ConfigError(f"{key}: shards must lie in 0..{shards - 1} (storage.shards)")
+        if not url.startswith("mysql://"):
+            raise ConfigError(f"{key}: must be a mysql:// URL")
+        ranges.append((lo, hi, url))
+    ranges.sort()
+    for (lo1, hi1, _), (lo2, hi2, _) in itertools.pairwise(ranges):
+        if lo2 <= hi1:
+            raise ConfigError(f"storage.shard_map: ranges {lo1}-{hi1} and {lo2}-{hi2} overlap")
+    return ranges
 
 
 def _check(config: Config) -> None:
@@ -317,9 +349,18 @@ def _check(config: Config) -> None:
         "storage.url: must start with sqlite:/// or mysql://",
     )
     need(config.storage.shards >= 1, "storage.shards: must be at least 1")
+    shard_ranges(config.storage.shard_map, config.storage.shards)
     need(
-        config.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")),
+        config.redis.url.startswith(("redis://", "rediss://", "unix://", CLUSTER_URL)),
         "redis.url: must be a redis:// URL",
+    )
+    need(
+        "{" not in config.redis.prefix and "}" not in config.redis.prefix,
+        "redis.prefix: must not contain { or } (they would spoil the keys' hash tags)",
+    )
+    need(
+        1 <= config.redis.buckets <= MAX_BUCKETS,
+        f"redis.buckets: must be 1..{MAX_BUCKETS} (0: the default)",
     )
     hb = config.heartbeat
     need(0 < hb.interval < hb.timeout, "heartbeat.interval: must be positive and below timeout")

@@ -5,6 +5,12 @@ ids beside a HASH of bodies), the unread counter moves, a storage operation is q
 the task workers, and the user's live connections are read back for delivery — atomically,
 so a message is either accepted whole or not at all. It stays until ``msg.ack`` names it.
 
+The keys a call touches share the recipients' bucket (pmq.keys): the bucket's storage queue,
+inbox index and dedupe key. A multicast to users of several buckets is one call per bucket,
+run concurrently; each bucket's part is deduplicated on its own, so a retry after a partial
+failure finds the parts that were accepted (and answers their first ids) and accepts the
+rest. On a single Redis (one bucket) a publish is one call, as a unicast always is.
+
 Unread counters live beside it (pmq.unread). Messages older than ``inbox.hot_seconds`` are
 moved to storage by the sweep (pmq.tasks); replay and ``msg.pull`` read those from storage
 first, then the hot ones, in id order.
@@ -12,6 +18,7 @@ first, then the hot ones, in id order.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,12 +118,14 @@ class Message:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Accepted:
-    """What publish did: the ids, and for each message the user's live connections."""
+    """What publish did: the ids (one per recipient, in order), and for each message newly
+    accepted (not a repeat) its recipient, wire JSON and the user's live connections."""
 
     ids: list[str]
-    duplicate: bool
-    encoded: list[bytes]  # each message's wire JSON, to wrap in a push frame
-    connections: list[dict[str, str]]  # conn id -> worker id, per message
+    duplicate: bool  # every part was a repeat of its idempotency key: nothing new
+    recipients: list[str]  # of the new messages, aligned with encoded and connections
+    encoded: list[bytes]  # each new message's wire JSON, to wrap in a push frame
+    connections: list[dict[str, str]]  # conn id -> worker id, per new message
 
 
 ColdReader = Callable[[str, int, int], Awaitable[list[dict[str, Any]]]]
@@ -151,17 +160,45 @@ class Inbox:
         """Accept one message per recipient; a repeated ``dedupe_key`` returns the first ids."""
         now = int(time.time() * 1000)
         messages = [Message(self.ids.next(), kind, sender, to, body, now) for to in recipients]
+        parts: dict[int, list[int]] = {}  # bucket -> indexes of its messages
+        for i, m in enumerate(messages):
+            parts.setdefault(self.keys.bucket(m.to), []).append(i)
+        calls = [
+            self._publish_part(bucket, [messages[i] for i in indexes], dedupe_key)
+            for bucket, indexes in parts.items()
+        ]
+        results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         ids = [str(m.id) for m in messages]
+        duplicate = True
+        new_recipients: list[str] = []
+        encoded: list[bytes] = []
+        connections: list[dict[str, str]] = []
+        for indexes, (previous, wires, conns) in zip(parts.values(), results, strict=True):
+            if previous is not None:  # this part was accepted before: its first ids
+                for i, first in zip(indexes, previous, strict=False):
+                    ids[i] = first
+                continue
+            duplicate = False
+            new_recipients += [messages[i].to for i in indexes]
+            encoded += wires
+            connections += conns
+        return Accepted(ids, duplicate, new_recipients, encoded, connections)
+
+    async def _publish_part(
+        self, bucket: int, messages: list[Message], dedupe_key: str | None
+    ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]]]:
+        """One PUBLISH call for messages to users of one bucket: (the first ids when the
+        key was seen before, else None; the wire JSONs; the connections per message)."""
         keys = [
-            self.keys.publish_dedupe(dedupe_key or ""),
-            self.keys.store_queue(),
-            self.keys.inbox_index(),
+            self.keys.publish_dedupe(dedupe_key or "", bucket),
+            self.keys.store_queue(self.keys.bucket_tag(bucket)),
+            self.keys.inbox_index(bucket),
         ]
         args: list[Any] = [
             "1" if dedupe_key else "0",
             PUBLISH_DEDUPE_SECONDS,
             self.ttl,
-            orjson.dumps(ids),
+            orjson.dumps([str(m.id) for m in messages]),
         ]
         encoded = []
         for m in messages:
@@ -186,16 +223,16 @@ class Inbox:
             ]
         result = await self._publish(keys=keys, args=args)
         if result[0] == 0:
-            return Accepted(orjson.loads(result[1]), True, [], [])
-        connections = [_pairs(flat) for flat in result[1:]]
-        return Accepted(ids, False, encoded, connections)
+            return [str(i) for i in orjson.loads(result[1])], [], []
+        return None, encoded, [_pairs(flat) for flat in result[1:]]
 
     async def ack(self, uid: str, ids: Sequence[int]) -> set[int]:
         """Remove ``ids`` from the user's hot inbox (their stored rows are acked through the
         storage queue); returns those that were hot. The caller acks the rest in storage."""
         if not ids:
             return set()
-        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), self.keys.store_queue()]
+        queue = self.keys.store_queue(self.keys.user_tag(uid))
+        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue]
         removed = await self._ack(keys=keys, args=[uid, *map(str, ids)])
         return {int(i) for i in removed}
 

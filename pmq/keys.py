@@ -1,13 +1,37 @@
 """Every Redis key and channel PMQ uses, one method each, under one namespace prefix.
 
 Handlers and workers never build a key by hand: they ask a :class:`Keys` made from
-``redis.prefix``. Tests give each run its own prefix so runs never collide.
+``redis.prefix`` and ``redis.buckets``. Tests give each run its own prefix so runs never
+collide.
+
+Hash tags (Redis Cluster, docs/protocol.md "Redis Cluster"): every Lua script and MULTI
+touches keys of one slot only, so each key that a script touches together with others
+carries a ``{tag}``:
+
+* ``{bN}``, N = uid % buckets: every key of a user (inbox, bodies, unread, connections,
+  cold flag, marks, ...) and the shared keys their operations touch atomically with them:
+  that bucket's storage queue, inbox index and publish dedupe keys. A multicast is one
+  script call per bucket.
+* ``{cs}``: the whole customer-service chat (sessions, queue, loads, the per-user chat
+  keys) and the chat's own storage queue.
+* ``{bc}``: broadcasts (per-group indexes, bodies, dedupe, their queue).
+
+Keys used alone (worker registry, leases, locks, auth cache) carry no tag. On a single
+Redis the tags change nothing; there ``redis.buckets`` is 1 by default, so every user key
+shares one storage queue and one inbox index as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
+from typing import NewType
+
+Tag = NewType("Tag", str)  # a hash tag's content, e.g. "b17": keys named by it share a slot
+
+CHAT_TAG = Tag("cs")  # the hash tag of the chat's keys and its storage queue
+BROADCAST_TAG = Tag("bc")  # the hash tag of the broadcast keys
 
 
 def key_template(make: Callable[[str], str]) -> list[str]:
@@ -20,11 +44,32 @@ def key_template(make: Callable[[str], str]) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Keys:
     prefix: str = "pmq:"
+    buckets: int = 1  # redis.buckets: how many {bN} tags the users are spread over
+
+    # Hash tags ----------------------------------------------------------------------
+    def bucket(self, uid: str) -> int:
+        """The user's bucket: uid % buckets (a non-numeric id by its CRC-32)."""
+        number = int(uid) if uid.isdigit() else zlib.crc32(uid.encode())
+        return number % self.buckets
+
+    def bucket_tag(self, bucket: int) -> Tag:
+        return Tag(f"b{bucket}")
+
+    def user_tag(self, uid: str) -> Tag:
+        """The tag of the user's bucket: store_queue(user_tag(uid)) takes their operations."""
+        return self.bucket_tag(self.bucket(uid))
+
+    def store_tags(self) -> list[Tag]:
+        """The tag of every storage queue: each bucket's and the chat's."""
+        return [*(self.bucket_tag(n) for n in range(self.buckets)), CHAT_TAG]
+
+    def _user(self, uid: str) -> str:
+        return f"{self.prefix}{{b{self.bucket(uid)}}}:u:{uid}"
 
     # Connection registry -------------------------------------------------------------
     def user_conns(self, uid: str) -> str:
         """HASH conn_id -> worker id: the live connections of one user, on every node."""
-        return f"{self.prefix}u:{uid}:conns"
+        return f"{self._user(uid)}:conns"
 
     def worker_conns(self, worker_id: str) -> str:
         """HASH conn_id -> uid: what one socket worker holds, for cleanup after a crash."""
@@ -35,7 +80,8 @@ class Keys:
         return f"{self.prefix}workers"
 
     def worker_channel(self, worker_id: str) -> str:
-        """Pub/sub channel one socket worker listens on for frames to its connections."""
+        """Sharded pub/sub channel (SSUBSCRIBE) one socket worker listens on for frames to
+        its connections."""
         return f"{self.prefix}ch:{worker_id}"
 
     def cluster_workers(self) -> str:
@@ -50,77 +96,79 @@ class Keys:
     # Inbox and unread ---------------------------------------------------------------
     def inbox(self, uid: str) -> str:
         """ZSET message id -> unix ms: the user's unacked messages still in Redis (hot)."""
-        return f"{self.prefix}u:{uid}:inbox"
+        return f"{self._user(uid)}:inbox"
 
     def inbox_bodies(self, uid: str) -> str:
         """HASH message id -> message JSON, beside inbox(uid)."""
-        return f"{self.prefix}u:{uid}:bodies"
+        return f"{self._user(uid)}:bodies"
 
-    def inbox_index(self) -> str:
-        """ZSET uid -> unix ms of the oldest hot message: what the sweep looks at."""
-        return f"{self.prefix}inbox-index"
+    def inbox_index(self, bucket: int = 0) -> str:
+        """ZSET uid -> unix ms of the oldest hot message, per bucket: what the sweep reads."""
+        return f"{self.prefix}{{b{bucket}}}:inbox-index"
 
     def cold(self, uid: str) -> str:
         """STRING: set while storage holds unacked messages of uid that left Redis."""
-        return f"{self.prefix}u:{uid}:cold"
+        return f"{self._user(uid)}:cold"
 
     def unread(self, uid: str) -> str:
         """HASH kind -> unread count of one user."""
-        return f"{self.prefix}u:{uid}:unread"
+        return f"{self._user(uid)}:unread"
 
-    def publish_dedupe(self, key: str) -> str:
-        """STRING ids JSON: the answer to a publish with this idempotency key."""
-        return f"{self.prefix}dedupe:msg:{key}"
+    def publish_dedupe(self, key: str, bucket: int = 0) -> str:
+        """STRING ids JSON: the ids a publish with this idempotency key gave the recipients
+        of one bucket (each bucket's part of a multicast is deduplicated on its own)."""
+        return f"{self.prefix}{{b{bucket}}}:dedupe:msg:{key}"
 
     def last_read(self, uid: str) -> str:
         """HASH kind -> unix ms of the user's last unread.clear (system unread counts after it)."""
-        return f"{self.prefix}u:{uid}:last-read"
+        return f"{self._user(uid)}:last-read"
 
     def user_groups(self, uid: str) -> str:
         """STRING JSON list: the groups of the user's last token, for counting broadcasts."""
-        return f"{self.prefix}u:{uid}:groups"
+        return f"{self._user(uid)}:groups"
 
     # Broadcasts ---------------------------------------------------------------------
     def broadcasts(self, group: str) -> str:
         """ZSET broadcast id -> unix ms: the broadcasts to one group, within retention."""
-        return f"{self.prefix}bc:group:{group}"
+        return f"{self.prefix}{{bc}}:group:{group}"
 
     def broadcast_index(self) -> str:
         """ZSET broadcast id -> unix ms of every broadcast, for retention trimming."""
-        return f"{self.prefix}bc:index"
+        return f"{self.prefix}{{bc}}:index"
 
     def broadcast_bodies(self) -> str:
         """HASH broadcast id -> message JSON."""
-        return f"{self.prefix}bc:bodies"
+        return f"{self.prefix}{{bc}}:bodies"
 
     def broadcast_dedupe(self, key: str) -> str:
         """STRING broadcast id: one broadcast per key per broadcast.dedupe_seconds."""
-        return f"{self.prefix}dedupe:bc:{key}"
+        return f"{self.prefix}{{bc}}:dedupe:{key}"
 
     def broadcast_mark(self, uid: str) -> str:
         """STRING: the newest broadcast id the user acked; replay starts above it."""
-        return f"{self.prefix}u:{uid}:bc-mark"
+        return f"{self._user(uid)}:bc-mark"
 
     def broadcast_queue(self) -> str:
         """LIST of broadcasts waiting for a task worker to store and fan out."""
-        return f"{self.prefix}q:broadcast"
+        return f"{self.prefix}{{bc}}:q:broadcast"
 
     def broadcast_taken(self, owner: str) -> str:
         """LIST of broadcasts one task worker took and has not fanned out yet."""
-        return f"{self.prefix}q:broadcast:taken:{owner}"
+        return f"{self.prefix}{{bc}}:q:broadcast:taken:{owner}"
 
     def broadcast_channel(self) -> str:
-        """Pub/sub channel every socket worker listens on for broadcast frames."""
+        """Sharded pub/sub channel every socket worker listens on for broadcast frames."""
         return f"{self.prefix}ch:broadcast"
 
     # Storage queue ------------------------------------------------------------------
-    def store_queue(self) -> str:
-        """LIST of storage operations (JSON) waiting for a task worker."""
-        return f"{self.prefix}q:store"
+    def store_queue(self, tag: str = "b0") -> str:
+        """LIST of storage operations (JSON) waiting for a task worker, one per tag of
+        store_tags(): a bucket's (its users' messages, acks, last-read times) or the chat's."""
+        return f"{self.prefix}{{{tag}}}:q:store"
 
-    def store_taken(self, owner: str) -> str:
-        """LIST of operations one task worker took and has not written yet."""
-        return f"{self.prefix}q:store:taken:{owner}"
+    def store_taken(self, owner: str, tag: str = "b0") -> str:
+        """LIST of operations one task worker took from store_queue(tag), not written yet."""
+        return f"{self.prefix}{{{tag}}}:q:store:taken:{owner}"
 
     def sweep_lock(self) -> str:
         """STRING owner, with a TTL: the one task worker of the cluster that sweeps inboxes."""
@@ -134,47 +182,47 @@ class Keys:
     # Customer-service chat (pmq.chat) -----------------------------------------------
     def cs_online(self) -> str:
         """SET of agent uids with at least one live connection (checked again on use)."""
-        return f"{self.prefix}cs:online"
+        return f"{self.prefix}{{cs}}:online"
 
     def cs_load(self) -> str:
         """HASH agent uid -> number of open sessions assigned to the agent."""
-        return f"{self.prefix}cs:load"
+        return f"{self.prefix}{{cs}}:load"
 
     def cs_queue(self) -> str:
         """LIST of session ids waiting for an agent, oldest first."""
-        return f"{self.prefix}cs:queue"
+        return f"{self.prefix}{{cs}}:queue"
 
     def cs_active(self) -> str:
         """ZSET session id -> unix ms of its last activity, for every open session (idle close)."""
-        return f"{self.prefix}cs:active"
+        return f"{self.prefix}{{cs}}:active"
 
     def cs_session(self, session_id: str) -> str:
         """HASH of one session: user, agent, status, opened, active, last message, ..."""
-        return f"{self.prefix}cs:s:{session_id}"
+        return f"{self.prefix}{{cs}}:s:{session_id}"
 
     def cs_history(self, session_id: str) -> str:
         """ZSET message id -> unix ms: the session's newest messages, beside cs_bodies."""
-        return f"{self.prefix}cs:s:{session_id}:history"
+        return f"{self.prefix}{{cs}}:s:{session_id}:history"
 
     def cs_bodies(self, session_id: str) -> str:
         """HASH message id -> message JSON, beside cs_history(session_id)."""
-        return f"{self.prefix}cs:s:{session_id}:bodies"
+        return f"{self.prefix}{{cs}}:s:{session_id}:bodies"
 
     def cs_user_session(self, uid: str) -> str:
         """STRING session id: the user's one open or queued session."""
-        return f"{self.prefix}u:{uid}:cs:current"
+        return f"{self.prefix}{{cs}}:u:{uid}:current"
 
     def cs_user_sessions(self, uid: str) -> str:
         """ZSET session id -> unix ms opened: every session of the user (history by peer)."""
-        return f"{self.prefix}u:{uid}:cs:sessions"
+        return f"{self.prefix}{{cs}}:u:{uid}:sessions"
 
     def cs_last_agent(self, uid: str) -> str:
         """STRING agent uid: the agent of the user's last closed session (sticky assignment)."""
-        return f"{self.prefix}u:{uid}:cs:last-agent"
+        return f"{self.prefix}{{cs}}:u:{uid}:last-agent"
 
     def cs_agent_sessions(self, uid: str) -> str:
         """ZSET session id -> unix ms assigned: the open sessions of one agent."""
-        return f"{self.prefix}u:{uid}:cs:assigned"
+        return f"{self.prefix}{{cs}}:u:{uid}:assigned"
 
     def cs_idle_lock(self) -> str:
         """STRING owner, with a TTL: the one socket worker of the cluster closing idle sessions."""

@@ -36,11 +36,13 @@ async def publish(
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
     if accepted.duplicate:
         return accepted, 0
-    metrics.MESSAGES_ACCEPTED.labels(kind).inc(len(accepted.ids))
+    metrics.MESSAGES_ACCEPTED.labels(kind).inc(len(accepted.recipients))
     comment = kind == Kind.COMMENT
     items = [  # a comment on one's own content counts nothing: no unread change to push
         (OP_PUSH if comment and sender == to else OP_MESSAGE, to, conns, push_frame(wire))
-        for to, conns, wire in zip(recipients, accepted.connections, accepted.encoded, strict=True)
+        for to, conns, wire in zip(
+            accepted.recipients, accepted.connections, accepted.encoded, strict=True
+        )
     ]
     reached = await routes.send(items)
     metrics.MESSAGES_DELIVERED.labels(kind).inc(reached)

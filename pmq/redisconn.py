@@ -1,22 +1,106 @@
-"""The one way PMQ opens Redis: a bounded pool that makes callers wait for a free connection.
+"""The one way PMQ opens Redis: a single server or a Redis Cluster, and sharded pub/sub.
 
-redis-py's default pool refuses the 101st concurrent command ("Too many connections"); a burst
-of connects or publishes must queue for a moment instead, never fail.
+On a single server, a bounded pool that makes callers wait for a free connection: redis-py's
+default pool refuses the 101st concurrent command ("Too many connections"); a burst of
+connects or publishes must queue for a moment instead, never fail.
+
+On a Redis Cluster (``redis.cluster`` or a ``redis+cluster://`` URL naming any one node),
+redis-py's asyncio ``RedisCluster``, which routes each command, script call and pipeline
+entry by its keys' slot. PMQ's keys are hash-tagged (pmq.keys) so that each script touches
+one slot. The cluster client is handed out as ``aioredis.Redis``: it offers the same
+commands for everything PMQ calls, except pub/sub, which goes through :func:`subscribe`.
+
+Pub/sub is sharded (SSUBSCRIBE/SPUBLISH, Redis 7) in both modes, so on a cluster a publish
+reaches only the shard owning its channel, not every node.
 """
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, cast
 
-from pmq.config import RedisConfig
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.exceptions import RedisError
+
+from pmq.config import CLUSTER_URL, RedisConfig
 
 MAX_CONNECTIONS = 256
 WAIT_SECONDS = 5.0
+RESUBSCRIBE_SECONDS = 0.2
 
 
 def connect(config: RedisConfig) -> aioredis.Redis:
     """A client for ``config.url``; create it after fork, one per process."""
+    if config.cluster or config.url.startswith(CLUSTER_URL):
+        url = config.url.replace(CLUSTER_URL, "redis://", 1)
+        # max_connections is per cluster node here.
+        cluster = RedisCluster.from_url(url, max_connections=MAX_CONNECTIONS)
+        return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
         config.url, max_connections=MAX_CONNECTIONS, timeout=WAIT_SECONDS
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+Handler = Callable[[dict[str, Any]], None]
+
+
+class Subscription:
+    """One sharded channel and its handler, on its own connection (on a cluster: to the
+    node owning the channel's slot, followed when the slot moves).
+
+    Call :meth:`start` once, then :meth:`dispatch` in a loop: it waits for the next message
+    and runs the handler on it. After a connection error (raised), call :meth:`recover`
+    (which may raise too) and go on."""
+
+    def __init__(self, client: aioredis.Redis, channel: str, handler: Handler) -> None:
+        self.client = client
+        self.channel = channel
+        self.handler = handler
+        self.cluster = is_cluster(client)
+        self.pubsub = self._new()
+
+    def _new(self) -> aioredis.client.PubSub:
+        if self.cluster:
+            return cast(RedisCluster, self.client).pubsub()
+        return self.client.pubsub()
+
+    async def start(self) -> None:
+        await self.pubsub.ssubscribe(**{self.channel: self.handler})
+
+    async def dispatch(self) -> None:
+        """Wait for one message and handle it (handlers run inside the read)."""
+        if not self.cluster:
+            await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            return
+        pubsub = cast(ClusterPubSub, self.pubsub)
+        if not pubsub.node_pubsub_mapping:
+            # The shard dropped our subscription (its slot moved) and nothing listens now:
+            # subscribe again, at the slot's current owner, rather than spin on nothing.
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+            await self.start()
+            return
+        await pubsub.get_sharded_message(
+            ignore_subscribe_messages=True, timeout=None  # type: ignore[arg-type]
+        )
+
+    async def recover(self) -> None:
+        """After a read failed: on a cluster, a fresh subscription at the slot's current
+        owner (the old node may be gone); on one server the next read reconnects and
+        subscribes again by itself."""
+        if not self.cluster:
+            return
+        old, self.pubsub = self.pubsub, self._new()
+        with contextlib.suppress(RedisError, OSError):
+            await old.aclose()
+        await self.start()
+
+    async def close(self) -> None:
+        await self.pubsub.aclose()

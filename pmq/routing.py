@@ -8,7 +8,8 @@ entries, and readers skip entries whose worker stopped beating.
 
 :meth:`Routes.deliver` gets a frame to every connection of a user: local connections are
 written directly (never awaiting a slow client), others get it through their worker's
-pub/sub channel, one PUBLISH per worker.
+sharded pub/sub channel, one SPUBLISH per worker (on a Redis Cluster it goes to the one
+shard owning the channel).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq import metrics
-from pmq.keys import Keys, key_template
+from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,17 @@ end
 return #KEYS
 """
 
-# Removes every registry entry of one worker: the dead one a survivor found, or our own
-# at graceful stop. KEYS[1] worker_conns, KEYS[2] workers; ARGV[1] worker id; ARGV[2] and
-# ARGV[3] the user_conns key around the uid (keys.py owns the key's shape, not this script).
-FORGET_WORKER = """
-local conns = redis.call('HGETALL', KEYS[1])
-for i = 1, #conns, 2 do
-    local key = ARGV[2] .. conns[i + 1] .. ARGV[3]
-    if redis.call('HGET', key, conns[i]) == ARGV[1] then
-        redis.call('HDEL', key, conns[i])
+# Removes connection entries of one worker from its users' entries, for users of one
+# bucket. KEYS: user_conns of each user; ARGV[1] worker id, ARGV[i + 1] the conn id in KEYS[i].
+FORGET_CONNS = """
+local removed = 0
+for i = 1, #KEYS do
+    if redis.call('HGET', KEYS[i], ARGV[i + 1]) == ARGV[1] then
+        removed = removed + redis.call('HDEL', KEYS[i], ARGV[i + 1])
     end
 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return #conns / 2
+return removed
 """
-
 
 def encode_relay(op: str, uid: str, payload: bytes, sent: float) -> bytes:
     """``sent`` (unix seconds) travels along so the receiver can time the delivery."""
@@ -99,7 +95,7 @@ class Routes:
         # Workers that stopped beating: their entries are skipped until a sweep removes them.
         # (Not a set of live ones: a worker that just started must be reachable at once.)
         self.stale_workers: set[str] = set()
-        self._forget = redis.register_script(FORGET_WORKER)
+        self._forget = redis.register_script(FORGET_CONNS)
         self._refresh = redis.register_script(REFRESH)
 
     # Registry writes ----------------------------------------------------------------
@@ -130,11 +126,21 @@ class Routes:
         self.stale_workers = {w.decode() for w in stale} - {self.worker_id}
 
     async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> None:
-        """Push back the TTL of our users' entries: one Lua call per ``chunk`` users, since
-        a command per user would cost the loop more than the rest of an idle worker."""
-        for start in range(0, len(uids), chunk):
-            keys = [self.keys.user_conns(uid) for uid in uids[start : start + chunk]]
-            await self._refresh(keys=keys, args=[self.ttl])
+        """Push back the TTL of our users' entries: one Lua call per ``chunk`` users of a
+        bucket (a script stays in one slot), since a command per user would cost the loop
+        more than the rest of an idle worker."""
+        for bucket_uids in self._by_bucket(uids).values():
+            for start in range(0, len(bucket_uids), chunk):
+                keys = [self.keys.user_conns(uid) for uid in bucket_uids[start : start + chunk]]
+                await self._refresh(keys=keys, args=[self.ttl])
+
+    def _by_bucket(self, uids: Sequence[str]) -> dict[int, list[str]]:
+        if self.keys.buckets == 1:
+            return {0: list(uids)}
+        found: dict[int, list[str]] = {}
+        for uid in uids:
+            found.setdefault(self.keys.bucket(uid), []).append(uid)
+        return found
 
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""
@@ -149,12 +155,29 @@ class Routes:
             log.warning("forgot %s: no heartbeat for %.0fs", worker_id, self.stale_ms / 1000)
         return forgotten
 
-    async def forget(self, worker_id: str) -> int:
-        """Remove every entry of ``worker_id`` (ours at stop, or a dead one's)."""
-        keys = [self.keys.worker_conns(worker_id), self.keys.workers()]
-        before, after = key_template(self.keys.user_conns)
-        removed = await self._forget(keys=keys, args=[worker_id, before, after])
-        return int(removed)
+    async def forget(self, worker_id: str, chunk: int = 5000) -> int:
+        """Remove every entry of ``worker_id`` (ours at stop, or a dead one's): its
+        connections from their users' entries, one Lua call per ``chunk`` users of a
+        bucket, then its own list and heartbeat. Each step is idempotent and the list goes
+        last, so a forget cut short is finished by the next one."""
+        worker_key = self.keys.worker_conns(worker_id)
+        entries = cast(dict[bytes, bytes], await self.redis.hgetall(worker_key))
+        conn_of: dict[str, list[str]] = {}
+        for conn, uid in entries.items():
+            conn_of.setdefault(uid.decode(), []).append(conn.decode())
+        for bucket_uids in self._by_bucket(list(conn_of)).values():
+            pairs = [(uid, conn) for uid in bucket_uids for conn in conn_of[uid]]
+            for start in range(0, len(pairs), chunk):
+                part = pairs[start : start + chunk]
+                await self._forget(
+                    keys=[self.keys.user_conns(uid) for uid, _ in part],
+                    args=[worker_id, *(conn for _, conn in part)],
+                )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(worker_key)
+        pipe.zrem(self.keys.workers(), worker_id)
+        await pipe.execute()
+        return len(entries)
 
     # Reads and delivery -------------------------------------------------------------
     async def groups(self, uid: str) -> list[str]:
@@ -202,7 +225,7 @@ class Routes:
         if remote:
             pipe = self.redis.pipeline(transaction=False)
             for wid, message, _ in remote:
-                pipe.publish(self.keys.worker_channel(wid), message)
+                pipe.spublish(self.keys.worker_channel(wid), message)
             receivers = await pipe.execute()
             reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
         return reached

@@ -3,10 +3,16 @@
 ``system`` is never stored per user: it is the number of broadcasts to the user's groups
 since their last clear of ``system`` (a last-read time, kept in Redis and in SQL like the
 seed's REPLACE INTO table), within retention.
+
+Counting many users (a badge flush after a broadcast) costs one script call per 500 users
+of one bucket for their counters, and each group's broadcast times read once; ``system`` is
+then counted here. Every call names keys of one slot, as a Redis Cluster requires (the
+users' keys are in their bucket, {bN}, the broadcasts in {bc}).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections.abc import Sequence
@@ -32,12 +38,26 @@ return result
 """
 
 
+# KEYS: unread hash, last-read hash, storage queue (one bucket). ARGV: '1' when system is
+# cleared, now ms, last-read ttl, storage op, then the kinds to clear.
+CLEAR = """
+if #ARGV > 4 then redis.call('HDEL', KEYS[1], unpack(ARGV, 5)) end
+if ARGV[1] == '1' then
+    redis.call('HSET', KEYS[2], 'system', ARGV[2])
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+    redis.call('RPUSH', KEYS[3], ARGV[4])
+end
+return 1
+"""
+
+
 class Unread:
     def __init__(self, redis: aioredis.Redis, keys: Keys, retention_seconds: int) -> None:
         self.redis = redis
         self.keys = keys
         self.retention_ms = retention_seconds * 1000
         self._counters = redis.register_script(COUNTERS)
+        self._clear = redis.register_script(CLEAR)
 
     async def counts(self, uid: str, groups: Sequence[str]) -> dict[str, int]:
         """Every kind's count (0 when unset), ``system`` included, and ``total``."""
@@ -46,32 +66,47 @@ class Unread:
     async def counts_many(
         self, users: Sequence[tuple[str, Sequence[str]]], chunk: int = 500
     ) -> list[dict[str, int]]:
-        """counts() for many users in one round trip: one script call per ``chunk`` users
-        for their counters, and each group's broadcast times read once for all of them
-        (``system`` is then counted here, so a broadcast to thousands costs no per-user
-        Redis work)."""
+        """counts() for many users: one script call per ``chunk`` users of a bucket, and
+        each group's broadcast times read once for all of them, all at once."""
         floor = int(time.time() * 1000) - self.retention_ms
         reached = [groups_of(theirs) for _, theirs in users]
         groups = sorted({g for each in reached for g in each})
-        pipe = self.redis.pipeline(transaction=False)
-        for group in groups:
-            pipe.zrangebyscore(self.keys.broadcasts(group), floor, "+inf", withscores=True)
-        for start in range(0, len(users), chunk):
-            keys = []
-            for uid, _ in users[start : start + chunk]:
-                keys += [self.keys.unread(uid), self.keys.last_read(uid)]
-            # Awaiting a script on a pipeline only queues it (AsyncScript is a coroutine).
-            await self._counters(keys=keys, client=pipe)
-        replies = await pipe.execute()
+        parts: list[list[int]] = []  # indexes into users, one bucket and chunk each
+        for indexes in self._by_bucket(users).values():
+            parts += [indexes[i : i + chunk] for i in range(0, len(indexes), chunk)]
+        # Separate calls, not one pipeline: a cluster pipeline cannot carry a script.
+        replies = await asyncio.gather(
+            *(
+                self.redis.zrangebyscore(self.keys.broadcasts(g), floor, "+inf", withscores=True)
+                for g in groups
+            ),
+            *(self._counters(keys=self._counter_keys(users, part)) for part in parts),
+        )
         timelines, scripts = replies[: len(groups)], replies[len(groups) :]
         times = {g: sorted(s for _, s in r) for g, r in zip(groups, timelines, strict=True)}
-        counters = [flat for reply in scripts for flat in reply]
-        result = []
-        for each, flat in zip(reached, counters, strict=True):
-            since = max(floor, int(flat[-1]) + 1)
-            system = sum(len(times[g]) - bisect.bisect_left(times[g], since) for g in each)
-            result.append(_counts(flat[:-1], system))
+        result: list[dict[str, int]] = [{}] * len(users)
+        for part, reply in zip(parts, scripts, strict=True):
+            for i, flat in zip(part, reply, strict=True):
+                since = max(floor, int(flat[-1]) + 1)
+                system = sum(
+                    len(times[g]) - bisect.bisect_left(times[g], since) for g in reached[i]
+                )
+                result[i] = _counts(flat[:-1], system)
         return result
+
+    def _by_bucket(self, users: Sequence[tuple[str, Sequence[str]]]) -> dict[int, list[int]]:
+        buckets: dict[int, list[int]] = {}
+        for i, (uid, _) in enumerate(users):
+            buckets.setdefault(self.keys.bucket(uid), []).append(i)
+        return buckets
+
+    def _counter_keys(
+        self, users: Sequence[tuple[str, Sequence[str]]], part: list[int]
+    ) -> list[str]:
+        keys = []
+        for i in part:
+            keys += [self.keys.unread(users[i][0]), self.keys.last_read(users[i][0])]
+        return keys
 
     async def clear(self, uid: str, kinds: Sequence[str] | None) -> list[str]:
         """Set the named counters (all when None) to 0; returns the kinds cleared.
@@ -82,16 +117,12 @@ class Unread:
         if kinds is None:
             present = [k.decode() for k in await self.redis.hkeys(key)]  # type: ignore[union-attr]
             kinds = sorted(set(UNREAD_KINDS) | set(present))
-        pipe = self.redis.pipeline(transaction=True)
-        if kinds:
-            pipe.hdel(key, *kinds)
-        if Kind.SYSTEM in kinds:
-            now = int(time.time() * 1000)
-            pipe.hset(self.keys.last_read(uid), Kind.SYSTEM, now)
-            pipe.expire(self.keys.last_read(uid), self.retention_ms // 1000)
-            op = {"op": "last_read", "uid": uid, "kind": Kind.SYSTEM.value, "ts": now}
-            pipe.rpush(self.keys.store_queue(), orjson.dumps(op))
-        await pipe.execute()
+        now = int(time.time() * 1000)
+        system = Kind.SYSTEM in kinds
+        op = {"op": "last_read", "uid": uid, "kind": Kind.SYSTEM.value, "ts": now}
+        keys = [key, self.keys.last_read(uid), self.keys.store_queue(self.keys.user_tag(uid))]
+        args = ["1" if system else "0", now, self.retention_ms // 1000, orjson.dumps(op)]
+        await self._clear(keys=keys, args=[*args, *kinds])
         return list(kinds)
 
 

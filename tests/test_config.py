@@ -355,3 +355,59 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_text(tmp_path, "")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.server.port = 1  # type: ignore[misc]
+
+
+# storage.shard_map ------------------------------------------------------------------------
+
+
+def test_shard_map_ranges_load(tmp_path: Path) -> None:
+    cfg = load_text(
+        tmp_path,
+        '[storage]\nshards = 128\n[storage.shard_map]\n"0-63" = "mysql://u@a/db1"\n'
+        '"64-126" = "mysql://u@b/db2"\n"127" = "mysql://u@b/db2"\n',
+    )
+    assert config.shard_ranges(cfg.storage.shard_map, 128) == [
+        (0, 63, "mysql://u@a/db1"),
+        (64, 126, "mysql://u@b/db2"),
+        (127, 127, "mysql://u@b/db2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ('"0-8" = "mysql://u@a/db"', r"shard_map\.'0-8'.*0\.\.7"),
+        ('"3-1" = "mysql://u@a/db"', r"shard_map\.'3-1'.*0\.\.7"),
+        ('"x" = "mysql://u@a/db"', r"shard_map\.'x'.*range"),
+        ('"0-3" = "sqlite:///x.db"', r"shard_map\.'0-3'.*mysql://"),
+        ('"0-3" = "mysql://u@a/db"\n"3-5" = "mysql://u@b/db"', "0-3 and 3-5 overlap"),
+    ],
+)
+def test_shard_map_bad_entries_name_the_key(tmp_path: Path, entries: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, f"[storage]\nshards = 8\n[storage.shard_map]\n{entries}\n")
+
+
+# redis: a cluster and its buckets -------------------------------------------------------
+
+
+def test_cluster_url_implies_cluster_and_buckets(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[redis]\nurl = "redis+cluster://10.0.0.1:7000"\n')
+    assert cfg.redis.cluster is True and cfg.redis.buckets == config.CLUSTER_BUCKETS
+    single = load_text(tmp_path, "")
+    assert single.redis.cluster is False and single.redis.buckets == 1
+    explicit = load_text(tmp_path, "[redis]\ncluster = true\nbuckets = 64\n")
+    assert explicit.redis.buckets == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[redis]\nprefix = "pmq:{x}:"\n', r"redis\.prefix"),
+        ("[redis]\nbuckets = 20000\n", r"redis\.buckets"),
+        ("[redis]\nbuckets = -1\n", r"redis\.buckets"),
+    ],
+)
+def test_bad_redis_layout_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text)

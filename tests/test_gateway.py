@@ -514,11 +514,11 @@ def test_kill_9_route_entries_expire_by_themselves(make_node, redis_client):
     node = make_node(heartbeat={"interval": 1, "timeout": 3}).start()
     with contextlib.ExitStack() as stack:
         spread_over_workers(stack, node, redis_client, (str(650 + n) for n in range(40)))
-        assert list(redis_client.scan_iter(f"{node.prefix}u:*:conns"))
+        assert list(redis_client.scan_iter(f"{node.prefix}*:u:*:conns"))
         node.kill_all()
         wait_for(lambda: not node.processes(), 5, "every process of the node to die")
         wait_for(
-            lambda: not list(redis_client.scan_iter(f"{node.prefix}u:*:conns")),
+            lambda: not list(redis_client.scan_iter(f"{node.prefix}*:u:*:conns")),
             8,  # 3 x heartbeat.interval, and slack
             "the dead node's user entries to expire",
         )

@@ -38,7 +38,8 @@ def test_methods_found() -> None:
 
 def test_default_prefix() -> None:
     assert Keys().prefix == "pmq:"
-    assert Keys().user_conns("7") == "pmq:u:7:conns"
+    assert Keys().user_conns("7") == "pmq:{b0}:u:7:conns"
+    assert Keys("pmq:", 16).user_conns("7") == "pmq:{b7}:u:7:conns"
 
 
 @pytest.mark.parametrize("name", METHODS)

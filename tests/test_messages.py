@@ -538,10 +538,10 @@ def test_unreachable_redis_is_503(make_node, ingest_of, tmp_path: Path, redis_pr
         keys = Keys(redis_prefix)
         relay = redis.Redis.from_url(own.url, decode_responses=True)
 
-        def subscribed() -> bool:
-            channels = set(relay.pubsub_channels(keys.worker_channel("*")))
+        def subscribed() -> bool:  # sharded channels (SSUBSCRIBE)
+            channels = set(relay.pubsub_shardchannels(keys.worker_channel("*")))
             broadcast = keys.broadcast_channel()
-            return len(channels - {broadcast}) == 2 and relay.pubsub_numsub(broadcast) == [
+            return len(channels - {broadcast}) == 2 and relay.pubsub_shardnumsub(broadcast) == [
                 (broadcast, 2)
             ]
 

@@ -314,3 +314,69 @@ def test_mysql_url_parsing() -> None:
 def test_bad_url(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^storage\.url: "):
         open_store(StorageConfig(url=url))
+
+
+# storage.shard_map: message shards on several databases ---------------------------------
+
+
+@pytest.mark.mysql
+def test_shard_map_puts_rows_in_their_database(tmp_path: Path) -> None:
+    """Shards 2-3 on a second database: ``pmqctl db init`` creates each database's tables,
+    rows land where their shard lives, and reads, acks, counts and retention follow them."""
+    import subprocess
+    import sys
+
+    server = _server()
+    names = [f"pmq_test_{secrets.token_hex(6)}" for _ in range(2)]
+    main_url, other_url = (f"{SERVER_URL}/{n}" for n in names)
+
+    def tables(name: str) -> set[str]:
+        with server.cursor() as cur:
+            cur.execute(f"SHOW TABLES FROM `{name}`")
+            rows = {r[0] for r in cur.fetchall()}
+        server.commit()
+        return rows
+
+    def ids(name: str, shard: int) -> set[int]:
+        with server.cursor() as cur:
+            cur.execute(f"SELECT id FROM `{name}`.pmq_msg_{shard}")
+            rows = {int(r[0]) for r in cur.fetchall()}
+        server.commit()
+        return rows
+
+    config_path = tmp_path / "pmq.toml"
+    config_path.write_text(
+        f'[storage]\nurl = "{main_url}"\nshards = {SHARDS}\n'
+        f'[storage.shard_map]\n"2-3" = "{other_url}"\n'
+    )
+    store = open_store(
+        StorageConfig(url=main_url, shards=SHARDS, pool_size=2, shard_map={"2-3": other_url})
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pmq.ctl", "db", "init", "-c", str(config_path)],
+            capture_output=True, text=True, timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PMQ_")},
+        )
+        assert done.returncode == 0, done.stderr
+        assert tables(names[0]) == {"pmq_msg_0", "pmq_msg_1"} | OTHER_TABLES
+        assert tables(names[1]) == {"pmq_schema", "pmq_msg_2", "pmq_msg_3"}
+
+        rows = [msg(100 + uid, uid, ts=1_000 + uid) for uid in range(8)]
+        assert store.write_messages(rows) == 8
+        assert store.write_messages(rows) == 0  # idempotent across both databases
+        for shard in range(SHARDS):
+            name = names[0] if shard < 2 else names[1]
+            assert ids(name, shard) == {100 + uid for uid in range(8) if uid % SHARDS == shard}
+        assert [m.id for m in store.unacked(6)] == [106]
+        assert store.ack(6, [106]) == 1
+        assert store.existing(3, [103, 107]) == {103}
+        assert store.count_messages() == 8
+        assert store.delete_before(1_004) == 4  # uids 0..3, on both databases
+        assert store.count_messages() == 4
+    finally:
+        store.close()
+        with server.cursor() as cur:
+            for name in names:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        server.close()

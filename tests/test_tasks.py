@@ -559,3 +559,36 @@ def test_task_worker_writes_sweeps_and_stops_clean(
     log = node.log()
     assert f"pmq: task worker #1 [{node.name}] stopped" in log, log
     assert "Traceback" not in log and "shutdown passed" not in log, log
+
+
+def test_writer_takes_from_every_bucket_and_the_chat_queue(
+    store: Store, redis_prefix: str
+) -> None:
+    """With several user buckets (a Redis Cluster layout) one writer drains every bucket's
+    queue and the chat's, and first writes what a killed predecessor left in each of its
+    taken lists."""
+    keys = Keys(redis_prefix, 4)
+    left = {tag: [msg_op(to=n) for _ in range(20)] for n, tag in enumerate(["b1", "b3"], 1)}
+    queued = {f"b{n}": [msg_op(to=4 * k + n) for k in range(1, 31)] for n in range(4)}
+
+    async def scenario() -> None:
+        async with connect() as r:
+            for tag, ops in left.items():
+                await r.rpush(keys.store_taken(OWNER, tag), *[op for _, op in ops])
+            for tag, ops in queued.items():
+                await r.rpush(keys.store_queue(tag), *[op for _, op in ops])
+            writer = new_writer(r, keys, store)
+            lists = [k for t in keys.store_tags() for k in (keys.store_queue(t),
+                                                           keys.store_taken(OWNER, t))]
+
+            async def done() -> bool:
+                return not await r.exists(*lists) and store.count_messages() == 160
+
+            async with running(writer):
+                await until(done, "160 rows and every queue and taken list empty")
+            assert writer.written == 160
+
+    asyncio.run(scenario())
+    ids = {i for ops in [*left.values(), *queued.values()] for i, _ in ops}
+    uids = {4 * k + n for n in range(4) for k in range(1, 31)} | {1, 2}
+    assert {m.id for uid in uids for m in store.unacked(uid, limit=1000)} == ids

@@ -56,7 +56,7 @@ class SocketWorker(Worker):
 
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         super().__init__(config, index, status_fd, ppid)
-        self.keys = Keys(config.redis.prefix)
+        self.keys = Keys(config.redis.prefix, config.redis.buckets)
         self.table = ConnectionTable()
         self.handlers: dict[str, Handler] = {}
         self.background: list[asyncio.Task[Any]] = []
@@ -106,16 +106,19 @@ class SocketWorker(Worker):
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
-        self.pubsub = self.redis.pubsub()
-        await self.pubsub.subscribe(
-            **{
-                self.keys.worker_channel(self.id): self.routes.on_message,
-                self.keys.broadcast_channel(): self.fanout.on_message,
-            }
-        )
-        self.background.append(
-            asyncio.create_task(self.read_relay(), name="relay")
-        )
+        self.subscriptions = [
+            redisconn.Subscription(
+                self.redis, self.keys.worker_channel(self.id), self.routes.on_message
+            ),
+            redisconn.Subscription(
+                self.redis, self.keys.broadcast_channel(), self.fanout.on_message
+            ),
+        ]
+        for subscription in self.subscriptions:
+            await subscription.start()
+            self.background.append(
+                asyncio.create_task(self.read_relay(subscription), name="relay")
+            )
         await self.routes.beat()
         self.gateway = Gateway(
             self,
@@ -144,8 +147,8 @@ class SocketWorker(Worker):
             asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
         ]
 
-    async def read_relay(self) -> None:
-        """Dispatch our channels' messages (relayed frames, broadcasts) as they come.
+    async def read_relay(self, subscription: redisconn.Subscription) -> None:
+        """Dispatch one channel's messages (relayed frames, or broadcasts) as they come.
 
         Not PubSub.run(): it yields to the loop after every message, so under load each
         relayed frame waited a whole loop iteration and a backlog of seconds built up. Here
@@ -155,10 +158,14 @@ class SocketWorker(Worker):
         handled = 0
         while True:
             try:
-                await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                await subscription.dispatch()
             except (RedisError, OSError) as exc:
-                log.warning("%s relay: %s; resubscribing", self.title, exc)
+                log.warning(
+                    "%s relay %s: %s; resubscribing", self.title, subscription.channel, exc
+                )
                 await asyncio.sleep(RELAY_RETRY_SECONDS)
+                with contextlib.suppress(RedisError, OSError):
+                    await subscription.recover()
                 continue
             handled += 1
             if handled % RELAY_BATCH == 0:

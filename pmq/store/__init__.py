@@ -5,6 +5,9 @@
 * ``sqlite:///relative/path.db``: a file relative to the working directory at open time
 * ``sqlite:////absolute/path.db``: an absolute path
 * ``mysql://user[:pass]@host[:port]/db``: parts percent-decoded, port 3306 by default
+
+``storage.shard_map`` moves ranges of message shards to other MySQL databases
+(pmq.store.sharded); the rest stay on ``storage.url``.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pmq.config import StorageConfig
+from pmq.config import StorageConfig, shard_ranges
 from pmq.errors import ConfigError
 from pmq.store.base import SCHEMA_VERSION, Store, StoredMessage
 from pmq.store.mysql import MysqlStore, MysqlTarget
+from pmq.store.sharded import ShardedStore
 from pmq.store.sqlite import SqliteStore
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoredMessage", "open_store"]
+__all__ = ["SCHEMA_VERSION", "ShardedStore", "Store", "StoredMessage", "open_store"]
 
 SQLITE_PREFIX = "sqlite:///"
 MYSQL_DEFAULT_PORT = 3306
@@ -28,14 +32,31 @@ DATABASE_NAME = re.compile(r"[A-Za-z0-9_$]{1,64}")
 
 def open_store(config: StorageConfig) -> Store:
     """The store ``config.url`` names, not yet connected: call ``init_schema()`` once at
-    start, then use it from any thread, and ``close()`` it at exit. A malformed URL raises
-    ConfigError naming ``storage.url``."""
-    url = config.url
+    start, then use it from any thread, and ``close()`` it at exit. With a
+    ``storage.shard_map`` it is a :class:`ShardedStore` over every database named. A
+    malformed URL raises ConfigError naming its key."""
+    ranges = shard_ranges(config.shard_map, config.shards)
+    mapped = {n for lo, hi, _ in ranges for n in range(lo, hi + 1)}
+    owned = [n for n in range(config.shards) if n not in mapped]
+    primary = _open_one(config.url, "storage.url", config, owned)
+    if not ranges:
+        return primary
+    by_url: dict[str, list[int]] = {}
+    for lo, hi, url in ranges:
+        by_url.setdefault(url, []).extend(range(lo, hi + 1))
+    others = [
+        _open_one(url, f"storage.shard_map (url {url!r})", config, shards)
+        for url, shards in by_url.items()
+    ]
+    return ShardedStore(primary, others)
+
+
+def _open_one(url: str, key: str, config: StorageConfig, owned: list[int]) -> Store:
     if url.startswith(SQLITE_PREFIX):
-        return SqliteStore(_sqlite_path(url), config.shards)
+        return SqliteStore(_sqlite_path(url), config.shards, owned)
     if url.startswith("mysql://"):
-        return MysqlStore(_mysql_target(url), config.shards, config.pool_size)
-    raise ConfigError("storage.url: must start with sqlite:/// or mysql://")
+        return MysqlStore(_mysql_target(url, key), config.shards, config.pool_size, owned)
+    raise ConfigError(f"{key}: must start with sqlite:/// or mysql://")
 
 
 def _sqlite_path(url: str) -> Path:
@@ -48,9 +69,9 @@ def _sqlite_path(url: str) -> Path:
     return Path(path).absolute()
 
 
-def _mysql_target(url: str) -> MysqlTarget:
+def _mysql_target(url: str, key: str = "storage.url") -> MysqlTarget:
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"storage.url: {why} (want mysql://user[:pass]@host[:port]/db)")
+        return ConfigError(f"{key}: {why} (want mysql://user[:pass]@host[:port]/db)")
 
     parts = urlsplit(url)
     if parts.query or parts.fragment:

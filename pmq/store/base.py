@@ -117,8 +117,13 @@ class Store(abc.ABC):
     insert_ignore: ClassVar[str]  # "INSERT OR IGNORE" or "INSERT IGNORE"
     replace_into: ClassVar[str]  # "INSERT OR REPLACE" or "REPLACE"
 
-    def __init__(self, shards: int) -> None:
+    def __init__(self, shards: int, owned: Sequence[int] | None = None) -> None:
+        """``owned``: the message shards this database holds (default all of them); the
+        other tables live only in a store that owns every shard or is the primary of a
+        :class:`~pmq.store.sharded.ShardedStore`."""
         self.shards = shards
+        self.owned: tuple[int, ...] = tuple(range(shards) if owned is None else sorted(owned))
+        self.primary = True  # holds pmq_broadcast, pmq_last_read and the chat tables
 
     # -- what each engine provides --------------------------------------------------------
 
@@ -156,7 +161,8 @@ class Store(abc.ABC):
         return f"pmq_msg_{uid % self.shards}"
 
     def init_schema(self) -> None:
-        """Create every table (``pmq_msg_0..shards-1`` and the others) that is missing and
+        """Create every table (the owned ``pmq_msg_N`` and, on a primary, the others) that is
+        missing and
         record SCHEMA_VERSION in ``pmq_schema``. Safe to run any number of times and from
         several processes at once; refuses a database written by a newer PMQ."""
         with self._session("init_schema", write=True) as cur:
@@ -340,7 +346,7 @@ class Store(abc.ABC):
         """Delete every message (acked or not) with ``ts`` below ``ts_ms`` from every shard,
         DELETE_CHUNK rows per transaction so no lock is held for long. Returns the count."""
         deleted = 0
-        for n in range(self.shards):
+        for n in self.owned:
             statement = self._delete_chunk(f"pmq_msg_{n}", DELETE_CHUNK)
             while True:
                 with self._session("delete_before", write=True) as cur:
@@ -355,7 +361,7 @@ class Store(abc.ABC):
         """The number of stored messages, acked or not, over all shards."""
         total = 0
         with self._session("count_messages", write=False) as cur:
-            for n in range(self.shards):
+            for n in self.owned:
                 cur.execute(f"SELECT COUNT(*) FROM pmq_msg_{n}")
                 total += int(cur.fetchall()[0][0])
         return total

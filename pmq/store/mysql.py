@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -48,8 +48,14 @@ class MysqlStore(Store):
     insert_ignore = "INSERT IGNORE"
     replace_into = "REPLACE"
 
-    def __init__(self, target: MysqlTarget, shards: int, pool_size: int) -> None:
-        super().__init__(shards)
+    def __init__(
+        self,
+        target: MysqlTarget,
+        shards: int,
+        pool_size: int,
+        owned: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(shards, owned)
         self.target = target
         self._lock = threading.Lock()
         self._closed = False
@@ -143,8 +149,10 @@ class MysqlStore(Store):
             "kind VARCHAR(32) NOT NULL, from_uid BIGINT UNSIGNED NULL, body MEDIUMTEXT NOT NULL, "
             "ts BIGINT NOT NULL, acked TINYINT NOT NULL DEFAULT 0, "
             f"KEY idx_uid_acked_id (uid, acked, id), KEY idx_ts (ts)) {TABLE_OPTIONS}"
-            for n in range(self.shards)
+            for n in self.owned
         ]
+        if not self.primary:
+            return messages
         return [
             *messages,
             "CREATE TABLE IF NOT EXISTS pmq_broadcast ("

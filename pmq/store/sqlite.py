@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,8 +28,8 @@ class SqliteStore(Store):
     insert_ignore = "INSERT OR IGNORE"
     replace_into = "INSERT OR REPLACE"
 
-    def __init__(self, path: Path, shards: int) -> None:
-        super().__init__(shards)
+    def __init__(self, path: Path, shards: int, owned: Sequence[int] | None = None) -> None:
+        super().__init__(shards, owned)
         self.path = path
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -101,7 +101,7 @@ class SqliteStore(Store):
 
     def _schema_statements(self) -> list[str]:
         statements: list[str] = []
-        for n in range(self.shards):
+        for n in self.owned:
             t = f"pmq_msg_{n}"
             statements += [
                 # INTEGER PRIMARY KEY: the id is the rowid, no separate index.

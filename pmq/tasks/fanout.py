@@ -2,12 +2,13 @@
 
 Broadcasts wait in ``broadcast_queue`` (put there atomically with the broadcast itself by
 pmq.broadcast, which also keeps it in Redis for later replay). One task worker takes one at
-a time into its own ``broadcast_taken`` list, publishes the push frame once on the broadcast
-channel, which every socket worker of every node reads (pmq.reactor.fanout), and writes it to
-the SQL broadcasts table. It publishes before storing so that an SQL outage never holds an
-announcement back; the item leaves the taken list only once stored. A worker killed in
-between leaves the item in its taken list and its successor finishes the job: a broadcast
-may then be published twice, and clients drop the duplicate by id.
+a time into its own ``broadcast_taken`` list, publishes the push frame once on the sharded
+broadcast channel (SPUBLISH), which every socket worker of every node reads
+(pmq.reactor.fanout), and writes it to the SQL broadcasts table. It publishes before
+storing so that an SQL outage never holds an announcement back; the item leaves the taken
+list only once stored. A worker killed in between leaves the item in its taken list and its
+successor finishes the job: a broadcast may then be published twice, and clients drop the
+duplicate by id.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class BroadcastFanout:
             log.error("dropped a malformed broadcast: %r", item[:200])
             return
         frame = b'{"type":"push","msg":' + orjson.dumps(message) + b"}"
-        receivers = await self.redis.publish(
+        receivers = await self.redis.spublish(
             self.keys.broadcast_channel(), encode_fanout(group, frame)
         )
         self.published += 1

@@ -41,7 +41,7 @@ class TaskWorker(Worker):
 
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         super().__init__(config, index, status_fd, ppid)
-        self.keys = Keys(config.redis.prefix)
+        self.keys = Keys(config.redis.prefix, config.redis.buckets)
         # One thread per job that calls the store (writer, sweeper, ...), so a slow retention
         # delete never holds up the writer.
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-task")
@@ -86,11 +86,17 @@ class TaskWorker(Worker):
 
     async def watch_queues(self) -> None:
         """Publish the queues' depths (pmqctl status, /metrics) every few seconds."""
-        queues = {"store": self.keys.store_queue(), "broadcast": self.keys.broadcast_queue()}
+        queues = {
+            "store": [self.keys.store_queue(tag) for tag in self.keys.store_tags()],
+            "broadcast": [self.keys.broadcast_queue()],
+        }
         while True:
             try:
-                for name, key in queues.items():
-                    self.queue_depths[name] = int(await self.redis.llen(key))
+                for name, keys in queues.items():
+                    pipe = self.redis.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.llen(key)
+                    self.queue_depths[name] = sum(await pipe.execute())
                     metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
             except (RedisError, OSError) as exc:
                 log.warning("%s: reading queue depths failed: %s", self.title, exc)

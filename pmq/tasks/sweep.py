@@ -2,8 +2,9 @@
 
 Every ``interval`` seconds one task worker of the whole cluster (the holder of a Redis lock)
 looks at the users whose oldest hot message is older than ``hot_seconds``
-(``keys.inbox_index()``). Of those messages, the ones the store confirms it holds leave the
-user's hot inbox and ``keys.cold(uid)`` is set, so replay reads them from storage; the ones
+(``keys.inbox_index(bucket)``, one index per user bucket, visited in turn). Of those
+messages, the ones the store confirms it holds leave the user's hot inbox and
+``keys.cold(uid)`` is set, so replay reads them from storage; the ones
 the storage writer has not written yet stay hot until a later sweep. Then retention: rows
 older than ``retention_seconds`` are deleted from storage, and hot entries that old are
 dropped from Redis whether stored or not (storage no longer keeps them either).
@@ -143,18 +144,29 @@ class Sweeper:
         return counts
 
     async def _sweep_hot(self, now: int, counts: Counts) -> None:
-        """Visit the users with hot messages past the hot or retention cutoff, oldest first,
-        within PASS_BUDGET seconds."""
+        """Visit the users with hot messages past the hot or retention cutoff, oldest first
+        in each bucket's index, every bucket in turn, within PASS_BUDGET seconds."""
         upper = now - min(self.hot_ms, self.retention_seconds * 1000)
         deadline = time.monotonic() + PASS_BUDGET
+        # Start at a different bucket each sweep, so a short budget still reaches them all.
+        first = self.sweeps % self.keys.buckets
+        for step in range(self.keys.buckets):
+            if time.monotonic() >= deadline:
+                break
+            bucket = (first + step) % self.keys.buckets
+            counts["users"] += await self._sweep_bucket(bucket, upper, now, deadline, counts)
+
+    async def _sweep_bucket(
+        self, bucket: int, upper: int, now: int, deadline: float, counts: Counts
+    ) -> int:
+        """Sweep the users of one bucket's index; returns how many were looked at."""
+        index = self.keys.inbox_index(bucket)
         visited: set[bytes] = set()
         offset = 0  # users of the range that stay in it: the next page starts after them
         while time.monotonic() < deadline:
             page = cast(
                 list[bytes],
-                await self.redis.zrangebyscore(
-                    self.keys.inbox_index(), "-inf", upper, start=offset, num=PAGE
-                ),
+                await self.redis.zrangebyscore(index, "-inf", upper, start=offset, num=PAGE),
             )
             fresh = [uid for uid in page if uid not in visited]
             if not fresh:
@@ -166,7 +178,7 @@ class Sweeper:
                     offset += 1
                 if time.monotonic() >= deadline:
                     break
-        counts["users"] = len(visited)
+        return len(visited)
 
     async def _sweep_user(self, uid: str, now: int, deadline: float, counts: Counts) -> int:
         """Move the user's old stored messages out of Redis and drop the expired ones,
@@ -178,7 +190,7 @@ class Sweeper:
             self.keys.inbox(uid),
             self.keys.inbox_bodies(uid),
             self.keys.cold(uid),
-            self.keys.inbox_index(),
+            self.keys.inbox_index(self.keys.bucket(uid)),
         ]
         while True:
             entries = cast(

@@ -1,8 +1,12 @@
 """The storage writer: moves the operations PUBLISH and ACK queue into the SQL store.
 
-It is a reliable-queue consumer (the Redis LMOVE pattern). A batch is first moved atomically
-from ``keys.store_queue()`` into this writer's own list ``keys.store_taken(owner)``, written,
-and only then is the taken list deleted. A worker killed mid-batch leaves its batch in the
+It is a reliable-queue consumer (the Redis LMOVE pattern), over several queues: one per user
+bucket and the chat's (``keys.store_tags()``; each queue shares a Redis Cluster slot with
+the keys of the scripts that fill it). A batch is first moved atomically from each
+``keys.store_queue(tag)`` into this writer's own list ``keys.store_taken(owner, tag)`` beside
+it, written, and only then are the taken lists deleted. When every queue was empty the
+writer blocks on the first one (BLMOVE) for TAKE_TIMEOUT, or only IDLE_WAIT when there are
+others to look at again. A worker killed mid-batch leaves its batch in the
 taken list and the next worker of the same slot (same ``owner``) writes it first thing; a
 worker stopped gracefully hands what it could not write back to the queue. Store writes are
 idempotent by id, so writing an item twice never duplicates a row.
@@ -37,7 +41,8 @@ from pmq.store.base import LastRead, StoredCsMessage, StoredCsSession
 
 log = logging.getLogger(__name__)
 
-TAKE_TIMEOUT = 1  # seconds BLMOVE waits for the first item of a batch
+TAKE_TIMEOUT = 1  # seconds BLMOVE waits for the first item of a batch (one queue)
+IDLE_WAIT = 0.2  # the same with several queues: then the others are looked at again
 RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
 RETRY_MAX = 5.0
 ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
@@ -224,14 +229,16 @@ class StorageWriter:
         self.store = store
         self.in_thread = in_thread
         self.batch = batch
-        self.queue = keys.store_queue()
-        self.taken = keys.store_taken(owner)
+        self.keys = keys
+        self.owner = owner
+        # (queue, taken) per tag; the first is the one an idle writer blocks on.
+        self.queues = [(keys.store_queue(t), keys.store_taken(owner, t)) for t in keys.store_tags()]
         self._top_up = redis.register_script(TOP_UP)
         self._give_back = redis.register_script(GIVE_BACK)
         self.written = self.acked = self.batches = self.errors = self.malformed = 0
         self.dropped_acks = 0
         self._deferred: list[_DeferredAck] = []
-        self._leftover = True  # the taken list may hold a batch: write it before taking more
+        self._leftover = True  # look at the queues (and taken lists) at once, without waiting
         self._busy = False  # a batch is being written; drain lets it finish
         self._stopping = False
         self._outage = False  # logged the current storage outage already
@@ -261,7 +268,7 @@ class StorageWriter:
                 self._busy = False
                 log.error(
                     "storage writer %s: %s; retrying in %.1fs",
-                    self.taken,
+                    self.owner,
                     exc,
                     delay,
                     exc_info=not isinstance(exc, RedisError | OSError),
@@ -284,28 +291,35 @@ class StorageWriter:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})
-        returned = int(await self._give_back(keys=[self.taken, self.queue]))
+        returned = 0
+        for queue, taken in self.queues:
+            returned += int(await self._give_back(keys=[taken, queue]))
         if returned:
             log.warning("storage writer: put %d unwritten items back on the queue", returned)
-        if self._deferred:
-            ops = [
-                orjson.dumps({"op": "ack", "uid": str(d.uid), "ids": [str(i) for i in d.ids]})
-                for d in self._deferred
-            ]
-            await self.redis.rpush(self.queue, *ops)
-            self._deferred.clear()
-        return int(await self.redis.llen(self.taken))
+        for d in self._deferred:
+            op = orjson.dumps({"op": "ack", "uid": str(d.uid), "ids": [str(i) for i in d.ids]})
+            await self.redis.rpush(self.keys.store_queue(self.keys.user_tag(str(d.uid))), op)
+        self._deferred.clear()
+        left = 0
+        for _, taken in self.queues:
+            left += int(await self.redis.llen(taken))
+        return left
 
     async def _cycle(self) -> None:
-        """Take one batch (waiting up to TAKE_TIMEOUT for its first item), write it, and
-        delete the taken list."""
+        """Take one batch from every queue (after waiting for a first item when the last
+        pass found none), write it, and delete the taken lists."""
         if not self._leftover:
-            first = await self.redis.blmove(self.queue, self.taken, TAKE_TIMEOUT, "LEFT", "RIGHT")
-            if first is None:
+            queue, taken = self.queues[0]
+            wait = TAKE_TIMEOUT if len(self.queues) == 1 else IDLE_WAIT
+            first = await self.redis.blmove(queue, taken, wait, "LEFT", "RIGHT")  # type: ignore[arg-type]
+            if first is None and len(self.queues) == 1:
                 return
         self._busy = True
-        items: list[bytes] = await self._top_up(keys=[self.queue, self.taken], args=[self.batch])
-        self._leftover = False
+        parts: list[list[bytes]] = await asyncio.gather(
+            *(self._top_up(keys=[q, t], args=[self.batch]) for q, t in self.queues)
+        )
+        items = [item for part in parts for item in part]
+        self._leftover = bool(items)  # found work: look again at once
         if not items:
             self._busy = False
             return
@@ -313,7 +327,11 @@ class StorageWriter:
         batch = parse_batch(items)
         self.malformed += batch.malformed
         await self._store(batch)
-        await self.redis.delete(self.taken)
+        done = [t for (_, t), part in zip(self.queues, parts, strict=True) if part]
+        pipe = self.redis.pipeline(transaction=False)
+        for taken in done:
+            pipe.delete(taken)
+        await pipe.execute()
         self.batches += 1
         self._busy = False
 

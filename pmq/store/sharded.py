@@ -1,0 +1,129 @@
+"""Message shards on several MySQL servers (``storage.shard_map``).
+
+A :class:`ShardedStore` looks like one :class:`Store`: every call about one user's messages
+goes to the database holding ``pmq_msg_{uid % shards}``, a batch of rows is split by
+database (one transaction in each; a failure of one is retried as a whole, which the
+idempotent inserts make safe), retention and counts visit every database, and the other
+tables (broadcasts, last-read times, chat) stay on the primary, ``storage.url``, which also
+holds every shard the map does not name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+
+from pmq.store.base import (
+    Cursor,
+    LastRead,
+    Store,
+    StoredBroadcast,
+    StoredCsMessage,
+    StoredCsSession,
+    StoredMessage,
+)
+
+
+class ShardedStore(Store):
+    """``primary`` owns the unmapped shards and the other tables; ``others`` each own the
+    shards of their ``owned``. Every store must be made for the same ``shards``."""
+
+    def __init__(self, primary: Store, others: Sequence[Store]) -> None:
+        super().__init__(primary.shards)
+        self.engine = primary.engine  # type: ignore[misc]
+        self.placeholder = primary.placeholder  # type: ignore[misc]
+        self.insert_ignore = primary.insert_ignore  # type: ignore[misc]
+        self.replace_into = primary.replace_into  # type: ignore[misc]
+        self.main = primary
+        self.stores = [primary, *others]
+        self.by_shard: dict[int, Store] = {}
+        for store in self.stores:
+            for n in store.owned:
+                self.by_shard[n] = store
+        for store in others:
+            store.primary = False
+        missing = set(range(self.shards)) - set(self.by_shard)
+        if missing:
+            raise ValueError(f"no database holds message shards {sorted(missing)}")
+
+    def store_of(self, uid: int) -> Store:
+        return self.by_shard[uid % self.shards]
+
+    # What an engine provides: the primary's (used only by the primary's own tables).
+    def _session(self, op: str, write: bool) -> AbstractContextManager[Cursor]:
+        return self.main._session(op, write)
+
+    def _schema_statements(self) -> list[str]:
+        return self.main._schema_statements()
+
+    def _schema_table(self) -> str:
+        return self.main._schema_table()
+
+    def _delete_chunk(self, table: str, limit: int) -> str:
+        return self.main._delete_chunk(table, limit)
+
+    def table(self, uid: int) -> str:
+        return self.store_of(uid).table(uid)
+
+    # Every database -----------------------------------------------------------------
+    def init_schema(self) -> None:
+        """Create the tables on every database (message shards where they live)."""
+        for store in self.stores:
+            store.init_schema()
+
+    def ping(self) -> None:
+        for store in self.stores:
+            store.ping()
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+    def delete_before(self, ts_ms: int) -> int:
+        return sum(store.delete_before(ts_ms) for store in self.stores)
+
+    def count_messages(self) -> int:
+        return sum(store.count_messages() for store in self.stores)
+
+    # One user's messages: their shard's database ------------------------------------
+    def write_messages(self, rows: Sequence[StoredMessage]) -> int:
+        by_store: dict[int, list[StoredMessage]] = {}
+        for row in rows:
+            by_store.setdefault(id(self.store_of(row.uid)), []).append(row)
+        return sum(
+            store.write_messages(by_store[id(store)])
+            for store in self.stores
+            if id(store) in by_store
+        )
+
+    def unacked(self, uid: int, after_id: int = 0, limit: int = 200) -> list[StoredMessage]:
+        return self.store_of(uid).unacked(uid, after_id, limit)
+
+    def ack(self, uid: int, ids: Iterable[int]) -> int:
+        return self.store_of(uid).ack(uid, ids)
+
+    def existing(self, uid: int, ids: Iterable[int]) -> set[int]:
+        return self.store_of(uid).existing(uid, ids)
+
+    # The primary's tables -----------------------------------------------------------
+    def write_broadcasts(self, rows: Sequence[StoredBroadcast]) -> int:
+        return self.main.write_broadcasts(rows)
+
+    def set_last_reads(self, rows: Sequence[LastRead]) -> None:
+        self.main.set_last_reads(rows)
+
+    def last_read(self, uid: int, kind: str) -> int | None:
+        return self.main.last_read(uid, kind)
+
+    def write_cs(
+        self, messages: Sequence[StoredCsMessage], sessions: Sequence[StoredCsSession]
+    ) -> int:
+        return self.main.write_cs(messages, sessions)
+
+    def cs_session(self, session_id: int) -> StoredCsSession | None:
+        return self.main.cs_session(session_id)
+
+    def cs_messages(
+        self, session_id: int, before_id: int = 0, limit: int = 50
+    ) -> list[StoredCsMessage]:
+        return self.main.cs_messages(session_id, before_id, limit)
