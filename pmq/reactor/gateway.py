@@ -29,6 +29,7 @@ from pmq.errors import ActionError, AuthError
 from pmq.handlers.base import App, Caller, Handler
 from pmq.protocol import Code, ProtocolError
 from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor.heartbeat import WatchedConnection
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,8 @@ class Gateway:
             process_request=self.process_request,
             max_size=config.server.max_frame,
             max_queue=4,
-            ping_interval=config.heartbeat.interval,
-            ping_timeout=config.heartbeat.timeout - config.heartbeat.interval,
+            create_connection=WatchedConnection,
+            ping_interval=None,  # pmq.reactor.heartbeat pings, one loop for every connection
             close_timeout=CLOSE_TIMEOUT,
             compression=None,
             server_header=None,

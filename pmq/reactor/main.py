@@ -32,6 +32,7 @@ from pmq.messaging import push_frame
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
+from pmq.reactor.heartbeat import Heartbeat
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
 from pmq.reactor.reload import load_handlers
@@ -145,6 +146,10 @@ class SocketWorker(Worker):
             asyncio.create_task(self.fanout.run(), name="fanout"),
             asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
             asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
+            asyncio.create_task(
+                Heartbeat(self.table, config.heartbeat.interval, config.heartbeat.timeout).run(),
+                name="heartbeat",
+            ),
         ]
 
     async def read_relay(self, subscription: redisconn.Subscription) -> None:
