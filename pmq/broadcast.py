@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import orjson
@@ -142,17 +142,28 @@ class Broadcasts:
         raw = await self.redis.hmget(self.keys.broadcast_bodies(), [str(i) for i in ids])
         return [orjson.loads(b) for b in cast(list[bytes | None], raw) if b is not None]
 
-    async def replay(self, uid: str, groups: Sequence[str]) -> list[dict[str, Any]]:
-        """The newest ``replay_max`` broadcasts above the user's watermark, in id order."""
+    def replay_on(
+        self, pipe: Any, uid: str, groups: Sequence[str]
+    ) -> Callable[[Iterator[Any]], list[int]]:
+        """Queue the reads of a connect's replay on the caller's ``pipe``: the user's
+        watermark and each group's newest ``replay_max``. What it returns, called with an
+        iterator over the replies, gives the newest ``replay_max`` ids above the watermark,
+        in id order (their bodies come from bodies())."""
         if not self.replay_max:
-            return []
-        mark = int(cast(bytes | None, await self.redis.get(self.keys.broadcast_mark(uid))) or 0)
-        low = max(self.floor_ms(), timestamp_ms(mark) if mark else 0)
-        pipe = self.redis.pipeline(transaction=False)
-        for group in groups_of(groups):  # newest first, at most replay_max from each group
-            pipe.zrevrangebyscore(self.keys.broadcasts(group), "+inf", low, 0, self.replay_max)
-        newest = sorted({int(i) for ids in await pipe.execute() for i in ids if int(i) > mark})
-        return await self.bodies(newest[-self.replay_max :]) if newest else []
+            return lambda replies: []
+        names = groups_of(groups)
+        pipe.get(self.keys.broadcast_mark(uid))
+        for group in names:  # newest first; those above the watermark are among them
+            pipe.zrevrangebyscore(
+                self.keys.broadcasts(group), "+inf", self.floor_ms(), 0, self.replay_max
+            )
+
+        def read(replies: Iterator[Any]) -> list[int]:
+            mark = int(next(replies) or 0)
+            newest = {int(i) for _ in names for i in next(replies) if int(i) > mark}
+            return sorted(newest)[-self.replay_max :]
+
+        return read
 
     async def acknowledge(self, uid: str, ids: Sequence[int]) -> int:
         """Move the watermark to the newest of ``ids`` that is a broadcast; returns how many

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
 import orjson
@@ -126,6 +126,16 @@ class Accepted:
     recipients: list[str]  # of the new messages, aligned with encoded and connections
     encoded: list[bytes]  # each new message's wire JSON, to wrap in a push frame
     connections: list[dict[str, str]]  # conn id -> worker id, per new message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Look:
+    """A first look at a user's inbox: the hot ids above ``after`` in id order, and the cold
+    flag (set while storage holds messages of the user that left Redis)."""
+
+    after: int
+    hot_ids: list[int]
+    cold_mark: bytes | None
 
 
 ColdReader = Callable[[str, int, int], Awaitable[list[dict[str, Any]]]]
@@ -236,30 +246,48 @@ class Inbox:
         removed = await self._ack(keys=keys, args=[uid, *map(str, ids)])
         return {int(i) for i in removed}
 
-    async def hot(self, uid: str, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
-        """Unacked messages still in Redis, id order, with id > ``after``."""
+    def look_on(self, pipe: Any, uid: str, after: int = 0) -> Callable[[Iterator[Any]], Look]:
+        """Queue a first look at the inbox (hot ids above ``after``, then the cold flag) on
+        the caller's ``pipe``; call what it returns with an iterator over the replies."""
         low = timestamp_ms(after) if after else "-inf"
-        members = cast(
-            list[bytes], await self.redis.zrangebyscore(self.keys.inbox(uid), low, "+inf")
-        )
-        wanted = sorted(i for i in map(int, members) if i > after)[:limit]
-        if not wanted:
-            return []
-        bodies = await self.redis.hmget(self.keys.inbox_bodies(uid), [str(i) for i in wanted])
-        return [orjson.loads(b) for b in bodies if b is not None]
+        pipe.zrangebyscore(self.keys.inbox(uid), low, "+inf")
+        pipe.get(self.keys.cold(uid))
+
+        def read(replies: Iterator[Any]) -> Look:
+            ids = sorted(i for i in map(int, next(replies)) if i > after)
+            return Look(after, ids, next(replies))
+
+        return read
+
+    async def look(self, uid: str, after: int = 0) -> Look:
+        pipe = self.redis.pipeline(transaction=False)
+        read = self.look_on(pipe, uid, after)
+        return read(iter(await pipe.execute()))
 
     async def has_cold(self, uid: str) -> bool:
         return bool(await self.redis.exists(self.keys.cold(uid)))
 
     async def pending(
-        self, uid: str, cold: ColdReader, after: int = 0, limit: int = 200
+        self, uid: str, cold: ColdReader, after: int = 0, limit: int = 200, look: Look | None = None
     ) -> list[dict[str, Any]]:
-        """Unacked messages in id order: storage's older ones first, then Redis's."""
-        # Redis first: the sweep flags the user cold in the same step that removes a message
-        # from Redis, so one it moves meanwhile is then found through the flag.
-        hot = await self.hot(uid, after, limit)
+        """Unacked messages in id order: storage's older ones first, then Redis's.
+
+        ``look`` is what look_on() read for this ``after`` on a pipeline of the caller's (a
+        connect reads it with the registry write, in one round trip)."""
+        if look is None:
+            look = await self.look(uid, after)
+        assert look.after == after
+        # Hot ids first, then the flag: the sweep flags the user cold in the same step that
+        # removes a message from Redis, so one it moves meanwhile is found through the flag.
+        mark = look.cold_mark
+        hot: list[dict[str, Any]] = []
+        wanted = look.hot_ids[:limit]
+        if wanted:
+            bodies = await self.redis.hmget(self.keys.inbox_bodies(uid), [str(i) for i in wanted])
+            hot = [orjson.loads(b) for b in bodies if b is not None]
+            if len(hot) < len(wanted) and mark is None:  # moved since the look? read the flag
+                mark = cast(bytes | None, await self.redis.get(self.keys.cold(uid)))
         found: list[dict[str, Any]] = []
-        mark = await self.redis.get(self.keys.cold(uid))
         if mark is not None:
             found = await cold(uid, after, limit)
             if not found and not after:  # storage holds none: drop the flag, unless a

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, cast
 
 import orjson
@@ -75,6 +75,16 @@ def decode_relay(message: bytes) -> tuple[str, str, float, bytes]:
     return op, uid, float(sent), payload
 
 
+def skip(replies: int) -> Callable[[Iterator[Any]], None]:
+    """A reader for commands queued on a shared pipeline whose replies nobody needs."""
+
+    def read(found: Iterator[Any]) -> None:
+        for _ in range(replies):
+            next(found)
+
+    return read
+
+
 class Routes:
     """One socket worker's view of the registry. Create after fork, one per worker."""
 
@@ -102,12 +112,20 @@ class Routes:
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
         """Add a connection; also remember the user's groups (for counting broadcasts)."""
         pipe = self.redis.pipeline(transaction=False)
+        self.register_on(pipe, uid, conn_id, groups)
+        await pipe.execute()
+
+    def register_on(
+        self, pipe: Any, uid: str, conn_id: str, groups: Sequence[str] = ()
+    ) -> Callable[[Iterator[Any]], None]:
+        """register() queued on the caller's ``pipe``; what it returns takes its replies
+        off an iterator over the pipeline's."""
         pipe.set(self.keys.user_groups(uid), orjson.dumps(list(groups)), ex=GROUPS_TTL)
         pipe.hset(self.keys.user_conns(uid), conn_id, self.worker_id)
         pipe.expire(self.keys.user_conns(uid), self.ttl)
         pipe.hset(self.keys.worker_conns(self.worker_id), conn_id, uid)
         pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
-        await pipe.execute()
+        return skip(5)
 
     async def unregister(self, uid: str, conn_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

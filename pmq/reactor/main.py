@@ -26,7 +26,7 @@ from pmq.cluster import Board
 from pmq.config import Config
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
-from pmq.inbox import Inbox
+from pmq.inbox import Inbox, Look
 from pmq.keys import Keys
 from pmq.messaging import push_frame
 from pmq.reactor.connections import Client, ConnectionTable
@@ -232,14 +232,21 @@ class SocketWorker(Worker):
     async def on_open(self, client: Client) -> None:
         """Register, say hello, replay the inbox in id order, then let live frames through."""
         client.hold()
-        await self.routes.register(client.uid, client.conn_id, client.identity.groups)
-        client.write(
-            protocol.encode_hello(client.conn_id, client.uid, self.config.heartbeat.interval)
-        )
-        broadcasts = deque(await self.broadcasts.replay(client.uid, client.identity.groups))
+        uid, groups = client.uid, client.identity.groups
+        pipe = self.redis.pipeline(transaction=False)  # one round trip: register, then read
+        registered = self.routes.register_on(pipe, uid, client.conn_id, groups)
+        looked = self.inbox.look_on(pipe, uid)
+        replayable = self.broadcasts.replay_on(pipe, uid, groups)
+        replies = iter(await pipe.execute())
+        registered(replies)
+        look: Look | None = looked(replies)
+        broadcast_ids = replayable(replies)
+        client.write(protocol.encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
+        broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
         after = 0
         while True:
-            batch = await self.inbox.pending(client.uid, self.cold_messages, after, REPLAY_PAGE)
+            batch = await self.inbox.pending(uid, self.cold_messages, after, REPLAY_PAGE, look)
+            look = None  # later pages look again
             for message in batch:  # broadcasts interleaved: one id order for both
                 while broadcasts and int(broadcasts[0]["id"]) < int(message["id"]):
                     client.write(push_frame(orjson.dumps(broadcasts.popleft())))
