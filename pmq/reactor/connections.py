@@ -1,8 +1,9 @@
 """This worker's live WebSocket connections, by conn id and by uid.
 
-Writes never await: a frame is queued on the socket at once (websockets' broadcast path),
-and a client whose unsent bytes pass ``server.max_pending`` is closed with 1008, or aborted
-when even the close frame would not fit, so one slow reader never stalls the worker.
+Writes never await: a frame is queued on the socket at once (made once, and shared by every
+connection it goes to), and a client whose unsent bytes pass ``server.max_pending`` is
+closed with 1008, or aborted when even the close frame would not fit, so one slow reader
+never stalls the worker.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import logging
 import time
 from collections.abc import Iterator
 
-from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from pmq.auth import Identity
@@ -22,6 +23,12 @@ from pmq.protocol import CloseCode
 log = logging.getLogger(__name__)
 
 CLOSE_SECONDS = 2.0
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one WebSocket text frame, the bytes a server writes (never masked, so
+    the same for every connection)."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
 class Client:
@@ -53,20 +60,30 @@ class Client:
         """Send the frames kept back since hold(), in the order they came."""
         held, self.held = self.held or [], None
         for frame in held:
-            self.write(frame)
+            self.write_frame(frame)
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, payload: bytes) -> bool:
         """Queue one live frame (kept back during a replay); see write()."""
+        return self.send_frame(text_frame(payload))
+
+    def write(self, payload: bytes) -> bool:
+        """Queue one text frame without waiting; False when the client is gone or dropped."""
+        return self.write_frame(text_frame(payload))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """send() of a frame made by text_frame(), so a fan-out makes it once for all."""
         if self.held is not None:
             self.held.append(frame)
             return True
-        return self.write(frame)
+        return self.write_frame(frame)
 
-    def write(self, frame: bytes) -> bool:
-        """Queue one text frame without waiting; False when the client is gone or dropped."""
+    def write_frame(self, frame: bytes) -> bool:
+        # Written past websockets' protocol object, as its broadcast() does in effect: a
+        # server's data frames need no per-connection state once the connection is open
+        # (PMQ never fragments), so the bytes can be shared.
         if self.ws.protocol.state is not State.OPEN:
             return False
-        broadcast((self.ws,), frame, text=True)
+        self.ws.transport.write(frame)
         pending = self.ws.transport.get_write_buffer_size()
         if pending > self.max_pending:
             self.drop_slow(pending)
@@ -133,14 +150,16 @@ class ConnectionTable:
     def uids(self) -> list[str]:
         return list(self.by_uid)
 
-    def send_to_user(self, uid: str, frame: bytes) -> int:
-        """Write ``frame`` to every local connection of ``uid``; returns how many took it."""
+    def send_to_user(self, uid: str, payload: bytes) -> int:
+        """Send ``payload`` to every local connection of ``uid`` (its frame made once);
+        returns how many took it."""
         mine = self.by_uid.get(uid)
         if mine is None:
             return 0
+        frame = text_frame(payload)
         if len(mine) == 1:  # the common case, without a generator per frame
-            return int(next(iter(mine.values())).send(frame))
-        return sum(client.send(frame) for client in list(mine.values()))
+            return int(next(iter(mine.values())).send_frame(frame))
+        return sum(client.send_frame(frame) for client in list(mine.values()))
 
     def kick_user(self, uid: str, reason: str) -> int:
         clients = self.of_user(uid)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pmq import metrics
 from pmq.broadcast import ALL, decode_fanout
-from pmq.reactor.connections import ConnectionTable
+from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.reactor.unread import UnreadPusher
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class Fanout:
     async def deliver(self, group: str, frame: bytes) -> int:
         """Write ``frame`` to every local connection of ``group``; returns how many."""
         clients = [c for c in self.table if group == ALL or group in c.identity.groups]
+        wire = text_frame(frame)
         began = time.perf_counter()
         for n, client in enumerate(clients, 1):
-            client.send(frame)
+            client.send_frame(wire)
             if n % CHECK_EVERY == 0 and time.perf_counter() - began >= SLICE_SECONDS:
                 self.note_stall(began)
                 await asyncio.sleep(0)
