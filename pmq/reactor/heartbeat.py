@@ -74,14 +74,14 @@ class Heartbeat:
         pinged = failed = 0
         for client in self.table:
             ws: WatchedConnection = client.ws  # type: ignore[assignment]
-            if ws.protocol.state is not State.OPEN:
-                continue
             quiet = now - ws.heard
+            if quiet < self.interval or ws.protocol.state is not State.OPEN:
+                continue  # most connections, most ticks: the cheap test first
             if quiet >= self.timeout:
                 log.info("closing silent client conn=%s uid=%s", client.conn_id, client.uid)
                 fail_silent(ws)
                 failed += 1
-            elif quiet >= self.interval and now - ws.pinged >= self.interval:
+            elif now - ws.pinged >= self.interval:
                 ping(ws, now)
                 pinged += 1
         return pinged, failed
