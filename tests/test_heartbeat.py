@@ -63,12 +63,13 @@ def table_of(**connections: FakeConnection) -> ConnectionTable:
     return table
 
 
-def test_a_pass_pings_the_quiet_and_fails_the_silent() -> None:
-    busy, quiet, silent = FakeConnection(99.0), FakeConnection(70.0), FakeConnection(39.0)
-    heartbeat = Heartbeat(table_of(u1=busy, u2=quiet, u3=silent), interval=25, timeout=60)
+def test_a_pass_pings_those_due_and_fails_the_silent() -> None:
+    fresh = FakeConnection(heard=99.0, pinged=90.0)
+    due, silent = FakeConnection(heard=99.0, pinged=70.0), FakeConnection(heard=39.0)
+    heartbeat = Heartbeat(table_of(u1=fresh, u2=due, u3=silent), interval=25, timeout=60)
     assert heartbeat.beat(100.0) == (1, 1)
-    assert busy.events == []  # heard from a second ago: nothing to ask
-    assert quiet.events == ["ping", "sent"] and quiet.pinged == 100.0
+    assert fresh.events == []  # pinged 10 s ago
+    assert due.events == ["ping", "sent"] and due.pinged == 100.0  # busy or not, once an interval
     assert silent.events == [
         f"fail {CloseCode.INTERNAL_ERROR} heartbeat timeout",
         "sent",
@@ -76,7 +77,7 @@ def test_a_pass_pings_the_quiet_and_fails_the_silent() -> None:
     ]
 
 
-def test_a_quiet_connection_is_pinged_once_an_interval() -> None:
+def test_a_connection_is_pinged_once_an_interval() -> None:
     ws = FakeConnection(heard=0.0)
     heartbeat = Heartbeat(table_of(u1=ws), interval=25, timeout=60)
     pings = [t for t in range(0, 60) if heartbeat.beat(float(t))[0]]

@@ -4,9 +4,9 @@ websockets' own keepalive runs a task per connection that sleeps, pings and wait
 pong under a timeout: at 12,500 connections a worker held that many tasks, timers and
 futures (1.4 KB a connection) and spent a quarter of its time during a broadcast in them.
 Here each connection only notes when it last heard from its peer (any frame counts, a pong
-included); every tick one pass over the connection table pings those quiet for
-``heartbeat.interval`` (once an interval) and fails those silent for ``heartbeat.timeout``
-with 1011, as websockets did.
+included) and when it was last pinged; every tick one pass over the connection table pings
+each connection once per ``heartbeat.interval`` (SPEC 3) and fails those silent for
+``heartbeat.timeout`` with 1011, as websockets did.
 """
 
 from __future__ import annotations
@@ -74,14 +74,15 @@ class Heartbeat:
         pinged = failed = 0
         for client in self.table:
             ws: WatchedConnection = client.ws  # type: ignore[assignment]
-            quiet = now - ws.heard
-            if quiet < self.interval or ws.protocol.state is not State.OPEN:
-                continue  # most connections, most ticks: the cheap test first
-            if quiet >= self.timeout:
+            due = now - ws.pinged >= self.interval
+            silent = now - ws.heard >= self.timeout
+            if not (due or silent) or ws.protocol.state is not State.OPEN:
+                continue  # most connections, most ticks: the cheap tests first
+            if silent:
                 log.info("closing silent client conn=%s uid=%s", client.conn_id, client.uid)
                 fail_silent(ws)
                 failed += 1
-            elif now - ws.pinged >= self.interval:
+            else:
                 ping(ws, now)
                 pinged += 1
         return pinged, failed
