@@ -69,21 +69,9 @@ class App:
     config = Config()
 
 
-async def start_gateway(
-    on_open: Any, on_close: Any
-) -> tuple[Gateway, ConnectionTable, int]:
+async def start_gateway() -> tuple[Gateway, ConnectionTable, int, list[Client]]:
+    """A real gateway on a free port: (it, its table, the port, the clients it opened)."""
     table = ConnectionTable()
-    gateway = Gateway(
-        App(), table, Authenticator(), lambda: ACTIONS, on_open, on_close  # type: ignore[arg-type]
-    )
-    await gateway.start("127.0.0.1", 0)
-    assert gateway.server is not None
-    return gateway, table, gateway.server.sockets[0].getsockname()[1]
-
-
-async def churn(connections: int) -> int:
-    """Open, use and close ``connections`` clients through the real gateway with the
-    collector off; returns how many objects a full collection then finds in cycles."""
     opened: list[Client] = []
 
     async def on_open(client: Client) -> None:
@@ -92,7 +80,18 @@ async def churn(connections: int) -> int:
     async def on_close(client: Client) -> None:
         pass
 
-    gateway, table, port = await start_gateway(on_open, on_close)
+    gateway = Gateway(
+        App(), table, Authenticator(), lambda: ACTIONS, on_open, on_close  # type: ignore[arg-type]
+    )
+    await gateway.start("127.0.0.1", 0)
+    assert gateway.server is not None
+    return gateway, table, gateway.server.sockets[0].getsockname()[1], opened
+
+
+async def churn(connections: int) -> int:
+    """Open, use and close ``connections`` clients through the real gateway with the
+    collector off; returns how many objects a full collection then finds in cycles."""
+    gateway, table, port, opened = await start_gateway()
 
     async def use_one(uid: int) -> None:
         async with connect(f"ws://127.0.0.1:{port}/ws?token={uid}") as ws:
@@ -136,15 +135,7 @@ def test_closed_connections_leave_no_cycles(collector: None) -> None:
 
 async def handshake_kept() -> tuple[str, int, int]:
     """(path, request headers, response headers) an open connection still holds."""
-    opened: list[Client] = []
-
-    async def on_open(client: Client) -> None:
-        opened.append(client)
-
-    async def on_close(client: Client) -> None:
-        pass
-
-    gateway, _, port = await start_gateway(on_open, on_close)
+    gateway, _, port, opened = await start_gateway()
     cookie = "session=" + "x" * 2000
     async with connect(
         f"ws://127.0.0.1:{port}/ws?token=42", additional_headers={"Cookie": cookie}
