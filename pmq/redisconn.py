@@ -2,7 +2,11 @@
 
 On a single server, a bounded pool that makes callers wait for a free connection: redis-py's
 default pool refuses the 101st concurrent command ("Too many connections"); a burst of
-connects or publishes must queue for a moment instead, never fail.
+connects or publishes must queue for a moment instead, never fail. A command whose pooled
+connection turns out dead (Redis restarted since it was opened) is sent once more on a
+fresh one rather than failing the caller; the restarted server never saw it. Only a
+connection cut after Redis ran a command could run it twice, which at-least-once delivery
+allows (a publish's ``id`` makes even that a no-op).
 
 On a Redis Cluster (``redis.cluster`` or a ``redis+cluster://`` URL naming any one node),
 redis-py's asyncio ``RedisCluster``, which routes each command, script call and pipeline
@@ -23,6 +27,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from pmq.config import CLUSTER_URL, RedisConfig
@@ -40,7 +47,10 @@ def connect(config: RedisConfig) -> aioredis.Redis:
         cluster = RedisCluster.from_url(url, max_connections=MAX_CONNECTIONS)
         return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
-        config.url, max_connections=MAX_CONNECTIONS, timeout=WAIT_SECONDS
+        config.url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=WAIT_SECONDS,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return aioredis.Redis(connection_pool=pool)
 

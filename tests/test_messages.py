@@ -510,6 +510,37 @@ def test_body_over_max_body_is_413(make_node, ingest_of):
     assert reply["data"]["unread"] == counts(notice=1)
 
 
+def test_a_redis_restart_fails_no_publish(make_node, tmp_path: Path):
+    """Connections pooled before a Redis restart are dead; a publish that draws one is sent
+    again on a fresh connection instead of being answered 503 (SPEC 5: 503 is for a Redis
+    that is down, not for one that is back)."""
+    own = RedisServer(tmp_path).start()
+    try:
+        node = node_with(make_node, redis={"url": own.url})
+
+        def burst(tag: str) -> list[int]:  # concurrent, so each worker pools many connections
+            def one(n: int) -> int:
+                site = Ingest(node)
+                try:
+                    body = {"to": 100 + n, "kind": "notice", "body": {"t": tag}}
+                    return site.publish(body)[0]
+                finally:
+                    site.close()
+
+            with ThreadPoolExecutor(32) as pool:
+                return list(pool.map(one, range(64)))
+
+        assert burst("before") == [202] * 64
+        own.stop()
+        own.start()
+        site = Ingest(node)
+        wait_for(lambda: healthz(site)[0] == 200, 15, "the node to see redis again")
+        site.close()
+        assert burst("after") == [202] * 64
+    finally:
+        own.stop()
+
+
 def test_unreachable_redis_is_503(make_node, ingest_of, tmp_path: Path, redis_prefix: str):
     own = RedisServer(tmp_path).start()
     try:
