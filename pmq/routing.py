@@ -14,6 +14,7 @@ shard owning the channel).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.keys import Keys
@@ -28,6 +30,9 @@ from pmq.keys import Keys
 log = logging.getLogger(__name__)
 
 GROUPS_TTL = 30 * 86400
+DEPARTURE_BATCH = 1000  # closed connections removed from the registry per round trip
+DEPARTURE_RETRY_SECONDS = 0.5
+MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to their TTL
 
 # A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
 OP_PUSH = "push"  # payload: a frame for every connection of the user
@@ -107,6 +112,8 @@ class Routes:
         self.stale_workers: set[str] = set()
         self._forget = redis.register_script(FORGET_CONNS)
         self._refresh = redis.register_script(REFRESH)
+        self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
+        self.departed = asyncio.Event()
 
     # Registry writes ----------------------------------------------------------------
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
@@ -128,10 +135,42 @@ class Routes:
         return skip(5)
 
     async def unregister(self, uid: str, conn_id: str) -> None:
+        """Remove a closed connection now (leave() queues it instead)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hdel(self.keys.user_conns(uid), conn_id)
-        pipe.hdel(self.keys.worker_conns(self.worker_id), conn_id)
+        self._remove_on(pipe, [(uid, conn_id)])
         await pipe.execute()
+
+    def _remove_on(self, pipe: Any, departed: Sequence[tuple[str, str]]) -> None:
+        for uid, conn_id in departed:
+            pipe.hdel(self.keys.user_conns(uid), conn_id)
+        pipe.hdel(self.keys.worker_conns(self.worker_id), *(conn for _, conn in departed))
+
+    def leave(self, uid: str, conn_id: str) -> None:
+        """Queue a closed connection's removal; remove_departed() writes them in batches, so
+        a mass disconnect costs a few round trips, not one per connection competing for
+        the pool (which ran dry at 12,500 closes at once)."""
+        if len(self.departures) >= MAX_DEPARTURES:
+            del self.departures[0]
+        self.departures.append((uid, conn_id))
+        self.departed.set()
+
+    async def remove_departed(self) -> None:
+        """Run for the worker's life: remove queued departures, DEPARTURE_BATCH a round
+        trip; after a Redis error they stay queued and are tried again."""
+        while True:
+            await self.departed.wait()
+            self.departed.clear()
+            while self.departures:
+                batch = self.departures[:DEPARTURE_BATCH]
+                del self.departures[:DEPARTURE_BATCH]
+                pipe = self.redis.pipeline(transaction=False)
+                self._remove_on(pipe, batch)
+                try:
+                    await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning("removing %d closed connections: %s; retrying", len(batch), exc)
+                    self.departures[:0] = batch
+                    await asyncio.sleep(DEPARTURE_RETRY_SECONDS)
 
     async def beat(self) -> None:
         """Mark this worker alive (one round trip, whatever it holds)."""

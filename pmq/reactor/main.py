@@ -145,6 +145,7 @@ class SocketWorker(Worker):
             asyncio.create_task(self.unread_pusher.run(), name="unread"),
             asyncio.create_task(self.fanout.run(), name="fanout"),
             asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
+            asyncio.create_task(self.routes.remove_departed(), name="departures"),
             asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
             asyncio.create_task(
                 Heartbeat(self.table, config.heartbeat.interval, config.heartbeat.timeout).run(),
@@ -261,9 +262,11 @@ class SocketWorker(Worker):
             await self.chat.agent_online(client.uid)  # may hand it queued sessions
 
     async def on_close(self, client: Client) -> None:
-        await self.routes.unregister(client.uid, client.conn_id)
-        if client.identity.role is protocol.Role.AGENT:
+        if client.identity.role is protocol.Role.AGENT:  # its online check reads the registry
+            await self.routes.unregister(client.uid, client.conn_id)
             await self.chat.agent_offline(client.uid)
+        else:
+            self.routes.leave(client.uid, client.conn_id)
 
     async def keep_registry(self) -> None:
         """Beat, refresh our entries' TTL (3 x interval) once an interval, keep our
