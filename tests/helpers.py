@@ -495,3 +495,16 @@ class MysqlDatabase:
         with contextlib.suppress(pymysql.MySQLError):
             self.query(f"DROP DATABASE IF EXISTS `{self.name}`")
         self.conn.close()
+
+
+class NoDelivery:
+    """A LocalDelivery (pmq.routing) for Routes in tests that hold no connections."""
+
+    def push(self, uid: str, frame: bytes) -> int:
+        return 0
+
+    def unread_changed(self, uid: str) -> None:
+        pass
+
+    def kick(self, uid: str, reason: str) -> int:
+        return 0

@@ -12,20 +12,9 @@ import uvloop
 
 from pmq.keys import Keys
 from pmq.routing import DEPARTURE_BATCH, Routes
-from tests.helpers import REDIS_URL, RedisServer
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer
 
 WORKER = "node1:socket1:100"
-
-
-class Nowhere:
-    def push(self, uid: str, frame: bytes) -> int:
-        return 0
-
-    def unread_changed(self, uid: str) -> None:
-        pass
-
-    def kick(self, uid: str, reason: str) -> int:
-        return 0
 
 
 async def registered(routes: Routes, users: int) -> None:
@@ -70,7 +59,7 @@ def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:
 
     async def scenario() -> int:
         client = aioredis.Redis.from_url(REDIS_URL)
-        routes = Routes(client, Keys(redis_prefix), WORKER, 25, Nowhere())
+        routes = Routes(client, Keys(redis_prefix), WORKER, 25, NoDelivery())
         await registered(routes, users)
         assert await left_behind(routes, users) == 2 * users
         made = counting_pipelines(client)
@@ -92,7 +81,7 @@ def test_departures_wait_out_a_redis_outage(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(own.url)
-        routes = Routes(client, Keys("pmqtest:"), WORKER, 25, Nowhere())
+        routes = Routes(client, Keys("pmqtest:"), WORKER, 25, NoDelivery())
         await registered(routes, users)
         remover = asyncio.create_task(routes.remove_departed())
         own.stop()

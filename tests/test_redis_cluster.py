@@ -42,7 +42,16 @@ from pmq.store import open_store
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from pmq.unread import Unread
-from tests.helpers import REDIS_URL, Ingest, Node, WsClient, free_port, wait_for, ws_client
+from tests.helpers import (
+    REDIS_URL,
+    Ingest,
+    Node,
+    NoDelivery,
+    WsClient,
+    free_port,
+    wait_for,
+    ws_client,
+)
 
 MASTERS = 3
 
@@ -286,17 +295,6 @@ class Recording(aioredis.Redis):
             keys = [k.decode() if isinstance(k, bytes) else str(k) for k in args[3 : 3 + count]]
             self.scripts.append(keys)
         return await super().execute_command(*args, **options)
-
-
-class NoDelivery:
-    def push(self, uid: str, frame: bytes) -> int:
-        return 0
-
-    def unread_changed(self, uid: str) -> None:
-        pass
-
-    def kick(self, uid: str, reason: str) -> int:
-        return 0
 
 
 def slots(keys: list[str]) -> set[int]:
