@@ -27,6 +27,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq.batching import Batcher
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.keys import Keys
 from pmq.protocol import Kind
@@ -156,6 +157,7 @@ class Inbox:
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
         self._publish = redis.register_script(PUBLISH)
+        self.batch = Batcher(redis)
         self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
 
@@ -231,7 +233,8 @@ class Inbox:
                 m.kind if m.counts_unread else "",
                 b'{"op":"msg","msg":' + wire + b"}",
             ]
-        result = await self._publish(keys=keys, args=args)
+        # Sent with the other publishes of this loop iteration: one round trip for all.
+        result = await self.batch.script(self._publish, keys, args)
         if result[0] == 0:
             return [str(i) for i in orjson.loads(result[1])], [], []
         return None, encoded, [_pairs(flat) for flat in result[1:]]

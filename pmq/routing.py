@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pmq import metrics
+from pmq.batching import Batcher
 from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Routes:
         self._refresh = redis.register_script(REFRESH)
         self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
         self.departed = asyncio.Event()
+        self.batch = Batcher(redis)
 
     # Registry writes ----------------------------------------------------------------
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
@@ -265,7 +267,8 @@ class Routes:
 
     async def send(self, items: Sequence[tuple[str, str, dict[str, str], bytes]]) -> int:
         """Apply (op, uid, connections, payload) items: ours at once, others' through one
-        PUBLISH per worker and item, all in one pipeline. Returns connections reached."""
+        SPUBLISH per worker and item, sent with the others of this loop iteration (one
+        pipeline, pmq.batching). Returns connections reached."""
         reached = 0
         sent = time.time()
         remote: list[tuple[str, bytes, int]] = []
@@ -280,10 +283,12 @@ class Routes:
                 else:
                     remote.append((wid, encode_relay(op, uid, payload, sent), count))
         if remote:
-            pipe = self.redis.pipeline(transaction=False)
-            for wid, message, _ in remote:
-                pipe.spublish(self.keys.worker_channel(wid), message)
-            receivers = await pipe.execute()
+            receivers = await asyncio.gather(
+                *(
+                    self.batch.call("SPUBLISH", self.keys.worker_channel(wid), message)
+                    for wid, message, _ in remote
+                )
+            )
             reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
         return reached
 

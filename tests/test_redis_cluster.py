@@ -285,16 +285,31 @@ def ws_client_role(node: Node, uid: int, role: str) -> Iterator[WsClient]:
 
 
 class Recording(aioredis.Redis):
-    """A client that remembers the keys of every script call (EVAL / EVALSHA)."""
+    """A client that remembers the keys of every script call (EVAL / EVALSHA), made alone
+    or queued on a pipeline (pmq.batching sends publishes that way)."""
 
     scripts: list[list[str]]
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
+    def record(self, args: tuple[Any, ...]) -> None:
         if str(args[0]).upper() in ("EVAL", "EVALSHA"):
             count = int(args[2])
             keys = [k.decode() if isinstance(k, bytes) else str(k) for k in args[3 : 3 + count]]
             self.scripts.append(keys)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.record(args)
         return await super().execute_command(*args, **options)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = super().pipeline(*args, **kwargs)
+        queue = pipe.execute_command
+
+        def execute_command(*command: Any, **options: Any) -> Any:
+            self.record(command)
+            return queue(*command, **options)
+
+        pipe.execute_command = execute_command  # type: ignore[method-assign]
+        return pipe
 
 
 def slots(keys: list[str]) -> set[int]:

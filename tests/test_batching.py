@@ -1,0 +1,112 @@
+"""pmq.batching on a real Redis: the commands of one loop iteration share a round trip, and
+each caller still gets its own reply or error."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import uvloop
+from redis.exceptions import ResponseError
+
+from pmq.batching import Batcher
+from tests.helpers import REDIS_URL
+
+INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+def counting_pipelines(client: Any) -> list[int]:
+    made: list[int] = []
+    make = client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return make(*args, **kwargs)
+
+    client.pipeline = pipeline
+    return made
+
+
+def run(scenario: Any) -> Any:
+    async def with_client() -> Any:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            return await scenario(client)
+        finally:
+            await client.aclose()
+
+    return uvloop.run(with_client())
+
+
+def test_one_iterations_commands_share_one_pipeline(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> tuple[list[Any], int]:
+        batcher = Batcher(client)
+        made = counting_pipelines(client)
+        replies = await asyncio.gather(
+            *(batcher.call("INCRBY", f"{redis_prefix}n{i % 5}", i) for i in range(50))
+        )
+        return replies, len(made)
+
+    replies, pipelines = run(scenario)
+    assert pipelines == 1
+    totals: dict[int, int] = {}  # each caller sees the counter as its own INCRBY left it
+    for i, reply in enumerate(replies):
+        totals[i % 5] = totals.get(i % 5, 0) + i
+        assert reply == totals[i % 5]
+
+
+def test_an_error_fails_only_its_caller(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        await client.set(f"{redis_prefix}text", "not a number")
+        batcher = Batcher(client)
+        return await asyncio.gather(
+            batcher.call("INCR", f"{redis_prefix}ok"),
+            batcher.call("INCR", f"{redis_prefix}text"),
+            batcher.call("INCR", f"{redis_prefix}ok"),
+            return_exceptions=True,
+        )
+
+    first, failed, third = run(scenario)
+    assert (first, third) == (1, 2)
+    assert isinstance(failed, ResponseError)
+
+
+def test_scripts_are_loaded_again_after_redis_lost_them(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(INCR_BY)
+        key = f"{redis_prefix}scripted"
+        first = await batcher.script(script, [key], [2])
+        await client.script_flush()
+        again = await asyncio.gather(*(batcher.script(script, [key], [1]) for _ in range(3)))
+        return [first, *again]
+
+    assert run(scenario) == [2, 3, 4, 5]
+
+
+def test_a_failed_round_trip_reaches_every_caller() -> None:
+    async def scenario() -> list[Any]:
+        client = aioredis.Redis.from_url("redis://127.0.0.1:1")  # nothing listens there
+        try:
+            batcher = Batcher(client)
+            return await asyncio.gather(
+                *(batcher.call("PING") for _ in range(3)), return_exceptions=True
+            )
+        finally:
+            await client.aclose()
+
+    for result in uvloop.run(scenario()):
+        assert isinstance(result, Exception)
+
+
+@pytest.mark.parametrize("calls", [1, 300])
+def test_every_caller_gets_a_reply_however_many(redis_prefix: str, calls: int) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        return await asyncio.gather(
+            *(batcher.call("SET", f"{redis_prefix}k{i}", i) for i in range(calls))
+        )
+
+    assert run(scenario) == [True] * calls
