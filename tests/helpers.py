@@ -508,3 +508,16 @@ class NoDelivery:
 
     def kick(self, uid: str, reason: str) -> int:
         return 0
+
+
+def counting_pipelines(client: Any) -> list[int]:
+    """Count the pipelines made on ``client`` from now on (one round trip each)."""
+    made: list[int] = []
+    make = client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return make(*args, **kwargs)
+
+    client.pipeline = pipeline
+    return made

@@ -12,21 +12,9 @@ import uvloop
 from redis.exceptions import ResponseError
 
 from pmq.batching import Batcher
-from tests.helpers import REDIS_URL
+from tests.helpers import REDIS_URL, counting_pipelines
 
 INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
-
-
-def counting_pipelines(client: Any) -> list[int]:
-    made: list[int] = []
-    make = client.pipeline
-
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        made.append(1)
-        return make(*args, **kwargs)
-
-    client.pipeline = pipeline
-    return made
 
 
 def run(scenario: Any) -> Any:

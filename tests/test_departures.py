@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
 
 from pmq.keys import Keys
 from pmq.routing import DEPARTURE_BATCH, Routes
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer, counting_pipelines
 
 WORKER = "node1:socket1:100"
 
@@ -39,19 +38,6 @@ async def until_gone(routes: Routes, users: int, timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while await left_behind(routes, users):
             await asyncio.sleep(0.05)
-
-
-def counting_pipelines(client: Any) -> list[int]:
-    """Count the pipelines made on ``client`` from now on (one round trip each)."""
-    made: list[int] = []
-    make = client.pipeline
-
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        made.append(1)
-        return make(*args, **kwargs)
-
-    client.pipeline = pipeline
-    return made
 
 
 def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:

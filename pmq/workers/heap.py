@@ -9,7 +9,7 @@ as many new objects have survived since the last one: at 12,500 connections that
 So, every ``interval`` the worker collects the young generations (cheap, and it keeps young
 garbage out of what follows) and freezes what survived: frozen objects are skipped by every
 collection but still freed by reference counting, which is how connections go (a closed
-connection leaves no reference cycle; tests/test_heap.py checks that). Only cyclic garbage
+connection leaves no reference cycle; tests/test_connection_memory.py checks that). Only cyclic garbage
 among frozen objects would wait, so every ``reclaim`` seconds the heap is unfrozen and
 collected once in full.
 """
