@@ -4,14 +4,14 @@ A socket worker holds tens of thousands of connections, each a few hundred objec
 for hours. CPython's full (generation 2) collection walks all of them every time a quarter
 as many new objects have survived since the last one: at 12,500 connections that is 0.7 to
 0.8 s of CPU with the event loop stopped, which freed nothing in our measurements
-(docs/benchmarks.md, section d) and landed in the middle of broadcasts.
+(docs/benchmarks-2026-11-23.md, section d) and landed in the middle of broadcasts.
 
-So, every ``interval`` the worker collects the young generations (cheap, and it keeps young
-garbage out of what follows) and freezes what survived: frozen objects are skipped by every
-collection but still freed by reference counting, which is how connections go (a closed
-connection leaves no reference cycle; tests/test_connection_memory.py checks that). Only cyclic garbage
-among frozen objects would wait, so every ``reclaim`` seconds the heap is unfrozen and
-collected once in full.
+So, every ``interval`` the worker collects the young generations (a few ms, and it keeps
+young garbage out of what follows) and freezes what survived: frozen objects are skipped by
+every collection but still freed by reference counting, which is how connections go (a
+closed connection leaves no reference cycle; tests/test_connection_memory.py checks that).
+Only cyclic garbage among frozen objects would wait, so every ``reclaim`` seconds the heap
+is unfrozen and collected once in full.
 """
 
 from __future__ import annotations
