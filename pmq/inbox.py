@@ -172,9 +172,7 @@ class Inbox:
         """Accept one message per recipient; a repeated ``dedupe_key`` returns the first ids."""
         now = int(time.time() * 1000)
         messages = [Message(self.ids.next(), kind, sender, to, body, now) for to in recipients]
-        parts: dict[int, list[int]] = {}  # bucket -> indexes of its messages
-        for i, m in enumerate(messages):
-            parts.setdefault(self.keys.bucket(m.to), []).append(i)
+        parts = self.keys.by_bucket([m.to for m in messages])  # bucket -> its messages
         calls = [
             self._publish_part(bucket, [messages[i] for i in indexes], dedupe_key)
             for bucket, indexes in parts.items()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NewType
 
 Tag = NewType("Tag", str)  # a hash tag's content, e.g. "b17": keys named by it share a slot
@@ -51,6 +51,16 @@ class Keys:
         """The user's bucket: uid % buckets (a non-numeric id by its CRC-32)."""
         number = int(uid) if uid.isdigit() else zlib.crc32(uid.encode())
         return number % self.buckets
+
+    def by_bucket(self, uids: Sequence[str]) -> dict[int, list[int]]:
+        """Positions in ``uids`` grouped by bucket, in order: a script names the keys of one
+        bucket only."""
+        if self.buckets == 1:
+            return {0: list(range(len(uids)))}
+        found: dict[int, list[int]] = {}
+        for i, uid in enumerate(uids):
+            found.setdefault(self.bucket(uid), []).append(i)
+        return found
 
     def bucket_tag(self, bucket: int) -> Tag:
         return Tag(f"b{bucket}")

@@ -188,18 +188,11 @@ class Routes:
         """Push back the TTL of our users' entries: one Lua call per ``chunk`` users of a
         bucket (a script stays in one slot), since a command per user would cost the loop
         more than the rest of an idle worker."""
-        for bucket_uids in self._by_bucket(uids).values():
+        for indexes in self.keys.by_bucket(uids).values():
+            bucket_uids = [uids[i] for i in indexes]
             for start in range(0, len(bucket_uids), chunk):
                 keys = [self.keys.user_conns(uid) for uid in bucket_uids[start : start + chunk]]
                 await self._refresh(keys=keys, args=[self.ttl])
-
-    def _by_bucket(self, uids: Sequence[str]) -> dict[int, list[str]]:
-        if self.keys.buckets == 1:
-            return {0: list(uids)}
-        found: dict[int, list[str]] = {}
-        for uid in uids:
-            found.setdefault(self.keys.bucket(uid), []).append(uid)
-        return found
 
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""
@@ -224,8 +217,9 @@ class Routes:
         conn_of: dict[str, list[str]] = {}
         for conn, uid in entries.items():
             conn_of.setdefault(uid.decode(), []).append(conn.decode())
-        for bucket_uids in self._by_bucket(list(conn_of)).values():
-            pairs = [(uid, conn) for uid in bucket_uids for conn in conn_of[uid]]
+        users = list(conn_of)
+        for indexes in self.keys.by_bucket(users).values():
+            pairs = [(users[i], conn) for i in indexes for conn in conn_of[users[i]]]
             for start in range(0, len(pairs), chunk):
                 part = pairs[start : start + chunk]
                 await self._forget(

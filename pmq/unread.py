@@ -72,7 +72,7 @@ class Unread:
         reached = [groups_of(theirs) for _, theirs in users]
         groups = sorted({g for each in reached for g in each})
         parts: list[list[int]] = []  # indexes into users, one bucket and chunk each
-        for indexes in self._by_bucket(users).values():
+        for indexes in self.keys.by_bucket([uid for uid, _ in users]).values():
             parts += [indexes[i : i + chunk] for i in range(0, len(indexes), chunk)]
         # Separate calls, not one pipeline: a cluster pipeline cannot carry a script.
         replies = await asyncio.gather(
@@ -93,12 +93,6 @@ class Unread:
                 )
                 result[i] = _counts(flat[:-1], system)
         return result
-
-    def _by_bucket(self, users: Sequence[tuple[str, Sequence[str]]]) -> dict[int, list[int]]:
-        buckets: dict[int, list[int]] = {}
-        for i, (uid, _) in enumerate(users):
-            buckets.setdefault(self.keys.bucket(uid), []).append(i)
-        return buckets
 
     def _counter_keys(
         self, users: Sequence[tuple[str, Sequence[str]]], part: list[int]

@@ -76,3 +76,9 @@ def test_auth_cache_is_namespaced() -> None:
     keys = Keys("p:")
     assert keys.auth_cache("abc") == "p:auth:abc"
     assert keys.auth_cache("abc") != keys.auth_cache("abd")
+
+
+def test_by_bucket_groups_positions_in_order() -> None:
+    uids = ["7", "12", "3", "8", "17"]
+    assert Keys("p:", 5).by_bucket(uids) == {2: [0, 1, 4], 3: [2, 3]}
+    assert Keys("p:", 1).by_bucket(uids) == {0: [0, 1, 2, 3, 4]}
