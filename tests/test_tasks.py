@@ -182,6 +182,25 @@ def test_writer_stores_1000_queued_messages(store: Store, keys: Keys) -> None:
     assert store.unacked(2)[0].from_uid is None
 
 
+def test_writer_lingers_after_a_small_batch_so_a_stream_is_written_in_few(
+    sqlite_store: Store, keys: Keys
+) -> None:
+    ops = [op for _, op in (msg_op(to=1 + n % 10) for n in range(51))]
+
+    async def scenario() -> None:
+        async with connect() as r:
+            await r.rpush(keys.store_queue(), ops[0])
+            writer = StorageWriter(r, keys, sqlite_store, OWNER, asyncio.to_thread, linger=2.0)
+            async with running(writer):
+                await until(lambda: writer.batches == 1, "the first, one-item batch")
+                for op in ops[1:]:  # one at a time, as publishes arrive
+                    await r.rpush(keys.store_queue(), op)
+                await until(caught_up(r, keys, sqlite_store, 51), "51 rows in the store")
+            assert (writer.written, writer.batches) == (51, 2)
+
+    asyncio.run(scenario())
+
+
 def test_writer_applies_acks_after_the_messages_of_their_batch(store: Store, keys: Keys) -> None:
     async def scenario() -> list[int]:
         async with connect() as r:

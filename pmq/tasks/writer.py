@@ -6,7 +6,8 @@ the keys of the scripts that fill it). A batch is first moved atomically from ea
 ``keys.store_queue(tag)`` into this writer's own list ``keys.store_taken(owner, tag)`` beside
 it, written, and only then are the taken lists deleted. When every queue was empty the
 writer blocks on the first one (BLMOVE) for TAKE_TIMEOUT, or only IDLE_WAIT when there are
-others to look at again. A worker killed mid-batch leaves its batch in the
+others to look at again. After a batch that emptied the queues it lingers a moment
+(LINGER) so that the next one gathers many rows. A worker killed mid-batch leaves its batch in the
 taken list and the next worker of the same slot (same ``owner``) writes it first thing; a
 worker stopped gracefully hands what it could not write back to the queue. Store writes are
 idempotent by id, so writing an item twice never duplicates a row.
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT = 1  # seconds BLMOVE waits for the first item of a batch (one queue)
 IDLE_WAIT = 0.2  # the same with several queues: then the others are looked at again
+# After a batch smaller than ``batch`` (the queues ran dry), the writer waits this long before
+# taking the next, so a steady stream is written in batches of many rows instead of a
+# transaction per handful (2,400 msg/s came in batches of 6 and cost the task worker 0.15 ms
+# of CPU per message). The messages are durable in Redis meanwhile; only storage lags.
+LINGER = 0.02
 RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
 RETRY_MAX = 5.0
 ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
@@ -224,11 +230,13 @@ class StorageWriter:
         owner: str,
         in_thread: InThread,
         batch: int = 500,
+        linger: float = LINGER,
     ) -> None:
         self.redis = redis
         self.store = store
         self.in_thread = in_thread
         self.batch = batch
+        self.linger = linger
         self.keys = keys
         self.owner = owner
         # (queue, taken) per tag; the first is the one an idle writer blocks on.
@@ -334,6 +342,8 @@ class StorageWriter:
         await pipe.execute()
         self.batches += 1
         self._busy = False
+        if len(items) < self.batch:  # the queues ran dry: let the next batch gather
+            await asyncio.sleep(self.linger)
 
     async def _store(self, batch: Batch) -> None:
         """Write ``batch`` (rows, then acks in queue order, then last-read times), retrying
