@@ -150,6 +150,7 @@ class Inbox:
         ids: IdGenerator,
         hot_seconds: int,
         retention_seconds: int,
+        batch: Batcher | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -157,7 +158,7 @@ class Inbox:
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
         self._publish = redis.register_script(PUBLISH)
-        self.batch = Batcher(redis)
+        self.batch = batch or Batcher(redis)
         self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
 

@@ -15,7 +15,8 @@ one slot. The cluster client is handed out as ``aioredis.Redis``: it offers the 
 commands for everything PMQ calls, except pub/sub, which goes through :func:`subscribe`.
 
 Pub/sub is sharded (SSUBSCRIBE/SPUBLISH, Redis 7) in both modes, so on a cluster a publish
-reaches only the shard owning its channel, not every node.
+reaches only the shard owning its channel, not every node. On one server the channel is read
+by pmq.redispipe, which parses in C and runs the handlers without a task per message.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from pmq import redispipe
 from pmq.config import CLUSTER_URL, RedisConfig
 
 MAX_CONNECTIONS = 256
 WAIT_SECONDS = 5.0
 RESUBSCRIBE_SECONDS = 0.2
+DISPATCH_BATCH = 64  # cluster pub/sub messages handled between two yields to the loop
 
 
 def connect(config: RedisConfig) -> aioredis.Redis:
@@ -62,52 +65,63 @@ def is_cluster(client: Any) -> bool:
 Handler = Callable[[dict[str, Any]], None]
 
 
-class Subscription:
-    """One sharded channel and its handler, on its own connection (on a cluster: to the
-    node owning the channel's slot, followed when the slot moves).
+class Subscription(Protocol):
+    """One sharded channel and its handler, on its own connection.
 
-    Call :meth:`start` once, then :meth:`dispatch` in a loop: it waits for the next message
-    and runs the handler on it. After a connection error (raised), call :meth:`recover`
-    (which may raise too) and go on."""
+    Call :meth:`start` once, then :meth:`dispatch` in a loop: it handles messages as they
+    come (handlers run inside the read) and returns now and then, or raises when the
+    connection failed. After it raised, call :meth:`recover` (which may raise too) and go
+    on."""
 
-    def __init__(self, client: aioredis.Redis, channel: str, handler: Handler) -> None:
+    channel: str
+
+    async def start(self) -> None: ...
+
+    async def dispatch(self) -> None: ...
+
+    async def recover(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def subscribe(client: aioredis.Redis, channel: str, handler: Handler) -> Subscription:
+    """A subscription to ``channel`` (not yet started): on one server pmq.redispipe's lean
+    reader, on a cluster redis-py's, following the channel's slot."""
+    if redispipe.supports(client):
+        return redispipe.Subscription(client, channel, handler)
+    return ClusterSubscription(cast(RedisCluster, client), channel, handler)
+
+
+class ClusterSubscription:
+    """A sharded channel through redis-py, at the node owning the channel's slot (followed
+    when the slot moves)."""
+
+    def __init__(self, client: RedisCluster, channel: str, handler: Handler) -> None:
         self.client = client
         self.channel = channel
         self.handler = handler
-        self.cluster = is_cluster(client)
-        self.pubsub = self._new()
-
-    def _new(self) -> aioredis.client.PubSub:
-        if self.cluster:
-            return cast(RedisCluster, self.client).pubsub()
-        return self.client.pubsub()
+        self.pubsub = client.pubsub()
 
     async def start(self) -> None:
         await self.pubsub.ssubscribe(**{self.channel: self.handler})
 
     async def dispatch(self) -> None:
-        """Wait for one message and handle it (handlers run inside the read)."""
-        if not self.cluster:
-            await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            return
-        pubsub = cast(ClusterPubSub, self.pubsub)
-        if not pubsub.node_pubsub_mapping:
+        """Handle up to DISPATCH_BATCH messages, waiting for each."""
+        if not self.pubsub.node_pubsub_mapping:
             # The shard dropped our subscription (its slot moved) and nothing listens now:
             # subscribe again, at the slot's current owner, rather than spin on nothing.
             await asyncio.sleep(RESUBSCRIBE_SECONDS)
             await self.start()
             return
-        await pubsub.get_sharded_message(
-            ignore_subscribe_messages=True, timeout=None  # type: ignore[arg-type]
-        )
+        for _ in range(DISPATCH_BATCH):
+            await self.pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=None  # type: ignore[arg-type]
+            )
 
     async def recover(self) -> None:
-        """After a read failed: on a cluster, a fresh subscription at the slot's current
-        owner (the old node may be gone); on one server the next read reconnects and
-        subscribes again by itself."""
-        if not self.cluster:
-            return
-        old, self.pubsub = self.pubsub, self._new()
+        """After a read failed: a fresh subscription at the slot's current owner (the old
+        node may be gone)."""
+        old, self.pubsub = self.pubsub, self.client.pubsub()
         with contextlib.suppress(RedisError, OSError):
             await old.aclose()
         await self.start()

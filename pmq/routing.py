@@ -101,6 +101,7 @@ class Routes:
         worker_id: str,
         heartbeat_interval: float,
         local: LocalDelivery,
+        batch: Batcher | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -115,7 +116,7 @@ class Routes:
         self._refresh = redis.register_script(REFRESH)
         self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
         self.departed = asyncio.Event()
-        self.batch = Batcher(redis)
+        self.batch = batch or Batcher(redis)  # relays, sent with the worker's publishes
 
     # Registry writes ----------------------------------------------------------------
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:

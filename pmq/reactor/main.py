@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from pmq import metrics, protocol, redisconn
 from pmq.auth import Authenticator, make_authenticator
+from pmq.batching import Batcher
 from pmq.broadcast import Broadcasts
 from pmq.chat import Chat
 from pmq.cluster import Board
@@ -49,7 +50,6 @@ T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
 REPLAY_PAGE = 200
 RELAY_RETRY_SECONDS = 0.5
-RELAY_BATCH = 64  # relayed messages handled between two yields to the loop
 
 
 class SocketWorker(Worker):
@@ -72,7 +72,10 @@ class SocketWorker(Worker):
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {config.redis.url}: {exc}") from exc
         self.store: Store = open_store(config.storage)
-        self.routes = Routes(self.redis, self.keys, self.id, config.heartbeat.interval, self)
+        self.batch = Batcher(self.redis)  # one connection for the hot path's commands
+        self.routes = Routes(
+            self.redis, self.keys, self.id, config.heartbeat.interval, self, self.batch
+        )
         self.lease = GeneratorLease(self.redis, self.keys, self.id, self.routes.ttl)
         self.board = Board(
             self.redis, self.keys, self.id, config.heartbeat.interval,
@@ -84,6 +87,7 @@ class SocketWorker(Worker):
             IdGenerator(await self.lease.acquire()),
             config.inbox.hot_seconds,
             config.inbox.retention_seconds,
+            self.batch,
         )
         self.broadcasts = Broadcasts(
             self.redis,
@@ -108,12 +112,10 @@ class SocketWorker(Worker):
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
         self.subscriptions = [
-            redisconn.Subscription(
+            redisconn.subscribe(
                 self.redis, self.keys.worker_channel(self.id), self.routes.on_message
             ),
-            redisconn.Subscription(
-                self.redis, self.keys.broadcast_channel(), self.fanout.on_message
-            ),
+            redisconn.subscribe(self.redis, self.keys.broadcast_channel(), self.fanout.on_message),
         ]
         for subscription in self.subscriptions:
             await subscription.start()
@@ -156,12 +158,9 @@ class SocketWorker(Worker):
     async def read_relay(self, subscription: redisconn.Subscription) -> None:
         """Dispatch one channel's messages (relayed frames, or broadcasts) as they come.
 
-        Not PubSub.run(): it yields to the loop after every message, so under load each
-        relayed frame waited a whole loop iteration and a backlog of seconds built up. Here
-        buffered messages are handled back to back, yielding every RELAY_BATCH. On an error
-        it logs, pauses and reads again, which reconnects and subscribes again (one Redis
-        outage must not end the relay for good)."""
-        handled = 0
+        The subscription handles buffered messages back to back, a bounded number between
+        two yields to the loop. On an error this logs, pauses and subscribes again on a
+        fresh connection (one Redis outage must not end the relay for good)."""
         while True:
             try:
                 await subscription.dispatch()
@@ -173,9 +172,7 @@ class SocketWorker(Worker):
                 with contextlib.suppress(RedisError, OSError):
                     await subscription.recover()
                 continue
-            handled += 1
-            if handled % RELAY_BATCH == 0:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
@@ -325,6 +322,9 @@ class SocketWorker(Worker):
         left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)  # 5. drain
         if left:
             log.warning("%s: %d ingest requests cut short", self.title, left)
+        for subscription in self.subscriptions:
+            await subscription.close()
+        self.batch.close()
         await self.redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
