@@ -4,6 +4,10 @@ Changes only mark the user dirty; one loop per worker, every ``unread.push_inter
 reads the counters of every dirty user in one pipelined round trip and pushes an
 ``unread`` frame to their connections here. So a burst of messages, or a broadcast to
 thousands, costs one frame per user per interval, never one per message.
+
+While a broadcast is fanned out, and for one interval after, no flush starts: the badges it
+causes (one frame per connection) would otherwise compete for the CPU with the fan-outs
+other workers of the node are still writing, delaying the broadcast's last deliveries.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 from pmq.protocol import FrameType, encode_event
@@ -30,6 +35,7 @@ class UnreadPusher:
         self.unread = unread
         self.dirty: set[str] = set()
         self.holds = 0  # fan-outs in progress: badges wait, the broadcast itself goes first
+        self.released = -interval  # time.monotonic() when the last fan-out ended
 
     def changed(self, uid: str) -> None:
         """The counters of ``uid`` changed: push them at the next tick."""
@@ -38,17 +44,23 @@ class UnreadPusher:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """No flush starts inside this block (a fan-out writing to every connection: its
-        frames must not queue behind a second frame to every connection)."""
+        frames must not queue behind a second frame to every connection), nor for one
+        interval after it."""
         self.holds += 1
         try:
             yield
         finally:
             self.holds -= 1
+            self.released = time.monotonic()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.holds) or time.monotonic() - self.released < self.interval
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            while self.holds:
+            while self.holding:
                 await asyncio.sleep(HOLD_POLL_SECONDS)
             try:
                 await self.flush()
