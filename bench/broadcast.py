@@ -72,6 +72,7 @@ from bench.common import (
     redis_calls,
     redis_cpu,
     run,
+    settle_heap,
     source_addresses,
     target_from,
 )
@@ -190,6 +191,7 @@ async def child_main(
     tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(paths)]
     del paths
     await all_tried
+    settle_heap()
     results.put(
         (
             "connected",

@@ -50,6 +50,7 @@ from bench.common import (
     redis_calls,
     redis_cpu,
     run,
+    settle_heap,
     source_addresses,
     target_from,
 )
@@ -166,6 +167,7 @@ async def receiver_main(
     try:
         async with asyncio.timeout(300):
             await all_hello
+            settle_heap()
     except TimeoutError:
         pass
     results.put(
