@@ -33,13 +33,15 @@ from pmq.keys import Keys
 from pmq.protocol import Kind
 
 PUBLISH_DEDUPE_SECONDS = 86400
-KEYS_PER_MESSAGE = 4
+KEYS_PER_MESSAGE = 5
 ARGS_PER_MESSAGE = 6
 
-# KEYS: dedupe, queue, index, then per message: inbox, bodies, unread, user_conns.
+# KEYS: dedupe, queue, index, then per message: inbox, bodies, unread, user_conns, last_read.
 # ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
 #       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
-# Returns {0, ids_json} for a repeated idempotency key, else {1, conns_1, conns_2, ...}.
+# Returns {0, ids_json} for a repeated idempotency key, else {1, conns_1, unread_1, ...}:
+# per message the user's connections, then (when it counts) the user's unread hash as
+# field/value pairs followed by the time of their last clear of system, for the badge.
 PUBLISH = """
 if ARGV[1] == '1' then
     local previous = redis.call('GET', KEYS[1])
@@ -47,20 +49,24 @@ if ARGV[1] == '1' then
 end
 local result = {1}
 local ttl = tonumber(ARGV[3])
-local n = (#KEYS - 3) / 4
+local n = (#KEYS - 3) / 5
 for i = 0, n - 1 do
-    local k = 4 + i * 4
+    local k = 4 + i * 5
     local a = 5 + i * 6
     redis.call('ZADD', KEYS[k], ARGV[a + 1], ARGV[a])
     redis.call('HSET', KEYS[k + 1], ARGV[a], ARGV[a + 3])
     redis.call('EXPIRE', KEYS[k], ttl)
     redis.call('EXPIRE', KEYS[k + 1], ttl)
+    local unread = {}
     if ARGV[a + 4] ~= '' then
         redis.call('HINCRBY', KEYS[k + 2], ARGV[a + 4], 1)
+        unread = redis.call('HGETALL', KEYS[k + 2])
+        unread[#unread + 1] = redis.call('HGET', KEYS[k + 4], 'system') or '0'
     end
     redis.call('ZADD', KEYS[3], 'NX', ARGV[a + 1], ARGV[a + 2])
     redis.call('RPUSH', KEYS[2], ARGV[a + 5])
     result[#result + 1] = redis.call('HGETALL', KEYS[k + 3])
+    result[#result + 1] = unread
 end
 if ARGV[1] == '1' then
     redis.call('SET', KEYS[1], ARGV[4], 'EX', tonumber(ARGV[2]))
@@ -127,6 +133,9 @@ class Accepted:
     recipients: list[str]  # of the new messages, aligned with encoded and connections
     encoded: list[bytes]  # each new message's wire JSON, to wrap in a push frame
     connections: list[dict[str, str]]  # conn id -> worker id, per new message
+    # per new message that counts: the user's unread hash as field/value pairs, then the
+    # time (ms) of their last clear of system; None when it counts nothing
+    unread: list[list[bytes] | None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -184,7 +193,10 @@ class Inbox:
         new_recipients: list[str] = []
         encoded: list[bytes] = []
         connections: list[dict[str, str]] = []
-        for indexes, (previous, wires, conns) in zip(parts.values(), results, strict=True):
+        unread: list[list[bytes] | None] = []
+        for indexes, (previous, wires, conns, states) in zip(
+            parts.values(), results, strict=True
+        ):
             if previous is not None:  # this part was accepted before: its first ids
                 for i, first in zip(indexes, previous, strict=False):
                     ids[i] = first
@@ -193,13 +205,15 @@ class Inbox:
             new_recipients += [messages[i].to for i in indexes]
             encoded += wires
             connections += conns
-        return Accepted(ids, duplicate, new_recipients, encoded, connections)
+            unread += states
+        return Accepted(ids, duplicate, new_recipients, encoded, connections, unread)
 
     async def _publish_part(
         self, bucket: int, messages: list[Message], dedupe_key: str | None
-    ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]]]:
+    ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]], list[list[bytes] | None]]:
         """One PUBLISH call for messages to users of one bucket: (the first ids when the
-        key was seen before, else None; the wire JSONs; the connections per message)."""
+        key was seen before, else None; the wire JSONs; the connections per message; the
+        unread state per message, None when it counts nothing)."""
         keys = [
             self.keys.publish_dedupe(dedupe_key or "", bucket),
             self.keys.store_queue(self.keys.bucket_tag(bucket)),
@@ -220,6 +234,7 @@ class Inbox:
                 self.keys.inbox_bodies(m.to),
                 self.keys.unread(m.to),
                 self.keys.user_conns(m.to),
+                self.keys.last_read(m.to),
             ]
             args += [
                 m.id,
@@ -235,8 +250,9 @@ class Inbox:
         # Sent with the other publishes of this loop iteration: one round trip for all.
         result = await self.batch.script(self._publish, keys, args)
         if result[0] == 0:
-            return [str(i) for i in orjson.loads(result[1])], [], []
-        return None, encoded, [_pairs(flat) for flat in result[1:]]
+            return [str(i) for i in orjson.loads(result[1])], [], [], []
+        conns = [_pairs(flat) for flat in result[1::2]]
+        return None, encoded, conns, [flat or None for flat in result[2::2]]
 
     async def ack(self, uid: str, ids: Sequence[int]) -> set[int]:
         """Remove ``ids`` from the user's hot inbox (their stored rows are acked through the

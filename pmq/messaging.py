@@ -10,8 +10,7 @@ from typing import Any
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
-from pmq.protocol import Kind
-from pmq.routing import OP_MESSAGE, OP_PUSH, Routes
+from pmq.routing import OP_MESSAGE, OP_PUSH, Routes, message_payload
 
 
 def push_frame(message_json: bytes) -> bytes:
@@ -37,11 +36,16 @@ async def publish(
     if accepted.duplicate:
         return accepted, 0
     metrics.MESSAGES_ACCEPTED.labels(kind).inc(len(accepted.recipients))
-    comment = kind == Kind.COMMENT
     items = [  # a comment on one's own content counts nothing: no unread change to push
-        (OP_PUSH if comment and sender == to else OP_MESSAGE, to, conns, push_frame(wire))
-        for to, conns, wire in zip(
-            accepted.recipients, accepted.connections, accepted.encoded, strict=True
+        (OP_PUSH, to, conns, push_frame(wire))
+        if state is None
+        else (OP_MESSAGE, to, conns, message_payload(push_frame(wire), state))
+        for to, conns, wire, state in zip(
+            accepted.recipients,
+            accepted.connections,
+            accepted.encoded,
+            accepted.unread,
+            strict=True,
         )
     ]
     reached = await routes.send(items)

@@ -37,7 +37,7 @@ MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to t
 
 # A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
 OP_PUSH = "push"  # payload: a frame for every connection of the user
-OP_MESSAGE = "msg"  # the same, and the user's unread counters changed
+OP_MESSAGE = "msg"  # the same, and the user's unread counters changed: message_payload()
 OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
 OP_KICK = "kick"  # payload: the reason; close every connection with 4001
 
@@ -46,8 +46,25 @@ class LocalDelivery(Protocol):
     """What a socket worker does with frames for its own connections."""
 
     def push(self, uid: str, frame: bytes) -> int: ...
+    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int: ...
     def unread_changed(self, uid: str) -> None: ...
     def kick(self, uid: str, reason: str) -> int: ...
+
+
+def message_payload(frame: bytes, unread: list[bytes]) -> bytes:
+    """An OP_MESSAGE payload: the user's unread state as the publish read it (their unread
+    hash's field/value pairs, then their last clear of system), so the worker holding them
+    can send the badge with the push without asking Redis, then the push frame."""
+    return orjson.dumps([v.decode() for v in unread]) + b"\n" + frame
+
+
+def split_message(payload: bytes) -> tuple[bytes, list[str] | None]:
+    """(frame, unread state) of an OP_MESSAGE payload; a bare frame (sent by a node of an
+    earlier version) has no state."""
+    if not payload.startswith(b"["):
+        return payload, None
+    state, _, frame = payload.partition(b"\n")
+    return frame, orjson.loads(state)
 
 
 # Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds.
@@ -291,8 +308,10 @@ class Routes:
         """Apply a relayed (or local) operation to this worker's connections."""
         if op in (OP_PUSH, OP_MESSAGE):
             if op == OP_MESSAGE:
-                self.local.unread_changed(uid)
-            pushed = self.local.push(uid, payload)
+                frame, unread = split_message(payload)
+                pushed = self.local.push_message(uid, frame, unread)
+            else:
+                pushed = self.local.push(uid, payload)
             if pushed:
                 metrics.DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
             return pushed

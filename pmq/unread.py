@@ -16,7 +16,7 @@ import asyncio
 import bisect
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -68,31 +68,44 @@ class Unread:
     ) -> list[dict[str, int]]:
         """counts() for many users: one script call per ``chunk`` users of a bucket, and
         each group's broadcast times read once for all of them, all at once."""
-        floor = int(time.time() * 1000) - self.retention_ms
         reached = [groups_of(theirs) for _, theirs in users]
         groups = sorted({g for each in reached for g in each})
         parts: list[list[int]] = []  # indexes into users, one bucket and chunk each
         for indexes in self.keys.by_bucket([uid for uid, _ in users]).values():
             parts += [indexes[i : i + chunk] for i in range(0, len(indexes), chunk)]
         # Separate calls, not one pipeline: a cluster pipeline cannot carry a script.
+        times, *scripts = await asyncio.gather(
+            self.timelines(groups),
+            *(self._counters(keys=self._counter_keys(users, part)) for part in parts),
+        )
+        result: list[dict[str, int]] = [{}] * len(users)
+        for part, reply in zip(parts, scripts, strict=True):
+            for i, flat in zip(part, reply, strict=True):
+                system = self.system_count(int(flat[-1]), reached[i], times)
+                result[i] = counts_of(flat[:-1], system)
+        return result
+
+    async def timelines(self, groups: Sequence[str]) -> dict[str, list[float]]:
+        """The times of each group's broadcasts within retention, in order."""
+        floor = int(time.time() * 1000) - self.retention_ms
         replies = await asyncio.gather(
             *(
                 self.redis.zrangebyscore(self.keys.broadcasts(g), floor, "+inf", withscores=True)
                 for g in groups
-            ),
-            *(self._counters(keys=self._counter_keys(users, part)) for part in parts),
+            )
         )
-        timelines, scripts = replies[: len(groups)], replies[len(groups) :]
-        times = {g: sorted(s for _, s in r) for g, r in zip(groups, timelines, strict=True)}
-        result: list[dict[str, int]] = [{}] * len(users)
-        for part, reply in zip(parts, scripts, strict=True):
-            for i, flat in zip(part, reply, strict=True):
-                since = max(floor, int(flat[-1]) + 1)
-                system = sum(
-                    len(times[g]) - bisect.bisect_left(times[g], since) for g in reached[i]
-                )
-                result[i] = _counts(flat[:-1], system)
-        return result
+        return {
+            g: sorted(float(s) for _, s in cast(list[tuple[bytes, float]], r))
+            for g, r in zip(groups, replies, strict=True)
+        }
+
+    def system_count(
+        self, last_read: int, groups: Sequence[str], times: dict[str, list[float]]
+    ) -> int:
+        """Broadcasts to ``groups`` (groups_of a user's) since ``last_read`` (ms), within
+        retention, counted in ``times`` (from timelines())."""
+        since = max(int(time.time() * 1000) - self.retention_ms, last_read + 1)
+        return sum(len(times[g]) - bisect.bisect_left(times[g], since) for g in groups)
 
     def _counter_keys(
         self, users: Sequence[tuple[str, Sequence[str]]], part: list[int]
@@ -120,7 +133,8 @@ class Unread:
         return list(kinds)
 
 
-def _counts(flat: list[Any], system: int) -> dict[str, int]:
+def counts_of(flat: list[Any], system: int) -> dict[str, int]:
+    """The counts frame's data from an unread hash's field/value pairs and ``system``."""
     counts = dict.fromkeys(UNREAD_KINDS, 0)
     for i in range(0, len(flat), 2):
         name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])

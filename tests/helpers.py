@@ -503,6 +503,9 @@ class NoDelivery:
     def push(self, uid: str, frame: bytes) -> int:
         return 0
 
+    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+        return 0
+
     def unread_changed(self, uid: str) -> None:
         pass
 

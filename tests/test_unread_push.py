@@ -1,5 +1,6 @@
-"""pmq.reactor.unread.UnreadPusher on its own: badges wait for a fan-out and one interval after
-it, and come once per interval otherwise."""
+"""pmq.reactor.unread.UnreadPusher on its own: a badge rides with a new message's push when
+the user had none this interval, system counted from the kept broadcast times; badges wait
+for a fan-out and one interval after it, and come once per interval otherwise."""
 
 from __future__ import annotations
 
@@ -8,34 +9,54 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pmq.protocol import FrameType, encode_event
+from pmq.reactor.connections import text_frame
 from pmq.reactor.unread import UnreadPusher
+from pmq.unread import Unread
 
 INTERVAL = 0.3
 
 
 class FakeClient:
     class identity:  # stands for an Identity
-        groups: tuple[str, ...] = ()
+        groups: tuple[str, ...] = ("author",)
 
 
 class FakeTable:
-    """The users online here, and when each got a frame."""
+    """The users online here, and what each got when."""
 
     def __init__(self, *uids: str) -> None:
         self.uids = set(uids)
         self.sent: list[tuple[str, float]] = []
+        self.wire: list[bytes] = []
 
     def of_user(self, uid: str) -> list[FakeClient]:
         return [FakeClient()] if uid in self.uids else []
 
     def send_to_user(self, uid: str, frame: bytes) -> int:
+        return self.send_frame_to_user(uid, text_frame(frame))
+
+    def send_frame_to_user(self, uid: str, frame: bytes) -> int:
         self.sent.append((uid, time.monotonic()))
+        self.wire.append(frame)
         return 1
 
 
-class FakeUnread:
+NOW_MS = int(time.time() * 1000)
+TIMES = {"all": [NOW_MS - 9000.0, NOW_MS - 5000.0], "author": [NOW_MS - 1000.0]}
+
+
+class FakeUnread(Unread):
+    """Counts from no Redis: every counted user has one comment; broadcasts are TIMES."""
+
+    def __init__(self) -> None:
+        self.retention_ms = 86_400_000
+
     async def counts_many(self, users: Sequence[tuple[str, Any]]) -> list[dict[str, int]]:
         return [{"comment": 1, "total": 1} for _ in users]
+
+    async def timelines(self, groups: Sequence[str]) -> dict[str, list[float]]:
+        return {g: TIMES.get(g, []) for g in groups}
 
 
 async def until(condition: Any, timeout: float = 5.0) -> None:
@@ -69,3 +90,23 @@ def test_badges_wait_for_a_fan_out_and_one_interval_after_it() -> None:
     assert first < 3 * INTERVAL
     assert second >= released + INTERVAL
     assert [uid for uid, _ in table.sent] == ["7", "8"]
+
+
+def test_a_new_message_brings_its_badge_along_once_an_interval() -> None:
+    table = FakeTable("7")
+    pusher = UnreadPusher(INTERVAL, table, FakeUnread())  # type: ignore[arg-type]
+    frame = b'{"type":"push","msg":{}}'
+    last_clear = str(NOW_MS - 6000)  # the user cleared system after the first broadcast
+
+    async def scenario() -> None:
+        await pusher.watch(["author"])  # the first user here: the times are read
+        assert pusher.push_message("7", frame, ["comment", "2", "letter", "1", last_clear]) == 1
+        assert pusher.push_message("7", frame, ["comment", "3", "letter", "1", last_clear]) == 1
+
+    asyncio.run(scenario())
+    badge = encode_event(
+        FrameType.UNREAD,
+        data={"comment": 2, "notice": 0, "letter": 1, "system": 2, "cs": 0, "total": 5},
+    )
+    assert table.wire == [text_frame(frame) + text_frame(badge), text_frame(frame)]
+    assert pusher.dirty == {"7"}  # the second change waits for the interval to pass

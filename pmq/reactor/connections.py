@@ -153,10 +153,13 @@ class ConnectionTable:
     def send_to_user(self, uid: str, payload: bytes) -> int:
         """Send ``payload`` to every local connection of ``uid`` (its frame made once);
         returns how many took it."""
+        return self.send_frame_to_user(uid, text_frame(payload))
+
+    def send_frame_to_user(self, uid: str, frame: bytes) -> int:
+        """send_to_user() of bytes already framed (text_frame(), or several together)."""
         mine = self.by_uid.get(uid)
         if mine is None:
             return 0
-        frame = text_frame(payload)
         if len(mine) == 1:  # the common case, without a generator per frame
             return int(next(iter(mine.values())).send_frame(frame))
         return sum(client.send_frame(frame) for client in list(mine.values()))

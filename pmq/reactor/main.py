@@ -220,6 +220,9 @@ class SocketWorker(Worker):
     def push(self, uid: str, frame: bytes) -> int:
         return self.table.send_to_user(uid, frame)
 
+    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+        return self.unread_pusher.push_message(uid, frame, unread)
+
     def unread_changed(self, uid: str) -> None:
         self.unread_pusher.changed(uid)
 
@@ -239,6 +242,7 @@ class SocketWorker(Worker):
         registered(replies)
         look: Look | None = looked(replies)
         broadcast_ids = replayable(replies)
+        await self.unread_pusher.watch(groups)  # a round trip only for a group new here
         client.write(protocol.encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
         broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
         after = 0

@@ -1,13 +1,21 @@
-"""Live unread badges: when a user's counters change, push them, coalesced per user.
+"""Live unread badges: when a user's counters change, push them, at most one frame per user
+per ``unread.push_interval``.
 
-Changes only mark the user dirty; one loop per worker, every ``unread.push_interval``,
-reads the counters of every dirty user in one pipelined round trip and pushes an
-``unread`` frame to their connections here. So a burst of messages, or a broadcast to
-thousands, costs one frame per user per interval, never one per message.
+A new message brings its user's counters along (the publish script read them; see
+pmq.routing's OP_MESSAGE), so a user who had no badge this interval gets it at once, in
+the same write as the push: one system call for both and no Redis read. Any other change,
+or one inside the interval, only marks the user dirty; one loop per worker, every interval,
+reads the counters of the dirty users whose interval has passed in one pipelined round trip
+and pushes them. So a burst of messages, or a broadcast to thousands, costs one frame per
+user per interval, never one per message.
 
-While a broadcast is fanned out, and for one interval after, no flush starts: the badges it
-causes (one frame per connection) would otherwise compete for the CPU with the fan-outs
-other workers of the node are still writing, delaying the broadcast's last deliveries.
+``system`` counts broadcasts to the user's groups (pmq.unread). For the badges sent with a
+push the loop keeps the broadcast times of the groups seen here, read again every interval
+and not used from the end of a fan-out until read again.
+
+While a broadcast is fanned out, and for one interval after, no badges go out: one frame per
+connection would otherwise compete for the CPU with the fan-outs other workers of the node
+are still writing, delaying the broadcast's last deliveries.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+from pmq.broadcast import groups_of
 from pmq.protocol import FrameType, encode_event
-from pmq.reactor.connections import ConnectionTable
-from pmq.unread import Unread
+from pmq.reactor.connections import ConnectionTable, text_frame
+from pmq.unread import Unread, counts_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,9 @@ class UnreadPusher:
         self.table = table
         self.unread = unread
         self.dirty: set[str] = set()
+        self.pushed: dict[str, float] = {}  # uid -> when its last badge went (this interval)
+        self.times: dict[str, list[float]] = {}  # broadcast times of the groups seen here
+        self.fresh = False  # self.times read since the last fan-out
         self.holds = 0  # fan-outs in progress: badges wait, the broadcast itself goes first
         self.released = -interval  # time.monotonic() when the last fan-out ended
 
@@ -41,17 +53,53 @@ class UnreadPusher:
         """The counters of ``uid`` changed: push them at the next tick."""
         self.dirty.add(uid)
 
+    async def watch(self, groups: Sequence[str]) -> None:
+        """A user of ``groups`` connected: keep their broadcast times (read now if new)."""
+        new = [g for g in groups_of(groups) if g not in self.times]
+        if new:
+            first = not self.times
+            self.times.update(await self.unread.timelines(new))
+            if first:  # the worker's first user: every time kept was read just now
+                self.fresh = not self.holding
+
+    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+        """Push a new message's ``frame`` to the user's connections here, with its badge
+        when one may go now (``unread``: the state the publish read), else mark it dirty.
+        Returns how many connections took it."""
+        badge = self._badge(uid, unread)
+        if badge is None:
+            self.dirty.add(uid)
+            return self.table.send_to_user(uid, frame)
+        self.dirty.discard(uid)
+        self.pushed[uid] = time.monotonic()
+        return self.table.send_frame_to_user(uid, text_frame(frame) + text_frame(badge))
+
+    def _badge(self, uid: str, unread: list[str] | None) -> bytes | None:
+        if unread is None or not self.fresh or self.holding:
+            return None
+        if time.monotonic() - self.pushed.get(uid, -self.interval) < self.interval:
+            return None
+        clients = self.table.of_user(uid)
+        if not clients:
+            return None
+        groups = groups_of(clients[0].identity.groups)
+        if any(g not in self.times for g in groups):
+            return None
+        system = self.unread.system_count(int(unread[-1]), groups, self.times)
+        return encode_event(FrameType.UNREAD, data=counts_of(unread[:-1], system))
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """No flush starts inside this block (a fan-out writing to every connection: its
+        """No badge goes out inside this block (a fan-out writing to every connection: its
         frames must not queue behind a second frame to every connection), nor for one
-        interval after it."""
+        interval after it; the broadcast times are read again before use."""
         self.holds += 1
         try:
             yield
         finally:
             self.holds -= 1
             self.released = time.monotonic()
+            self.fresh = False
 
     @property
     def holding(self) -> bool:
@@ -63,14 +111,21 @@ class UnreadPusher:
             while self.holding:
                 await asyncio.sleep(HOLD_POLL_SECONDS)
             try:
+                if self.times:
+                    self.times = await self.unread.timelines(sorted(self.times))
+                    self.fresh = not self.holding
                 await self.flush()
             except Exception:  # this tick's users are dropped; their next change retries
                 log.exception("unread push failed")
 
     async def flush(self) -> None:
-        dirty, self.dirty = self.dirty, set()
+        """Push the counters of the dirty users whose last badge is an interval old."""
+        now = time.monotonic()
+        self.pushed = {u: t for u, t in self.pushed.items() if now - t < self.interval}
+        due = [uid for uid in self.dirty if uid not in self.pushed]
+        self.dirty.difference_update(due)
         users = []
-        for uid in dirty:
+        for uid in due:
             clients = self.table.of_user(uid)
             if clients:
                 users.append((uid, clients[0].identity.groups))
@@ -83,3 +138,4 @@ class UnreadPusher:
                 if frame is None:
                     frame = frames[key] = encode_event(FrameType.UNREAD, data=counts)
                 self.table.send_to_user(uid, frame)
+                self.pushed[uid] = time.monotonic()
