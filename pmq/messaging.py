@@ -5,12 +5,19 @@ Used by the ingest API and by handlers that send messages of their own (chat).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
 from pmq.routing import OP_MESSAGE, OP_PUSH, Routes, message_payload
+
+
+@functools.cache
+def counters(kind: str) -> tuple[Any, Any]:
+    """The accepted and delivered counters of ``kind`` (labels() takes a lock each call)."""
+    return metrics.MESSAGES_ACCEPTED.labels(kind), metrics.MESSAGES_DELIVERED.labels(kind)
 
 
 def push_frame(message_json: bytes) -> bytes:
@@ -35,7 +42,8 @@ async def publish(
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
     if accepted.duplicate:
         return accepted, 0
-    metrics.MESSAGES_ACCEPTED.labels(kind).inc(len(accepted.recipients))
+    accepted_count, delivered_count = counters(kind)
+    accepted_count.inc(len(accepted.recipients))
     items = [  # a comment on one's own content counts nothing: no unread change to push
         (OP_PUSH, to, conns, push_frame(wire))
         if state is None
@@ -49,5 +57,5 @@ async def publish(
         )
     ]
     reached = await routes.send(items)
-    metrics.MESSAGES_DELIVERED.labels(kind).inc(reached)
+    delivered_count.inc(reached)
     return accepted, reached
