@@ -37,7 +37,11 @@ MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to t
 
 # A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
 OP_PUSH = "push"  # payload: a frame for every connection of the user
-OP_MESSAGE = "msg"  # the same, and the user's unread counters changed: message_payload()
+# The same, and the user's unread counters changed; the payload is message_payload(). A new
+# op name, so a node of an earlier version drops it (with a warning) rather than pushing
+# the state line to its clients; the message waits in the inbox for their reconnect.
+OP_MESSAGE = "message"
+OP_MESSAGE_BARE = "msg"  # the same from such a node: a bare frame, the counters to be read
 OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
 OP_KICK = "kick"  # payload: the reason; close every connection with 4001
 
@@ -58,11 +62,8 @@ def message_payload(frame: bytes, unread: list[bytes]) -> bytes:
     return orjson.dumps([v.decode() for v in unread]) + b"\n" + frame
 
 
-def split_message(payload: bytes) -> tuple[bytes, list[str] | None]:
-    """(frame, unread state) of an OP_MESSAGE payload; a bare frame (sent by a node of an
-    earlier version) has no state."""
-    if not payload.startswith(b"["):
-        return payload, None
+def split_message(payload: bytes) -> tuple[bytes, list[str]]:
+    """(frame, unread state) of an OP_MESSAGE payload."""
     state, _, frame = payload.partition(b"\n")
     return frame, orjson.loads(state)
 
@@ -306,10 +307,12 @@ class Routes:
 
     def on_relay(self, op: str, uid: str, payload: bytes, sent: float) -> int:
         """Apply a relayed (or local) operation to this worker's connections."""
-        if op in (OP_PUSH, OP_MESSAGE):
+        if op in (OP_PUSH, OP_MESSAGE, OP_MESSAGE_BARE):
             if op == OP_MESSAGE:
                 frame, unread = split_message(payload)
                 pushed = self.local.push_message(uid, frame, unread)
+            elif op == OP_MESSAGE_BARE:
+                pushed = self.local.push_message(uid, payload, None)
             else:
                 pushed = self.local.push(uid, payload)
             if pushed:
@@ -327,7 +330,6 @@ class Routes:
         """pub/sub callback for this worker's channel."""
         try:
             op, uid, sent, payload = decode_relay(message["data"])
+            self.on_relay(op, uid, payload, sent)  # an OP_MESSAGE's state is parsed first
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed relay message")
-            return
-        self.on_relay(op, uid, payload, sent)

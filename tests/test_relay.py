@@ -1,0 +1,59 @@
+"""Relayed operations as a socket worker's channel delivers them (pmq.routing.Routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pmq.keys import Keys
+from pmq.routing import OP_MESSAGE, OP_MESSAGE_BARE, Routes, encode_relay, message_payload
+from tests.helpers import REDIS_URL
+
+FRAME = b'{"type":"push","msg":{"id":"1"}}'
+
+
+class Recorder:
+    """A LocalDelivery that notes what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def push(self, uid: str, frame: bytes) -> int:
+        self.calls.append(("push", uid, frame))
+        return 1
+
+    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+        self.calls.append(("message", uid, frame, unread))
+        return 1
+
+    def unread_changed(self, uid: str) -> None:
+        self.calls.append(("unread", uid))
+
+    def kick(self, uid: str, reason: str) -> int:
+        return 0
+
+
+def routes() -> tuple[Routes, Recorder]:
+    local = Recorder()  # nothing here talks to Redis
+    return Routes(aioredis.Redis.from_url(REDIS_URL), Keys("pmqtest:"), "w1", 25, local), local
+
+
+def test_a_message_brings_the_unread_state_the_publish_read() -> None:
+    r, local = routes()
+    payload = message_payload(FRAME, [b"comment", b"3", b"1700000000000"])
+    r.on_message({"data": encode_relay(OP_MESSAGE, "7", payload, 0.0)})
+    assert local.calls == [("message", "7", FRAME, ["comment", "3", "1700000000000"])]
+
+
+def test_a_bare_message_of_an_earlier_version_is_pushed_without_state() -> None:
+    r, local = routes()
+    r.on_message({"data": encode_relay(OP_MESSAGE_BARE, "7", FRAME, 0.0)})
+    assert local.calls == [("message", "7", FRAME, None)]
+
+
+def test_a_malformed_relay_is_dropped() -> None:
+    r, local = routes()
+    r.on_message({"data": encode_relay(OP_MESSAGE, "7", b"[not json\n" + FRAME, 0.0)})
+    r.on_message({"data": b"no header line"})
+    assert local.calls == []
