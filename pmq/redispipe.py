@@ -203,11 +203,15 @@ async def _open(endpoint: Endpoint, on_push: Callable[[list[Any]], None] | None)
                 _, conn = await loop.create_connection(
                     lambda: _Protocol(on_push), endpoint.host, endpoint.port
                 )
-            if endpoint.password:
-                user = [endpoint.username] if endpoint.username else []
-                await conn.send(pack("AUTH", *user, endpoint.password))
-            if endpoint.db:
-                await conn.send(pack("SELECT", endpoint.db))
+            try:
+                if endpoint.password:
+                    user = [endpoint.username] if endpoint.username else []
+                    await conn.send(pack("AUTH", *user, endpoint.password))
+                if endpoint.db:
+                    await conn.send(pack("SELECT", endpoint.db))
+            except BaseException:  # refused (a wrong password), or cancelled: let it go
+                conn.close()
+                raise
     except (OSError, TimeoutError) as exc:
         raise RedisConnectionError(f"cannot connect to Redis at {endpoint}: {exc}") from exc
     return conn

@@ -334,9 +334,10 @@ def ws_client(node: Node, uid: str | int, sync: bool = True) -> Iterator[WsClien
 class RedisServer:
     """A private ``redis-server`` on a free port, as a subprocess the test can stop."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *options: str) -> None:
         self.tmp = tmp
         self.port = free_port()
+        self.options = options  # more redis-server arguments, e.g. "--requirepass", "pw"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -348,6 +349,7 @@ class RedisServer:
             [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.tmp),
+                *self.options,
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -358,7 +360,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -64,6 +64,31 @@ def test_replies_reach_their_callers_in_order(redis_prefix: str) -> None:
     assert replies[1002] is None
 
 
+def test_the_url_s_password_and_database_are_used(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, "--requirepass", "s3cret").start()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/5"
+
+    async def scenario() -> list[Any]:
+        pipe = redispipe.Pipe(endpoint(url))
+        wrong = redispipe.Pipe(endpoint(f"redis://:nope@127.0.0.1:{server.port}/5"))
+        try:
+            written = await pipe.call("SET", "k", "in five")
+            refused = await asyncio.gather(wrong.call("PING"), return_exceptions=True)
+            async with aioredis.Redis.from_url(url.replace("/5", "/0")) as zero:
+                in_zero = await zero.get("k")
+            return [written, refused[0], in_zero, await pipe.call("GET", "k")]
+        finally:
+            pipe.close()
+            wrong.close()
+
+    try:
+        written, refused, in_zero, read = uvloop.run(scenario())
+    finally:
+        server.stop()
+    assert (written, in_zero, read) == (b"OK", None, b"in five")
+    assert isinstance(refused, ResponseError) and "WRONGPASS" in str(refused)
+
+
 def test_a_restarted_redis_is_reconnected_to_without_failing_a_call(tmp_path: Path) -> None:
     server = RedisServer(tmp_path).start()
 
