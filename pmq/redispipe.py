@@ -19,6 +19,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 CONNECT_SECONDS = 5.0
 REPLY_SECONDS = 10.0  # no reply for this long while commands wait: Redis hangs, give up
 REPLIES_PER_TURN = 256  # replies (and pub/sub handlers) between two yields to the loop
+# TCP keepalive: first probe after 30 s idle, then every 10 s; dead after 3 unanswered.
+KEEPALIVE = [
+    (getattr(socket, name), value)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+]
 
 Handler = Callable[[dict[str, Any]], None]
 
@@ -98,6 +105,13 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A subscription only listens: without keepalive a peer gone silent (a cut
+            # network, no reset) would never be noticed.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in KEEPALIVE:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.lost.done():

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,23 @@ def test_replies_reach_their_callers_in_order(redis_prefix: str) -> None:
     assert replies[1000] == [b"0", b"1", b"2"]
     assert isinstance(replies[1001], ResponseError) and "WRONGTYPE" in str(replies[1001])
     assert replies[1002] is None
+
+
+def test_connections_probe_a_silent_peer_with_tcp_keepalive() -> None:
+    async def scenario() -> tuple[int, int]:
+        pipe = redispipe.Pipe(endpoint(REDIS_URL))
+        try:
+            await pipe.call("PING")
+            assert pipe._conn is not None and pipe._conn.transport is not None
+            sock = pipe._conn.transport.get_extra_info("socket")
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            )
+        finally:
+            pipe.close()
+
+    assert uvloop.run(scenario()) == (1, 30)
 
 
 def test_the_url_s_password_and_database_are_used(tmp_path: Path) -> None:
