@@ -2,8 +2,9 @@
 
 Accepting a message is one Lua call: the message enters the user's hot inbox (a ZSET of
 ids beside a HASH of bodies), the unread counter moves, a storage operation is queued for
-the task workers, and the user's live connections are read back for delivery — atomically,
-so a message is either accepted whole or not at all. It stays until ``msg.ack`` names it.
+the task workers, and the user's live connections and counters are read back for delivery
+(the counters for the badge sent with the push) — atomically, so a message is either
+accepted whole or not at all. It stays until ``msg.ack`` names it.
 
 The keys a call touches share the recipients' bucket (pmq.keys): the bucket's storage queue,
 inbox index and dedupe key. A multicast to users of several buckets is one call per bucket,
@@ -33,8 +34,6 @@ from pmq.keys import Keys
 from pmq.protocol import Kind
 
 PUBLISH_DEDUPE_SECONDS = 86400
-KEYS_PER_MESSAGE = 5
-ARGS_PER_MESSAGE = 6
 
 # KEYS: dedupe, queue, index, then per message: inbox, bodies, unread, user_conns, last_read.
 # ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
