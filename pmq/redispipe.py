@@ -246,12 +246,16 @@ class Pipe:
         A connection found dead (Redis restarted since) gets the command once more on a
         fresh one, as redisconn's pool does; a Redis that stopped answering does not."""
         packed = pack(*args)
+        conn = self._conn
+        if conn is None or conn.lost.done():
+            conn = await self._connection()
         try:
-            return await (await self._connection()).send(packed)
+            return await conn.send(packed)
         except RedisConnectionError:
             return await (await self._connection()).send(packed)
 
     async def _connection(self) -> _Protocol:
+        """The open connection, or a new one."""
         conn = self._conn
         if conn is not None and not conn.lost.done():
             return conn

@@ -295,13 +295,12 @@ class Routes:
                     reached += self.on_relay(op, uid, payload, sent)
                 else:
                     remote.append((wid, encode_relay(op, uid, payload, sent), count))
-        if remote:
-            receivers = await asyncio.gather(
-                *(
-                    self.batch.call("SPUBLISH", self.keys.worker_channel(wid), message)
-                    for wid, message, _ in remote
-                )
-            )
+        calls = [
+            self.batch.call("SPUBLISH", self.keys.worker_channel(wid), message)
+            for wid, message, _ in remote
+        ]
+        if calls:  # a unicast relays at most once: no gather (a task per call) for one
+            receivers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
         return reached
 
