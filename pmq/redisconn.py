@@ -58,10 +58,6 @@ def connect(config: RedisConfig) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-def is_cluster(client: Any) -> bool:
-    return isinstance(client, RedisCluster)
-
-
 Handler = Callable[[dict[str, Any]], None]
 
 

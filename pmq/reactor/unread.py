@@ -111,8 +111,8 @@ class UnreadPusher:
             while self.holding:
                 await asyncio.sleep(HOLD_POLL_SECONDS)
             try:
-                if self.times:
-                    self.times = await self.unread.timelines(sorted(self.times))
+                if self.times:  # update, not replace: watch() may add a group meanwhile
+                    self.times.update(await self.unread.timelines(sorted(self.times)))
                     self.fresh = not self.holding
                 await self.flush()
             except Exception:  # this tick's users are dropped; their next change retries
