@@ -25,8 +25,9 @@ from pmq import redispipe
 class Batcher:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self.direct = not redispipe.supports(redis)
-        self.pipe = None if self.direct else redispipe.Pipe(redispipe.Endpoint.of(redis))
+        self.pipe: redispipe.Pipe | None = None  # None: each command alone, through redis-py
+        if redispipe.supports(redis):  # not a cluster, not TLS
+            self.pipe = redispipe.Pipe(redispipe.Endpoint.of(redis))
 
     async def call(self, *args: Any) -> Any:
         """Send one command (``"SPUBLISH", channel, message``) with the others of this
