@@ -1,0 +1,195 @@
+"""Two plain Python processes relaying through Redis: a floor for PMQ's unicast and ingest.
+
+    redis-server --port 6520 --save "" --appendonly no --daemonize yes
+    python -m bench.plain_relay --workers 2 --redis redis://127.0.0.1:6520/0
+
+The issue's yardstick ("two plain Python processes relaying through Redis without any
+storage"), built so bench.unicast and bench.ingest can run against it unchanged. Forks N
+processes after the imports, each on uvloop with:
+
+- a websockets server on one SO_REUSEPORT port: the uid comes from the JWT in ``?token=``
+  (PyJWT), the connection goes into a dict, a hello is sent;
+- an HTTP server on another SO_REUSEPORT port (httptools): ``POST /api/v1/messages`` with
+  ``{"to": uid, "kind", "body"}`` answers 202 after pushing to the user if it is here, or
+  after one PUBLISH (redis-py asyncio with hiredis) to each other process's channel if not;
+- a redis-py subscription to its own channel, pushing what arrives to its users.
+
+No storage, no inbox, no unread counters, no validation beyond JSON, no auth on ingest: the
+least a relay does, so PMQ's figures can be read against it on the same machine in the same
+hour. The processes are titled ``pmq: plain relay #i [NODE]`` so the benches count their
+CPU as a node's. Prints one JSON line with the config path; runs until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import sys
+import tempfile
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+import jwt
+import orjson
+import redis.asyncio
+import setproctitle
+import uvloop
+import websockets
+from websockets.asyncio.server import ServerConnection
+
+from bench.run_node import free_port
+
+SECRET = "plain-relay-secret-of-thirty-two-bytes!"
+ACCEPTED = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+
+class Relay:
+    """One process: its users' connections, its Redis client, the other processes' channels."""
+
+    def __init__(self, index: int, workers: int, node: str, url: str) -> None:
+        self.users: dict[int, ServerConnection] = {}
+        self.redis = redis.asyncio.Redis.from_url(url)
+        self.channel = f"plain:{node}:{index}"
+        self.others = [f"plain:{node}:{i}" for i in range(workers) if i != index]
+        self.ids = itertools.count(index << 48)
+
+    async def connection(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        token = parse_qs(urlsplit(ws.request.path).query)["token"][0]
+        uid = int(jwt.decode(token, SECRET, algorithms=["HS256"])["sub"])
+        self.users[uid] = ws
+        try:
+            await ws.send('{"type":"hello"}')
+            async for _ in ws:
+                pass
+        finally:
+            if self.users.get(uid) is ws:
+                del self.users[uid]
+
+    async def publish(self, message: dict[str, Any]) -> bytes:
+        uid = int(message["to"])
+        msg_id = next(self.ids)
+        msg = {"id": str(msg_id), "kind": message["kind"], "body": message["body"]}
+        frame = orjson.dumps({"type": "push", "msg": msg})
+        ws = self.users.get(uid)
+        if ws is not None:
+            await ws.send(frame.decode())
+        else:
+            relayed = b"%d " % uid + frame
+            for channel in self.others:
+                await self.redis.publish(channel, relayed)
+        return b'{"id":"%d"}' % msg_id
+
+    async def relay(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        async for item in pubsub.listen():
+            if item["type"] != "message":
+                continue
+            uid, _, frame = item["data"].partition(b" ")
+            ws = self.users.get(int(uid))
+            if ws is not None:
+                await ws.send(frame.decode())
+
+
+class Ingest(asyncio.Protocol):
+    """Keep-alive HTTP/1.1, one request at a time per connection, as the publishers send."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.parser = httptools.HttpRequestParser(self)
+        self.body: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.body = []
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        asyncio.get_running_loop().create_task(self.answer(b"".join(self.body)))
+
+    async def answer(self, body: bytes) -> None:
+        reply = await self.relay.publish(orjson.loads(body))
+        assert self.transport is not None
+        self.transport.write(ACCEPTED % len(reply) + reply)
+
+
+async def serve(
+    index: int, workers: int, node: str, url: str, ws_port: int, http_port: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.cancel)
+    relay = Relay(index, workers, node, url)
+    relaying = loop.create_task(relay.relay())
+    http = await loop.create_server(lambda: Ingest(relay), "127.0.0.1", http_port, reuse_port=True)
+    async with websockets.serve(
+        relay.connection,
+        "127.0.0.1",
+        ws_port,
+        reuse_port=True,
+        ping_interval=25,
+        ping_timeout=25,
+        max_queue=4,
+        compression=None,
+        server_header=None,
+    ):
+        try:
+            await stop
+        except asyncio.CancelledError:
+            pass
+    http.close()
+    relaying.cancel()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis", required=True, help="redis:// URL (a private server)")
+    args = parser.parse_args()
+    ws_port, http_port = free_port(), free_port()
+    node = f"plainrelay{os.getpid()}"
+    path = os.path.join(tempfile.mkdtemp(prefix="pmq-plain-relay-"), "plain.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[server]\nport = {ws_port}\nnode = "{node}"\n'
+            f'[ingest]\nport = {http_port}\n'
+            f'[redis]\nurl = "{args.redis}"\n'
+            f'[auth]\njwt_secret = "{SECRET}"\n'
+        )
+    setproctitle.setproctitle(f"pmq: plain relay master [{node}]")
+    children = []
+    for i in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            setproctitle.setproctitle(f"pmq: plain relay #{i + 1} [{node}]")
+            uvloop.run(serve(i, args.workers, node, args.redis, ws_port, http_port))
+            os._exit(0)
+        children.append(pid)
+    print(json.dumps({"config": path, "node": node, "ws_port": ws_port}), flush=True)
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())
