@@ -16,8 +16,11 @@ from pmq.routing import OP_MESSAGE, OP_PUSH, Routes, message_payload
 
 @functools.cache
 def counters(kind: str) -> tuple[Any, Any]:
-    """The accepted and delivered counters of ``kind`` (labels() takes a lock each call)."""
-    return metrics.MESSAGES_ACCEPTED.labels(kind), metrics.MESSAGES_DELIVERED.labels(kind)
+    """The accepted and delivered counters of ``kind``, buffered (labels() takes a lock)."""
+    return (
+        metrics.buffered(metrics.MESSAGES_ACCEPTED.labels(kind)),
+        metrics.buffered(metrics.MESSAGES_DELIVERED.labels(kind)),
+    )
 
 
 def push_frame(message_json: bytes) -> bytes:

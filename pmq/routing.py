@@ -29,6 +29,7 @@ from pmq.batching import Batcher
 from pmq.keys import Keys
 
 log = logging.getLogger(__name__)
+DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)
 
 GROUPS_TTL = 30 * 86400
 DEPARTURE_BATCH = 1000  # closed connections removed from the registry per round trip
@@ -315,7 +316,7 @@ class Routes:
             else:
                 pushed = self.local.push(uid, payload)
             if pushed:
-                metrics.DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
+                DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
             return pushed
         if op == OP_UNREAD:
             self.local.unread_changed(uid)

@@ -149,6 +149,7 @@ class SocketWorker(Worker):
             asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
             asyncio.create_task(self.routes.remove_departed(), name="departures"),
             asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
+            asyncio.create_task(metrics.keep_flushed(), name="metrics"),
             asyncio.create_task(
                 Heartbeat(self.table, config.heartbeat.interval, config.heartbeat.timeout).run(),
                 name="heartbeat",
@@ -329,6 +330,7 @@ class SocketWorker(Worker):
         for subscription in self.subscriptions:
             await subscription.close()
         self.batch.close()
+        metrics.flush()
         await self.redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
