@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import signal
 import sys
@@ -37,11 +36,10 @@ import httptools
 import jwt
 import orjson
 import redis.asyncio
-import setproctitle
-import uvloop
 import websockets
 from websockets.asyncio.server import ServerConnection
 
+from bench.plain_server import run_forked
 from bench.run_node import free_port
 
 SECRET = "plain-relay-secret-of-thirty-two-bytes!"
@@ -171,23 +169,13 @@ def main() -> int:
             f'[redis]\nurl = "{args.redis}"\n'
             f'[auth]\njwt_secret = "{SECRET}"\n'
         )
-    setproctitle.setproctitle(f"pmq: plain relay master [{node}]")
-    children = []
-    for i in range(args.workers):
-        pid = os.fork()
-        if pid == 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-            setproctitle.setproctitle(f"pmq: plain relay #{i + 1} [{node}]")
-            uvloop.run(serve(i, args.workers, node, args.redis, ws_port, http_port))
-            os._exit(0)
-        children.append(pid)
-    print(json.dumps({"config": path, "node": node, "ws_port": ws_port}), flush=True)
-    signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
-    for pid in children:
-        os.waitpid(pid, 0)
-    return 0
+    return run_forked(
+        "plain relay",
+        node,
+        args.workers,
+        lambda i: serve(i, args.workers, node, args.redis, ws_port, http_port),
+        {"config": path, "node": node, "ws_port": ws_port},
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import setproctitle
 import uvloop
@@ -65,17 +67,36 @@ def main() -> int:
     path = os.path.join(tempfile.mkdtemp(prefix="pmq-plain-"), "plain.toml")
     with open(path, "w") as f:
         f.write(f'[server]\nport = {port}\nnode = "{node}"\n[auth]\njwt_secret = "plain"\n')
-    setproctitle.setproctitle(f"pmq: plain master [{node}]")
+    return run_forked(
+        "plain",
+        node,
+        args.workers,
+        lambda i: serve(port, args.heartbeat),
+        {"config": path, "node": node, "ws_port": port},
+    )
+
+
+def run_forked(
+    name: str,
+    node: str,
+    workers: int,
+    serve: Callable[[int], Coroutine[Any, Any, None]],
+    info: Any,
+) -> int:
+    """Fork ``workers`` processes running ``serve(i)`` on uvloop, titled ``pmq: NAME #i
+    [NODE]`` as the benches find a node's processes; print ``info`` as one JSON line; stop
+    them all on SIGINT/SIGTERM (which the caller blocked before anything started)."""
+    setproctitle.setproctitle(f"pmq: {name} master [{node}]")
     children = []
-    for i in range(args.workers):
+    for i in range(workers):
         pid = os.fork()
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-            setproctitle.setproctitle(f"pmq: plain #{i + 1} [{node}]")
-            uvloop.run(serve(port, args.heartbeat))
+            setproctitle.setproctitle(f"pmq: {name} #{i + 1} [{node}]")
+            uvloop.run(serve(i))
             os._exit(0)
         children.append(pid)
-    print(json.dumps({"config": path, "node": node, "ws_port": port}), flush=True)
+    print(json.dumps(info), flush=True)
     signal.sigwait({signal.SIGINT, signal.SIGTERM})
     for pid in children:
         os.kill(pid, signal.SIGTERM)
