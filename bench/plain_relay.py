@@ -36,10 +36,9 @@ import httptools
 import jwt
 import orjson
 import redis.asyncio
-import websockets
 from websockets.asyncio.server import ServerConnection
 
-from bench.plain_server import run_forked
+from bench.plain_server import run_forked, serve_websockets
 from bench.run_node import free_port
 
 SECRET = "plain-relay-secret-of-thirty-two-bytes!"
@@ -129,27 +128,10 @@ async def serve(
     index: int, workers: int, node: str, url: str, ws_port: int, http_port: int
 ) -> None:
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.cancel)
     relay = Relay(index, workers, node, url)
     relaying = loop.create_task(relay.relay())
     http = await loop.create_server(lambda: Ingest(relay), "127.0.0.1", http_port, reuse_port=True)
-    async with websockets.serve(
-        relay.connection,
-        "127.0.0.1",
-        ws_port,
-        reuse_port=True,
-        ping_interval=25,
-        ping_timeout=25,
-        max_queue=4,
-        compression=None,
-        server_header=None,
-    ):
-        try:
-            await stop
-        except asyncio.CancelledError:
-            pass
+    await serve_websockets(relay.connection, ws_port, 25)
     http.close()
     relaying.cancel()
 

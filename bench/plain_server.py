@@ -36,6 +36,12 @@ async def handler(ws: ServerConnection) -> None:
 
 
 async def serve(port: int, interval: float) -> None:
+    await serve_websockets(handler, port, interval)
+
+
+async def serve_websockets(handler: Any, port: int, interval: float) -> None:
+    """Serve ``handler`` on 127.0.0.1:``port`` (SO_REUSEPORT) with PMQ's WebSocket settings
+    (ping every ``interval``, no compression, max_queue 4) until SIGTERM/SIGINT."""
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.cancel)
