@@ -133,6 +133,18 @@ class Keys:
         """HASH kind -> unix ms of the user's last unread.clear (system unread counts after it)."""
         return f"{self._user(uid)}:last-read"
 
+    def publish_keys(self, uid: str) -> tuple[str, str, str, str, str]:
+        """inbox, inbox_bodies, unread, user_conns and last_read of ``uid``, made at once:
+        a publish names all five for every recipient."""
+        user = self._user(uid)
+        return (
+            f"{user}:inbox",
+            f"{user}:bodies",
+            f"{user}:unread",
+            f"{user}:conns",
+            f"{user}:last-read",
+        )
+
     def user_groups(self, uid: str) -> str:
         """STRING JSON list: the groups of the user's last token, for counting broadcasts."""
         return f"{self._user(uid)}:groups"

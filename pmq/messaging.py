@@ -11,7 +11,7 @@ from typing import Any
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
-from pmq.routing import OP_MESSAGE, OP_PUSH, Routes, message_payload
+from pmq.routing import Routes
 
 
 @functools.cache
@@ -47,10 +47,9 @@ async def publish(
         return accepted, 0
     accepted_count, delivered_count = counters(kind)
     accepted_count.inc(len(accepted.recipients))
-    items = [  # a comment on one's own content counts nothing: no unread change to push
-        (OP_PUSH, to, conns, push_frame(wire))
-        if state is None
-        else (OP_MESSAGE, to, conns, message_payload(push_frame(wire), state))
+    # A comment on one's own content counts nothing: its state is None, no badge to push.
+    pushes = [
+        (to, conns, push_frame(wire), state)
         for to, conns, wire, state in zip(
             accepted.recipients,
             accepted.connections,
@@ -59,6 +58,6 @@ async def publish(
             strict=True,
         )
     ]
-    reached = await routes.send(items)
+    reached = await routes.push_messages(pushes)
     delivered_count.inc(reached)
     return accepted, reached

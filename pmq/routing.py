@@ -51,12 +51,12 @@ class LocalDelivery(Protocol):
     """What a socket worker does with frames for its own connections."""
 
     def push(self, uid: str, frame: bytes) -> int: ...
-    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int: ...
+    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int: ...
     def unread_changed(self, uid: str) -> None: ...
     def kick(self, uid: str, reason: str) -> int: ...
 
 
-def message_payload(frame: bytes, unread: list[bytes]) -> bytes:
+def message_payload(frame: bytes, unread: Sequence[bytes]) -> bytes:
     """An OP_MESSAGE payload: the user's unread state as the publish read it (their unread
     hash's field/value pairs, then their last clear of system), so the worker holding them
     can send the badge with the push without asking Redis, then the push frame."""
@@ -287,34 +287,78 @@ class Routes:
         sent = time.time()
         remote: list[tuple[str, bytes, int]] = []
         for op, uid, conns, payload in items:
-            per_worker: dict[str, int] = {}
-            for wid in conns.values():
-                if wid not in self.stale_workers:
-                    per_worker[wid] = per_worker.get(wid, 0) + 1
-            for wid, count in per_worker.items():
+            for wid, count in self._workers(conns).items():
                 if wid == self.worker_id:
                     reached += self.on_relay(op, uid, payload, sent)
                 else:
                     remote.append((wid, encode_relay(op, uid, payload, sent), count))
+        if remote:
+            reached += await self._relay(remote)
+        return reached
+
+    async def push_messages(
+        self, pushes: Sequence[tuple[str, dict[str, str], bytes, Sequence[bytes] | None]]
+    ) -> int:
+        """send() for new messages: (uid, connections, push frame, the user's unread state as
+        the publish read it, or None when the message counts nothing). Ours get the frame,
+        and the badge from that state, without encoding it for a relay; other workers get
+        OP_MESSAGE (OP_PUSH when nothing counts). Returns connections reached."""
+        reached = 0
+        sent = time.time()
+        remote: list[tuple[str, bytes, int]] = []
+        for uid, conns, frame, state in pushes:
+            for wid, count in self._workers(conns).items():
+                if wid == self.worker_id:
+                    reached += self._push_here(uid, frame, state, sent)
+                elif state is None:
+                    remote.append((wid, encode_relay(OP_PUSH, uid, frame, sent), count))
+                else:
+                    payload = message_payload(frame, state)
+                    remote.append((wid, encode_relay(OP_MESSAGE, uid, payload, sent), count))
+        if remote:
+            reached += await self._relay(remote)
+        return reached
+
+    def _workers(self, conns: dict[str, str]) -> dict[str, int]:
+        """worker id -> how many of ``conns`` it holds, workers that stopped beating left out."""
+        per_worker: dict[str, int] = {}
+        for wid in conns.values():
+            if wid not in self.stale_workers:
+                per_worker[wid] = per_worker.get(wid, 0) + 1
+        return per_worker
+
+    async def _relay(self, remote: list[tuple[str, bytes, int]]) -> int:
+        """SPUBLISH each (worker, relay message, its connections); connections reached."""
         calls = [
             self.batch.call("SPUBLISH", self.keys.worker_channel(wid), message)
             for wid, message, _ in remote
         ]
-        if calls:  # a unicast relays at most once: no gather (a task per call) for one
-            receivers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-            reached += sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
-        return reached
+        # a unicast relays at most once: no gather (a task per call) for one
+        receivers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        return sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
+
+    def _push_here(
+        self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None, sent: float
+    ) -> int:
+        """A push to our connections of ``uid``: with the badge from ``unread`` (the state
+        a publish read), or a bare frame when None."""
+        if unread is None:
+            pushed = self.local.push(uid, frame)
+        else:
+            pushed = self.local.push_message(uid, frame, unread)
+        if pushed:
+            DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
+        return pushed
 
     def on_relay(self, op: str, uid: str, payload: bytes, sent: float) -> int:
         """Apply a relayed (or local) operation to this worker's connections."""
-        if op in (OP_PUSH, OP_MESSAGE, OP_MESSAGE_BARE):
-            if op == OP_MESSAGE:
-                frame, unread = split_message(payload)
-                pushed = self.local.push_message(uid, frame, unread)
-            elif op == OP_MESSAGE_BARE:
-                pushed = self.local.push_message(uid, payload, None)
-            else:
-                pushed = self.local.push(uid, payload)
+        if op == OP_MESSAGE:
+            frame, unread = split_message(payload)
+            return self._push_here(uid, frame, unread, sent)
+        if op == OP_PUSH:
+            return self._push_here(uid, payload, None, sent)
+        if op == OP_MESSAGE_BARE:  # counters changed, their state not sent: read them later
+            pushed = self.local.push_message(uid, payload, None)
             if pushed:
                 DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
             return pushed

@@ -133,7 +133,7 @@ class Unread:
         return list(kinds)
 
 
-def counts_of(flat: list[Any], system: int) -> dict[str, int]:
+def counts_of(flat: Sequence[Any], system: int) -> dict[str, int]:
     """The counts frame's data from an unread hash's field/value pairs and ``system``."""
     counts = dict.fromkeys(UNREAD_KINDS, 0)
     for i in range(0, len(flat), 2):

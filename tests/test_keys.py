@@ -82,3 +82,15 @@ def test_by_bucket_groups_positions_in_order() -> None:
     uids = ["7", "12", "3", "8", "17"]
     assert Keys("p:", 5).by_bucket(uids) == {2: [0, 1, 4], 3: [2, 3]}
     assert Keys("p:", 1).by_bucket(uids) == {0: [0, 1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("buckets", [1, 16])
+def test_publish_keys_are_the_users_keys(buckets: int) -> None:
+    keys = Keys("p:", buckets)
+    assert keys.publish_keys("42") == (
+        keys.inbox("42"),
+        keys.inbox_bodies("42"),
+        keys.unread("42"),
+        keys.user_conns("42"),
+        keys.last_read("42"),
+    )

@@ -33,6 +33,9 @@ class FakeTable:
     def of_user(self, uid: str) -> list[FakeClient]:
         return [FakeClient()] if uid in self.uids else []
 
+    def any_of_user(self, uid: str) -> FakeClient | None:
+        return FakeClient() if uid in self.uids else None
+
     def send_to_user(self, uid: str, frame: bytes) -> int:
         return self.send_frame_to_user(uid, text_frame(frame))
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Iterator
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 from websockets.protocol import State
 
 from pmq.auth import Identity
@@ -25,10 +26,20 @@ log = logging.getLogger(__name__)
 CLOSE_SECONDS = 2.0
 
 
+TEXT_FIN = 0x80 | Opcode.TEXT  # the first byte of a whole (unfragmented) text frame
+
+
 def text_frame(payload: bytes) -> bytes:
     """``payload`` as one WebSocket text frame, the bytes a server writes (never masked, so
-    the same for every connection)."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+    the same for every connection): what websockets' Frame(Opcode.TEXT, payload).serialize
+    (mask=False) makes, without its frame object and checks, which cost more than the
+    rest of a push (tests/test_gateway.py compares the two)."""
+    length = len(payload)
+    if length < 126:
+        return struct.pack("!BB", TEXT_FIN, length) + payload
+    if length < 65536:
+        return struct.pack("!BBH", TEXT_FIN, 126, length) + payload
+    return struct.pack("!BBQ", TEXT_FIN, 127, length) + payload
 
 
 class Client:
@@ -146,6 +157,11 @@ class ConnectionTable:
 
     def of_user(self, uid: str) -> list[Client]:
         return list(self.by_uid.get(uid, {}).values())
+
+    def any_of_user(self, uid: str) -> Client | None:
+        """One connection of ``uid`` here (for what all of them share: uid, groups), or None."""
+        mine = self.by_uid.get(uid)
+        return next(iter(mine.values())) if mine else None
 
     def uids(self) -> list[str]:
         return list(self.by_uid)

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import hmac
 import http
 import logging
@@ -154,17 +155,26 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("/".join(parts))
 
 
+@functools.lru_cache(maxsize=256)
+def _head_start(status: int, content_type: str) -> bytes:
+    """A reply's status line and Content-Type, up to the Content-Length value: made once
+    per (status, type), the same for almost every reply."""
+    reason = REASONS.get(status, "Unknown")
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: "
+    return head.encode("latin-1")
+
+
 def _encode(response: HttpResponse, keep_alive: bool, head_only: bool) -> bytes:
-    lines = [
-        f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
-        f"Content-Type: {response.content_type}\r\n"
-        f"Content-Length: {len(response.body)}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
-    ]
-    lines.extend(f"{name}: {value}\r\n" for name, value in response.headers)
-    lines.append("\r\n")
-    head = "".join(lines).encode("latin-1")
-    return head if head_only else head + response.body
+    head = (
+        _head_start(response.status, response.content_type)
+        + b"%d" % len(response.body)
+        + (b"\r\nConnection: keep-alive\r\n" if keep_alive else b"\r\nConnection: close\r\n")
+    )
+    if response.headers:
+        head += "".join(f"{name}: {value}\r\n" for name, value in response.headers).encode(
+            "latin-1"
+        )
+    return head + b"\r\n" if head_only else head + b"\r\n" + response.body
 
 
 class HttpServer:
@@ -242,17 +252,6 @@ class HttpServer:
                 response.headers = (("WWW-Authenticate", "Bearer"),)
                 return response
         return handler, params
-
-    @staticmethod
-    async def call(handler: Handler, request: HttpRequest, params: dict[str, str]) -> HttpResponse:
-        """Run one handler; HttpError becomes its JSON reply, any other exception a logged 500."""
-        try:
-            return await handler(request, **params)
-        except HttpError as exc:
-            return json_response(exc.status, msg=exc.msg)
-        except Exception:
-            log.exception("http handler failed: %s %s", request.method, request.path)
-            return json_response(500, msg="internal error")
 
 
 class _Connection(asyncio.Protocol):
@@ -417,8 +416,13 @@ class _Connection(asyncio.Protocol):
         self, request: HttpRequest, handler: Handler, params: dict[str, str], keep_alive: bool
     ) -> None:
         response: HttpResponse | None = None
-        try:
-            response = await self.server.call(handler, request, params)
+        try:  # HttpError becomes its JSON reply, any other exception a logged 500
+            response = await handler(request, **params)
+        except HttpError as exc:
+            response = json_response(exc.status, msg=exc.msg)
+        except Exception:
+            log.exception("http handler failed: %s %s", request.method, request.path)
+            response = json_response(500, msg="internal error")
         finally:
             self.server.tasks.discard(cast(asyncio.Task[None], self.task))
             self.task = None

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -221,7 +221,7 @@ class SocketWorker(Worker):
     def push(self, uid: str, frame: bytes) -> int:
         return self.table.send_to_user(uid, frame)
 
-    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int:
         return self.unread_pusher.push_message(uid, frame, unread)
 
     def unread_changed(self, uid: str) -> None:

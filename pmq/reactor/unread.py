@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500
 HOLD_POLL_SECONDS = 0.02
+
+
+@functools.lru_cache(maxsize=4096)
+def reach(groups: tuple[str, ...]) -> tuple[str, ...]:
+    """groups_of() a token's groups, made once per set of groups (most users share theirs)."""
+    return tuple(groups_of(groups))
 
 
 class UnreadPusher:
@@ -62,7 +69,7 @@ class UnreadPusher:
             if first:  # the worker's first user: every time kept was read just now
                 self.fresh = not self.holding
 
-    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int:
         """Push a new message's ``frame`` to the user's connections here, with its badge
         when one may go now (``unread``: the state the publish read), else mark it dirty.
         Returns how many connections took it."""
@@ -74,15 +81,15 @@ class UnreadPusher:
         self.pushed[uid] = time.monotonic()
         return self.table.send_frame_to_user(uid, text_frame(frame) + text_frame(badge))
 
-    def _badge(self, uid: str, unread: list[str] | None) -> bytes | None:
+    def _badge(self, uid: str, unread: Sequence[bytes | str] | None) -> bytes | None:
         if unread is None or not self.fresh or self.holding:
             return None
         if time.monotonic() - self.pushed.get(uid, -self.interval) < self.interval:
             return None
-        clients = self.table.of_user(uid)
-        if not clients:
+        client = self.table.any_of_user(uid)
+        if client is None:
             return None
-        groups = groups_of(clients[0].identity.groups)
+        groups = reach(client.identity.groups)
         if any(g not in self.times for g in groups):
             return None
         system = self.unread.system_count(int(unread[-1]), groups, self.times)
@@ -126,9 +133,9 @@ class UnreadPusher:
         self.dirty.difference_update(due)
         users = []
         for uid in due:
-            clients = self.table.of_user(uid)
-            if clients:
-                users.append((uid, clients[0].identity.groups))
+            client = self.table.any_of_user(uid)
+            if client is not None:
+                users.append((uid, client.identity.groups))
         frames: dict[tuple[tuple[str, int], ...], bytes] = {}  # after a broadcast most
         for start in range(0, len(users), CHUNK):  # users share their counts: encode once
             chunk = users[start : start + CHUNK]
