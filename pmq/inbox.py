@@ -40,8 +40,9 @@ PUBLISH_DEDUPE_SECONDS = 86400
 # ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
 #       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
 # Returns {0, ids_json} for a repeated idempotency key, else {1, conns_1, unread_1, ...}:
-# per message the user's connections, then (when it counts) the user's unread hash as
-# field/value pairs followed by the time of their last clear of system, for the badge.
+# per message the user's connections, then (when it counts and the user is online) the
+# user's unread hash as field/value pairs followed by the time of their last clear of
+# system, for the badge.
 PUBLISH = """
 if ARGV[1] == '1' then
     local previous = redis.call('GET', KEYS[1])
@@ -57,15 +58,18 @@ for i = 0, n - 1 do
     redis.call('HSET', KEYS[k + 1], ARGV[a], ARGV[a + 3])
     redis.call('EXPIRE', KEYS[k], ttl)
     redis.call('EXPIRE', KEYS[k + 1], ttl)
+    local conns = redis.call('HGETALL', KEYS[k + 3])
     local unread = {}
     if ARGV[a + 4] ~= '' then
         redis.call('HINCRBY', KEYS[k + 2], ARGV[a + 4], 1)
-        unread = redis.call('HGETALL', KEYS[k + 2])
-        unread[#unread + 1] = redis.call('HGET', KEYS[k + 4], 'system') or '0'
+        if #conns > 0 then  -- a badge to send with the push; none for a user offline
+            unread = redis.call('HGETALL', KEYS[k + 2])
+            unread[#unread + 1] = redis.call('HGET', KEYS[k + 4], 'system') or '0'
+        end
     end
     redis.call('ZADD', KEYS[3], 'NX', ARGV[a + 1], ARGV[a + 2])
     redis.call('RPUSH', KEYS[2], ARGV[a + 5])
-    result[#result + 1] = redis.call('HGETALL', KEYS[k + 3])
+    result[#result + 1] = conns
     result[#result + 1] = unread
 end
 if ARGV[1] == '1' then
@@ -134,8 +138,8 @@ class Accepted:
     recipients: list[str]  # of the new messages, aligned with encoded and connections
     encoded: list[bytes]  # each new message's wire JSON, to wrap in a push frame
     connections: list[dict[str, str]]  # conn id -> worker id, per new message
-    # per new message that counts: the user's unread hash as field/value pairs, then the
-    # time (ms) of their last clear of system; None when it counts nothing
+    # per new message that counts, to a user online: the user's unread hash as field/value
+    # pairs, then the time (ms) of their last clear of system; else None
     unread: list[list[bytes] | None]
 
 
