@@ -374,6 +374,12 @@ class Routes:
         """pub/sub callback for this worker's channel."""
         try:
             op, uid, sent, payload = decode_relay(message["data"])
-            self.on_relay(op, uid, payload, sent)  # an OP_MESSAGE's state is parsed first
+            if op == OP_MESSAGE:
+                frame, unread = split_message(payload)
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed relay message")
+            return
+        if op == OP_MESSAGE:  # parsed above, so a fault in delivery is not called malformed
+            self._push_here(uid, frame, unread, sent)
+        else:
+            self.on_relay(op, uid, payload, sent)
