@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 import uvloop
 
 from pmq.keys import Keys
 from pmq.routing import DEPARTURE_BATCH, Routes
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer, counting_pipelines
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer, TcpProxy, counting_pipelines
 
 WORKER = "node1:socket1:100"
 
@@ -32,6 +33,15 @@ async def left_behind(routes: Routes, users: int) -> int:
         pipe.hlen(routes.keys.user_conns(str(uid)))
     pipe.hlen(routes.keys.worker_conns(WORKER))
     return sum(await pipe.execute())
+
+
+async def left_behind_directly(url: str, users: int) -> int:
+    """left_behind() read straight from the Redis at ``url``, past any proxy."""
+    routes = Routes(aioredis.Redis.from_url(url), Keys("pmqtest:"), WORKER, 25, NoDelivery())
+    try:
+        return await left_behind(routes, users)
+    finally:
+        await routes.redis.aclose()
 
 
 async def until_gone(routes: Routes, users: int, timeout: float) -> None:
@@ -61,27 +71,35 @@ def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:
     assert round_trips == users // DEPARTURE_BATCH
 
 
-def test_departures_wait_out_a_redis_outage(tmp_path: Path) -> None:
+def test_departures_wait_out_a_redis_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The outage is a cut proxy, not a stopped Redis: the entries survive it, as they would
+    # a network fault, and nothing has to write them back while the remover is retrying.
     own = RedisServer(tmp_path).start()
+    proxy = TcpProxy("127.0.0.1", own.port)
     users = 50
 
     async def scenario() -> None:
-        client = aioredis.Redis.from_url(own.url)
+        client = aioredis.Redis(host="127.0.0.1", port=proxy.port)
         routes = Routes(client, Keys("pmqtest:"), WORKER, 25, NoDelivery())
         await registered(routes, users)
         remover = asyncio.create_task(routes.remove_departed())
-        own.stop()
+        proxy.cut()
         for uid in range(1, users + 1):
             routes.leave(str(uid), f"c{uid}")
-        await asyncio.sleep(1.0)  # let the remover fail against the stopped server
-        assert len(routes.departures) == users  # kept, not dropped
-        own.start()  # empty again: write the entries back, as if they had survived
-        await registered(routes, users)
-        await until_gone(routes, users, 10)
+        async with asyncio.timeout(20):  # the remover fails against the cut, and retries
+            while "removing 50 closed connections" not in caplog.text:
+                await asyncio.sleep(0.05)
+        assert not remover.done()
+        assert await left_behind_directly(own.url, users) == 2 * users  # nothing removed
+        proxy.restore()
+        await until_gone(routes, users, 20)  # the departures were kept, not dropped
         remover.cancel()
         await client.aclose()
 
     try:
         uvloop.run(scenario())
     finally:
+        proxy.close()
         own.stop()
