@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
@@ -102,8 +101,8 @@ return removed
 
 class Message(NamedTuple):
     """A unicast message as clients see it (SPEC 3 push frame ``msg``). A named tuple: a
-    publish makes one per recipient, and a tuple is made several times faster than a
-    frozen dataclass."""
+    publish makes one per recipient, and a frozen dataclass's __init__ sets every field
+    through object.__setattr__."""
 
     id: int
     kind: str
@@ -172,6 +171,7 @@ class Inbox:
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
         self._publish = redis.register_script(PUBLISH)
+        self._bucket_keys_made: dict[int, tuple[str, str, str]] = {}
         self.batch = batch or Batcher(redis)
         self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
@@ -261,15 +261,17 @@ class Inbox:
         conns = [_pairs(flat) for flat in result[1::2]]
         return None, encoded, conns, [flat or None for flat in result[2::2]]
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Inbox per worker, kept for its life)
     def _bucket_keys(self, bucket: int) -> tuple[str, str, str]:
-        """The bucket's keys a publish names first: dedupe (unused without a key, but in
-        the bucket's slot), storage queue, inbox index."""
-        return (
-            self.keys.publish_dedupe("", bucket),
-            self.keys.store_queue(self.keys.bucket_tag(bucket)),
-            self.keys.inbox_index(bucket),
-        )
+        """The bucket's keys a publish names first, made once: dedupe (unused without a
+        key, but in the bucket's slot), storage queue, inbox index."""
+        found = self._bucket_keys_made.get(bucket)
+        if found is None:
+            found = self._bucket_keys_made[bucket] = (
+                self.keys.publish_dedupe("", bucket),
+                self.keys.store_queue(self.keys.bucket_tag(bucket)),
+                self.keys.inbox_index(bucket),
+            )
+        return found
 
     async def ack(self, uid: str, ids: Sequence[int]) -> set[int]:
         """Remove ``ids`` from the user's hot inbox (their stored rows are acked through the

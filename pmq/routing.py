@@ -351,10 +351,8 @@ class Routes:
         return pushed
 
     def on_relay(self, op: str, uid: str, payload: bytes, sent: float) -> int:
-        """Apply a relayed (or local) operation to this worker's connections."""
-        if op == OP_MESSAGE:
-            frame, unread = split_message(payload)
-            return self._push_here(uid, frame, unread, sent)
+        """Apply an operation of send() to this worker's connections, a relayed one or our
+        own (OP_MESSAGE only comes relayed: on_message splits it)."""
         if op == OP_PUSH:
             return self._push_here(uid, payload, None, sent)
         if op == OP_MESSAGE_BARE:  # counters changed, their state not sent: read them later

@@ -33,7 +33,7 @@ def text_frame(payload: bytes) -> bytes:
     """``payload`` as one WebSocket text frame, the bytes a server writes (never masked, so
     the same for every connection): what websockets' Frame(Opcode.TEXT, payload).serialize
     (mask=False) makes, without its frame object and checks, which cost more than the
-    rest of a push (tests/test_gateway.py compares the two)."""
+    rest of a push (tests/test_frames.py compares the two)."""
     length = len(payload)
     if length < 126:
         return struct.pack("!BB", TEXT_FIN, length) + payload
