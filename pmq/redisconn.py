@@ -2,11 +2,12 @@
 
 On a single server, a bounded pool that makes callers wait for a free connection: redis-py's
 default pool refuses the 101st concurrent command ("Too many connections"); a burst of
-connects or publishes must queue for a moment instead, never fail. A command whose pooled
-connection turns out dead (Redis restarted since it was opened) is sent once more on a
-fresh one rather than failing the caller; the restarted server never saw it. Only a
-connection cut after Redis ran a command could run it twice, which at-least-once delivery
-allows (a publish's ``id`` makes even that a no-op).
+connects or publishes must queue for a moment instead, never fail. A command is never sent
+twice: a pooled connection that Redis closed (restarted since it was opened) is opened again
+when it is taken from the pool, before anything is written to it, so the first command after
+a restart succeeds; a connection that drops once a command was written fails that command
+with ConnectionError, since Redis may have run it (a script run twice would count or
+deduplicate twice). A request answers 503 for it; a background loop tries again later.
 
 On a Redis Cluster (``redis.cluster`` or a ``redis+cluster://`` URL naming any one node),
 redis-py's asyncio ``RedisCluster``, which routes each command, script call and pipeline
@@ -30,7 +31,6 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from pmq import redispipe
@@ -53,7 +53,10 @@ def connect(config: RedisConfig) -> aioredis.Redis:
         config.url,
         max_connections=MAX_CONNECTIONS,
         timeout=WAIT_SECONDS,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        # No resend: the pool's check of a connection it hands out (did Redis close it?)
+        # already replaces a dead one before the write; a retry would also resend commands
+        # whose connection dropped after Redis ran them.
+        retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -10,6 +10,11 @@ and each reply, in order, resolves its caller's future.
 sharded pub/sub channel and runs its handler on each message as it is parsed, a bounded
 number per callback so a backlog never stalls the loop.
 
+A command is written to Redis at most once. One whose connection was already gone before
+it was written (Redis restarted and the worker saw the close) goes on a fresh connection; one
+written before the connection dropped fails its caller with a connection error, since Redis
+may have run it and a second run of a publish script would count or deduplicate it twice.
+
 A Redis Cluster goes through redis-py (pmq.redisconn), which routes by slot.
 """
 
@@ -80,6 +85,11 @@ def pack(*args: Any) -> bytes:
     return hiredis.pack_command(cast(Any, args))
 
 
+class Unsent(RedisConnectionError):
+    """The connection ended before the command was written: Redis never saw it, and sending
+    it again (on a fresh connection) cannot apply it twice."""
+
+
 def _error(reply: hiredis.ReplyError) -> ResponseError:
     message = str(reply)
     if message.startswith("NOSCRIPT"):
@@ -115,7 +125,7 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         if self.lost.done():
-            raise RedisConnectionError(f"Redis connection lost: {self.lost.result()}")
+            raise Unsent(f"Redis connection lost: {self.lost.result()}")
         future = self.loop.create_future()
         if not self.outgoing:
             self.loop.call_soon(self._flush)
@@ -128,6 +138,10 @@ class _Protocol(asyncio.Protocol):
         return future
 
     def _flush(self) -> None:
+        if self.transport is not None and self.transport.is_closing():
+            # Closed before this write (aborted, its end not yet reported): nothing queued
+            # left, so _fail tells those callers Unsent.
+            self._fail(RedisConnectionError("Redis connection closed before the write"))
         outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.lost.done():
             self.transport.write(b"".join(outgoing))
@@ -185,13 +199,16 @@ class _Protocol(asyncio.Protocol):
             future.set_result(reply)
 
     def _fail(self, exc: Exception) -> None:
-        """End the connection: every waiting caller gets ``exc``."""
+        """End the connection: every caller whose command was written gets ``exc``; those
+        still queued for the next write (the last of ``waiting``) get :class:`Unsent`."""
         if not self.lost.done():
             self.lost.set_result(exc)
         waiting, self.waiting = self.waiting, collections.deque()
-        for future in waiting:
+        written = len(waiting) - len(self.outgoing)
+        self.outgoing = []
+        for index, future in enumerate(waiting):
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(exc if index < written else Unsent(str(exc)))
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -243,15 +260,15 @@ class Pipe:
     async def call(self, *args: Any) -> Any:
         """Send one command with the others of this loop iteration; its reply or error.
 
-        A connection found dead (Redis restarted since) gets the command once more on a
-        fresh one, as redisconn's pool does; a Redis that stopped answering does not."""
+        A command never reaches Redis twice. If its connection ended before the command was
+        written (Redis restarted since), it goes once more on a fresh connection. If the
+        connection drops after the write, the caller gets RedisConnectionError although
+        Redis may have run the command: the caller must not assume either way (the ingest
+        answers 503 and the site retries with its idempotency key)."""
         packed = pack(*args)
-        conn = self._conn
-        if conn is None or conn.lost.done():
-            conn = await self._connection()
         try:
-            return await conn.send(packed)
-        except RedisConnectionError:
+            return await (await self._connection()).send(packed)
+        except Unsent:
             return await (await self._connection()).send(packed)
 
     async def _connection(self) -> _Protocol:

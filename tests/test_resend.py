@@ -1,0 +1,179 @@
+"""A command is never applied twice because its connection dropped after Redis ran it, for
+both ways PMQ talks to one Redis (pmq.redispipe's Pipe and pmq.redisconn's pool), while a
+connection already dead before the command was written is replaced without failing it.
+
+The fault is real: a proxy forwards the command to Redis, waits for Redis's reply (so the
+command ran) and cuts the client's connection instead of passing the reply on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pmq import redisconn, redispipe
+from pmq.config import RedisConfig
+from tests.helpers import REDIS_URL, RedisServer
+
+INCR = "return redis.call('INCR', KEYS[1])"
+
+
+class ReplyCutter:
+    """A proxy to the test Redis on this event loop. Once :meth:`arm` ed, the next data a
+    client sends is forwarded and Redis's reply awaited, then that client's connection is
+    aborted with the reply withheld; later connections pass through."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.cuts = 0
+        self.server: asyncio.Server | None = None
+        self.clients: list[asyncio.Transport] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def arm(self) -> None:
+        self.armed = True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients.append(writer.transport)  # type: ignore[arg-type]
+        target = redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL))
+        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        cutting = asyncio.Event()  # the command in flight is the one to cut after
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if cutting.is_set():  # Redis ran it and answered: withhold the answer
+                    self.cuts += 1
+                    writer.transport.abort()
+                    return
+                writer.write(data)
+
+        replies = asyncio.create_task(downstream())
+        try:
+            while data := await reader.read(65536):
+                if self.armed:
+                    self.armed = False
+                    cutting.set()
+                up_writer.write(data)
+            await replies
+        except (OSError, asyncio.CancelledError):  # cut, or the test's loop ended
+            pass
+        finally:
+            replies.cancel()
+            up_writer.transport.abort()
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for transport in self.clients:
+            transport.abort()
+
+
+async def counter(key: str) -> int:
+    async with aioredis.Redis.from_url(REDIS_URL) as client:
+        return int(await client.get(key) or 0)
+
+
+def run_cut(
+    redis_prefix: str, make: Callable[[int], tuple[Callable[..., Awaitable[Any]], Any]]
+) -> tuple[Any, int, int]:
+    """Warm up a client through the cutter, arm it, run the INCR script once: (what the
+    call gave, the counter in Redis, how many connections were cut)."""
+    key = f"{redis_prefix}counter"
+
+    async def scenario() -> tuple[Any, int, int]:
+        cutter = ReplyCutter()
+        port = await cutter.start()
+        call, closer = make(port)
+        try:
+            assert await call("PING") in (b"PONG", True)
+            cutter.arm()
+            result = await asyncio.gather(call("EVAL", INCR, 1, key), return_exceptions=True)
+            return result[0], await counter(key), cutter.cuts
+        finally:
+            await closer()
+            await cutter.close()
+
+    return uvloop.run(scenario())
+
+
+def pipe_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
+    pipe = redispipe.Pipe(redispipe.Endpoint("127.0.0.1", port))
+
+    async def close() -> None:
+        pipe.close()
+
+    return pipe.call, close
+
+
+def pool_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
+    client = redisconn.connect(RedisConfig(url=f"redis://127.0.0.1:{port}/0"))
+    return client.execute_command, client.aclose
+
+
+def test_a_pipe_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix: str) -> None:
+    result, count, cuts = run_cut(redis_prefix, pipe_at)
+    assert cuts == 1
+    assert count == 1  # never sent again: the script ran once
+    assert isinstance(result, RedisConnectionError)
+    assert not isinstance(result, redispipe.Unsent)
+
+
+def test_a_pooled_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix: str) -> None:
+    result, count, cuts = run_cut(redis_prefix, pool_at)
+    assert cuts == 1
+    assert count == 1
+    assert isinstance(result, RedisConnectionError)
+
+
+def test_a_pipe_connection_dead_before_the_write_is_replaced(redis_prefix: str) -> None:
+    key = f"{redis_prefix}counter"
+
+    async def scenario() -> list[Any]:
+        pipe = redispipe.Pipe(redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL)))
+        try:
+            await pipe.call("PING")
+            queued = asyncio.create_task(pipe.call("EVAL", INCR, 1, key))
+            await asyncio.sleep(0)  # queued: its write is due at the loop's next turn
+            assert pipe._conn is not None and pipe._conn.outgoing
+            assert pipe._conn.transport is not None
+            pipe._conn.transport.abort()  # gone before the write
+            return [await queued, await pipe.call("EVAL", INCR, 1, key)]
+        finally:
+            pipe.close()
+
+    assert uvloop.run(scenario()) == [1, 2]
+    assert uvloop.run(counter(key)) == 2
+
+
+@pytest.mark.parametrize("client", ["pipe", "pool"])
+def test_the_first_command_after_a_redis_restart_succeeds(tmp_path: Path, client: str) -> None:
+    server = RedisServer(tmp_path).start()
+
+    async def scenario() -> list[Any]:
+        call, close = (pipe_at if client == "pipe" else pool_at)(server.port)
+        try:
+            first = await call("EVAL", INCR, 1, "k")
+            await asyncio.to_thread(server.stop)  # the worker's loop runs meanwhile
+            await asyncio.to_thread(server.start)
+            started = time.monotonic()
+            after = [await call("EVAL", INCR, 1, "k"), await call("GET", "k")]
+            assert time.monotonic() - started < 5
+            return [first, *after]
+        finally:
+            await close()
+
+    try:
+        assert uvloop.run(scenario()) == [1, 1, b"1"]
+    finally:
+        server.stop()
