@@ -8,6 +8,7 @@
     ├── NotRunning                no live master for this node
     ├── ControlError              the master's control socket failed or refused
     ├── StorageError              the SQL store failed (connect, schema, write)
+    │   └── StorageDataError      the store refused the data itself: retrying cannot help
     ├── AuthError                 a token was refused (carries an HTTP status)
     └── ActionError               a client request failed (carries a reply code)
 """
@@ -54,6 +55,11 @@ class ControlError(PMQError):
 
 class StorageError(PMQError):
     """The SQL store could not do what was asked."""
+
+
+class StorageDataError(StorageError):
+    """The store refused the data of a call (a value out of range, a constraint): the same
+    call fails the same way every time, unlike an outage, which a retry outlives."""
 
 
 class AuthError(PMQError):

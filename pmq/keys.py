@@ -192,6 +192,20 @@ class Keys:
         """LIST of operations one task worker took from store_queue(tag), not written yet."""
         return f"{self.prefix}{{{tag}}}:q:store:taken:{owner}"
 
+    def store_owners(self, tag: str = "b0") -> str:
+        """ZSET owner -> lease expiry (unix ms, Redis's clock) of every storage writer that
+        may hold a store_taken(owner, tag) list: the registry orphaned lists are found by."""
+        return f"{self.prefix}{{{tag}}}:q:store:owners"
+
+    def store_dead(self, tag: str = "b0") -> str:
+        """LIST of dead letters (pmq.tasks.deadletter): items of store_queue(tag) that the
+        store refused or that were not storage operations at all."""
+        return f"{self.prefix}{{{tag}}}:q:store:dead"
+
+    def recovery_lock(self) -> str:
+        """STRING owner, with a TTL: the one task worker recovering from a Redis data loss."""
+        return f"{self.prefix}lock:recovery"
+
     def sweep_lock(self) -> str:
         """STRING owner, with a TTL: the one task worker of the cluster that sweeps inboxes."""
         return f"{self.prefix}lock:sweep"

@@ -19,13 +19,16 @@ import pymysql
 from dbutils.pooled_db import PooledDB, PooledDBError
 from pymysql.constants import ER
 
-from pmq.errors import StorageError
+from pmq.errors import StorageDataError, StorageError
 from pmq.store.base import Cursor, Store
 
 CONNECT_TIMEOUT = 5  # seconds to open a connection
 IO_TIMEOUT = 60  # seconds one statement may take before the connection is given up
 TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
 DRIVER_ERRORS = (pymysql.MySQLError, PooledDBError)
+# What the server says about the data of a statement (out of range, too long, a constraint),
+# not about itself or the connection: a retry fails the same way.
+DATA_ERRORS = (pymysql.DataError, pymysql.IntegrityError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,8 @@ class MysqlStore(Store):
         except BaseException as exc:
             with suppress(*DRIVER_ERRORS):
                 conn.rollback()
+            if isinstance(exc, DATA_ERRORS):
+                raise StorageDataError(f"mysql {op} refused the data: {exc}") from exc
             if isinstance(exc, DRIVER_ERRORS):
                 raise StorageError(f"mysql {op} failed on {self._where()}: {exc}") from exc
             raise

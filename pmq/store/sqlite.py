@@ -14,10 +14,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pmq.errors import StorageError
+from pmq.errors import StorageDataError, StorageError
 from pmq.store.base import Cursor, Store
 
 BUSY_TIMEOUT_MS = 5000
+# Errors about the data of a statement, not the file: a constraint, a value SQLite cannot
+# hold (an integer past 64 bits fails while binding, as Python's OverflowError).
+DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 
 
 class SqliteStore(Store):
@@ -89,6 +92,8 @@ class SqliteStore(Store):
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, DATA_ERRORS):
+                raise StorageDataError(f"sqlite {op} refused the data: {exc}") from exc
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"sqlite {op} failed: {exc}") from exc
             raise
