@@ -29,7 +29,10 @@ from pmq.store.sqlite import SqliteStore
 
 SHARDS = 4
 SERVER_URL = os.environ.get("PMQ_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
-OTHER_TABLES = {"pmq_schema", "pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message"}
+OTHER_TABLES = {
+    "pmq_schema", "pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message",
+    "pmq_redis_mark",
+}
 ALL_TABLES = {f"pmq_msg_{n}" for n in range(SHARDS)} | OTHER_TABLES
 
 Query = Callable[[str], list[tuple[Any, ...]]]

@@ -15,13 +15,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
 from pmq.errors import StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pmq_redis_mark
 
 # A write is sent as few statements as possible, but one statement must stay well inside the
 # engines' limits: SQLite's 32766 host parameters and MySQL's max_allowed_packet (16 MiB by
@@ -38,6 +38,9 @@ CS_MESSAGE_COLUMNS = "id, session_id, from_uid, to_uid, body, ts"
 CS_SESSION_COLUMNS = "id, uid, agent, status, opened_at, closed_at, last_msg_id"
 # Chat rows per INSERT: a message is at most a few KiB, so this stays under the size limits.
 CS_ROWS_PER_INSERT = 200
+
+# A Redis mark: (epoch, generation), compared as a pair (pmq.epochs).
+Mark = tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +297,45 @@ class Store(abc.ABC):
                 )
                 found.update(int(row[0]) for row in cur.fetchall())
         return found
+
+    def unacked_users(self, shard: int, after_uid: int = 0, limit: int = 1000) -> list[int]:
+        """The users above ``after_uid`` with unacked messages in ``pmq_msg_{shard}``, at most
+        ``limit``, in uid order. Page by passing the last uid returned as ``after_uid``."""
+        p = self.placeholder
+        with self._session("unacked_users", write=False) as cur:
+            cur.execute(
+                f"SELECT DISTINCT uid FROM pmq_msg_{shard} "
+                f"WHERE uid > {p} AND acked = 0 ORDER BY uid LIMIT {p}",
+                (after_uid, limit),
+            )
+            return [int(row[0]) for row in cur.fetchall()]
+
+    def redis_marks(self) -> dict[int, Mark]:
+        """The highest Redis mark (epoch, generation) recorded per user bucket."""
+        with self._session("redis_marks", write=False) as cur:
+            cur.execute("SELECT bucket, epoch, gen FROM pmq_redis_mark")
+            return {int(b): (int(e), int(g)) for b, e, g in cur.fetchall()}
+
+    def raise_redis_marks(self, marks: Mapping[int, Mark]) -> dict[int, Mark]:
+        """Record each bucket's mark unless a higher one is recorded already (a stored mark
+        only ever rises, whatever order concurrent writers commit in); returns every
+        bucket's recorded mark, as redis_marks() would after."""
+        p = self.placeholder
+        with self._session("raise_redis_marks", write=True) as cur:
+            for bucket, (epoch, gen) in sorted(marks.items()):
+                cur.execute(
+                    f"{self.insert_ignore} INTO pmq_redis_mark (bucket, epoch, gen) "
+                    f"VALUES ({p}, {p}, {p})",
+                    (bucket, epoch, gen),
+                )
+                if cur.rowcount == 0:  # a row was there: raise it if ours is higher
+                    cur.execute(
+                        f"UPDATE pmq_redis_mark SET epoch = {p}, gen = {p} WHERE bucket = {p} "
+                        f"AND (epoch < {p} OR (epoch = {p} AND gen < {p}))",
+                        (epoch, gen, bucket, epoch, epoch, gen),
+                    )
+            cur.execute("SELECT bucket, epoch, gen FROM pmq_redis_mark")
+            return {int(b): (int(e), int(g)) for b, e, g in cur.fetchall()}
 
     def write_cs(
         self, messages: Sequence[StoredCsMessage], sessions: Sequence[StoredCsSession]

@@ -167,6 +167,9 @@ class MysqlStore(Store):
             "CREATE TABLE IF NOT EXISTS pmq_last_read ("
             "uid BIGINT UNSIGNED NOT NULL, kind VARCHAR(32) NOT NULL, ts BIGINT NOT NULL, "
             f"PRIMARY KEY (uid, kind)) {TABLE_OPTIONS}",
+            "CREATE TABLE IF NOT EXISTS pmq_redis_mark ("
+            "bucket INT NOT NULL PRIMARY KEY, epoch BIGINT NOT NULL, gen BIGINT NOT NULL) "
+            f"{TABLE_OPTIONS}",
             "CREATE TABLE IF NOT EXISTS pmq_cs_session ("
             "id BIGINT UNSIGNED NOT NULL PRIMARY KEY, uid BIGINT UNSIGNED NOT NULL, "
             "agent BIGINT UNSIGNED NULL, status VARCHAR(16) NOT NULL, opened_at BIGINT NOT NULL, "

@@ -10,12 +10,13 @@ holds every shard the map does not name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 
 from pmq.store.base import (
     Cursor,
     LastRead,
+    Mark,
     Store,
     StoredBroadcast,
     StoredCsMessage,
@@ -105,7 +106,16 @@ class ShardedStore(Store):
     def existing(self, uid: int, ids: Iterable[int]) -> set[int]:
         return self.store_of(uid).existing(uid, ids)
 
+    def unacked_users(self, shard: int, after_uid: int = 0, limit: int = 1000) -> list[int]:
+        return self.by_shard[shard].unacked_users(shard, after_uid, limit)
+
     # The primary's tables -----------------------------------------------------------
+    def redis_marks(self) -> dict[int, Mark]:
+        return self.main.redis_marks()
+
+    def raise_redis_marks(self, marks: Mapping[int, Mark]) -> dict[int, Mark]:
+        return self.main.raise_redis_marks(marks)
+
     def write_broadcasts(self, rows: Sequence[StoredBroadcast]) -> int:
         return self.main.write_broadcasts(rows)
 

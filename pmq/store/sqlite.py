@@ -126,6 +126,8 @@ class SqliteStore(Store):
             "CREATE TABLE IF NOT EXISTS pmq_last_read ("
             "uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, ts BIGINT NOT NULL, "
             "PRIMARY KEY (uid, kind)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS pmq_redis_mark ("
+            "bucket INTEGER PRIMARY KEY, epoch BIGINT NOT NULL, gen BIGINT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS pmq_cs_session ("
             "id INTEGER PRIMARY KEY, uid BIGINT NOT NULL, agent BIGINT NULL, "
             "status VARCHAR(16) NOT NULL, opened_at BIGINT NOT NULL, closed_at BIGINT NULL, "
