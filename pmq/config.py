@@ -25,6 +25,7 @@ RESERVED_ENV = frozenset({"PMQ_ENV", "PMQ_CONFIG"})
 CLUSTER_URL = "redis+cluster://"
 CLUSTER_BUCKETS = 32  # user buckets ({bN} hash tags) on a Redis Cluster by default
 MAX_BUCKETS = 16384  # one per cluster slot at most
+DURABILITY = ("none", "aof")  # redis.durability: what a write waits for before its answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class RedisConfig:
     prefix: str = "pmq:"
     cluster: bool = False  # also true when url starts with redis+cluster://
     buckets: int = 0  # 0: 1 on a single Redis, CLUSTER_BUCKETS on a cluster
+    require_aof: bool = False  # true: a Redis without appendonly fails the start
+    durability: str = "none"  # "aof": a write is answered once WAITAOF confirmed its fsync
+    wait_replicas: int = 0  # with durability = "aof", replicas that must confirm it too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +366,11 @@ def _check(config: Config) -> None:
         1 <= config.redis.buckets <= MAX_BUCKETS,
         f"redis.buckets: must be 1..{MAX_BUCKETS} (0: the default)",
     )
+    need(
+        config.redis.durability in DURABILITY,
+        "redis.durability: must be 'none' or 'aof'",
+    )
+    need(config.redis.wait_replicas >= 0, "redis.wait_replicas: must not be negative")
     hb = config.heartbeat
     need(0 < hb.interval < hb.timeout, "heartbeat.interval: must be positive and below timeout")
     need(config.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log.level: bad level")

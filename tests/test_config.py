@@ -125,6 +125,8 @@ def test_shipped_dev_and_prod_overlays() -> None:
     assert prod.storage.url.startswith("mysql://")
     assert prod.log.json is True
     assert prod.auth.mode == "jwt" and prod.auth.jwt_secret
+    assert prod.redis.require_aof is True  # production refuses a Redis without its AOF
+    assert dev.redis.require_aof is False and dev.redis.durability == "none"
 
 
 # Overlays -------------------------------------------------------------------------------
@@ -323,6 +325,10 @@ def test_int_accepted_for_float(tmp_path: Path) -> None:
         ('[storage]\nurl = "sqlite://var/pmq.db"\n', "storage.url"),
         ("[storage]\nshards = 0\n", "storage.shards"),
         ('[redis]\nurl = "http://127.0.0.1:6379"\n', "redis.url"),
+        ('[redis]\ndurability = "fsync"\n', "redis.durability"),
+        ("[redis]\ndurability = 1\n", "redis.durability"),
+        ("[redis]\nwait_replicas = -1\n", "redis.wait_replicas"),
+        ('[redis]\nrequire_aof = "yes"\n', "redis.require_aof"),
         ('[log]\nlevel = "loud"\n', "log.level"),
     ],
 )

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import setproctitle
 
-from pmq import metrics
+from pmq import metrics, redischeck
 from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
@@ -498,7 +498,9 @@ def rss(pid: int) -> int:
 
 
 def prepare(config: Config) -> Config:
-    """Settle what workers must share before the fork: the JWT secret, the embedded schema."""
+    """Settle what workers must share before the fork: Redis's settings checked (ConfigError
+    when PMQ cannot keep its promises on them), the JWT secret, the embedded schema."""
+    redischeck.check(config.redis)
     if config.auth.mode == "jwt" and not config.auth.jwt_secret:
         secret = resolve_jwt_secret(config)
         config = dataclasses.replace(

@@ -1,0 +1,131 @@
+"""What PMQ needs of Redis, checked once when a node starts (before any worker forks).
+
+Each server PMQ writes to (on a Redis Cluster: every master) is asked for ``appendonly``,
+``appendfsync`` and ``maxmemory-policy`` with CONFIG GET, or, where CONFIG is renamed or
+refused (managed Redis), read from INFO. Then:
+
+- an evicting ``maxmemory-policy`` (anything but ``noeviction``) would drop inboxes and
+  queues silently: the start fails, naming ``maxmemory-policy``;
+- AOF off means a Redis restart loses what it held: a warning, or a failed start naming
+  ``appendonly`` when ``redis.require_aof = true`` or ``redis.durability = "aof"``;
+- ``redis.durability = "aof"`` needs WAITAOF (Redis 7.2 or later): else the start fails,
+  naming ``redis.durability``.
+
+Failures raise ConfigError, which ``pmqctl start`` reports and exits 1 on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from pmq.config import CLUSTER_URL, RedisConfig
+from pmq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 5.0
+WAITAOF_SINCE = (7, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The settings of one Redis server that PMQ's promises depend on ("?" when unknown)."""
+
+    server: str
+    appendonly: str
+    appendfsync: str
+    maxmemory_policy: str
+    version: tuple[int, ...]
+
+
+def check(config: RedisConfig) -> list[Settings]:
+    """Read and check every server of ``config``; returns what was read. Raises
+    ConfigError naming the setting at fault, or redis.url when Redis cannot be read."""
+    try:
+        found = read_all(config)
+    except RedisError as exc:
+        raise ConfigError(
+            f"redis.url: cannot read Redis's settings at {config.url}: {exc}"
+        ) from exc
+    for settings in found:
+        judge(settings, config)
+    return found
+
+
+def read_all(config: RedisConfig) -> list[Settings]:
+    """The settings of the server of the URL, or of every master of a cluster."""
+    if config.cluster or config.url.startswith(CLUSTER_URL):
+        url = config.url.replace(CLUSTER_URL, "redis://", 1)
+        cluster = redis.RedisCluster.from_url(url, socket_timeout=TIMEOUT)
+        try:
+            return [
+                read(cluster.get_redis_connection(node), node.name)
+                for node in cluster.get_primaries()
+            ]
+        finally:
+            cluster.close()
+    client = redis.Redis.from_url(config.url, socket_timeout=TIMEOUT)
+    kwargs = client.connection_pool.connection_kwargs
+    try:
+        return [read(client, kwargs.get("path") or f"{kwargs['host']}:{kwargs['port']}")]
+    finally:
+        client.close()
+
+
+def read(client: redis.Redis, name: str) -> Settings:
+    """One server's settings: CONFIG GET, else INFO (appendfsync is not in INFO)."""
+    try:
+        values = {
+            key: str(client.config_get(key).get(key, "?"))
+            for key in ("appendonly", "appendfsync", "maxmemory-policy")
+        }
+    except ResponseError:  # CONFIG renamed or refused
+        persistence = client.info("persistence")
+        memory = client.info("memory")
+        values = {
+            "appendonly": "yes" if persistence.get("aof_enabled") else "no",
+            "appendfsync": "?",
+            "maxmemory-policy": str(memory.get("maxmemory_policy", "?")),
+        }
+    version = str(client.info("server").get("redis_version", "0"))
+    return Settings(
+        server=name,
+        appendonly=values["appendonly"],
+        appendfsync=values["appendfsync"],
+        maxmemory_policy=values["maxmemory-policy"],
+        version=tuple(int(part) for part in version.split(".") if part.isdigit()),
+    )
+
+
+def judge(settings: Settings, config: RedisConfig) -> None:
+    """Raise ConfigError for a setting PMQ cannot run on; log a warning for AOF off."""
+    where = f"Redis at {settings.server}"
+    if settings.maxmemory_policy != "noeviction":
+        raise ConfigError(
+            f"maxmemory-policy: {where} has maxmemory-policy {settings.maxmemory_policy}, "
+            "which evicts keys (inboxes, queues) silently; PMQ needs noeviction"
+        )
+    if config.durability == "aof" and settings.version < WAITAOF_SINCE:
+        found = ".".join(map(str, settings.version))
+        raise ConfigError(
+            f"redis.durability: 'aof' needs WAITAOF, which {where} (version {found}) lacks; "
+            "it needs Redis 7.2 or later (or use durability = 'none')"
+        )
+    if settings.appendonly != "no":
+        return
+    if config.require_aof or config.durability == "aof":
+        why = "redis.require_aof = true" if config.require_aof else "redis.durability = 'aof'"
+        raise ConfigError(
+            f"appendonly: {where} runs with appendonly no, but {why} needs the AOF on "
+            "(appendonly yes, appendfsync everysec or always)"
+        )
+    log.warning(
+        "%s runs with appendonly no: a Redis restart loses every message it holds that "
+        "is not yet in storage (set appendonly yes; redis.require_aof = true makes this "
+        "an error)",
+        where,
+    )
