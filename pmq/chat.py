@@ -21,7 +21,6 @@ the user, ``agent``) and ``cs.closed`` (``session_id``, ``by``, ``reason``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,6 @@ from typing import Any, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from pmq import chat_lua
 from pmq.config import CsConfig
@@ -40,8 +38,6 @@ from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.messaging import publish
 from pmq.protocol import Code, FrameType, Kind, encode_event
 from pmq.routing import Routes
-
-log = logging.getLogger(__name__)
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
 DRAIN_MAX = 100  # queued sessions assigned per script call
@@ -249,18 +245,13 @@ class Chat:
 
     async def run_idle_closer(self, owner: str) -> None:
         """Forever: while this worker holds the cluster's idle lock, close idle sessions and
-        assign what waits in the queue. The outer boundary of a background task."""
+        assign what waits in the queue. Errors end it (a worker runs it supervised)."""
         while True:
             tick = min(5.0, max(0.2, self.settings().idle_seconds / 4))
-            try:
-                lock_ms = int(tick * 3000) + 1000
-                if await self._lock(keys=[self.keys.cs_idle_lock()], args=[owner, lock_ms]):
-                    await self.close_idle()
-                    await self.drain()
-            except (RedisError, OSError) as exc:
-                log.warning("cs idle closer: %s", exc)
-            except Exception:
-                log.exception("cs idle closer failed")
+            lock_ms = int(tick * 3000) + 1000
+            if await self._lock(keys=[self.keys.cs_idle_lock()], args=[owner, lock_ms]):
+                await self.close_idle()
+                await self.drain()
             await asyncio.sleep(tick)
 
     # Messages -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class WorkerExit(enum.IntEnum):
 
     OK = 0
     BOOT_ERROR = 3  # could not bind or connect at start: respawning will not help
+    LOOP_DIED = 4  # a supervised loop died of an unexpected error: respawn a fresh worker
 
 
 class PMQError(Exception):

@@ -22,7 +22,6 @@ from typing import Any, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.batching import Batcher
@@ -33,7 +32,6 @@ DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)
 
 GROUPS_TTL = 30 * 86400
 DEPARTURE_BATCH = 1000  # closed connections removed from the registry per round trip
-DEPARTURE_RETRY_SECONDS = 0.5
 MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to their TTL
 
 # A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
@@ -178,10 +176,9 @@ class Routes:
 
     async def remove_departed(self) -> None:
         """Run for the worker's life: remove queued departures, DEPARTURE_BATCH a round
-        trip; after a Redis error they stay queued and are tried again."""
+        trip. A batch whose removal fails goes back to the head of the queue before the
+        error is raised, so the next run (the supervisor starts one) tries it first."""
         while True:
-            await self.departed.wait()
-            self.departed.clear()
             while self.departures:
                 batch = self.departures[:DEPARTURE_BATCH]
                 del self.departures[:DEPARTURE_BATCH]
@@ -189,10 +186,11 @@ class Routes:
                 self._remove_on(pipe, batch)
                 try:
                     await pipe.execute()
-                except (RedisError, OSError) as exc:
-                    log.warning("removing %d closed connections: %s; retrying", len(batch), exc)
+                except BaseException:
                     self.departures[:0] = batch
-                    await asyncio.sleep(DEPARTURE_RETRY_SECONDS)
+                    raise
+            await self.departed.wait()
+            self.departed.clear()
 
     async def beat(self) -> None:
         """Mark this worker alive (one round trip, whatever it holds)."""

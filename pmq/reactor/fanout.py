@@ -54,8 +54,6 @@ class Fanout:
             try:
                 with self.unread.held():
                     await self.deliver(group, frame)
-            except Exception:
-                log.exception("broadcast fan-out to %r failed", group)
             finally:
                 self.delivering = False
 

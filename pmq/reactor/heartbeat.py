@@ -64,10 +64,7 @@ class Heartbeat:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.tick)
-            try:
-                self.beat(loop.time())
-            except Exception:
-                log.exception("heartbeat failed")
+            self.beat(loop.time())
 
     def beat(self, now: float) -> tuple[int, int]:
         """One pass: (connections pinged, connections failed)."""

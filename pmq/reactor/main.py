@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
 REPLAY_PAGE = 200
-RELAY_RETRY_SECONDS = 0.5
 
 
 class SocketWorker(Worker):
@@ -63,6 +63,7 @@ class SocketWorker(Worker):
         self.handlers: dict[str, Handler] = {}
         self.background: list[asyncio.Task[Any]] = []
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-store")
+        self.beat_every = max(0.5, min(5.0, config.heartbeat.interval / 3))
 
     # Services offered to handlers and routes (pmq.handlers.base.App) ------------------
     async def start(self) -> None:
@@ -123,7 +124,7 @@ class SocketWorker(Worker):
         for subscription in self.subscriptions:
             await subscription.start()
             self.background.append(
-                asyncio.create_task(self.read_relay(subscription), name="relay")
+                self.supervise("relay", functools.partial(self.read_relay, subscription))
             )
         await self.routes.beat()
         self.gateway = Gateway(
@@ -145,38 +146,34 @@ class SocketWorker(Worker):
             )
         except OSError as exc:
             raise BootError(f"cannot listen: {exc}") from exc
+        heartbeat = Heartbeat(self.table, config.heartbeat.interval, config.heartbeat.timeout)
         self.background += [
-            asyncio.create_task(self.keep_registry(), name="registry"),
-            asyncio.create_task(self.unread_pusher.run(), name="unread"),
-            asyncio.create_task(self.fanout.run(), name="fanout"),
-            asyncio.create_task(self.chat.run_idle_closer(self.id), name="cs-idle"),
-            asyncio.create_task(self.routes.remove_departed(), name="departures"),
-            asyncio.create_task(keep_heap_frozen(lambda: self.fanout.busy), name="heap"),
-            asyncio.create_task(metrics.keep_flushed(), name="metrics"),
-            asyncio.create_task(
-                Heartbeat(self.table, config.heartbeat.interval, config.heartbeat.timeout).run(),
-                name="heartbeat",
-            ),
+            # Restarted no later than its next beat would be, so peers never sweep our routes.
+            self.supervise("registry", self.keep_registry, cap=self.beat_every),
+            self.supervise("unread", self.unread_pusher.run),
+            self.supervise("fanout", self.fanout.run),
+            self.supervise("cs-idle", lambda: self.chat.run_idle_closer(self.id)),
+            self.supervise("departures", self.routes.remove_departed),
+            self.supervise("heap", lambda: keep_heap_frozen(lambda: self.fanout.busy)),
+            self.supervise("metrics", metrics.keep_flushed),
+            self.supervise("heartbeat", heartbeat.run),
         ]
 
     async def read_relay(self, subscription: redisconn.Subscription) -> None:
         """Dispatch one channel's messages (relayed frames, or broadcasts) as they come.
 
         The subscription handles buffered messages back to back, a bounded number between
-        two yields to the loop. On an error this logs, pauses and subscribes again on a
-        fresh connection (one Redis outage must not end the relay for good)."""
-        while True:
-            try:
+        two yields to the loop. When its connection fails this subscribes again on a fresh
+        one (or leaves that to the next failure) and raises, for the supervisor to start the
+        relay again after a pause: one Redis outage must not end the relay for good."""
+        try:
+            while True:
                 await subscription.dispatch()
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "%s relay %s: %s; resubscribing", self.title, subscription.channel, exc
-                )
-                await asyncio.sleep(RELAY_RETRY_SECONDS)
-                with contextlib.suppress(RedisError, OSError):
-                    await subscription.recover()
-                continue
-            await asyncio.sleep(0)
+                await asyncio.sleep(0)
+        except (RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError):
+                await subscription.recover()
+            raise
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
@@ -276,27 +273,24 @@ class SocketWorker(Worker):
     async def keep_registry(self) -> None:
         """Beat, refresh our entries' TTL (3 x interval) once an interval, keep our
         cluster-view entry; sweep workers that stopped beating (their routes and their
-        cluster-view entries)."""
+        cluster-view entries). An error ends the run; the supervisor starts it again (with
+        a refresh and a sweep at once) no later than the next beat was due."""
         interval = self.config.heartbeat.interval
-        beat_every = max(0.5, min(5.0, interval / 3))
         next_sweep = next_refresh = time.monotonic()
         while True:
-            try:
-                await self.routes.beat()
-                if time.monotonic() >= next_refresh:
-                    next_refresh = time.monotonic() + interval
-                    await self.routes.refresh(self.table.uids())
-                await self.board.report(len(self.table))
-                if not await self.lease.renew():
-                    log.error("%s lost its id generator lease; taking a new one", self.title)
-                    self.inbox.ids = IdGenerator(await self.lease.acquire())
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + interval / 2
-                    await self.routes.sweep_dead_workers()
-                    await self.board.sweep()
-            except (RedisError, OSError) as exc:
-                log.warning("registry refresh failed: %s", exc)
-            await asyncio.sleep(beat_every)
+            await self.routes.beat()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + interval
+                await self.routes.refresh(self.table.uids())
+            await self.board.report(len(self.table))
+            if not await self.lease.renew():
+                log.error("%s lost its id generator lease; taking a new one", self.title)
+                self.inbox.ids = IdGenerator(await self.lease.acquire())
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + interval / 2
+                await self.routes.sweep_dead_workers()
+                await self.board.sweep()
+            await asyncio.sleep(self.beat_every)
 
     # Reload, stats, shutdown ------------------------------------------------------------
     async def reload(self) -> None:

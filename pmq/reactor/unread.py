@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -31,8 +30,6 @@ from pmq.broadcast import groups_of
 from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.unread import Unread, counts_of
-
-log = logging.getLogger(__name__)
 
 CHUNK = 500
 HOLD_POLL_SECONDS = 0.02
@@ -117,13 +114,12 @@ class UnreadPusher:
             await asyncio.sleep(self.interval)
             while self.holding:
                 await asyncio.sleep(HOLD_POLL_SECONDS)
-            try:
-                if self.times:  # update, not replace: watch() may add a group meanwhile
-                    self.times.update(await self.unread.timelines(sorted(self.times)))
-                    self.fresh = not self.holding
-                await self.flush()
-            except Exception:  # this tick's users are dropped; their next change retries
-                log.exception("unread push failed")
+            # An error ends the run (it is supervised): this tick's users are dropped, and
+            # their next change pushes again.
+            if self.times:  # update, not replace: watch() may add a group meanwhile
+                self.times.update(await self.unread.timelines(sorted(self.times)))
+                self.fresh = not self.holding
+            await self.flush()
 
     async def flush(self) -> None:
         """Push the counters of the dirty users whose last badge is an interval old."""

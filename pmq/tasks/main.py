@@ -72,11 +72,12 @@ class TaskWorker(Worker):
             owner=owner,
         )
         self.fanout = BroadcastFanout(self.redis, self.keys, self.store, owner, self.in_thread)
-        self.sweeper_job = asyncio.create_task(self.sweeper.run(), name="sweeper")
+        # Sooner at first, then no more often than the sweeps it stands for.
+        self.sweeper_job = self.supervise("sweeper", self.sweeper.run, cap=inbox.sweep_seconds)
         self.jobs += [
-            asyncio.create_task(self.watch_queues(), name="queue-depths"),
-            asyncio.create_task(self.writer.run(), name="storage-writer"),
-            asyncio.create_task(self.fanout.run(), name="broadcast-fanout"),
+            self.supervise("queue-depths", self.watch_queues),
+            self.supervise("storage-writer", self.writer.run),
+            self.supervise("broadcast-fanout", self.fanout.run),
             self.sweeper_job,
         ]
 
@@ -91,15 +92,12 @@ class TaskWorker(Worker):
             "broadcast": [self.keys.broadcast_queue()],
         }
         while True:
-            try:
-                for name, keys in queues.items():
-                    pipe = self.redis.pipeline(transaction=False)
-                    for key in keys:
-                        pipe.llen(key)
-                    self.queue_depths[name] = sum(await pipe.execute())
-                    metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
-            except (RedisError, OSError) as exc:
-                log.warning("%s: reading queue depths failed: %s", self.title, exc)
+            for name, keys in queues.items():
+                pipe = self.redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.llen(key)
+                self.queue_depths[name] = sum(await pipe.execute())
+                metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
             await asyncio.sleep(QUEUE_WATCH_SECONDS)
 
     def stats(self) -> dict[str, Any]:

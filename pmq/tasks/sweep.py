@@ -23,9 +23,7 @@ import time
 from typing import cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from pmq.errors import StorageError
 from pmq.keys import Keys
 from pmq.protocol import is_uid
 from pmq.store import Store
@@ -108,17 +106,13 @@ class Sweeper:
         self.sweeps = self.moved = 0
 
     async def run(self) -> None:
-        """Sweep now and every ``interval`` seconds until cancelled. A failed sweep is
-        logged and the next one runs on time: this is the task's outer boundary."""
+        """Sweep now and every ``interval`` seconds until cancelled. A failed sweep ends the
+        run (the task worker supervises it); a sweep is idempotent, so the next run, after
+        a pause, simply sweeps again."""
         while True:
-            try:
-                counts = await self.sweep_once()
-                if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
-                    log.info("inbox sweep: %s", counts)
-            except (StorageError, RedisError, OSError) as exc:
-                log.warning("inbox sweep failed, retrying in %.0fs: %s", self.interval, exc)
-            except Exception:
-                log.exception("inbox sweep failed, retrying in %.0fs", self.interval)
+            counts = await self.sweep_once()
+            if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
+                log.info("inbox sweep: %s", counts)
             raise_if_cancelled()
             await asyncio.sleep(self.interval)
 

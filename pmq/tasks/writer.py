@@ -31,7 +31,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.errors import StorageError
@@ -266,27 +265,18 @@ class StorageWriter:
 
     async def run(self) -> None:
         """Write batches until cancelled or drained. Errors other than the store's (Redis
-        down, a bug) are logged and retried after a pause: this is a task's outer boundary."""
+        down, a bug) end the run; the task worker supervises it (starting it again after a
+        pause, or exiting), and the next run takes up what is still in the taken list."""
         self._task = asyncio.current_task()
-        delay = RETRY_FIRST
         while not self._stopping:
             raise_if_cancelled()
             try:
                 await self._retry_deferred()
                 await self._cycle()
-                delay = RETRY_FIRST
-            except Exception as exc:
+            except BaseException:
                 self._leftover = True  # whatever was taken is still in the taken list
                 self._busy = False
-                log.error(
-                    "storage writer %s: %s; retrying in %.1fs",
-                    self.owner,
-                    exc,
-                    delay,
-                    exc_info=not isinstance(exc, RedisError | OSError),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                raise
 
     async def drain(self, timeout: float) -> int:
         """Stop taking batches and let the one in progress finish within ``timeout`` seconds

@@ -3,7 +3,8 @@
 A worker runs one asyncio loop (uvloop). It tells the master it is alive by writing a
 heartbeat event to its status pipe every second, and it leaves by itself when its parent
 changes (the master died). Subclasses implement :meth:`start`, :meth:`shutdown` and
-optionally :meth:`reload` and :meth:`stats`.
+optionally :meth:`reload` and :meth:`stats`, and run every forever-loop of theirs through
+:meth:`Worker.supervise`, so that no loop ever dies unseen while the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import setproctitle
 import uvloop
+from redis.exceptions import RedisError
 
 from pmq.config import Config
-from pmq.errors import WorkerExit
+from pmq.errors import StorageError, WorkerExit
 from pmq.workers.channel import send_event
 
 log = logging.getLogger(__name__)
@@ -30,9 +33,49 @@ HEARTBEAT_SECONDS = 1.0
 PARENT_CHECK_SECONDS = 0.25
 ORPHAN_DEADLINE = 1.5  # seconds an orphan may spend cleaning up before it is gone
 
+# What a loop meets in normal operation and gets over by starting again: Redis down, failing
+# over or still loading (every RedisError), a socket, pipe or timeout error (OSError, which
+# TimeoutError and ConnectionError are), the SQL store down (StorageError). Anything else is
+# a bug or a state the loop does not understand, and a fresh worker is the way out.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, StorageError)
+RESTART_FIRST = 0.2  # seconds before a failed loop starts again, doubling up to a cap
+RESTART_MAX = 5.0
+
+Loop = Callable[[], Awaitable[object]]
+
 
 class BootError(Exception):
     """The worker cannot start (port taken, Redis unreachable); the master gives up."""
+
+
+async def supervise(
+    name: str,
+    loop: Loop,
+    died: Callable[[str, Exception], None],
+    cap: float = RESTART_MAX,
+) -> None:
+    """Run ``loop()`` until it returns, the one boundary of a forever-loop.
+
+    On an error of EXPECTED_ERRORS it logs a warning and calls ``loop()`` again after a
+    back-off, RESTART_FIRST doubling up to ``cap`` seconds (from RESTART_FIRST again once a
+    run lasted longer than ``cap``), so the loop keeps whatever state it holds in its object.
+    On any other exception it calls ``died(name, exc)`` and returns. Cancellation passes
+    through: cancel the task to stop the loop."""
+    delay = RESTART_FIRST
+    while True:
+        began = time.monotonic()
+        try:
+            await loop()
+            return
+        except EXPECTED_ERRORS as exc:
+            if time.monotonic() - began > cap:
+                delay = RESTART_FIRST  # it ran well for a while: this is a new failure
+            log.warning("loop %s failed: %r; restarting in %.1fs", name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+        except Exception as exc:
+            died(name, exc)
+            return
 
 
 class Worker(abc.ABC):
@@ -49,6 +92,7 @@ class Worker(abc.ABC):
         self.title = f"pmq: {self.kind} worker #{index} [{config.server.node}]"
         self.stopping: asyncio.Event | None = None
         self.fast_stop = False
+        self.exit_code = WorkerExit.OK
 
     # Life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -75,8 +119,8 @@ class Worker(abc.ABC):
         send_event(self.status_fd, event="ready", id=self.id)
         log.info("%s ready (pid %d)", self.title, self.pid)
         watchers = [
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
-            asyncio.create_task(self._watch_parent(), name="parent-watch"),
+            self.supervise("status", self._heartbeat),
+            self.supervise("parent-watch", self._watch_parent),
         ]
         await self.stopping.wait()
         for task in watchers:
@@ -86,8 +130,8 @@ class Worker(abc.ABC):
             await asyncio.wait_for(self.shutdown(fast=self.fast_stop), timeout)
         except TimeoutError:
             log.warning("%s: shutdown passed its %.1fs deadline", self.title, timeout)
-        log.info("%s stopped", self.title)
-        return WorkerExit.OK
+        log.info("%s stopped (exit %d)", self.title, self.exit_code)
+        return self.exit_code
 
     # Signals: each handler only records what to do ----------------------------------
     def handle_term(self) -> None:
@@ -106,10 +150,29 @@ class Worker(abc.ABC):
         self.fast_stop = fast
         if fast:
             # A stuck loop must not keep an orphan alive: a thread ends it regardless.
-            timer = threading.Timer(ORPHAN_DEADLINE + 0.3, os._exit, args=(WorkerExit.OK,))
+            timer = threading.Timer(ORPHAN_DEADLINE + 0.3, os._exit, args=(self.exit_code,))
             timer.daemon = True
             timer.start()
         self.stopping.set()
+
+    def supervise(self, name: str, loop: Loop, cap: float = RESTART_MAX) -> asyncio.Task[None]:
+        """Start ``loop()`` as a task under :func:`supervise`; cancel the task to stop it.
+        A loop that dies of an unexpected error takes the worker down (:meth:`loop_died`)."""
+        return asyncio.create_task(supervise(name, loop, self.loop_died, cap), name=name)
+
+    def loop_died(self, name: str, exc: Exception) -> None:
+        """Log the dead loop with its traceback and stop fast with a non-zero exit code: the
+        master respawns a worker whose loops all run, rather than one serving without one."""
+        log.critical(
+            "%s (pid %d): loop %s died of %r; exiting for the master to respawn this worker",
+            self.title,
+            self.pid,
+            name,
+            exc,
+            exc_info=exc,
+        )
+        self.exit_code = WorkerExit.LOOP_DIED
+        self.begin_stop(fast=True)
 
     async def _reload(self) -> None:
         try:
