@@ -9,6 +9,8 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
 from pmq.routing import Routes
@@ -23,9 +25,26 @@ def counters(kind: str) -> tuple[Any, Any]:
     )
 
 
+PUSH_PREFIX = b'{"type":"push","msg":'
+ID_PREFIX = PUSH_PREFIX + b'{"id":"'  # every message's JSON opens with its id
+
+
 def push_frame(message_json: bytes) -> bytes:
     """The push frame around an already encoded message (encoded once for every socket)."""
-    return b'{"type":"push","msg":' + message_json + b"}"
+    return PUSH_PREFIX + message_json + b"}"
+
+
+def push_of(message: dict[str, Any]) -> tuple[bytes, int]:
+    """The push frame of a message as clients see it, and its id."""
+    return push_frame(orjson.dumps(message)), int(message["id"])
+
+
+def message_id_of(payload: bytes) -> int:
+    """The id of the message a push frame carries, or 0 for any other frame."""
+    if not payload.startswith(ID_PREFIX):
+        return 0
+    start = len(ID_PREFIX)
+    return int(payload[start : payload.index(b'"', start)])
 
 
 async def publish(

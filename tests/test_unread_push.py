@@ -39,7 +39,7 @@ class FakeTable:
     def send_to_user(self, uid: str, frame: bytes) -> int:
         return self.send_frame_to_user(uid, text_frame(frame))
 
-    def send_frame_to_user(self, uid: str, frame: bytes) -> int:
+    def send_frame_to_user(self, uid: str, frame: bytes, message_id: int = 0) -> int:
         self.sent.append((uid, time.monotonic()))
         self.wire.append(frame)
         return 1

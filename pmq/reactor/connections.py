@@ -4,6 +4,12 @@ Writes never await: a frame is queued on the socket at once (made once, and shar
 connection it goes to), and a client whose unsent bytes pass ``server.max_pending`` is
 closed with 1008, or aborted when even the close frame would not fit, so one slow reader
 never stalls the worker.
+
+A connection never gets one message twice: while the inbox replays, live frames are held
+back with the id of the message each pushes, and on release those the replay already sent
+are dropped. A live copy may come later still (a broadcast whose fan-out trailed its store, a
+relay its publisher had not sent yet), so the ids replayed that were made within
+LIVE_LAG_SECONDS before the release are kept that long, and their pushes dropped too.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 
 from pmq.auth import Identity
+from pmq.ids import first_id_at
+from pmq.messaging import message_id_of
 from pmq.protocol import CloseCode
 
 log = logging.getLogger(__name__)
 
 CLOSE_SECONDS = 2.0
+# How late a live copy of a message may come after the message was made (a fan-out waiting
+# for a restarted task worker, a publisher between its store and its relay).
+LIVE_LAG_SECONDS = 120.0
 
 
 TEXT_FIN = 0x80 | Opcode.TEXT  # the first byte of a whole (unfragmented) text frame
@@ -42,10 +53,23 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", TEXT_FIN, 127, length) + payload
 
 
+def first_frame_size(frames: bytes) -> int:
+    """How many bytes the first of ``frames`` (frames made by text_frame()) takes."""
+    length = frames[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    if length == 126:
+        return 4 + int(struct.unpack_from("!H", frames, 2)[0])
+    return 10 + int(struct.unpack_from("!Q", frames, 2)[0])
+
+
 class Client:
     """One WebSocket connection of an authenticated user."""
 
-    __slots__ = ("conn_id", "held", "identity", "max_pending", "rate", "tokens", "updated", "ws")
+    __slots__ = (
+        "conn_id", "held", "identity", "max_pending", "rate", "replayed", "replayed_until",
+        "tokens", "updated", "ws",
+    )
 
     def __init__(
         self, ws: ServerConnection, conn_id: str, identity: Identity, max_pending: int, rate: int
@@ -57,21 +81,45 @@ class Client:
         self.rate = rate
         self.tokens = float(rate)
         self.updated = time.monotonic()
-        self.held: list[bytes] | None = None  # live frames kept back while the inbox replays
+        # Live frames kept back while the inbox replays, each with the id of the message it
+        # pushes (0: none).
+        self.held: list[tuple[bytes, int]] | None = None
+        self.replayed: set[int] | None = None  # ids replayed whose live copy may still come
+        self.replayed_until = 0.0  # time.monotonic() when those are forgotten
 
     @property
     def uid(self) -> str:
         return self.identity.uid
 
     def hold(self) -> None:
-        """Keep live frames back (replay must come first, in id order)."""
+        """Keep live frames back (replay must come first, in id order) and note the ids
+        replayed from now on (see :meth:`replay`)."""
         self.held = []
+        self.replayed = set()
+
+    def replay(self, payload: bytes, message_id: int) -> bool:
+        """Write a replayed message (``payload``, a push of ``message_id``) now, ahead of
+        the live frames held back; its live copies will be dropped."""
+        if self.replayed is not None:
+            self.replayed.add(message_id)
+        return self.write(payload)
 
     def release(self) -> None:
-        """Send the frames kept back since hold(), in the order they came."""
+        """Send the frames kept back since hold(), in the order they came, without the
+        pushes of messages the replay sent; go on dropping live copies of the messages
+        replayed that were made in the last LIVE_LAG_SECONDS, for that long."""
         held, self.held = self.held or [], None
-        for frame in held:
-            self.write_frame(frame)
+        replayed, self.replayed = self.replayed or set(), None
+        for frame, message_id in held:
+            if message_id in replayed:
+                frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
+            if frame:
+                self.write_frame(frame)
+        floor = first_id_at(int((time.time() - LIVE_LAG_SECONDS) * 1000))
+        recent = {message_id for message_id in replayed if message_id >= floor}
+        if recent:
+            self.replayed = recent
+            self.replayed_until = time.monotonic() + LIVE_LAG_SECONDS
 
     def send(self, payload: bytes) -> bool:
         """Queue one live frame (kept back during a replay); see write()."""
@@ -81,12 +129,25 @@ class Client:
         """Queue one text frame without waiting; False when the client is gone or dropped."""
         return self.write_frame(text_frame(payload))
 
-    def send_frame(self, frame: bytes) -> bool:
-        """send() of a frame made by text_frame(), so a fan-out makes it once for all."""
+    def send_frame(self, frame: bytes, message_id: int = 0) -> bool:
+        """send() of frames made by text_frame(), so a fan-out makes them once for all;
+        ``message_id``: the message the first one pushes (0: none). A push of a message
+        this connection replayed is left out (True: the connection has it)."""
+        if self.replayed is not None and self._replayed(message_id):
+            frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
+            if not frame:
+                return True
+            message_id = 0
         if self.held is not None:
-            self.held.append(frame)
+            self.held.append((frame, message_id))
             return True
         return self.write_frame(frame)
+
+    def _replayed(self, message_id: int) -> bool:
+        if self.held is None and time.monotonic() > self.replayed_until:
+            self.replayed = None  # any live copy has come by now
+            return False
+        return self.replayed is not None and message_id in self.replayed
 
     def write_frame(self, frame: bytes) -> bool:
         # Written past websockets' protocol object, as its broadcast() does in effect: a
@@ -169,16 +230,17 @@ class ConnectionTable:
     def send_to_user(self, uid: str, payload: bytes) -> int:
         """Send ``payload`` to every local connection of ``uid`` (its frame made once);
         returns how many took it."""
-        return self.send_frame_to_user(uid, text_frame(payload))
+        return self.send_frame_to_user(uid, text_frame(payload), message_id_of(payload))
 
-    def send_frame_to_user(self, uid: str, frame: bytes) -> int:
-        """send_to_user() of bytes already framed (text_frame(), or several together)."""
+    def send_frame_to_user(self, uid: str, frame: bytes, message_id: int = 0) -> int:
+        """send_to_user() of bytes already framed (text_frame(), or several together; the
+        first pushes ``message_id``, or 0)."""
         mine = self.by_uid.get(uid)
         if mine is None:
             return 0
         if len(mine) == 1:  # the common case, without a generator per frame
-            return int(next(iter(mine.values())).send_frame(frame))
-        return sum(client.send_frame(frame) for client in list(mine.values()))
+            return int(next(iter(mine.values())).send_frame(frame, message_id))
+        return sum(client.send_frame(frame, message_id) for client in list(mine.values()))
 
     def kick_user(self, uid: str, reason: str) -> int:
         clients = self.of_user(uid)

@@ -6,6 +6,11 @@ event loop between them, so pings and other clients keep being served while thou
 sockets are written (a slice of at most SLICE_SECONDS: a count of writes would stall the
 loop for longer on a loaded machine); the frame is encoded once, and no write ever waits
 for a client.
+
+A broadcast reaches each connection once: a connection that replayed it on connect leaves
+the live copy out (pmq.reactor.connections), and a broadcast published again (its task
+worker died before it was stored, and a successor published it once more) is skipped here
+while it is among the last RECENT_IDS fanned out.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from pmq import metrics
 from pmq.broadcast import ALL, decode_fanout
+from pmq.messaging import message_id_of
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.reactor.unread import UnreadPusher
 
@@ -24,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SLICE_SECONDS = 0.01  # the longest the fan-out writes before it yields to the loop
 CHECK_EVERY = 32  # writes between two looks at the clock
+RECENT_IDS = 1024  # broadcast ids remembered, so one published twice is written once
 
 
 class Fanout:
@@ -34,6 +41,7 @@ class Fanout:
         self.delivered = 0
         self.delivering = False
         self.max_stall_ms = 0.0  # the longest the loop went without a yield, for stats
+        self.recent: dict[int, None] = {}  # the last RECENT_IDS broadcasts, oldest first
 
     def on_message(self, message: dict[str, Any]) -> None:
         """pub/sub callback: queue the broadcast; run() delivers them one at a time."""
@@ -57,13 +65,26 @@ class Fanout:
             finally:
                 self.delivering = False
 
+    def first_time(self, message_id: int) -> bool:
+        """True unless broadcast ``message_id`` was fanned out here lately."""
+        if message_id in self.recent:
+            return False
+        self.recent[message_id] = None
+        if len(self.recent) > RECENT_IDS:
+            del self.recent[next(iter(self.recent))]
+        return True
+
     async def deliver(self, group: str, frame: bytes) -> int:
-        """Write ``frame`` to every local connection of ``group``; returns how many."""
+        """Write ``frame`` to every local connection of ``group``; returns how many (0 for
+        a broadcast fanned out here lately)."""
+        message_id = message_id_of(frame)
+        if message_id and not self.first_time(message_id):
+            return 0
         clients = [c for c in self.table if group == ALL or group in c.identity.groups]
         wire = text_frame(frame)
         began = time.perf_counter()
         for n, client in enumerate(clients, 1):
-            client.send_frame(wire)
+            client.send_frame(wire, message_id)
             if n % CHECK_EVERY == 0 and time.perf_counter() - began >= SLICE_SECONDS:
                 self.note_stall(began)
                 await asyncio.sleep(0)

@@ -31,7 +31,7 @@ from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox, Look
 from pmq.keys import Keys
-from pmq.messaging import push_frame
+from pmq.messaging import push_of
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
@@ -252,13 +252,13 @@ class SocketWorker(Worker):
             look = None  # later pages look again
             for message in batch:  # broadcasts interleaved: one id order for both
                 while broadcasts and int(broadcasts[0]["id"]) < int(message["id"]):
-                    client.write(push_frame(orjson.dumps(broadcasts.popleft())))
-                client.write(push_frame(orjson.dumps(message)))
+                    client.replay(*push_of(broadcasts.popleft()))
+                client.replay(*push_of(message))
             if len(batch) < REPLAY_PAGE:
                 break
             after = int(batch[-1]["id"])
         for message in broadcasts:
-            client.write(push_frame(orjson.dumps(message)))
+            client.replay(*push_of(message))
         client.release()
         if client.identity.role is protocol.Role.AGENT:
             await self.chat.agent_online(client.uid)  # may hand it queued sessions

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from pmq.broadcast import groups_of
+from pmq.messaging import message_id_of
 from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.unread import Unread, counts_of
@@ -76,7 +77,9 @@ class UnreadPusher:
             return self.table.send_to_user(uid, frame)
         self.dirty.discard(uid)
         self.pushed[uid] = time.monotonic()
-        return self.table.send_frame_to_user(uid, text_frame(frame) + text_frame(badge))
+        return self.table.send_frame_to_user(
+            uid, text_frame(frame) + text_frame(badge), message_id_of(frame)
+        )
 
     def _badge(self, uid: str, unread: Sequence[bytes | str] | None) -> bytes | None:
         if unread is None or not self.fresh or self.holding:
