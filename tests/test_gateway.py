@@ -8,6 +8,7 @@ over both workers).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -26,10 +27,12 @@ from urllib.parse import parse_qs
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
-from pmq.auth import CLOCK_LEEWAY, mint_token
+from pmq.auth import CLOCK_LEEWAY, Identity, mint_token
 from pmq.keys import Keys
+from pmq.reactor.connections import Client
 from tests.helpers import SECRET, Node, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -547,3 +550,42 @@ def test_kick_closes_every_connection_4001_on_both_workers(make_node, redis_clie
         wait_for(lambda: connections_of(node, uid) == 0, 5, "the registry to drop the user")
         assert ping(bystander)["code"] == 200
         assert connections_of(node, "701") == 1
+
+
+def test_a_kick_reason_too_long_for_a_close_frame_is_cut_and_the_connection_closed(make_node):
+    node = make_node().start()
+    with contextlib.ExitStack() as stack:
+        ws, _ = open_client(stack, node, "702")
+        reason = "é" * 100  # 100 characters, 200 bytes of UTF-8: a close frame holds 123
+        status, answer = api(node, "POST", "/api/v1/users/702/kick", {"reason": reason})
+        assert status == 200 and answer["data"] == {"closed": 1}
+        with pytest.raises(ConnectionClosed) as closed:
+            next_frame(ws, "never")
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+        assert closed.value.rcvd.reason == "é" * 61  # 122 bytes: the 62nd would not fit
+        wait_for(lambda: connections_of(node, "702") == 0, 5, "the registry to drop the user")
+    assert "Task exception was never retrieved" not in node.log()
+
+
+def test_a_close_that_fails_aborts_the_connection():
+    class Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Socket:  # a ServerConnection whose close raises
+        protocol = type("Protocol", (), {"state": State.OPEN})()
+        transport = Transport()
+
+        async def close(self, code: int, reason: str) -> None:
+            raise RuntimeError("close frame refused")
+
+    async def scenario() -> bool:
+        client = Client(Socket(), "c1", Identity("703"), 1 << 20, 50)  # type: ignore[arg-type]
+        client.close(4001, "bye")
+        while not Socket.transport.aborted and len(asyncio.all_tasks()) > 1:
+            await asyncio.sleep(0)
+        return Socket.transport.aborted
+
+    assert asyncio.run(scenario())

@@ -32,6 +32,7 @@ from pmq.protocol import CloseCode
 log = logging.getLogger(__name__)
 
 CLOSE_SECONDS = 2.0
+MAX_CLOSE_REASON = 123  # bytes of UTF-8 a close frame has room for (125 less the code)
 # How late a live copy of a message may come after the message was made (a fan-out waiting
 # for a restarted task worker, a publisher between its store and its relay).
 LIVE_LAG_SECONDS = 120.0
@@ -51,6 +52,13 @@ def text_frame(payload: bytes) -> bytes:
     if length < 65536:
         return struct.pack("!BBH", TEXT_FIN, 126, length) + payload
     return struct.pack("!BBQ", TEXT_FIN, 127, length) + payload
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to what a close frame holds, MAX_CLOSE_REASON bytes of UTF-8, never
+    in the middle of a character."""
+    encoded = reason.encode("utf-8", "replace")  # a lone surrogate (from JSON) becomes "?"
+    return encoded[:MAX_CLOSE_REASON].decode("utf-8", "ignore")  # drops a cut character
 
 
 def first_frame_size(frames: bytes) -> int:
@@ -172,14 +180,19 @@ class Client:
             self.close(CloseCode.POLICY_VIOLATION, "send buffer full")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start a closing handshake in the background (idempotent)."""
+        """Start a closing handshake in the background (idempotent); a reason longer than
+        a close frame holds is cut (close_reason()). A close that fails or takes longer
+        than CLOSE_SECONDS aborts the TCP connection: it never stays open."""
         if self.ws.protocol.state is State.OPEN:
-            asyncio.get_running_loop().create_task(self._close(code, reason))
+            asyncio.get_running_loop().create_task(self._close(code, close_reason(reason)))
 
     async def _close(self, code: int, reason: str) -> None:
         try:
             await asyncio.wait_for(self.ws.close(code, reason), CLOSE_SECONDS)
         except (TimeoutError, OSError):
+            self.ws.transport.abort()
+        except Exception:
+            log.exception("closing conn=%s uid=%s failed; aborting it", self.conn_id, self.uid)
             self.ws.transport.abort()
 
     def allow_request(self) -> bool:
