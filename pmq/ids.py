@@ -26,14 +26,23 @@ TIME_SHIFT = GENERATOR_BITS + SEQUENCE_BITS
 
 
 class IdGenerator:
-    """Makes increasing ids for one generator number; not thread-safe (one per loop)."""
+    """Makes increasing ids for one generator number; not thread-safe (one per loop).
+
+    A worker makes one and hands that object to everything that makes ids, so that
+    :meth:`renumber` (after its lease was lost) reaches every one of them."""
 
     def __init__(self, generator: int) -> None:
+        self.last_ms = 0
+        self.sequence = 0
+        self.generator = 0
+        self.renumber(generator)
+
+    def renumber(self, generator: int) -> None:
+        """Make the next ids with ``generator`` (a newly leased number). Ids keep increasing
+        across the change: the clock and sequence carry on."""
         if not 0 <= generator <= MAX_GENERATOR:
             raise ValueError(f"generator must be 0..{MAX_GENERATOR}")
         self.generator = generator
-        self.last_ms = 0
-        self.sequence = 0
 
     def next(self) -> int:
         now = max(int(time.time() * 1000) - EPOCH_MS, self.last_ms)  # never step back

@@ -84,10 +84,12 @@ class SocketWorker(Worker):
             self.redis, self.keys, self.id, config.heartbeat.interval,
             node=config.server.node, index=self.index, pid=self.pid, master=self.ppid,
         )
+        # The worker's one id generator: a lost lease renumbers it for every holder.
+        self.ids = IdGenerator(await self.lease.acquire())
         self.inbox = Inbox(
             self.redis,
             self.keys,
-            IdGenerator(await self.lease.acquire()),
+            self.ids,
             config.inbox.hot_seconds,
             config.inbox.retention_seconds,
             self.batch,
@@ -95,7 +97,7 @@ class SocketWorker(Worker):
         self.broadcasts = Broadcasts(
             self.redis,
             self.keys,
-            self.inbox.ids,
+            self.ids,
             config.broadcast.dedupe_seconds,
             config.broadcast.replay_max,
             config.inbox.retention_seconds,
@@ -285,7 +287,7 @@ class SocketWorker(Worker):
             await self.board.report(len(self.table))
             if not await self.lease.renew():
                 log.error("%s lost its id generator lease; taking a new one", self.title)
-                self.inbox.ids = IdGenerator(await self.lease.acquire())
+                self.ids.renumber(await self.lease.acquire())
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + interval / 2
                 await self.routes.sweep_dead_workers()
