@@ -6,7 +6,9 @@ Two authenticators share one small protocol (:class:`Authenticator`):
   ``auth.jwt_secret`` or, with the embedded SQLite store, a file generated once beside the
   database (:func:`resolve_jwt_secret`), so ``pmqctl token`` mints tokens the node accepts.
 - :class:`HttpAuthenticator` asks the site's user centre (``auth.mode = http``) and caches the
-  answers in Redis with a jittered TTL; concurrent look-ups of one token are made once.
+  answers in Redis with a jittered TTL; concurrent look-ups of one token are made once in
+  the whole cluster (a short Redis lock per token: the holder asks, the others wait for its
+  cached answer).
 
 Both answer an :class:`Identity` or raise :class:`AuthError` carrying the HTTP status to
 refuse the handshake with: 401 for a bad token, 503 when the user centre cannot answer.
@@ -194,10 +196,19 @@ class JwtAuthenticator:
 # User centre ----------------------------------------------------------------------------
 
 _INVALID = {"invalid": True}  # the negative cache entry
+LOCK_MARGIN = 1.0  # seconds a look-up's lock outlives the longest user-centre call
+POLL_SECONDS = 0.02  # how often a waiting look-up reads the cache
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class HttpAuthenticator:
-    """Asks the user centre at ``auth.url``, with a Redis cache and per-process single-flight.
+    """Asks the user centre at ``auth.url``, with a Redis cache and a single flight per token:
+    in this process (one task per token) and across the cluster (a Redis lock per token).
 
     Create it inside the worker's event loop (after fork); call :meth:`close` when done.
     Redis errors propagate to the caller; user-centre failures become AuthError(503).
@@ -210,6 +221,8 @@ class HttpAuthenticator:
         self._client = httpx.AsyncClient(timeout=config.timeout)
         self._inflight: dict[str, asyncio.Task[Identity]] = {}
         self._closed = False
+        self._unlock = redis.register_script(UNLOCK)
+        self._lock_ms = int((config.timeout + LOCK_MARGIN) * 1000)
 
     async def authenticate(self, token: str) -> Identity:
         """The user centre's identity for ``token``, from the cache when it has one.
@@ -248,16 +261,45 @@ class HttpAuthenticator:
             task.exception()  # mark it retrieved even if every waiter was cancelled
 
     async def _lookup(self, token: str, digest: str) -> Identity:
-        key = self._keys.auth_cache(digest)
+        """The cached answer; else the user centre's, asked once in the cluster at a time.
+
+        Whoever takes the token's lock (SET NX PX, a little longer than a call may last)
+        asks and caches the answer; the others read the cache every POLL_SECONDS until it
+        is there. A holder that fails (no answer is cached) or dies (its lock expires)
+        leaves the lock to the next one. A waiter gives up with 503 once a lock's lifetime
+        and one call have passed."""
+        key, lock = self._keys.auth_cache(digest), self._keys.auth_lock(digest)
+        holder = secrets.token_hex(8)
+        deadline = time.monotonic() + self._lock_ms / 1000 + self._config.timeout
+        while True:
+            identity = await self._cached(key)
+            if identity is not None:
+                return identity
+            if await self._redis.set(lock, holder, nx=True, px=self._lock_ms):
+                try:
+                    # The last holder may have cached its answer and let go since our read.
+                    return await self._cached(key) or await self._ask_and_cache(token, key)
+                finally:
+                    await self._unlock(keys=[lock], args=[holder])
+            if time.monotonic() >= deadline:
+                log.warning("gave up waiting for another look-up of a token at the user centre")
+                raise AuthError(503, "user centre unavailable")
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _cached(self, key: str) -> Identity | None:
+        """The cached answer (AuthError(401) for a token cached as invalid), or None."""
         cached = await self._redis.get(key)
-        if cached is not None:
-            try:
-                entry = json.loads(cached)
-            except ValueError:
-                log.warning("ignoring a corrupt auth cache entry %s", key)
-            else:
-                metrics.AUTH_CACHE.labels("hit").inc()
-                return self._from_cache(entry)
+        if cached is None:
+            return None
+        try:
+            entry = json.loads(cached)
+        except ValueError:
+            log.warning("ignoring a corrupt auth cache entry %s", key)
+            return None
+        metrics.AUTH_CACHE.labels("hit").inc()
+        return self._from_cache(entry)
+
+    async def _ask_and_cache(self, token: str, key: str) -> Identity:
         metrics.AUTH_CACHE.labels("miss").inc()
         try:
             identity = await self._ask(token)

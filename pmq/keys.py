@@ -215,6 +215,11 @@ class Keys:
         """STRING: the user centre's answer for one token (JSON), with a jittered TTL."""
         return f"{self.prefix}auth:{token_digest}"
 
+    def auth_lock(self, token_digest: str) -> str:
+        """STRING holder, with a short TTL: the one look-up of this token at the user centre
+        in flight in the whole cluster (pmq.auth); the others wait for auth_cache()."""
+        return f"{self.prefix}lock:auth:{token_digest}"
+
     # Customer-service chat (pmq.chat) -----------------------------------------------
     def cs_online(self) -> str:
         """SET of agent uids with at least one live connection (checked again on use)."""

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 
 import jwt
 import pytest
+import websockets
 from redis.asyncio import Redis
 
 from pmq.auth import (
@@ -35,6 +36,7 @@ from pmq.config import AuthConfig, Config, StorageConfig
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
 from pmq.protocol import Role
+from tests.helpers import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SECRET = "test-secret-" + "x" * 40
@@ -377,3 +379,62 @@ def test_make_authenticator_picks_the_mode(tmp_path: Path) -> None:
         await redis.aclose()
 
     asyncio.run(build())
+
+
+def test_http_concurrent_lookups_in_two_workers_make_one_call(centre: UserCentre) -> None:
+    """Two authenticators on one Redis prefix stand for two workers (or nodes)."""
+
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> list[Identity]:
+        other = HttpAuthenticator(redis, keys, AuthConfig(mode="http", url=centre.url))
+        try:
+            return await asyncio.gather(
+                *(a.authenticate("good-slow") for a in [auth, other] * 5)
+            )
+        finally:
+            await other.close()
+
+    identities = with_http_auth(centre.url, scenario)
+    assert centre.calls["good-slow"] == 1
+    assert len(identities) == 10 and len(set(identities)) == 1
+
+
+def test_http_lookup_takes_over_the_lock_of_a_dead_holder(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> Identity:
+        digest = hashlib.sha256(b"good-after-a-crash").hexdigest()
+        await redis.set(keys.auth_lock(digest), "a-worker-killed-mid-call", px=300)
+        return await auth.authenticate("good-after-a-crash")
+
+    assert with_http_auth(centre.url, scenario, timeout=0.5).uid == "123"
+    assert centre.calls["good-after-a-crash"] == 1
+
+
+def test_http_one_token_handshaken_10_times_over_2_workers_is_asked_once(
+    centre: UserCentre, make_node: Callable[..., Any]
+) -> None:
+    node = make_node(auth={"mode": "http", "url": centre.url}).start()
+
+    async def handshakes() -> list[dict[str, Any]]:
+        async def one() -> dict[str, Any]:
+            ws = await websockets.connect(f"{node.ws_url}?token=good-slow", open_timeout=10)
+            hello: dict[str, Any] = json.loads(await ws.recv())
+            clients.append(ws)
+            return hello
+
+        clients: list[websockets.ClientConnection] = []
+        try:
+            hellos = await asyncio.gather(*(one() for _ in range(10)))
+            # Every worker reports its connections each second: both must have some.
+            await asyncio.to_thread(
+                wait_for,
+                lambda: all(w.get("connections") for w in node.workers()),
+                10,
+                "both socket workers to hold some of the connections",
+            )
+            return hellos
+        finally:
+            for ws in clients:
+                await ws.close()
+
+    hellos = asyncio.run(handshakes())
+    assert [h["uid"] for h in hellos] == ["123"] * 10
+    assert centre.calls["good-slow"] == 1
