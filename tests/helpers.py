@@ -317,8 +317,7 @@ def ws_client(node: Node, uid: str | int, sync: bool = True) -> Iterator[WsClien
 
     With ``sync`` it also waits for the reply to a ping, which the server sends only after
     the inbox replay: the replayed pushes are then in ``kept``, and a message published
-    afterwards cannot also be part of the replay (delivery is at-least-once, so a message
-    published during a replay may arrive twice)."""
+    afterwards cannot also be part of the replay."""
     with connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5) as ws:
         hello = json.loads(ws.recv(timeout=5))
         assert hello["type"] == "hello" and hello["uid"] == str(uid), hello
