@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pmq.errors import StorageError, WorkerExit
 from pmq.keys import Keys
-from pmq.workers.base import RESTART_FIRST, supervise
+from pmq.workers.base import supervise
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 
 
@@ -62,6 +62,24 @@ def test_expected_errors_restart_the_loop_with_a_capped_back_off(
     assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
+def test_a_loop_that_ran_well_for_a_while_restarts_after_the_first_pause_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    runs = 0
+
+    async def loop() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            await asyncio.sleep(0.35)  # longer than the cap: a healthy run
+        if runs < 3:
+            raise OSError("reset")
+
+    asyncio.run(supervise("flaky", loop, lambda *_: None, cap=0.3))
+    assert restart_delays(caplog) == ["0.2s", "0.2s"]  # not 0.3 s: the run did well
+
+
 def test_an_unexpected_error_is_handed_to_died_and_not_retried() -> None:
     boom = ValueError("a bug")
     loop = Flaky(RedisConnectionError("down"), boom, forever=True)
@@ -80,8 +98,7 @@ def test_cancelling_stops_the_loop_even_during_its_pause() -> None:
             await task
         return loop.runs
 
-    assert asyncio.run(scenario()) == 1  # cancelled in the first pause (RESTART_FIRST)
-    assert RESTART_FIRST > 0
+    assert asyncio.run(scenario()) == 1  # cancelled in the first pause
 
 
 WORKER_WITH_A_BUG = textwrap.dedent(
