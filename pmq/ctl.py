@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=86400, help="seconds the token is valid")
     db = command("db", cmd_db, "storage schema")
     db.add_argument("action", choices=["init"], help="init: create or upgrade, idempotent")
+    dlq = command("dlq", cmd_dlq, "dead letters: storage items the store could never write")
+    dlq.add_argument(
+        "action",
+        choices=["list", "retry", "drop"],
+        help="list: each with its error; retry: back to the tail of its queue; drop: delete",
+    )
+    dlq.add_argument("ids", nargs="*", help="retry/drop: the ids `list` shows")
+    dlq.add_argument("--all", action="store_true", help="retry/drop: every dead letter")
+    dlq.add_argument("--json", action="store_true", help="list: print JSON")
+    dlq.add_argument("--limit", type=int, default=0, help="list: at most N per queue")
     return parser
 
 
@@ -258,6 +268,44 @@ def cmd_db(args: argparse.Namespace) -> int:
         store.close()
     print(f"schema ready ({config.storage.shards} message shards)")
     return ExitCode.OK
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """0 when done; 1 when Redis does not answer, or an id names no dead letter (then
+    nothing is retried or dropped), or retry/drop names neither ids nor --all."""
+    from redis.exceptions import RedisError
+
+    from pmq.cluster import connect_sync
+    from pmq.keys import Keys
+    from pmq.tasks import deadletter
+
+    config = load(args)
+    if args.action != "list" and not (args.ids or args.all):
+        print(f"pmqctl dlq {args.action}: name ids, or --all", file=sys.stderr)
+        return ExitCode.FAILURE
+    keys = Keys(config.redis.prefix, config.redis.buckets)
+    try:
+        client = connect_sync(config.redis)
+        try:
+            letters = deadletter.read(client, keys, args.limit if args.action == "list" else 0)
+            if args.action == "list":
+                if args.json:
+                    print(orjson.dumps([x.view() for x in letters]).decode())
+                else:
+                    print(deadletter.format_letters(letters) or "no dead letters")
+                return ExitCode.OK
+            chosen, missing = (letters, []) if args.all else deadletter.select(letters, args.ids)
+            if missing:
+                print(f"pmqctl dlq: no dead letter {', '.join(missing)}", file=sys.stderr)
+                return ExitCode.FAILURE
+            act = deadletter.retry if args.action == "retry" else deadletter.drop
+            print(f"{args.action}: {act(client, keys, chosen)} of {len(chosen)} dead letters")
+            return ExitCode.OK
+        finally:
+            client.close()
+    except (RedisError, OSError) as exc:
+        print(f"pmqctl dlq: redis does not answer: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pmq.ids import IdGenerator
 from pmq.inbox import Inbox, Message
 from pmq.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
+from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for
@@ -127,19 +128,33 @@ async def until(condition: Callable[[], Any], what: str, timeout: float = 20.0) 
         await asyncio.sleep(0.02)
 
 
+LEASE = 1.0  # seconds: a writer of these tests is taken over this soon after it stops
+
+
 def new_writer(r: aioredis.Redis, keys: Keys, store: Store, owner: str = OWNER) -> StorageWriter:
-    return StorageWriter(r, keys, store, owner, asyncio.to_thread, batch=500)
+    return StorageWriter(r, keys, store, owner, asyncio.to_thread, batch=500, lease=LEASE)
+
+
+async def orphan(
+    r: aioredis.Redis, keys: Keys, owner: str, ops: list[bytes], tag: str = "b0"
+) -> None:
+    """Leave ``ops`` in the taken list of writer ``owner``, dead: its lease expired long ago."""
+    await r.rpush(keys.store_taken(owner, tag), *ops)
+    await r.zadd(keys.store_owners(tag), {owner: 1})
 
 
 @asynccontextmanager
 async def running(writer: StorageWriter) -> AsyncIterator[asyncio.Task[None]]:
-    """The writer running as a task, cancelled (a fast stop) on the way out."""
+    """The writer running as a task beside its lease, both cancelled (a fast stop) on the
+    way out."""
     task = asyncio.create_task(writer.run())
+    lease = asyncio.create_task(writer.keep_lease())
     try:
         yield task
     finally:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        lease.cancel()
+        await asyncio.gather(task, lease, return_exceptions=True)
 
 
 def caught_up(
@@ -171,7 +186,9 @@ def test_writer_stores_1000_queued_messages(store: Store, keys: Keys) -> None:
                 await until(caught_up(r, keys, store, 1000), "1,000 rows in the store")
                 await until(lambda: writer.batches == 2, "the second batch to be counted")
             assert (writer.written, writer.batches, writer.errors) == (1000, 2, 0)
-            assert writer.stats() == {"written": 1000, "acked": 0, "errors": 0}
+            assert writer.stats() == {
+                "written": 1000, "acked": 0, "errors": 0, "dead": 0, "reclaimed": 0
+            }
 
     asyncio.run(scenario())
     first_id = ops[0][0]
@@ -255,11 +272,13 @@ def test_taken_list_of_a_killed_predecessor_is_written_once(store: Store, keys: 
 
     async def scenario() -> StorageWriter:
         async with connect() as r:
-            await r.rpush(keys.store_taken(OWNER), *[op for _, op in left])
+            await orphan(r, keys, "dead-node:2", [op for _, op in left])
             await r.rpush(keys.store_queue(), *queued)
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(caught_up(r, keys, store, 500), "500 rows")
+                await until(caught_up(r, keys, store, 500, "dead-node:2"), "500 rows")
+                await until(caught_up(r, keys, store, 500), "the writer's own list empty")
+            assert await r.zscore(keys.store_owners(), "dead-node:2") is None  # unregistered
             return writer
 
     writer = asyncio.run(scenario())
@@ -268,7 +287,7 @@ def test_taken_list_of_a_killed_predecessor_is_written_once(store: Store, keys: 
     assert sorted(stored_ids) == sorted(i for i, _ in left + fresh)
 
 
-def test_malformed_items_are_dropped_and_the_rest_written(
+def test_malformed_items_are_dead_lettered_and_the_rest_written(
     sqlite_store: Store, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     first, first_op = msg_op(to=1)
@@ -284,19 +303,22 @@ def test_malformed_items_are_dropped_and_the_rest_written(
         orjson.dumps({"op": "ack", "uid": "1", "ids": [1.5]}),
     ]
 
-    async def scenario() -> StorageWriter:
+    async def scenario() -> tuple[StorageWriter, list[bytes]]:
         async with connect() as r:
             await r.rpush(keys.store_queue(), first_op, *bad, last_op)
             writer = new_writer(r, keys, sqlite_store)
             async with running(writer):
                 await until(caught_up(r, keys, sqlite_store, 2), "the two good rows")
-            return writer
+            return writer, await r.lrange(keys.store_dead(), 0, -1)
 
-    writer = asyncio.run(scenario())
-    assert writer.malformed == len(bad)
+    writer, dead = asyncio.run(scenario())
+    assert writer.malformed == writer.dead == len(bad)
     assert [m.id for m in sqlite_store.unacked(1)] == [first]
     assert [m.id for m in sqlite_store.unacked(2)] == [last]
-    assert sum("malformed" in r.getMessage() for r in caplog.records) == len(bad)
+    letters = [DeadLetter.parse("b0", raw) for raw in dead]
+    assert [letter.item for letter in letters] == bad  # kept as they were, in queue order
+    assert all(letter.error.startswith("malformed") for letter in letters)
+    assert sum("dead-lettered" in r.getMessage() for r in caplog.records) == len(bad)
 
 
 @pytest.mark.mysql
@@ -349,20 +371,24 @@ def test_stopping_during_an_outage_keeps_or_hands_back_the_batch(
         async with connect() as r:
             taken = keys.store_taken(OWNER)
             await r.rpush(keys.store_queue(), *ops)
-            # A fast stop (or kill -9) mid-batch: the batch stays taken for the slot's next start.
+            # A fast stop (or kill -9) mid-batch: the batch stays taken until its lease expires.
             writer = new_writer(r, keys, store)
             async with running(writer):
                 await until(lambda: writer.errors >= 1, "a failed write")
             assert await r.lrange(taken, 0, -1) == ops[:500]
-            # The next writer of the slot, stopped gracefully while the store is still down,
-            # puts the batch back at the head of the queue, in order.
-            successor = new_writer(r, keys, store)
+            # Another writer takes it over then; stopped gracefully while the store is still
+            # down, it puts every item back on the queue.
+            successor = new_writer(r, keys, store, owner="successor:1")
             task = asyncio.create_task(successor.run())
+            lease = asyncio.create_task(successor.keep_lease())
+            await until(lambda: successor.owners.reclaimed == 500, "the take-over")
             await until(lambda: successor.errors >= 1, "the successor's try")
             assert await successor.drain(timeout=0.3) == 0
             assert task.done()
-            assert not await r.exists(taken)
-            assert await r.lrange(keys.store_queue(), 0, -1) == ops
+            assert lease.done()  # the drain ended the renewals before leaving the registry
+            assert not await r.exists(taken, keys.store_taken("successor:1"))
+            assert sorted(await r.lrange(keys.store_queue(), 0, -1)) == sorted(ops)
+            assert not await r.exists(keys.store_owners())  # neither is registered
             # Any writer then writes all of it once the store is back.
             await asyncio.to_thread(proxy.restore)
             other = new_writer(r, keys, store, owner="other-node:1")
@@ -593,11 +619,12 @@ def test_writer_takes_from_every_bucket_and_the_chat_queue(
     async def scenario() -> None:
         async with connect() as r:
             for tag, ops in left.items():
-                await r.rpush(keys.store_taken(OWNER, tag), *[op for _, op in ops])
+                await orphan(r, keys, "dead-node:2", [op for _, op in ops], tag)
             for tag, ops in queued.items():
                 await r.rpush(keys.store_queue(tag), *[op for _, op in ops])
             writer = new_writer(r, keys, store)
             lists = [k for t in keys.store_tags() for k in (keys.store_queue(t),
+                                                           keys.store_taken("dead-node:2", t),
                                                            keys.store_taken(OWNER, t))]
 
             async def done() -> bool:

@@ -130,6 +130,24 @@ def drop(client: SyncRedis, keys: Keys, letters: Iterable[DeadLetter]) -> int:
     return dropped
 
 
+def select(letters: list[DeadLetter], ids: Iterable[str]) -> tuple[list[DeadLetter], list[str]]:
+    """The letters named by ``ids``, and the ids that name none."""
+    wanted = list(dict.fromkeys(ids))
+    chosen = [letter for letter in letters if letter.id in wanted]
+    found = {letter.id for letter in chosen}
+    return chosen, [i for i in wanted if i not in found]
+
+
+def format_letters(letters: Iterable[DeadLetter]) -> str:
+    """The text ``pmqctl dlq list`` prints: a line per letter, its item indented below."""
+    lines = []
+    for letter in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.ts / 1000))
+        lines.append(f"{letter.id}  queue {letter.tag}  {when} UTC  {letter.error}")
+        lines.append(f"    {letter.item[:300].decode(errors='replace')}")
+    return "\n".join(lines)
+
+
 def _by_tag(letters: Iterable[DeadLetter]) -> dict[str, list[DeadLetter]]:
     groups: dict[str, list[DeadLetter]] = {}
     for letter in letters:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -60,7 +61,17 @@ class TaskWorker(Worker):
         self.store = open_store(self.config.storage)
         owner = f"{self.config.server.node}:{self.index}"  # stable across respawns of the slot
         inbox = self.config.inbox
-        self.writer = StorageWriter(self.redis, self.keys, self.store, owner, self.in_thread)
+        # The writer's taken lists are its own, new with each process (never the slot's: the
+        # node's name and task_workers may differ next time); its lease is the worker timeout,
+        # after which the master would have replaced a stuck worker anyway.
+        self.writer = StorageWriter(
+            self.redis,
+            self.keys,
+            self.store,
+            f"{self.id}:{secrets.token_hex(4)}",
+            self.in_thread,
+            lease=self.config.server.worker_timeout,
+        )
         self.sweeper = Sweeper(
             self.redis,
             self.keys,
@@ -77,6 +88,7 @@ class TaskWorker(Worker):
         self.jobs += [
             self.supervise("queue-depths", self.watch_queues),
             self.supervise("storage-writer", self.writer.run),
+            self.supervise("storage-lease", self.writer.keep_lease),
             self.supervise("broadcast-fanout", self.fanout.run),
             self.sweeper_job,
         ]
@@ -90,6 +102,7 @@ class TaskWorker(Worker):
         queues = {
             "store": [self.keys.store_queue(tag) for tag in self.keys.store_tags()],
             "broadcast": [self.keys.broadcast_queue()],
+            "dead": [self.keys.store_dead(tag) for tag in self.keys.store_tags()],
         }
         while True:
             for name, keys in queues.items():
@@ -107,8 +120,8 @@ class TaskWorker(Worker):
     async def shutdown(self, fast: bool) -> None:
         """Stop the sweeper (a sweep is idempotent: cut it anywhere) and hand its lock over;
         on a graceful stop let the writer finish its batch within the deadline (a fast stop
-        cancels it: the taken list keeps the batch for the slot's next start); then cancel
-        what remains and close the clients."""
+        cancels it: the taken lists keep the batch until a live writer takes them over when
+        this one's lease expires); then cancel what remains and close the clients."""
         left = 0
         if self.sweeper_job is not None and self.sweeper is not None:
             self.sweeper_job.cancel()
@@ -126,7 +139,7 @@ class TaskWorker(Worker):
                 left = -1
             if left:
                 log.warning(
-                    "%s: %s storage items stay taken for this slot's next start",
+                    "%s: %s storage items stay taken until this writer's lease expires",
                     self.title,
                     "some" if left < 0 else left,
                 )

@@ -5,15 +5,22 @@ bucket and the chat's (``keys.store_tags()``; each queue shares a Redis Cluster 
 the keys of the scripts that fill it). A batch is first moved atomically from each
 ``keys.store_queue(tag)`` into this writer's own list ``keys.store_taken(owner, tag)`` beside
 it, written, and only then are the taken lists deleted. When every queue was empty the
-writer blocks on the first one (BLMOVE) for TAKE_TIMEOUT, or only IDLE_WAIT when there are
-others to look at again. After a batch that emptied the queues it lingers a moment
-(LINGER) so that the next one gathers many rows. A worker killed mid-batch leaves its batch in the
-taken list and the next worker of the same slot (same ``owner``) writes it first thing; a
-worker stopped gracefully hands what it could not write back to the queue. Store writes are
-idempotent by id, so writing an item twice never duplicates a row.
+writer waits for the first one (a BLMOVE of its tail onto itself, which moves nothing) for
+TAKE_TIMEOUT, or only IDLE_WAIT when there are others to look at again. After a batch that
+emptied the queues it lingers a moment (LINGER) so that the next one gathers many rows.
 
-While the store fails, the writer retries the same batch with back-off and the queue simply
-grows; nothing is dropped except malformed items, which would otherwise block the queue.
+The taken lists are covered by the writer's owner lease (pmq.tasks.owners): a writer killed
+mid-batch leaves its batch in its taken lists, and once its lease expires a live writer of any
+node takes them over and puts them back on their queues. A writer stopped gracefully hands what
+it could not write back to the queue. Store writes are idempotent by id, so writing an item
+twice never duplicates a row.
+
+While the store fails (an outage: it cannot be reached, a lock times out), the writer retries
+the same batch with back-off and the queue simply grows; nothing is dropped. When the store
+refuses the data itself (StorageDataError), retrying cannot help: the batch is split in halves,
+and halves again, until what can be written is written and each refused item is alone; those
+go to the queue's dead-letter list (pmq.tasks.deadletter) with the store's reason, as do items
+that are not storage operations at all, and the queue moves on.
 
 Within a batch, messages are written before acks. Several writers drain one queue, though,
 so an ack can reach the store before another writer's batch holding its message commits;
@@ -33,11 +40,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq import metrics
-from pmq.errors import StorageError
+from pmq.errors import StorageDataError, StorageError
 from pmq.keys import Keys
 from pmq.protocol import is_kind, is_uid
 from pmq.store import Store, StoredMessage
 from pmq.store.base import LastRead, StoredCsMessage, StoredCsSession
+from pmq.tasks import deadletter
+from pmq.tasks.owners import NOW, OwnerLease
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +63,15 @@ LINGER = 0.25
 BATCH = 2000  # items per batch at most (a full batch is written at once, without linger)
 RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
 RETRY_MAX = 5.0
+LEASE = 30.0  # seconds a writer's taken lists stay its own after its last renewal
 ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
 MAX_DEFERRED_ACKS = 10_000  # ack items held for retry; beyond this they are dropped
 
-# KEYS: queue, taken; ARGV: batch. Tops the taken list up to ``batch`` items from the head
-# of the queue and returns the whole taken list, leftovers of a failed attempt included.
-TOP_UP = """
+# KEYS: queue, taken, owners; ARGV: batch, owner, lease ms. Tops the taken list up to
+# ``batch`` items from the head of the queue and returns the whole taken list, leftovers of a
+# failed attempt included. An owner holding items is registered with a fresh lease in the
+# same step, so no taken list is ever outside the registry (pmq.tasks.owners).
+TOP_UP = NOW + """
 local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
 if want > 0 then
     local items = redis.call('LRANGE', KEYS[1], 0, want - 1)
@@ -68,18 +80,20 @@ if want > 0 then
         redis.call('RPUSH', KEYS[2], unpack(items))
     end
 end
-return redis.call('LRANGE', KEYS[2], 0, -1)
+local taken = redis.call('LRANGE', KEYS[2], 0, -1)
+if #taken > 0 then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+end
+return taken
 """
 
-# KEYS: taken, queue. Moves the taken list back to the head of the queue, keeping its order;
-# returns how many items moved.
-GIVE_BACK = """
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for i = #items, 1, -1 do
-    redis.call('LPUSH', KEYS[2], items[i])
+# KEYS: taken, dead; ARGV: dead-letter entries. Ends a batch: the refused items go to the
+# dead-letter list and the taken list is deleted, in one step.
+FINISH = """
+if #ARGV > 0 then
+    redis.call('RPUSH', KEYS[2], unpack(ARGV))
 end
-redis.call('DEL', KEYS[1])
-return #items
+return redis.call('DEL', KEYS[1])
 """
 
 InThread = Callable[..., Awaitable[Any]]
@@ -106,7 +120,7 @@ class Batch:
     last_reads: list[LastRead] = dataclasses.field(default_factory=list)
     cs_messages: list[StoredCsMessage] = dataclasses.field(default_factory=list)
     cs_sessions: list[StoredCsSession] = dataclasses.field(default_factory=list)
-    malformed: int = 0
+    malformed: dict[int, str] = dataclasses.field(default_factory=dict)  # position: reason
 
 
 def parse_cs(op: str, item: dict[str, Any]) -> StoredCsMessage | StoredCsSession | None:
@@ -185,14 +199,13 @@ def parse_item(
 
 
 def parse_batch(items: Sequence[bytes]) -> Batch:
-    """Parse every item, logging and counting (not raising for) the malformed ones."""
+    """Parse every item; the malformed ones are left out and named in ``malformed``."""
     batch = Batch()
-    for raw in items:
+    for position, raw in enumerate(items):
         try:
             parsed = parse_item(raw)
         except ValueError as exc:
-            log.error("storage writer: dropping malformed queue item: %s", exc)
-            batch.malformed += 1
+            batch.malformed[position] = f"malformed: {exc}"
             continue
         if isinstance(parsed, StoredMessage):
             batch.rows.append(parsed)
@@ -218,11 +231,14 @@ class _DeferredAck:
 class StorageWriter:
     """Drains the storage queue into ``store``, ``batch`` items at a time (module docstring).
 
-    ``owner`` ("NODE:INDEX") names the taken list and must stay the same across respawns of
-    one worker slot and differ between slots. ``in_thread(func, *args)`` runs blocking store
-    calls off the event loop. Counters ``written`` (rows newly inserted), ``acked`` (rows
-    newly marked acked), ``batches``, ``errors`` (failed store attempts), ``malformed`` and
-    ``dropped_acks`` (acks past MAX_DEFERRED_ACKS) are for stats.
+    ``owner`` names the taken lists and must be this writer's alone, never reused by another
+    (a new process takes a new one); :meth:`keep_lease` must run beside :meth:`run` to keep
+    them its own for ``lease`` seconds past its last renewal, and to take over the lists of
+    writers that died. ``in_thread(func, *args)`` runs blocking store calls off the event
+    loop. Counters ``written`` (rows newly inserted),
+    ``acked`` (rows newly marked acked), ``batches``, ``errors`` (failed store attempts),
+    ``malformed``, ``dead`` (items moved to the dead-letter list, malformed ones included)
+    and ``dropped_acks`` (acks past MAX_DEFERRED_ACKS) are for stats.
     """
 
     def __init__(
@@ -234,6 +250,7 @@ class StorageWriter:
         in_thread: InThread,
         batch: int = BATCH,
         linger: float = LINGER,
+        lease: float = LEASE,
     ) -> None:
         self.redis = redis
         self.store = store
@@ -242,11 +259,15 @@ class StorageWriter:
         self.linger = linger
         self.keys = keys
         self.owner = owner
-        # (queue, taken) per tag; the first is the one an idle writer blocks on.
-        self.queues = [(keys.store_queue(t), keys.store_taken(owner, t)) for t in keys.store_tags()]
+        self.lease = lease
+        self.owners = OwnerLease(redis, keys, owner, lease)
+        # (tag, queue, taken) per queue; the first is the one an idle writer waits on.
+        self.queues = [
+            (t, keys.store_queue(t), keys.store_taken(owner, t)) for t in keys.store_tags()
+        ]
         self._top_up = redis.register_script(TOP_UP)
-        self._give_back = redis.register_script(GIVE_BACK)
-        self.written = self.acked = self.batches = self.errors = self.malformed = 0
+        self._finish = redis.register_script(FINISH)
+        self.written = self.acked = self.batches = self.errors = self.malformed = self.dead = 0
         self.dropped_acks = 0
         self._deferred: list[_DeferredAck] = []
         self._leftover = True  # look at the queues (and taken lists) at once, without waiting
@@ -254,9 +275,16 @@ class StorageWriter:
         self._stopping = False
         self._outage = False  # logged the current storage outage already
         self._task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, int]:
-        return {"written": self.written, "acked": self.acked, "errors": self.errors}
+        return {
+            "written": self.written,
+            "acked": self.acked,
+            "errors": self.errors,
+            "dead": self.dead,
+            "reclaimed": self.owners.reclaimed,
+        }
 
     @property
     def deferred(self) -> int:
@@ -278,11 +306,27 @@ class StorageWriter:
                 self._busy = False
                 raise
 
+    async def keep_lease(self) -> None:
+        """Until drained: renew this writer's lease and take over the taken lists of writers
+        whose lease expired, every third of the lease. Redis errors end it (to be restarted);
+        a lease that lapses meanwhile only lets another writer repeat this one's batch."""
+        self._lease_task = asyncio.current_task()
+        first = True
+        while not self._stopping:
+            if not await self.owners.renew() and not first:
+                log.warning("storage writer %s: its lease had lapsed; renewed", self.owner)
+            first = False
+            if await self.owners.reclaim():
+                self._leftover = True  # look at the queues again without waiting
+            raise_if_cancelled()  # a drain cancels this loop; redis-py may have swallowed it
+            await asyncio.sleep(self.lease / 3)
+
     async def drain(self, timeout: float) -> int:
         """Stop taking batches and let the one in progress finish within ``timeout`` seconds
         (cancelling it after). What is still taken then goes back to the head of the queue,
         in order, for any writer (writes are idempotent, so even a batch whose write was cut
-        off mid-way is safe to hand over), and deferred acks go to its tail. Returns the
+        off mid-way is safe to hand over), this writer leaves the owner registry (ending
+        :meth:`keep_lease`), and deferred acks go to the queue's tail. Returns the
         number of items left in this writer's taken list (0 unless Redis failed)."""
         self._stopping = True
         task = self._task
@@ -293,9 +337,11 @@ class StorageWriter:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})
-        returned = 0
-        for queue, taken in self.queues:
-            returned += int(await self._give_back(keys=[taken, queue]))
+        lease = self._lease_task
+        if lease is not None and not lease.done():  # no renewal may follow the release
+            lease.cancel()
+            await asyncio.wait({lease})
+        returned = await self.owners.release()
         if returned:
             log.warning("storage writer: put %d unwritten items back on the queue", returned)
         for d in self._deferred:
@@ -303,22 +349,27 @@ class StorageWriter:
             await self.redis.rpush(self.keys.store_queue(self.keys.user_tag(str(d.uid))), op)
         self._deferred.clear()
         left = 0
-        for _, taken in self.queues:
+        for _, _, taken in self.queues:
             left += int(await self.redis.llen(taken))
         return left
 
     async def _cycle(self) -> None:
         """Take one batch from every queue (after waiting for a first item when the last
-        pass found none), write it, and delete the taken lists."""
+        pass found none), write it, and end it: dead letters out, taken lists deleted."""
         if not self._leftover:
-            queue, taken = self.queues[0]
+            _, queue, _ = self.queues[0]
             wait = TAKE_TIMEOUT if len(self.queues) == 1 else IDLE_WAIT
-            first = await self.redis.blmove(queue, taken, wait, "LEFT", "RIGHT")  # type: ignore[arg-type]
+            # Waits without taking: only TOP_UP moves items, registering the owner with them.
+            first = await self.redis.blmove(queue, queue, wait, "RIGHT", "RIGHT")  # type: ignore[arg-type]
             if first is None and len(self.queues) == 1:
                 return
         self._busy = True
+        args = [self.batch, *self.owners.script_args()]
         parts: list[list[bytes]] = await asyncio.gather(
-            *(self._top_up(keys=[q, t], args=[self.batch]) for q, t in self.queues)
+            *(
+                self._top_up(keys=[q, t, self.keys.store_owners(tag)], args=args)
+                for tag, q, t in self.queues
+            )
         )
         items = [item for part in parts for item in part]
         self._leftover = bool(items)  # found work: look again at once
@@ -326,22 +377,55 @@ class StorageWriter:
             self._busy = False
             return
         metrics.STORAGE_BATCH.observe(len(items))
-        batch = parse_batch(items)
-        self.malformed += batch.malformed
-        await self._store(batch)
-        done = [t for (_, t), part in zip(self.queues, parts, strict=True) if part]
-        pipe = self.redis.pipeline(transaction=False)
-        for taken in done:
-            pipe.delete(taken)
-        await pipe.execute()
+        refused = await self._write(items)
+        start = 0
+        for (tag, _, taken), part in zip(self.queues, parts, strict=True):
+            if part:
+                dead = [
+                    deadletter.entry(part[i - start], reason)
+                    for i, reason in sorted(refused.items())
+                    if start <= i < start + len(part)
+                ]
+                await self._finish(keys=[taken, self.keys.store_dead(tag)], args=dead)
+            start += len(part)
         self.batches += 1
         self._busy = False
         if len(items) < self.batch:  # the queues ran dry: let the next batch gather
             await asyncio.sleep(self.linger)
 
+    async def _write(self, items: Sequence[bytes]) -> dict[int, str]:
+        """Write every item the store takes; returns why each of the others (by position)
+        cannot be written: malformed, or refused by the store when written alone."""
+        batch = parse_batch(items)
+        refused = dict(batch.malformed)
+        self.malformed += len(batch.malformed)
+        positions = [i for i in range(len(items)) if i not in refused]
+        await self._bisect(items, positions, batch, refused)
+        for i, reason in refused.items():
+            log.error("storage writer: dead-lettered (%s): %r", reason, items[i][:200])
+        self.dead += len(refused)
+        return refused
+
+    async def _bisect(
+        self, items: Sequence[bytes], positions: list[int], batch: Batch, refused: dict[int, str]
+    ) -> None:
+        """Write ``batch`` (the items at ``positions``); when the store refuses its data,
+        write each half of it in turn the same way, down to single items, which are then
+        added to ``refused``. An outage is retried inside, never split."""
+        try:
+            await self._store(batch)
+        except StorageDataError as exc:
+            if len(positions) == 1:
+                refused[positions[0]] = str(exc)
+                return
+            middle = len(positions) // 2
+            for half in (positions[:middle], positions[middle:]):
+                await self._bisect(items, half, parse_batch([items[i] for i in half]), refused)
+
     async def _store(self, batch: Batch) -> None:
         """Write ``batch`` (rows, then acks in queue order, then last-read times), retrying
-        with back-off until the store takes it. A step that succeeded is not repeated."""
+        with back-off until the store takes it. A step that succeeded is not repeated.
+        Raises StorageDataError when the store refuses the data (retrying cannot help)."""
         rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
         chat = (batch.cs_messages, batch.cs_sessions)
         delay = RETRY_FIRST
@@ -361,6 +445,8 @@ class StorageWriter:
                     self.written += await self.in_thread(self.store.write_cs, *chat)
                     chat = ([], [])
                 break
+            except StorageDataError:
+                raise  # the data, not the store: the caller splits the batch
             except StorageError as exc:
                 self.errors += 1
                 metrics.STORAGE_ERRORS.inc()

@@ -1,0 +1,129 @@
+"""Orphaned work: the taken lists of dead storage writers are taken over by live ones, once,
+whatever the node's name or task_workers (owner leases, pmq.tasks.owners).
+
+Real Redis, a real MariaDB database of the test's own behind a TCP proxy the test cuts, and
+real nodes killed with -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from pmq.keys import Keys
+from pmq.tasks.owners import OwnerLease
+from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, wait_for
+from tests.test_tasks import connect, msg_op, until
+
+SHARDS = 4
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+def test_exactly_one_of_many_live_writers_takes_over_an_expired_owner(keys: Keys) -> None:
+    ops = [op for _, op in (msg_op(to=n % 5 + 1) for n in range(1000))]
+    queued = [op for _, op in (msg_op(to=9) for _ in range(10))]
+
+    async def scenario() -> list[int]:
+        async with connect() as r:
+            await r.rpush(keys.store_taken("gone-node:3:pid7", "b0"), *ops)
+            await r.zadd(keys.store_owners("b0"), {"gone-node:3:pid7": 1})  # expired long ago
+            await r.rpush(keys.store_queue("b0"), *queued)
+            live = [OwnerLease(r, keys, f"live:{n}", lease=30) for n in range(6)]
+            moved = await asyncio.gather(*(lease.reclaim() for lease in live))
+            # In order, ahead of what was queued meanwhile; the dead owner is gone for good.
+            assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops + queued
+            assert not await r.exists(keys.store_taken("gone-node:3:pid7", "b0"))
+            assert not await r.exists(keys.store_owners("b0"))
+            return moved
+
+    moved = asyncio.run(scenario())
+    assert sorted(moved) == [0, 0, 0, 0, 0, 1000]
+
+
+def test_a_live_owner_keeps_its_list_until_it_stops_renewing(keys: Keys) -> None:
+    ops = [op for _, op in (msg_op(to=2) for _ in range(50))]
+
+    async def scenario() -> None:
+        async with connect() as r:
+            owner = OwnerLease(r, keys, "busy:1", lease=1.0)
+            other = OwnerLease(r, keys, "other:1", lease=1.0)
+            assert not await owner.renew()  # the first registration
+            await r.rpush(keys.store_taken("busy:1", "b0"), *ops)
+            for _ in range(6):  # three leases long, renewed every third of one
+                assert await owner.renew()
+                assert await other.reclaim() == 0
+                await asyncio.sleep(0.5)
+            assert await r.llen(keys.store_taken("busy:1", "b0")) == 50
+            await until(other.reclaim, "the take-over once busy:1 stopped renewing", 5)
+            assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
+            assert not await owner.renew()  # it learns that its lease had lapsed
+
+    asyncio.run(scenario())
+
+
+def taken_lists(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """Every storage taken list under this prefix with its length."""
+    pattern = keys.store_taken("*", "b0").replace("{", "\\{").replace("}", "\\}")
+    return {key: int(client.llen(key)) for key in client.scan_iter(pattern, count=1000)}
+
+
+@pytest.mark.e2e
+@pytest.mark.mysql
+def test_batch_of_a_killed_task_worker_is_stored_once_by_a_renamed_smaller_node(
+    make_node: Callable[..., Node], redis_client: redis.Redis
+) -> None:
+    """A task worker killed with -9 while storage is cut leaves its batch taken; its whole
+    node dies; the node comes back under another name with fewer task workers (a new
+    container). Every accepted message reaches storage exactly once."""
+    db = MysqlDatabase()
+    proxy = TcpProxy(db.host, db.port)
+    storage = {"url": db.url(proxy.port), "shards": SHARDS}
+    try:
+        first = make_node(server={"task_workers": 2}, storage=storage)
+        assert first.ctl("db", "init").returncode == 0
+        first.start()
+        keys = Keys(first.prefix)
+        site = Ingest(first)
+        sent: list[int] = []
+        code, reply = site.publish({"to": 1, "kind": "notice", "body": {"n": 0}})
+        assert code == 202, reply
+        sent += map(int, reply["data"]["ids"])
+        wait_for(lambda: db.message_ids(SHARDS) == sent, 20, "the first row stored")
+        proxy.cut()
+        for n in range(1, 301):
+            code, reply = site.publish({"to": [n % 7 + 1, n % 5 + 10], "kind": "notice",
+                                        "body": {"n": n}})
+            assert code == 202, reply
+            sent += map(int, reply["data"]["ids"])
+        site.close()
+        lists = wait_for(lambda: {k: n for k, n in taken_lists(redis_client, keys).items() if n},
+                         20, "a batch taken by a task worker")
+        # The batch is stuck in its writer's taken list while storage is cut: kill -9 the
+        # task workers, then the whole container.
+        for proc in first.processes():
+            if "task worker" in proc.cmdline()[0]:
+                os.kill(proc.pid, signal.SIGKILL)
+        first.kill_all()
+        assert sum(taken_lists(redis_client, keys).values()) >= sum(lists.values())
+        proxy.restore()
+
+        second = make_node(server={"task_workers": 1}, storage=storage).start()
+        assert second.name != first.name
+        wait_for(lambda: len(db.message_ids(SHARDS)) >= len(sent), 60, "every message stored")
+        stored = db.message_ids(SHARDS)
+        assert sorted(stored) == sorted(sent)  # each exactly once
+        assert not any(taken_lists(redis_client, keys).values())
+        owners = redis_client.zrange(keys.store_owners("b0"), 0, -1)
+        assert all(o.startswith(f"{second.name}:") for o in owners), owners
+    finally:
+        proxy.close()
+        db.drop()
