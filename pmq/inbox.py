@@ -14,7 +14,8 @@ rest. On a single Redis (one bucket) a publish is one call, as a unicast always 
 
 Unread counters live beside it (pmq.unread). Messages older than ``inbox.hot_seconds`` are
 moved to storage by the sweep (pmq.tasks); replay and ``msg.pull`` read those from storage
-first, then the hot ones, in id order.
+first, then the hot ones, in id order. Storage is read for a user flagged cold, and for
+every user while their bucket's Redis data is not known complete (pmq.epochs).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq.batching import Batcher
+from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.keys import Keys
 from pmq.protocol import Kind
@@ -144,12 +146,14 @@ class Accepted:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Look:
-    """A first look at a user's inbox: the hot ids above ``after`` in id order, and the cold
-    flag (set while storage holds messages of the user that left Redis)."""
+    """A first look at a user's inbox: the hot ids above ``after`` in id order, the cold
+    flag (set while storage holds messages of the user that left Redis), and whether the
+    user's bucket is known complete in Redis (if not, storage may hold any of theirs)."""
 
     after: int
     hot_ids: list[int]
     cold_mark: bytes | None
+    complete: bool
 
 
 ColdReader = Callable[[str, int, int], Awaitable[list[dict[str, Any]]]]
@@ -175,6 +179,7 @@ class Inbox:
         self.batch = batch or Batcher(redis)
         self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
+        self.marks = RedisMarks(redis, keys)
 
     async def publish(
         self,
@@ -284,15 +289,17 @@ class Inbox:
         return {int(i) for i in removed}
 
     def look_on(self, pipe: Any, uid: str, after: int = 0) -> Callable[[Iterator[Any]], Look]:
-        """Queue a first look at the inbox (hot ids above ``after``, then the cold flag) on
-        the caller's ``pipe``; call what it returns with an iterator over the replies."""
+        """Queue a first look at the inbox (hot ids above ``after``, then the cold flag and
+        the bucket's completeness) on the caller's ``pipe``; call what it returns with an
+        iterator over the replies."""
         low = timestamp_ms(after) if after else "-inf"
         pipe.zrangebyscore(self.keys.inbox(uid), low, "+inf")
         pipe.get(self.keys.cold(uid))
+        self.marks.complete_on(pipe, uid)
 
         def read(replies: Iterator[Any]) -> Look:
             ids = sorted(i for i in map(int, next(replies)) if i > after)
-            return Look(after, ids, next(replies))
+            return Look(after, ids, next(replies), bool(next(replies)))
 
         return read
 
@@ -302,12 +309,24 @@ class Inbox:
         return read(iter(await pipe.execute()))
 
     async def has_cold(self, uid: str) -> bool:
-        return bool(await self.redis.exists(self.keys.cold(uid)))
+        """Whether storage may hold unacked messages of ``uid`` (flagged cold, or their
+        bucket not known complete)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.keys.cold(uid))
+        self.marks.complete_on(pipe, uid)
+        flagged, complete = await pipe.execute()
+        return bool(flagged) or not complete
 
     async def pending(
-        self, uid: str, cold: ColdReader, after: int = 0, limit: int = 200, look: Look | None = None
+        self,
+        uid: str,
+        cold: ColdReader | None,
+        after: int = 0,
+        limit: int = 200,
+        look: Look | None = None,
     ) -> list[dict[str, Any]]:
-        """Unacked messages in id order: storage's older ones first, then Redis's.
+        """Unacked messages in id order: storage's older ones first, then Redis's. With
+        ``cold`` None, Redis's only (storage is down: the caller reads it later).
 
         ``look`` is what look_on() read for this ``after`` on a pipeline of the caller's (a
         connect reads it with the registry write, in one round trip)."""
@@ -325,10 +344,10 @@ class Inbox:
             if len(hot) < len(wanted) and mark is None:  # moved since the look? read the flag
                 mark = cast(bytes | None, await self.redis.get(self.keys.cold(uid)))
         found: list[dict[str, Any]] = []
-        if mark is not None:
+        if cold is not None and (mark is not None or not look.complete):
             found = await cold(uid, after, limit)
-            if not found and not after:  # storage holds none: drop the flag, unless a
-                await self._forget_cold(keys=[self.keys.cold(uid)], args=[mark])  # new sweep
+            if not found and not after and mark is not None:  # storage holds none: drop
+                await self._forget_cold(keys=[self.keys.cold(uid)], args=[mark])  # the flag
 
         seen = {m["id"] for m in found}
         for message in hot:

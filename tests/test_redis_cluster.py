@@ -375,8 +375,13 @@ def test_every_script_call_stays_in_one_slot(redis_prefix: str, tmp_path: Path) 
             await chat.close(opened["session_id"], "101")
             await chat.agent_offline("900")
             writer = StorageWriter(client, keys, store, "n:1", asyncio.to_thread)
+            await client.zadd(keys.store_owners("b3"), {"gone:1": 1})  # an expired owner
+            await client.rpush(keys.store_taken("gone:1", "b3"), b"not an operation")
+            await writer.owners.renew()
+            assert await writer.owners.reclaim() == 1
             for _ in range(3):
                 await writer._cycle()
+            assert await client.llen(keys.store_dead("b3")) == 1
             await writer.drain(1.0)
             sweeper = Sweeper(client, keys, store, asyncio.to_thread, hot_seconds=0,
                               retention_seconds=3600, interval=1, owner="n:1")

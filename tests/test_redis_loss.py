@@ -7,15 +7,32 @@ while the node keeps running.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from pmq.config import StorageConfig
+from pmq.epochs import RedisMarks
+from pmq.ids import IdGenerator
+from pmq.inbox import Inbox
+from pmq.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
-from tests.helpers import MysqlDatabase
+from pmq.tasks.recovery import BatchGuard, Recovery
+from tests.helpers import (
+    REDIS_URL,
+    Ingest,
+    MysqlDatabase,
+    Node,
+    RedisServer,
+    wait_for,
+    ws_client,
+)
 
 SHARDS = 4
 
@@ -99,3 +116,202 @@ def test_schema_upgrade_keeps_rows_mysql() -> None:
     finally:
         store.close()
         database.drop()
+
+
+# The inbox on a bucket that is not complete ------------------------------------------
+
+
+def test_inbox_reads_storage_for_everyone_while_the_bucket_is_not_complete(
+    redis_prefix: str,
+) -> None:
+    """No cold flag, nothing hot: storage is read all the same while the mark has no epoch,
+    and no longer once it has one."""
+    keys = Keys(redis_prefix)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    stored = [{"id": "5", "kind": "notice", "from": None, "to": "7", "body": {}, "ts": 1}]
+    calls: list[str] = []
+
+    async def cold(uid: str, after: int, limit: int) -> list[dict[str, Any]]:
+        calls.append(uid)
+        return stored
+
+    async def scenario() -> None:
+        inbox = Inbox(client, keys, IdGenerator(1), 60, 3600)
+        assert await inbox.pending("7", cold) == stored
+        assert await inbox.has_cold("7")
+        await client.hset(keys.redis_mark(0), mapping={"epoch": 1, "gen": 1})
+        assert await inbox.pending("7", cold) == []
+        assert not await inbox.has_cold("7")
+        assert calls == ["7"]
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+# A node whose Redis loses its data ---------------------------------------------------
+
+
+def sqlite_rows(node: Node) -> dict[int, int]:
+    """Every stored message id of the node's SQLite store -> its acked flag."""
+    path = Path(str(node.settings["storage"]["url"]).removeprefix("sqlite:///"))
+    if not path.exists():
+        return {}
+    raw = sqlite3.connect(path)
+    try:
+        return {
+            int(i): int(a)
+            for n in range(SHARDS)
+            for i, a in raw.execute(f"SELECT id, acked FROM pmq_msg_{n}").fetchall()
+        }
+    except sqlite3.OperationalError:  # tables not made yet
+        return {}
+    finally:
+        raw.close()
+
+
+def epoch_of(server: RedisServer, prefix: str) -> int:
+    """The epoch of the (one) bucket's Redis mark, 0 when it has none."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return int(client.hget(Keys(prefix).redis_mark(0), "epoch") or 0)
+    except redis.RedisError:
+        return 0
+    finally:
+        client.close()
+
+
+def publish(site: Ingest, uid: int, count: int, tag: str) -> list[str]:
+    ids = []
+    for n in range(count):
+        code, reply = site.publish({"to": uid, "kind": "notice", "body": {"tag": tag, "n": n}})
+        assert code == 202, reply
+        ids += reply["data"]["ids"]
+    return ids
+
+
+def replayed_and_pulled(node: Node, uid: int, count: int) -> tuple[list[str], list[str]]:
+    """The ids a new connection of ``uid`` is replayed, and those msg.pull returns."""
+    with ws_client(node, uid) as user:
+        replay = [m["id"] for m in user.pushes(count)] if count else []
+        assert not [f for f in user.quiet(0.3) if f.get("type") == "push"]
+        pulled = user.request("msg.pull", {"limit": 200})["data"]["messages"]
+        return replay, [m["id"] for m in pulled]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (no persistence but explicit SAVEs) this test may kill."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(data).start()
+    yield server
+    server.stop()
+
+
+def restart(server: RedisServer) -> None:
+    """kill -9 and start again on the same port, loading dump.rdb if there is one."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(10)
+    server.start()
+
+
+def test_redis_restarted_empty_loses_no_stored_message(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    node = make_node(redis={"url": own_redis.url}, storage={"shards": SHARDS}).start()
+    site = Ingest(node)
+    ids = publish(site, 7, 30, "before") + publish(site, 11, 3, "before")
+    with ws_client(node, 7) as user:
+        assert len(user.pushes(30)) == 30
+        assert user.request("msg.ack", {"ids": ids[:5]})["data"] == {"acked": 5}
+    unacked = ids[5:30]
+    wait_for(
+        lambda: sqlite_rows(node) == {int(i): int(i in ids[:5]) for i in ids},
+        30,
+        "the messages and acks to reach storage",
+    )
+
+    restart(own_redis)  # empty: no AOF, no snapshot
+    # At once, recovered or not: storage is the source for every user.
+    assert replayed_and_pulled(node, 7, 25) == (unacked, unacked)
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
+    assert replayed_and_pulled(node, 7, 25) == (unacked, unacked)
+    assert replayed_and_pulled(node, 11, 3) == (ids[30:], ids[30:])
+    # The node serves on: a new message is pushed live, and stays until acked.
+    with ws_client(node, 7) as user:
+        assert len(user.pushes(25)) == 25
+        [new] = publish(site, 7, 1, "after")
+        assert user.next("push")["msg"]["id"] == new
+        assert user.request("msg.ack", {"ids": unacked})["data"] == {"acked": 25}
+    assert replayed_and_pulled(node, 7, 1) == ([new], [new])
+    site.close()
+
+
+def test_redis_restored_from_an_old_snapshot_loses_no_stored_message(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    node = make_node(redis={"url": own_redis.url}, storage={"shards": SHARDS}).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    site = Ingest(node)
+    early = publish(site, 7, 10, "early")
+    wait_for(lambda: len(sqlite_rows(node)) == 10, 30, "the early messages to be stored")
+    snapshot = redis.Redis.from_url(own_redis.url)
+    snapshot.save()
+    snapshot.close()
+    late = publish(site, 7, 10, "late")  # after the snapshot: unknown to it
+    wait_for(lambda: len(sqlite_rows(node)) == 20, 30, "the late messages to be stored")
+
+    restart(own_redis)  # from the snapshot: Redis goes back in time
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "the loss to be seen")
+    everything = early + late
+    assert replayed_and_pulled(node, 7, 20) == (everything, everything)
+    site.close()
+
+
+# The marks and the recovery, on the shared Redis under a private prefix --------------
+
+
+def test_recovery_flags_stored_users_cold_and_sees_redis_go_back(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(redis_prefix, buckets=2)
+    store = open_store(StorageConfig(url=f"sqlite:///{tmp_path}/pmq.db", shards=SHARDS))
+    store.init_schema()
+    store.write_messages([row(1, 4), row(2, 5), row(3, 6)])
+    store.ack(6, [3])
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        recovery = Recovery(client, keys, store, asyncio.to_thread, "t:0", cold_ttl=60)
+        guard = BatchGuard(client, keys, store, asyncio.to_thread, cold_ttl=60)
+        marks = RedisMarks(client, keys)
+        # A first start: no mark anywhere. Users with unacked rows are flagged; epoch 1.
+        assert await recovery.check_once() == [0, 1]
+        assert await marks.read([0, 1]) == {0: (1, 0), 1: (1, 0)}
+        assert [bool(await client.exists(keys.cold(u))) for u in "456"] == [True, True, False]
+        assert await recovery.check_once() == []  # complete: nothing to do
+        # A writer's batch for users of bucket 0 moves its generation, recorded once written.
+        seen = await guard.taken([row(7, 8)])
+        assert seen == {0: (1, 1)}
+        await guard.written(seen, [row(7, 8)])
+        assert store.redis_marks() == {0: (1, 1), 1: (1, 0)}
+        assert not await client.exists(keys.cold("8"))  # nothing doubtful: no flag
+        # Redis goes back in time: the next batch finds its mark below the stored one.
+        await client.hset(keys.redis_mark(0), "gen", 0)
+        await client.delete(keys.cold("4"))
+        seen = await guard.taken([row(8, 10)])
+        assert seen == {0: None}  # the epoch went at once
+        await guard.written(seen, [row(8, 10)])
+        assert await client.exists(keys.cold("10"))  # a batch it cannot vouch for
+        assert await recovery.check_once() == [0]
+        assert (await marks.read([0]))[0] == (2, 2)  # a new epoch, above every stored one
+        assert await client.exists(keys.cold("4"))
+        # Emptied: found by the periodic check alone.
+        await client.delete(keys.redis_mark(1), keys.cold("5"))
+        assert await recovery.check_once() == [1]
+        assert await client.exists(keys.cold("5"))
+        await client.aclose()
+
+    asyncio.run(scenario())
+    store.close()
