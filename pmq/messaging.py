@@ -6,15 +6,18 @@ Used by the ingest API and by handlers that send messages of their own (chat).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
 from pmq.routing import Routes
 
+log = logging.getLogger(__name__)
 
 @functools.cache
 def counters(kind: str) -> tuple[Any, Any]:
@@ -59,7 +62,10 @@ async def publish(
     """Accept one message per recipient and push each to its user's live connections.
 
     Returns what was accepted and how many connections it reached now. Once this returns,
-    the messages are durable in Redis and queued for storage.
+    the messages are durable in Redis and queued for storage. A push that fails once the
+    messages are accepted (Redis lost between the two) is not sent again, which could push
+    twice, nor raised, which would make the site send the message again: it counts as
+    reaching no one, and the inbox keeps the messages for the next connect or msg.pull.
     """
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
     if accepted.duplicate:
@@ -77,6 +83,10 @@ async def publish(
             strict=True,
         )
     ]
-    reached = await routes.push_messages(pushes)
+    try:
+        reached = await routes.push_messages(pushes)
+    except (RedisError, OSError) as exc:
+        log.warning("%d messages accepted, their live push failed: %s", len(pushes), exc)
+        reached = 0
     delivered_count.inc(reached)
     return accepted, reached

@@ -19,8 +19,15 @@ import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pmq import redisconn, redispipe
+from pmq.batching import Batcher
 from pmq.config import RedisConfig
-from tests.helpers import REDIS_URL, RedisServer
+from pmq.ids import IdGenerator
+from pmq.inbox import Inbox
+from pmq.keys import Keys
+from pmq.messaging import publish
+from pmq.routing import Routes
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer
+from tests.test_redispipe import until
 
 INCR = "return redis.call('INCR', KEYS[1])"
 
@@ -177,3 +184,38 @@ def test_the_first_command_after_a_redis_restart_succeeds(tmp_path: Path, client
         assert uvloop.run(scenario()) == [1, 1, b"1"]
     finally:
         server.stop()
+
+
+def test_a_publish_whose_relay_is_cut_is_accepted_once_and_not_raised(redis_prefix: str) -> None:
+    # The message is accepted on one connection; its relay to the worker holding the user
+    # goes through the cutter, which lets Redis publish it and cuts the reply.
+    keys = Keys(redis_prefix)
+
+    async def scenario() -> tuple[int, int, list[str], int]:
+        cutter = ReplyCutter()
+        port = await cutter.start()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        relay_batch = Batcher(aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0"))
+        routes = Routes(client, keys, "w1", 25, NoDelivery(), relay_batch)
+        inbox = Inbox(client, keys, IdGenerator(1), 60, 3600)
+        got: list[dict[str, Any]] = []
+        listener = redispipe.Subscription(client, keys.worker_channel("w2"), got.append)
+        await listener.start()
+        try:
+            await Routes(client, keys, "w2", 25, NoDelivery()).register("42", "c1")
+            await relay_batch.call("PING")
+            cutter.arm()
+            _, reached = await publish(inbox, routes, ["42"], "notice", None, {"n": 1})
+            await until(lambda: got, "the relay")
+            pending = [m["id"] for m in await inbox.pending("42", None, 0, 10)]
+            return cutter.cuts, reached, pending, len(got)
+        finally:
+            relay_batch.close()
+            await listener.close()
+            await client.aclose()
+            await cutter.close()
+
+    cuts, reached, pending, relays = uvloop.run(scenario())
+    assert cuts == 1 and reached == 0  # answered as accepted, pushed to no one here
+    assert len(pending) == 1  # in the inbox, for the next connect
+    assert relays == 1  # the relay was not sent again
