@@ -120,6 +120,12 @@ class Keys:
         """STRING: set while storage holds unacked messages of uid that left Redis."""
         return f"{self._user(uid)}:cold"
 
+    def redis_mark(self, bucket: int = 0) -> str:
+        """HASH ``epoch``, ``gen`` (and ``recovering`` while a recovery runs): the bucket's
+        Redis mark (pmq.epochs). Without ``epoch`` the bucket's Redis data is not known
+        complete and storage is read for every user of the bucket."""
+        return f"{self.prefix}{{b{bucket}}}:redis-mark"
+
     def unread(self, uid: str) -> str:
         """HASH kind -> unread count of one user."""
         return f"{self._user(uid)}:unread"

@@ -1,11 +1,11 @@
 """The task worker: runs jobs that need the SQL store, on a thread pool beside one loop.
 
-Jobs: the storage writer (pmq.tasks.writer) drains the storage queue into the store; the
+Jobs: the storage writer (pmq.tasks.writer) drains the storage queues into the store; the
 broadcast fan-out (pmq.tasks.fanout) publishes each broadcast once to every socket worker
 and stores it; the sweeper (pmq.tasks.sweep) moves stored messages out of Redis and applies
-retention, on one task worker of the cluster at a time. Clients (Redis, the store's pool)
-are created here,
-after fork.
+retention, on one task worker of the cluster at a time; the recovery (pmq.tasks.recovery)
+checks the Redis marks and recovers from a Redis data loss. Clients (Redis, the store's
+pool) are created here, after fork.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pmq.config import Config
 from pmq.keys import Keys
 from pmq.store import open_store
 from pmq.tasks.fanout import BroadcastFanout
+from pmq.tasks.recovery import BatchGuard, Recovery
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from pmq.workers.base import BootError, Worker
@@ -71,6 +72,9 @@ class TaskWorker(Worker):
             f"{self.id}:{secrets.token_hex(4)}",
             self.in_thread,
             lease=self.config.server.worker_timeout,
+            guard=BatchGuard(
+                self.redis, self.keys, self.store, self.in_thread, inbox.retention_seconds
+            ),
         )
         self.sweeper = Sweeper(
             self.redis,
@@ -83,6 +87,9 @@ class TaskWorker(Worker):
             owner=owner,
         )
         self.fanout = BroadcastFanout(self.redis, self.keys, self.store, owner, self.in_thread)
+        self.recovery = Recovery(
+            self.redis, self.keys, self.store, self.in_thread, owner, inbox.retention_seconds
+        )
         # Sooner at first, then no more often than the sweeps it stands for.
         self.sweeper_job = self.supervise("sweeper", self.sweeper.run, cap=inbox.sweep_seconds)
         self.jobs += [
@@ -90,6 +97,7 @@ class TaskWorker(Worker):
             self.supervise("storage-writer", self.writer.run),
             self.supervise("storage-lease", self.writer.keep_lease),
             self.supervise("broadcast-fanout", self.fanout.run),
+            self.supervise("redis-recovery", self.recovery.run),
             self.sweeper_job,
         ]
 

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -47,6 +47,9 @@ from pmq.store import Store, StoredMessage
 from pmq.store.base import LastRead, StoredCsMessage, StoredCsSession
 from pmq.tasks import deadletter
 from pmq.tasks.owners import NOW, OwnerLease
+
+if TYPE_CHECKING:  # recovery imports this module
+    from pmq.tasks.recovery import BatchGuard
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +238,8 @@ class StorageWriter:
     (a new process takes a new one); :meth:`keep_lease` must run beside :meth:`run` to keep
     them its own for ``lease`` seconds past its last renewal, and to take over the lists of
     writers that died. ``in_thread(func, *args)`` runs blocking store calls off the event
-    loop. Counters ``written`` (rows newly inserted),
+    loop. ``guard`` moves the Redis marks of each batch's buckets up and records them once
+    the batch is written (pmq.tasks.recovery). Counters ``written`` (rows newly inserted),
     ``acked`` (rows newly marked acked), ``batches``, ``errors`` (failed store attempts),
     ``malformed``, ``dead`` (items moved to the dead-letter list, malformed ones included)
     and ``dropped_acks`` (acks past MAX_DEFERRED_ACKS) are for stats.
@@ -251,6 +255,7 @@ class StorageWriter:
         batch: int = BATCH,
         linger: float = LINGER,
         lease: float = LEASE,
+        guard: BatchGuard | None = None,
     ) -> None:
         self.redis = redis
         self.store = store
@@ -260,6 +265,7 @@ class StorageWriter:
         self.keys = keys
         self.owner = owner
         self.lease = lease
+        self.guard = guard  # keeps the Redis marks (pmq.tasks.recovery); None in some tests
         self.owners = OwnerLease(redis, keys, owner, lease)
         # (tag, queue, taken) per queue; the first is the one an idle writer waits on.
         self.queues = [
@@ -400,7 +406,10 @@ class StorageWriter:
         refused = dict(batch.malformed)
         self.malformed += len(batch.malformed)
         positions = [i for i in range(len(items)) if i not in refused]
+        seen = await self.guard.taken(batch.rows) if self.guard else {}
         await self._bisect(items, positions, batch, refused)
+        if self.guard:
+            await self.guard.written(seen, batch.rows)
         for i, reason in refused.items():
             log.error("storage writer: dead-lettered (%s): %r", reason, items[i][:200])
         self.dead += len(refused)
