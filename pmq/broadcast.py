@@ -1,8 +1,9 @@
 """Broadcasts (SPEC 4, 5): one message to every user of a group, never copied per user.
 
-A broadcast is kept once in Redis (``broadcasts(group)`` ids by time, ``broadcast_bodies``)
-and queued for a task worker, which stores it in SQL and publishes it once on the broadcast
-channel; every socket worker writes it to its own connections of the group. Users who were
+A broadcast is kept once in Redis (``broadcasts(group)`` ids by time, ``broadcast_bodies``),
+queued for a task worker, which publishes it once on the broadcast channel (every socket
+worker writes it to its own connections of the group), and queued apart for the storage
+writer, which stores it in SQL: a storage outage never holds the fan-out back. Users who were
 offline get it on their next connect: each user has a watermark (the newest broadcast id
 they acked), and connect replays the newest ``broadcast.replay_max`` above it.
 """
@@ -20,12 +21,12 @@ import redis.asyncio as aioredis
 
 from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
-from pmq.keys import Keys
+from pmq.keys import BROADCAST_TAG, Keys
 
 ALL = "all"
 
-# KEYS: dedupe, group zset, index zset, bodies, queue.
-# ARGV: dedupe_ttl, id, ms, message_json, queue_item. Returns {0, first id} or {1}.
+# KEYS: dedupe, group zset, index zset, bodies, queue, storage queue.
+# ARGV: dedupe_ttl, id, ms, message_json, queue_item, storage_op. Returns {0, first id} or {1}.
 PUBLISH = """
 local previous = redis.call('GET', KEYS[1])
 if previous then return {0, previous} end
@@ -34,6 +35,7 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
 redis.call('RPUSH', KEYS[5], ARGV[5])
+redis.call('RPUSH', KEYS[6], ARGV[6])
 return {1}
 """
 
@@ -113,16 +115,18 @@ class Broadcasts:
             }
         )
         item = b'{"group":' + orjson.dumps(group) + b',"msg":' + wire + b"}"
+        storage_op = b'{"op":"broadcast",' + item[1:]  # the storage writer's (pmq.tasks.writer)
         keys = [
             self.keys.broadcast_dedupe(dedupe_key(key, group, kind, body)),
             self.keys.broadcasts(group),
             self.keys.broadcast_index(),
             self.keys.broadcast_bodies(),
             self.keys.broadcast_queue(),
+            self.keys.store_queue(BROADCAST_TAG),
         ]
         result = await run_script(
             self.redis, self._publish, keys,
-            [self.dedupe_seconds, message_id, now, wire, item], self.confirm,
+            [self.dedupe_seconds, message_id, now, wire, item, storage_op], self.confirm,
         )
         if result[0] == 0:
             return Published(result[1].decode(), True)

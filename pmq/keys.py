@@ -70,8 +70,8 @@ class Keys:
         return self.bucket_tag(self.bucket(uid))
 
     def store_tags(self) -> list[Tag]:
-        """The tag of every storage queue: each bucket's and the chat's."""
-        return [*(self.bucket_tag(n) for n in range(self.buckets)), CHAT_TAG]
+        """The tag of every storage queue: each bucket's, the chat's and the broadcasts'."""
+        return [*(self.bucket_tag(n) for n in range(self.buckets)), CHAT_TAG, BROADCAST_TAG]
 
     def _user(self, uid: str) -> str:
         return f"{self.prefix}{{b{self.bucket(uid)}}}:u:{uid}"
@@ -191,7 +191,8 @@ class Keys:
     # Storage queue ------------------------------------------------------------------
     def store_queue(self, tag: str = "b0") -> str:
         """LIST of storage operations (JSON) waiting for a task worker, one per tag of
-        store_tags(): a bucket's (its users' messages, acks, last-read times) or the chat's."""
+        store_tags(): a bucket's (its users' messages, acks, last-read times), the chat's or
+        the broadcasts'."""
         return f"{self.prefix}{{{tag}}}:q:store"
 
     def store_taken(self, owner: str, tag: str = "b0") -> str:

@@ -1,11 +1,11 @@
 """The task worker: runs jobs that need the SQL store, on a thread pool beside one loop.
 
 Jobs: the storage writer (pmq.tasks.writer) drains the storage queues into the store; the
-broadcast fan-out (pmq.tasks.fanout) publishes each broadcast once to every socket worker
-and stores it; the sweeper (pmq.tasks.sweep) moves stored messages out of Redis and applies
-retention, on one task worker of the cluster at a time; the recovery (pmq.tasks.recovery)
-checks the Redis marks and recovers from a Redis data loss. Clients (Redis, the store's
-pool) are created here, after fork.
+broadcast fan-out (pmq.tasks.fanout) publishes each broadcast once to every socket worker;
+the sweeper (pmq.tasks.sweep) moves stored messages out of Redis and applies retention, on
+one task worker of the cluster at a time; the recovery (pmq.tasks.recovery) checks the Redis
+marks and recovers from a Redis data loss. Clients (Redis, the store's pool) are created
+here, after fork.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TaskWorker(Worker):
             interval=inbox.sweep_seconds,
             owner=owner,
         )
-        self.fanout = BroadcastFanout(self.redis, self.keys, self.store, owner, self.in_thread)
+        self.fanout = BroadcastFanout(self.redis, self.keys, owner)
         self.recovery = Recovery(
             self.redis, self.keys, self.store, self.in_thread, owner, inbox.retention_seconds
         )

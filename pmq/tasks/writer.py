@@ -44,7 +44,7 @@ from pmq.errors import StorageDataError, StorageError
 from pmq.keys import Keys
 from pmq.protocol import is_kind, is_uid
 from pmq.store import Store, StoredMessage
-from pmq.store.base import LastRead, StoredCsMessage, StoredCsSession
+from pmq.store.base import LastRead, StoredBroadcast, StoredCsMessage, StoredCsSession
 from pmq.tasks import deadletter
 from pmq.tasks.owners import NOW, OwnerLease
 
@@ -123,6 +123,7 @@ class Batch:
     last_reads: list[LastRead] = dataclasses.field(default_factory=list)
     cs_messages: list[StoredCsMessage] = dataclasses.field(default_factory=list)
     cs_sessions: list[StoredCsSession] = dataclasses.field(default_factory=list)
+    broadcasts: list[StoredBroadcast] = dataclasses.field(default_factory=list)
     malformed: dict[int, str] = dataclasses.field(default_factory=dict)  # position: reason
 
 
@@ -161,14 +162,27 @@ def parse_cs(op: str, item: dict[str, Any]) -> StoredCsMessage | StoredCsSession
     return None
 
 
+def parse_broadcast(item: dict[str, Any]) -> StoredBroadcast | None:
+    """A broadcast item (pmq.broadcast): its group and its message as pushed."""
+    m, group = item.get("msg"), item.get("group")
+    if isinstance(m, dict) and isinstance(group, str) and group:
+        ts = m.get("ts")
+        if is_uid(m.get("id")) and is_kind(m.get("kind")) and isinstance(ts, int) and "body" in m:
+            body = orjson.dumps(m["body"]).decode()
+            return StoredBroadcast(int(m["id"]), group, m["kind"], body, ts)
+    return None
+
+
 def parse_item(
     raw: bytes,
-) -> StoredMessage | Ack | LastRead | StoredCsMessage | StoredCsSession:
+) -> StoredMessage | Ack | LastRead | StoredCsMessage | StoredCsSession | StoredBroadcast:
     """One queue item as a row or an ack; ValueError when it is not one PMQ wrote."""
     item = orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
     op = item.get("op") if isinstance(item, dict) else None
     if op in ("cs", "cs_session") and (chat := parse_cs(op, item)) is not None:
         return chat
+    if op == "broadcast" and (broadcast := parse_broadcast(item)) is not None:
+        return broadcast
     if op == "msg" and isinstance(item.get("msg"), dict):
         m = item["msg"]
         sender = m.get("from")
@@ -218,6 +232,8 @@ def parse_batch(items: Sequence[bytes]) -> Batch:
             batch.cs_messages.append(parsed)
         elif isinstance(parsed, StoredCsSession):
             batch.cs_sessions.append(parsed)
+        elif isinstance(parsed, StoredBroadcast):
+            batch.broadcasts.append(parsed)
         elif parsed[1]:
             batch.acks.append(parsed)
     return batch
@@ -432,11 +448,11 @@ class StorageWriter:
                 await self._bisect(items, half, parse_batch([items[i] for i in half]), refused)
 
     async def _store(self, batch: Batch) -> None:
-        """Write ``batch`` (rows, then acks in queue order, then last-read times), retrying
+        """Write ``batch`` (rows, acks in queue order, last-read times, chat, broadcasts), retrying
         with back-off until the store takes it. A step that succeeded is not repeated.
         Raises StorageDataError when the store refuses the data (retrying cannot help)."""
         rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
-        chat = (batch.cs_messages, batch.cs_sessions)
+        chat, broadcasts = (batch.cs_messages, batch.cs_sessions), batch.broadcasts
         delay = RETRY_FIRST
         failures = 0
         while True:
@@ -453,6 +469,9 @@ class StorageWriter:
                 if chat[0] or chat[1]:
                     self.written += await self.in_thread(self.store.write_cs, *chat)
                     chat = ([], [])
+                if broadcasts:
+                    self.written += await self.in_thread(self.store.write_broadcasts, broadcasts)
+                    broadcasts = []
                 break
             except StorageDataError:
                 raise  # the data, not the store: the caller splits the batch
