@@ -90,10 +90,27 @@ class Unsent(RedisConnectionError):
     it again (on a fresh connection) cannot apply it twice."""
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception as seen (asyncio logs those nobody retrieved)."""
-    if not future.cancelled():
-        future.exception()
+class _Shared:
+    """One reply awaited by several callers, each with a future of its own (so one
+    cancelled caller cancels nobody else's); resolved as one entry of ``waiting``."""
+
+    __slots__ = ("futures",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.futures = [future]
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def set_result(self, result: Any) -> None:
+        for f in self.futures:
+            if not f.done():
+                f.set_result(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        for f in self.futures:
+            if not f.done():
+                f.set_exception(exc)
 
 
 def _error(reply: hiredis.ReplyError) -> ResponseError:
@@ -112,14 +129,14 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.on_push = on_push
         self.transport: asyncio.Transport | None = None
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.waiting: collections.deque[asyncio.Future[Any] | _Shared] = collections.deque()
         self.outgoing: list[bytes] = []
         self.lost = self.loop.create_future()  # its result: why the connection ended
         self.paused = False
         self.progress = time.monotonic()  # last reply, or when the first waiter came
         self.watchdog: asyncio.TimerHandle | None = None
         # The confirmation to send after the next write, and its reply's future.
-        self.confirming: tuple[bytes, asyncio.Future[Any]] | None = None
+        self.confirming: tuple[bytes, _Shared] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -148,9 +165,12 @@ class _Protocol(asyncio.Protocol):
     def confirm(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to ``packed``, written once after every command queued for the next
         write, whoever else asks for it meanwhile (call right after :meth:`send`)."""
+        future = self.loop.create_future()
         if self.confirming is None:
-            self.confirming = (packed, self.loop.create_future())
-        return self.confirming[1]
+            self.confirming = (packed, _Shared(future))
+        else:
+            self.confirming[1].futures.append(future)
+        return future
 
     def _flush(self) -> None:
         if self.transport is not None and self.transport.is_closing():
@@ -158,10 +178,10 @@ class _Protocol(asyncio.Protocol):
             # left, so _fail tells those callers Unsent.
             self._fail(RedisConnectionError("Redis connection closed before the write"))
         if self.confirming is not None:
-            packed, future = self.confirming
+            packed, shared = self.confirming
             self.confirming = None
             self.outgoing.append(packed)
-            self.waiting.append(future)
+            self.waiting.append(shared)
         outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.lost.done():
             self.transport.write(b"".join(outgoing))
@@ -309,12 +329,13 @@ class Pipe:
     async def _confirmed(conn: _Protocol, packed: bytes, confirm: bytes) -> tuple[Any, Any]:
         reply = conn.send(packed)
         confirmation = conn.confirm(confirm)
-        # Shared by the batch's callers: one cancelled must not cancel it for the others,
-        # and one whose own command failed leaves its outcome to them.
-        confirmation.add_done_callback(_retrieved)
-        result = await reply
         try:
-            return result, await asyncio.shield(confirmation)
+            result = await reply
+        except BaseException:
+            confirmation.cancel()  # its outcome no longer matters (nor gets logged)
+            raise
+        try:
+            return result, await confirmation
         except RedisError as exc:
             return result, exc
 
