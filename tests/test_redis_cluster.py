@@ -20,6 +20,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +29,19 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from websockets.sync.client import connect
 
 from pmq.broadcast import Broadcasts
 from pmq.chat import Chat
-from pmq.config import CsConfig, StorageConfig
+from pmq.config import CLUSTER_BUCKETS, CsConfig, StorageConfig
 from pmq.ids import IdGenerator
 from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.routing import Routes
 from pmq.store import open_store
+from pmq.tasks import deadletter
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from pmq.unread import Unread
@@ -443,3 +446,33 @@ def test_durability_aof_and_start_checks_on_a_redis_cluster(tmp_path: Path, make
         for master in masters:
             master.close()
         servers.stop()
+
+
+def test_pmqctl_dlq_on_a_redis_cluster(
+    redis_cluster: RedisClusterServers, tmp_path: Path, redis_prefix: str
+) -> None:
+    """Dead letters of queues on different masters are listed, retried and dropped."""
+    keys = Keys(redis_prefix, CLUSTER_BUCKETS)
+    config = tmp_path / "pmq.toml"
+    config.write_text(f'[redis]\nurl = "{redis_cluster.url}"\nprefix = "{redis_prefix}"\n')
+    client = RedisCluster.from_url(redis_cluster.url.replace("redis+cluster://", "redis://"))
+    try:
+        items = {tag: f'{{"op": "bad {tag}"}}'.encode() for tag in ("b1", "b30", "cs")}
+        for tag, item in items.items():
+            client.rpush(keys.store_dead(tag), deadletter.entry(item, f"refused {tag}"))
+
+        def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "pmq.ctl", "dlq", *args, "-c", str(config)],
+                capture_output=True, text=True, timeout=60,
+            )
+
+        listed = json.loads(dlq("list", "--json").stdout)
+        assert sorted(x["queue"] for x in listed) == ["b1", "b30", "cs"]
+        b30 = next(x for x in listed if x["queue"] == "b30")
+        assert dlq("retry", b30["id"]).returncode == 0
+        assert client.lrange(keys.store_queue("b30"), 0, -1) == [items["b30"]]
+        assert dlq("drop", "--all").returncode == 0
+        assert json.loads(dlq("list", "--json").stdout) == []
+    finally:
+        client.close()
