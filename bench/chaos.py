@@ -354,8 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     durability = args.durability or "default"
     try:
         for phase, name in enumerate(args.faults.split(",")):
-            wait_until(rig.healthy, 120, "the node's /healthz to answer 200")
-            books = run_phase(args, rig, phase, name, run_id)
+            try:
+                wait_until(rig.healthy, 120, "the node's /healthz to answer 200")
+                books = run_phase(args, rig, phase, name, run_id)
+            except (TimeoutError, RuntimeError, OSError) as exc:
+                # The rig itself gave out (a node that never came back, a loader that did
+                # not report): say so in the results and stop, the later phases would lie.
+                log(f"phase {phase} {name}: {exc!r}")
+                rows.append({"fault": name, "error": repr(exc),
+                             "failed": [f"the phase did not complete: {exc}"]})
+                break
             rows.append(account(books, args.durability or "none", args.reconnect_bound))
             print(table(rows[-1:]), file=sys.stderr, flush=True)
     finally:

@@ -235,6 +235,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [" ".join(f"{title:>{width}}" for _, title, width in COLUMNS)
              + "  ingest 2xx/503/refused/hung/shed"]
     for row in rows:
+        if "error" in row:
+            lines.append(f"{row['fault']:>13} {row['error']}")
+            continue
         ingest = row["ingest"]
         lines.append(
             " ".join(f"{fmt(row[key]):>{width}}" for key, _, width in COLUMNS)

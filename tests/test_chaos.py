@@ -37,6 +37,7 @@ def test_fault_under_load_loses_nothing(fault: str, tmp_path: Path) -> None:
     row = json.loads(out.read_text())["faults"][0]
     table = done.stderr[-3000:]
     assert row["fault"] == fault
+    assert "error" not in row, table
     assert row["accepted"] > 0, table
     tolerated = row["lost_last_second"] if fault in ("redis-kill", "redis-empty") else 0
     assert row["lost"] <= tolerated, table
