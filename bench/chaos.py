@@ -39,6 +39,7 @@ import queue
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +107,18 @@ class Rig:
 
     def close(self) -> None:
         self.stack.close()
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root)
+        return done.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [line[3:] for line in git("status", "--porcelain", "-uno").splitlines()]}
 
 
 def redis_binary(args: argparse.Namespace) -> str:
@@ -374,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     result = {
         "run_id": run_id, "started": started, "seconds": round(time.time() - started, 1),
-        "durability": durability, "redis": redis_version, "settings": vars(args),
+        "durability": durability, "redis": redis_version, "code": code_version(),
+        "settings": vars(args),
         "backoff": asdict(Backoff(args.backoff_base, args.backoff_cap)),
         "faults": rows,
     }
