@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = secrets.token_hex(4)
     rows: list[dict[str, Any]] = []
     started = time.time()
+    code = code_version()
     rig = Rig(args, directory)
     redis_version = rig.redis.version()
     durability = args.durability or "default"
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     result = {
         "run_id": run_id, "started": started, "seconds": round(time.time() - started, 1),
-        "durability": durability, "redis": redis_version, "code": code_version(),
+        "durability": durability, "redis": redis_version, "code": code,
         "settings": vars(args),
         "backoff": asdict(Backoff(args.backoff_base, args.backoff_cap)),
         "faults": rows,
