@@ -76,7 +76,7 @@ class Client:
 
     __slots__ = (
         "conn_id", "held", "identity", "max_pending", "rate", "replayed", "replayed_until",
-        "tokens", "updated", "ws",
+        "sent", "tokens", "updated", "ws",
     )
 
     def __init__(
@@ -94,6 +94,7 @@ class Client:
         self.held: list[tuple[bytes, int]] | None = None
         self.replayed: set[int] | None = None  # ids replayed whose live copy may still come
         self.replayed_until = 0.0  # time.monotonic() when those are forgotten
+        self.sent: set[int] | None = None  # ids pushed, noted while a late replay is due
 
     @property
     def uid(self) -> str:
@@ -110,6 +111,8 @@ class Client:
         the live frames held back; its live copies will be dropped."""
         if self.replayed is not None:
             self.replayed.add(message_id)
+        if self.sent is not None:
+            self.sent.add(message_id)
         return self.write(payload)
 
     def release(self) -> None:
@@ -118,6 +121,8 @@ class Client:
         replayed that were made in the last LIVE_LAG_SECONDS, for that long."""
         held, self.held = self.held or [], None
         replayed, self.replayed = self.replayed or set(), None
+        if self.sent is not None:
+            self.sent.update(message_id for _, message_id in held)
         for frame, message_id in held:
             if message_id in replayed:
                 frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
@@ -141,6 +146,8 @@ class Client:
         """send() of frames made by text_frame(), so a fan-out makes them once for all;
         ``message_id``: the message the first one pushes (0: none). A push of a message
         this connection replayed is left out (True: the connection has it)."""
+        if self.sent is not None and message_id:
+            self.sent.add(message_id)
         if self.replayed is not None and self._replayed(message_id):
             frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
             if not frame:

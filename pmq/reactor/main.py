@@ -29,9 +29,8 @@ from pmq.config import Config
 from pmq.durability import confirm_of
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
-from pmq.inbox import Inbox, Look
+from pmq.inbox import Inbox
 from pmq.keys import Keys
-from pmq.messaging import push_of
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
@@ -39,6 +38,7 @@ from pmq.reactor.heartbeat import Heartbeat
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
 from pmq.reactor.reload import load_handlers
+from pmq.reactor.replay import LateReplays, replay
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes
 from pmq.store import Store, open_store
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
-REPLAY_PAGE = 200
 
 
 class SocketWorker(Worker):
@@ -113,6 +112,7 @@ class SocketWorker(Worker):
             config.inbox.retention_seconds,
             archive=self,
         )
+        self.late_replays = LateReplays(self.inbox, self.cold_messages)
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
@@ -234,7 +234,8 @@ class SocketWorker(Worker):
 
     # Connections ----------------------------------------------------------------------
     async def on_open(self, client: Client) -> None:
-        """Register, say hello, replay the inbox in id order, then let live frames through."""
+        """Register, say hello, replay the inbox in id order, then let live frames through.
+        What only storage holds comes later if storage does not answer (pmq.reactor.replay)."""
         client.hold()
         uid, groups = client.uid, client.identity.groups
         pipe = self.redis.pipeline(transaction=False)  # one round trip: register, then read
@@ -243,29 +244,20 @@ class SocketWorker(Worker):
         replayable = self.broadcasts.replay_on(pipe, uid, groups)
         replies = iter(await pipe.execute())
         registered(replies)
-        look: Look | None = looked(replies)
+        look = looked(replies)
         broadcast_ids = replayable(replies)
         await self.unread_pusher.watch(groups)  # a round trip only for a group new here
         client.write(protocol.encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
         broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
-        after = 0
-        while True:
-            batch = await self.inbox.pending(uid, self.cold_messages, after, REPLAY_PAGE, look)
-            look = None  # later pages look again
-            for message in batch:  # broadcasts interleaved: one id order for both
-                while broadcasts and int(broadcasts[0]["id"]) < int(message["id"]):
-                    client.replay(*push_of(broadcasts.popleft()))
-                client.replay(*push_of(message))
-            if len(batch) < REPLAY_PAGE:
-                break
-            after = int(batch[-1]["id"])
-        for message in broadcasts:
-            client.replay(*push_of(message))
+        complete = await replay(client, self.inbox, self.cold_messages, look, broadcasts)
         client.release()
+        if not complete:  # storage did not answer: what it holds comes when it does
+            self.late_replays.start(client)
         if client.identity.role is protocol.Role.AGENT:
             await self.chat.agent_online(client.uid)  # may hand it queued sessions
 
     async def on_close(self, client: Client) -> None:
+        self.late_replays.stop(client)
         if client.identity.role is protocol.Role.AGENT:  # its online check reads the registry
             await self.routes.unregister(client.uid, client.conn_id)
             await self.chat.agent_offline(client.uid)
@@ -318,6 +310,7 @@ class SocketWorker(Worker):
         for task in self.background:  # 3. nothing may write our entries back after 4.
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        await self.late_replays.close()
         with contextlib.suppress(RedisError, OSError):  # 4. remove routes
             removed = await self.routes.forget(self.id)
             log.info("%s removed %d route entries", self.title, removed)
