@@ -115,9 +115,9 @@ def code_version() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root)
-        return done.stdout.strip()
+        return done.stdout
 
-    return {"commit": git("rev-parse", "--short", "HEAD"),
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
             "modified": [line[3:] for line in git("status", "--porcelain", "-uno").splitlines()]}
 
 
