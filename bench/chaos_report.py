@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,12 @@ def lost_detail(books: Books, messages: dict[tuple[int, int], float],
     }
 
 
+def by_second(offsets: Iterable[float]) -> dict[str, int]:
+    """How many of ``offsets`` (seconds from the fault's start) fall in each whole second."""
+    counts = collections.Counter(math.floor(x) for x in offsets)
+    return {str(second): counts[second] for second in sorted(counts)}
+
+
 def rnd(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
@@ -173,6 +180,7 @@ def account(books: Books, durability: str, reconnect_bound: float) -> dict[str, 
         "node_log_errors": books.log_errors,
         **recovery(books),
         "fault_detail": {"began": f.began, "ended": f.ended, **f.detail},
+        "lost_by_second": by_second(messages[k] - f.began for k in lost),
         "lost_sample": [lost_detail(books, messages, k) for k in sorted(lost)[:10]],
         "rate_achieved": round(answered_2xx / books.plan.seconds, 1),
         "dup_same_connection_sample": [k for u in books.users.values()
