@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.mysql]
-
 FAULTS = ["socket-worker", "task-worker", "master", "redis-kill", "redis-empty", "mysql-cut",
           "redis-cut"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.e2e
+@pytest.mark.mysql
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_under_load_loses_nothing(fault: str, tmp_path: Path) -> None:
@@ -50,3 +50,41 @@ def test_fault_under_load_loses_nothing(fault: str, tmp_path: Path) -> None:
     assert row["recover_s"] is not None, table
     assert row["failed"] == [], table
     assert done.returncode == 0, table
+
+
+def test_books_name_every_broken_promise() -> None:
+    """The accounting itself, on made-up observations: a message answered 202 and never
+    seen is lost, one request stored under two ids is a stored duplicate, an id twice on
+    one connection and a hung request are named, and a client still away is no recovery."""
+    from bench.chaos_load import HUNG, Plan, Record
+    from bench.chaos_report import Books, Fault, account
+
+    plan = Plan(phase=3, run_id="r", ws_port=1, ingest_port=2, secret="s", online=(10, 11),
+                offline=(20, 22), rate=1, offline_share=0.5, seconds=10, multicast_every=5,
+                multicast_size=2, broadcast_every=5, connections=4)
+    records = [
+        Record(100.0, 100.1, "n", 1, (10,), 202, {"ids": ["501"]}),
+        Record(100.0, 100.1, "n", 2, (11,), 202, {"ids": ["502"]}),  # never seen: lost
+        Record(100.0, 100.1, "n", 3, (20,), 202, {"ids": ["503"]}),
+        Record(101.0, 106.0, "n", 4, (21,), HUNG, None),
+        Record(100.0, 100.1, "b", 0, (), 202, {"id": "600"}),
+    ]
+    seen = {"same_conn_dups": 0, "again_dups": 0, "double_applied": [], "dup_sample": [],
+            "errors": {}, "connected": True}
+    users = {
+        10: {**seen, "keys": [("n", 1), ("b", 0)], "same_conn_dups": 1, "outages": []},
+        11: {**seen, "keys": [("b", 0)], "outages": [(101.0, 103.0)], "connected": False},
+    }
+    row = [("503", 20), ("504", 20)]  # one request (n=3) stored under two ids
+    stored = [(int(mid), uid, '{"ph": 3, "n": 3}', 0) for mid, uid in row]
+    stored += [(501, 10, '{"ph": 3, "n": 1}', 2), (502, 11, '{"ph": 3, "n": 2}', 3)]
+    books = Books(plan, Fault("socket-worker", 100.5, 100.5), records, users,
+                  {20: {("n", 3)}}, 0, stored, 1, 0)
+    result = account(books, "none", reconnect_bound=15)
+    assert (result["accepted"], result["delivered"], result["stored"]) == (3, 2, 3)
+    assert (result["lost"], result["undelivered"], result["unstored"]) == (1, 1, 0)
+    assert result["stored_duplicates"] == 1
+    assert result["dup_same_connection"] == 1
+    assert result["ingest"]["hung"] == 1
+    assert result["recover_s"] is None
+    assert len(result["failed"]) == 5, result["failed"]
