@@ -184,6 +184,11 @@ class Keys:
         """LIST of broadcasts one task worker took and has not fanned out yet."""
         return f"{self.prefix}{{bc}}:q:broadcast:taken:{owner}"
 
+    def broadcast_owners(self) -> str:
+        """ZSET owner -> lease expiry (unix ms, Redis's clock) of every task worker that may
+        hold a broadcast_taken(owner) list (pmq.tasks.owners)."""
+        return f"{self.prefix}{{bc}}:q:broadcast:owners"
+
     def broadcast_channel(self) -> str:
         """Sharded pub/sub channel every socket worker listens on for broadcast frames."""
         return f"{self.prefix}ch:broadcast"

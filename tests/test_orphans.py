@@ -12,10 +12,12 @@ import os
 import signal
 from collections.abc import Callable
 
+import orjson
 import pytest
 import redis
 
 from pmq.keys import Keys
+from pmq.tasks.fanout import BroadcastFanout
 from pmq.tasks.owners import OwnerLease
 from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, wait_for
 from tests.test_tasks import connect, msg_op, until
@@ -66,6 +68,42 @@ def test_a_live_owner_keeps_its_list_until_it_stops_renewing(keys: Keys) -> None
             await until(other.reclaim, "the take-over once busy:1 stopped renewing", 5)
             assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
             assert not await owner.renew()  # it learns that its lease had lapsed
+
+    asyncio.run(scenario())
+
+
+def test_a_broadcast_taken_by_a_dead_worker_is_published_by_a_live_one(keys: Keys) -> None:
+    """The fan-out's taken list is covered by the same lease: a broadcast a killed worker
+    took but never published is put back and published by a live task worker."""
+    message = {"id": "123456789", "kind": "system", "from": None, "body": {"n": 1}, "ts": 1}
+    item = orjson.dumps({"group": "all", "msg": message})
+
+    async def scenario() -> None:
+        async with connect() as r:
+            await r.rpush(keys.broadcast_taken("gone-node:task1:77:aa"), item)
+            await r.zadd(keys.broadcast_owners(), {"gone-node:task1:77:aa": 1})  # expired
+            pubsub = r.pubsub()
+            await pubsub.ssubscribe(keys.broadcast_channel())
+            owners = OwnerLease(r, keys, "live:task1:78:bb", lease=30)
+            fanout = BroadcastFanout(r, keys, owners)
+            tasks = [asyncio.create_task(owners.run()), asyncio.create_task(fanout.run())]
+            try:
+                await until(lambda: fanout.published == 1, "the broadcast published")
+                for _ in range(10):  # the subscription's confirmation comes first
+                    heard = await pubsub.get_sharded_message(True, timeout=1)
+                    if heard is not None:
+                        break
+                assert heard is not None and b"123456789" in heard["data"]
+                assert not await r.exists(
+                    keys.broadcast_queue(),
+                    keys.broadcast_taken("gone-node:task1:77:aa"),
+                    keys.broadcast_taken("live:task1:78:bb"),
+                )
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await pubsub.aclose()
 
     asyncio.run(scenario())
 

@@ -42,6 +42,7 @@ from pmq.keys import Keys
 from pmq.routing import Routes
 from pmq.store import open_store
 from pmq.tasks import deadletter
+from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from pmq.unread import Unread
@@ -377,7 +378,9 @@ def test_every_script_call_stays_in_one_slot(redis_prefix: str, tmp_path: Path) 
             await chat.send("101", opened["session_id"], {"text": "hi"})
             await chat.close(opened["session_id"], "101")
             await chat.agent_offline("900")
-            writer = StorageWriter(client, keys, store, "n:1", asyncio.to_thread)
+            writer = StorageWriter(
+                client, keys, store, OwnerLease(client, keys, "n:1", 30), asyncio.to_thread
+            )
             await client.zadd(keys.store_owners("b3"), {"gone:1": 1})  # an expired owner
             await client.rpush(keys.store_taken("gone:1", "b3"), b"not an operation")
             await writer.owners.renew()

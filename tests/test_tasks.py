@@ -28,6 +28,7 @@ from pmq.inbox import Inbox, Message
 from pmq.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.tasks.deadletter import DeadLetter
+from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
 from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for
@@ -132,7 +133,8 @@ LEASE = 1.0  # seconds: a writer of these tests is taken over this soon after it
 
 
 def new_writer(r: aioredis.Redis, keys: Keys, store: Store, owner: str = OWNER) -> StorageWriter:
-    return StorageWriter(r, keys, store, owner, asyncio.to_thread, batch=500, lease=LEASE)
+    lease = OwnerLease(r, keys, owner, LEASE)
+    return StorageWriter(r, keys, store, lease, asyncio.to_thread, batch=500)
 
 
 async def orphan(
@@ -148,7 +150,7 @@ async def running(writer: StorageWriter) -> AsyncIterator[asyncio.Task[None]]:
     """The writer running as a task beside its lease, both cancelled (a fast stop) on the
     way out."""
     task = asyncio.create_task(writer.run())
-    lease = asyncio.create_task(writer.keep_lease())
+    lease = asyncio.create_task(writer.owners.run())
     try:
         yield task
     finally:
@@ -207,7 +209,8 @@ def test_writer_lingers_after_a_small_batch_so_a_stream_is_written_in_few(
     async def scenario() -> None:
         async with connect() as r:
             await r.rpush(keys.store_queue(), ops[0])
-            writer = StorageWriter(r, keys, sqlite_store, OWNER, asyncio.to_thread, linger=2.0)
+            owners = OwnerLease(r, keys, OWNER, LEASE)
+            writer = StorageWriter(r, keys, sqlite_store, owners, asyncio.to_thread, linger=2.0)
             async with running(writer):
                 await until(lambda: writer.batches == 1, "the first, one-item batch")
                 for op in ops[1:]:  # one at a time, as publishes arrive
@@ -380,7 +383,7 @@ def test_stopping_during_an_outage_keeps_or_hands_back_the_batch(
             # down, it puts every item back on the queue.
             successor = new_writer(r, keys, store, owner="successor:1")
             task = asyncio.create_task(successor.run())
-            lease = asyncio.create_task(successor.keep_lease())
+            lease = asyncio.create_task(successor.owners.run())
             await until(lambda: successor.owners.reclaimed == 500, "the take-over")
             await until(lambda: successor.errors >= 1, "the successor's try")
             assert await successor.drain(timeout=0.3) == 0
@@ -416,7 +419,7 @@ def test_drain_finishes_the_batch_in_progress(sqlite_store: Store, keys: Keys) -
 
         async with connect() as r:
             await r.rpush(keys.store_queue(), *ops)
-            writer = StorageWriter(r, keys, sqlite_store, OWNER, gated)
+            writer = StorageWriter(r, keys, sqlite_store, OwnerLease(r, keys, OWNER, LEASE), gated)
             task = asyncio.create_task(writer.run())
             await until(lambda: r.llen(keys.store_taken(OWNER)), "the batch to be taken")
             drain = asyncio.create_task(writer.drain(timeout=10))

@@ -24,6 +24,7 @@ from pmq.config import Config
 from pmq.keys import Keys
 from pmq.store import open_store
 from pmq.tasks.fanout import BroadcastFanout
+from pmq.tasks.owners import OwnerLease
 from pmq.tasks.recovery import BatchGuard, Recovery
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
@@ -52,6 +53,7 @@ class TaskWorker(Worker):
         self.writer: StorageWriter | None = None
         self.sweeper: Sweeper | None = None
         self.sweeper_job: asyncio.Task[None] | None = None
+        self.fanout_job: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.redis = redisconn.connect(self.config.redis)
@@ -62,16 +64,21 @@ class TaskWorker(Worker):
         self.store = open_store(self.config.storage)
         owner = f"{self.config.server.node}:{self.index}"  # stable across respawns of the slot
         inbox = self.config.inbox
-        # The writer's taken lists are its own, new with each process (never the slot's: the
-        # node's name and task_workers may differ next time); its lease is the worker timeout,
-        # after which the master would have replaced a stuck worker anyway.
+        # The writer's and the fan-out's taken lists are this process's, new with each (never
+        # the slot's: the node's name and task_workers may differ next time); the lease is
+        # the worker timeout, after which the master would have replaced a stuck worker.
+        self.owners = OwnerLease(
+            self.redis,
+            self.keys,
+            f"{self.id}:{secrets.token_hex(4)}",
+            self.config.server.worker_timeout,
+        )
         self.writer = StorageWriter(
             self.redis,
             self.keys,
             self.store,
-            f"{self.id}:{secrets.token_hex(4)}",
+            self.owners,
             self.in_thread,
-            lease=self.config.server.worker_timeout,
             guard=BatchGuard(
                 self.redis, self.keys, self.store, self.in_thread, inbox.retention_seconds
             ),
@@ -86,17 +93,18 @@ class TaskWorker(Worker):
             interval=inbox.sweep_seconds,
             owner=owner,
         )
-        self.fanout = BroadcastFanout(self.redis, self.keys, owner)
+        self.fanout = BroadcastFanout(self.redis, self.keys, self.owners)
         self.recovery = Recovery(
             self.redis, self.keys, self.store, self.in_thread, owner, inbox.retention_seconds
         )
         # Sooner at first, then no more often than the sweeps it stands for.
         self.sweeper_job = self.supervise("sweeper", self.sweeper.run, cap=inbox.sweep_seconds)
+        self.fanout_job = self.supervise("broadcast-fanout", self.fanout.run)
         self.jobs += [
             self.supervise("queue-depths", self.watch_queues),
             self.supervise("storage-writer", self.writer.run),
-            self.supervise("storage-lease", self.writer.keep_lease),
-            self.supervise("broadcast-fanout", self.fanout.run),
+            self.supervise("task-lease", self.owners.run),
+            self.fanout_job,
             self.supervise("redis-recovery", self.recovery.run),
             self.sweeper_job,
         ]
@@ -128,8 +136,8 @@ class TaskWorker(Worker):
     async def shutdown(self, fast: bool) -> None:
         """Stop the sweeper (a sweep is idempotent: cut it anywhere) and hand its lock over;
         on a graceful stop let the writer finish its batch within the deadline (a fast stop
-        cancels it: the taken lists keep the batch until a live writer takes them over when
-        this one's lease expires); then cancel what remains and close the clients."""
+        cancels it: the taken lists keep the batch until a live task worker takes them over
+        when this one's lease expires); then cancel what remains and close the clients."""
         left = 0
         if self.sweeper_job is not None and self.sweeper is not None:
             self.sweeper_job.cancel()
@@ -139,6 +147,9 @@ class TaskWorker(Worker):
             except (RedisError, OSError) as exc:
                 log.warning("%s: could not release the sweep lock: %s", self.title, exc)
         if self.writer is not None and not fast:
+            if self.fanout_job is not None:  # the drain gives the fan-out's taken list back too
+                self.fanout_job.cancel()
+                await asyncio.gather(self.fanout_job, return_exceptions=True)
             timeout = max(0.1, self.config.server.graceful_timeout - CLOSE_MARGIN)
             try:
                 left = await self.writer.drain(timeout)

@@ -1,32 +1,40 @@
-"""Owner leases of the storage writer's taken lists, and taking over the lists of the dead.
+"""Owner leases of a task worker's taken lists, and taking over the lists of the dead.
 
-Every storage writer has an owner id of its own, new with each process (pmq.tasks.main), and
-names its taken lists by it (``keys.store_taken(owner, tag)``). Beside each storage queue,
-``keys.store_owners(tag)`` is a ZSET owner -> lease expiry in unix ms on Redis's own clock
-(TIME, inside the scripts, so the nodes' clocks never matter). A writer is registered there
-by the same script that moves items into its taken list (the writer's TOP_UP), so a taken
-list never holds an item while its owner is missing from the registry; while the writer lives
-it renews its lease every third of the lease (:meth:`OwnerLease.renew`).
+A task worker takes items from queues into lists of its own before it has handled them: the
+storage writer from every storage queue (``keys.store_taken(owner, tag)``), the broadcast
+fan-out from the broadcast queue (``keys.broadcast_taken(owner)``). It names them by an
+owner id of its own, new with each process (pmq.tasks.main). Beside each such queue, a
+registry (``keys.store_owners(tag)``, ``keys.broadcast_owners()``) is a ZSET owner -> lease
+expiry in unix ms on Redis's own clock (TIME, inside the scripts, so the nodes' clocks never
+matter). An owner is registered there by the same script that moves items into its taken
+list (the writer's TOP_UP, :meth:`OwnerLease.take_one`), so a taken list never holds an item
+while its owner is missing from the registry; while the worker lives, :meth:`OwnerLease.run`
+renews the lease every third of it.
 
-Any live writer, on any node and whatever its index, looks for owners whose lease has expired
-(:meth:`OwnerLease.reclaim`) and takes over their lists: one script in the queue's slot checks
-that the lease is still expired, moves the taken list back to the head of the queue in order
-and removes the owner, so exactly one reclaimer wins and an owner that renewed meanwhile keeps
-its list. A writer stopped gracefully gives its lists back and leaves the registry
-(:meth:`OwnerLease.release`).
+The same loop, in every live task worker of any node whatever its index, looks for owners
+whose lease has expired and takes over their lists (:meth:`OwnerLease.reclaim`): one script
+in the queue's slot checks that the lease is still expired, moves the taken list back to the
+head of the queue in order and removes the owner, so exactly one reclaimer wins and an owner
+that renewed meanwhile keeps its list. A worker stopped gracefully gives its lists back and
+leaves the registries (:meth:`OwnerLease.release`).
 
 A registry per queue, rather than SCAN for taken lists: SCAN walks the whole key space (every
 master of a Redis Cluster) on each pass, while the registry is read with one ZRANGEBYSCORE per
 queue, in the queue's slot, and its lease and the list it covers change in one script.
 
 An owner whose lease lapsed while it was still alive (Redis unreachable longer than the
-lease) may be taken over in the middle of a batch: its items are then written twice, which
-the store's writes by id make harmless, and its next take registers it again.
+lease) may be taken over in the middle of a batch: its items are then written (or a broadcast
+published) twice, which the store's writes by id and the clients' drop of ids they have make
+harmless, and its next take registers it again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -36,6 +44,7 @@ from pmq.keys import Keys
 log = logging.getLogger(__name__)
 
 EXPIRED_PAGE = 100  # owners taken over per queue per pass at most (the next pass goes on)
+STOP_WAIT = 2.0  # seconds release() lets a renewal in flight finish before giving back
 
 # The current time of Redis in unix ms: every lease is on this one clock.
 NOW = """
@@ -69,8 +78,18 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return #items
 """
 
-# KEYS: owners, taken, queue; ARGV: owner. The same, unconditionally: a writer stopping gives
-# back its own list and leaves the registry.
+# KEYS: queue, taken, owners; ARGV: owner, lease ms. Moves the head of the queue to the
+# taken list and registers the owner with a fresh lease, in one step; returns the item.
+TAKE_ONE = NOW + """
+local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+if item then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+end
+return item
+"""
+
+# KEYS: owners, taken, queue; ARGV: owner. The same as RECLAIM, unconditionally: a worker
+# stopping gives back its own list and leaves the registry.
 RELEASE = """
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 for i = #items, 1, -1 do
@@ -82,55 +101,101 @@ return #items
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class Leased:
+    """A queue whose items are taken into one list per owner, and the registry of those
+    owners beside it (the three in one Redis Cluster slot)."""
+
+    owners: str
+    queue: str
+    taken: Callable[[str], str]  # owner id -> its taken list
+
+
+def leased_queues(keys: Keys) -> list[Leased]:
+    """Every queue a task worker takes from: each storage queue, then the broadcasts'."""
+    stores = [
+        Leased(
+            keys.store_owners(t), keys.store_queue(t), functools.partial(keys.store_taken, tag=t)
+        )
+        for t in keys.store_tags()
+    ]
+    return [*stores, Leased(keys.broadcast_owners(), keys.broadcast_queue(), keys.broadcast_taken)]
+
+
 class OwnerLease:
-    """The lease of one writer ``owner`` on its taken lists of every storage queue, and
-    its view of everyone else's (module docstring). ``lease`` is in seconds."""
+    """The lease of one task worker ``owner`` on its taken lists of every queue it takes
+    from, and its view of everyone else's (module docstring). ``lease`` is in seconds."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, owner: str, lease: float) -> None:
         self.redis = redis
-        self.keys = keys
         self.owner = owner
+        self.lease = lease
         self.lease_ms = int(lease * 1000)
-        self.tags = keys.store_tags()
+        self.queues = leased_queues(keys)
         self._renew = redis.register_script(RENEW)
         self._expired = redis.register_script(EXPIRED)
         self._reclaim = redis.register_script(RECLAIM)
+        self._take_one = redis.register_script(TAKE_ONE)
         self._release = redis.register_script(RELEASE)
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.reclaimed = 0  # items taken over from expired owners, for stats
 
     def script_args(self) -> list[str | int]:
-        """What TOP_UP needs to register this owner: its id and the lease in ms."""
+        """What a take script needs to register this owner: its id and the lease in ms."""
         return [self.owner, self.lease_ms]
+
+    async def run(self) -> None:
+        """Until :meth:`release`: renew this owner's lease and take over the lists of owners
+        whose lease expired, every third of the lease. Redis errors end it (to be started
+        again); a lease that lapses meanwhile only lets another worker repeat some work."""
+        self._task = asyncio.current_task()
+        first = True
+        while not self._stopped.is_set():
+            if not await self.renew() and not first:
+                log.warning("task worker %s: its lease had lapsed; renewed", self.owner)
+            first = False
+            await self.reclaim()
+            try:  # the stop event, not a cancellation redis-py might swallow, ends the wait
+                await asyncio.wait_for(self._stopped.wait(), self.lease / 3)
+            except TimeoutError:
+                pass
+
+    async def take_one(self, queue: str, taken: str, owners: str) -> bytes | None:
+        """Move the head of ``queue`` to this owner's ``taken`` list, registered beside it."""
+        return cast(
+            bytes | None,
+            await self._take_one(keys=[queue, taken, owners], args=self.script_args()),
+        )
 
     async def renew(self) -> bool:
         """Extend this owner's lease on every queue; False when a registration had lapsed
         (a list of it may have been taken over; writing its batch again is harmless)."""
         lapsed = False
-        for tag in self.tags:
-            keys = [self.keys.store_owners(tag)]
-            lapsed |= bool(await self._renew(keys=keys, args=[self.owner, self.lease_ms]))
+        for leased in self.queues:
+            lapsed |= bool(await self._renew(keys=[leased.owners], args=self.script_args()))
         return not lapsed
 
     async def reclaim(self) -> int:
         """Take over the taken lists of every owner whose lease has expired, putting their
         items back at the head of their queue; returns how many items moved."""
         moved = 0
-        for tag in self.tags:
-            owners_key, queue = self.keys.store_owners(tag), self.keys.store_queue(tag)
+        for leased in self.queues:
             expired = cast(
-                list[bytes], await self._expired(keys=[owners_key], args=[EXPIRED_PAGE])
+                list[bytes], await self._expired(keys=[leased.owners], args=[EXPIRED_PAGE])
             )
             for raw in expired:
                 dead = raw.decode()
                 if dead == self.owner:  # our own lapsed lease: renew() registers it again
                     continue
-                taken = self.keys.store_taken(dead, tag)
-                count = int(await self._reclaim(keys=[owners_key, taken, queue], args=[dead]))
+                keys = [leased.owners, leased.taken(dead), leased.queue]
+                count = int(await self._reclaim(keys=keys, args=[dead]))
                 if count > 0:
                     log.warning(
-                        "storage writer %s: took over %d items of %s, whose lease expired",
+                        "task worker %s: took over %d items of %s from %s, whose lease expired",
                         self.owner,
                         count,
+                        leased.queue,
                         dead,
                     )
                     moved += count
@@ -138,14 +203,18 @@ class OwnerLease:
         return moved
 
     async def release(self) -> int:
-        """Give this owner's taken lists back to the head of their queues, in order, and
-        leave the registry; returns how many items went back."""
+        """Stop :meth:`run` (no renewal may follow), give this owner's taken lists back to
+        the head of their queues, in order, and leave the registries; returns how many items
+        went back. Whoever took into the lists must have stopped."""
+        self._stopped.set()
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=STOP_WAIT)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
         returned = 0
-        for tag in self.tags:
-            keys = [
-                self.keys.store_owners(tag),
-                self.keys.store_taken(self.owner, tag),
-                self.keys.store_queue(tag),
-            ]
+        for leased in self.queues:
+            keys = [leased.owners, leased.taken(self.owner), leased.queue]
             returned += int(await self._release(keys=keys, args=[self.owner]))
         return returned

@@ -65,7 +65,6 @@ LINGER = 0.25
 BATCH = 2000  # items per batch at most (a full batch is written at once, without linger)
 RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
 RETRY_MAX = 5.0
-LEASE = 30.0  # seconds a writer's taken lists stay its own after its last renewal
 ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
 MAX_DEFERRED_ACKS = 10_000  # ack items held for retry; beyond this they are dropped
 
@@ -123,15 +122,15 @@ class _DeferredAck:
 class StorageWriter:
     """Drains the storage queue into ``store``, ``batch`` items at a time (module docstring).
 
-    ``owner`` names the taken lists and must be this writer's alone, never reused by another
-    (a new process takes a new one); :meth:`keep_lease` must run beside :meth:`run` to keep
-    them its own for ``lease`` seconds past its last renewal, and to take over the lists of
-    writers that died. ``in_thread(func, *args)`` runs blocking store calls off the event
-    loop. ``guard`` moves the Redis marks of each batch's buckets up and records them once
-    the batch is written (pmq.tasks.recovery). Counters ``written`` (rows newly inserted),
-    ``acked`` (rows newly marked acked), ``batches``, ``errors`` (failed store attempts),
-    ``malformed``, ``dead`` (items moved to the dead-letter list, malformed ones included)
-    and ``dropped_acks`` (acks past MAX_DEFERRED_ACKS) are for stats.
+    ``owners`` is the task worker's owner lease: its owner names the taken lists, and its
+    :meth:`~pmq.tasks.owners.OwnerLease.run` must run beside :meth:`run` to keep them this
+    worker's and to take over the lists of workers that died. ``in_thread(func, *args)``
+    runs blocking store calls off the event loop. ``guard`` moves the Redis marks of each
+    batch's buckets up and records them once the batch is written (pmq.tasks.recovery).
+    Counters ``written`` (rows newly inserted), ``acked`` (rows newly marked acked),
+    ``batches``, ``errors`` (failed store attempts), ``malformed``, ``dead`` (items moved to
+    the dead-letter list, malformed ones included) and ``dropped_acks`` (acks past
+    MAX_DEFERRED_ACKS) are for stats.
     """
 
     def __init__(
@@ -139,11 +138,10 @@ class StorageWriter:
         redis: aioredis.Redis,
         keys: Keys,
         store: Store,
-        owner: str,
+        owners: OwnerLease,
         in_thread: InThread,
         batch: int = BATCH,
         linger: float = LINGER,
-        lease: float = LEASE,
         guard: BatchGuard | None = None,
     ) -> None:
         self.redis = redis
@@ -152,10 +150,9 @@ class StorageWriter:
         self.batch = batch
         self.linger = linger
         self.keys = keys
-        self.owner = owner
-        self.lease = lease
+        self.owners = owners
+        self.owner = owner = owners.owner
         self.guard = guard  # keeps the Redis marks (pmq.tasks.recovery); None in some tests
-        self.owners = OwnerLease(redis, keys, owner, lease)
         # (tag, queue, taken) per queue; the first is the one an idle writer waits on.
         self.queues = [
             (t, keys.store_queue(t), keys.store_taken(owner, t)) for t in keys.store_tags()
@@ -170,7 +167,6 @@ class StorageWriter:
         self._stopping = False
         self._outage = False  # logged the current storage outage already
         self._task: asyncio.Task[None] | None = None
-        self._lease_task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, int]:
         return {
@@ -201,27 +197,13 @@ class StorageWriter:
                 self._busy = False
                 raise
 
-    async def keep_lease(self) -> None:
-        """Until drained: renew this writer's lease and take over the taken lists of writers
-        whose lease expired, every third of the lease. Redis errors end it (to be restarted);
-        a lease that lapses meanwhile only lets another writer repeat this one's batch."""
-        self._lease_task = asyncio.current_task()
-        first = True
-        while not self._stopping:
-            if not await self.owners.renew() and not first:
-                log.warning("storage writer %s: its lease had lapsed; renewed", self.owner)
-            first = False
-            if await self.owners.reclaim():
-                self._leftover = True  # look at the queues again without waiting
-            raise_if_cancelled()  # a drain cancels this loop; redis-py may have swallowed it
-            await asyncio.sleep(self.lease / 3)
-
     async def drain(self, timeout: float) -> int:
         """Stop taking batches and let the one in progress finish within ``timeout`` seconds
         (cancelling it after). What is still taken then goes back to the head of the queue,
         in order, for any writer (writes are idempotent, so even a batch whose write was cut
-        off mid-way is safe to hand over), this writer leaves the owner registry (ending
-        :meth:`keep_lease`), and deferred acks go to the queue's tail. Returns the
+        off mid-way is safe to hand over), the owner leaves the registries (with the owner
+        lease's other taken lists: stop whoever else takes into them first), and deferred
+        acks go to the queue's tail. Returns the
         number of items left in this writer's taken list (0 unless Redis failed)."""
         self._stopping = True
         task = self._task
@@ -232,10 +214,6 @@ class StorageWriter:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})
-        lease = self._lease_task
-        if lease is not None and not lease.done():  # no renewal may follow the release
-            lease.cancel()
-            await asyncio.wait({lease})
         returned = await self.owners.release()
         if returned:
             log.warning("storage writer: put %d unwritten items back on the queue", returned)
