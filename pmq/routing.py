@@ -192,15 +192,30 @@ class Routes:
             await self.departed.wait()
             self.departed.clear()
 
-    async def beat(self) -> None:
-        """Mark this worker alive (one round trip, whatever it holds)."""
+    async def beat(self) -> bool:
+        """Mark this worker alive (one round trip, whatever it holds). False when Redis
+        holds no connection entries of this worker: a worker that has connections must
+        write them again (restore()), for Redis lost them (emptied, or restored from an
+        old snapshot) or its peers swept it as dead."""
         now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
         pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
         pipe.zrangebyscore(self.keys.workers(), "-inf", now_ms - self.stale_ms)
-        stale = (await pipe.execute())[2]
+        _, held, stale = await pipe.execute()
         self.stale_workers = {w.decode() for w in stale} - {self.worker_id}
+        return bool(held)
+
+    async def restore(
+        self, conns: Sequence[tuple[str, str, Sequence[str]]], chunk: int = 1000
+    ) -> None:
+        """Write the entries of ``conns`` (uid, conn id, groups) again, as a connect does:
+        ``chunk`` connections per round trip."""
+        for start in range(0, len(conns), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for uid, conn_id, groups in conns[start : start + chunk]:
+                self.register_on(pipe, uid, conn_id, groups)
+            await pipe.execute()
 
     async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> None:
         """Push back the TTL of our users' entries: one Lua call per ``chunk`` users of a

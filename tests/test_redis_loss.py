@@ -180,6 +180,17 @@ def epoch_of(server: RedisServer, prefix: str) -> int:
         client.close()
 
 
+def routed(server: RedisServer, prefix: str, uid: str) -> bool:
+    """Whether Redis has a route entry of a connection of ``uid``."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return bool(client.hlen(Keys(prefix).user_conns(uid)))
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def publish(site: Ingest, uid: int, count: int, tag: str) -> list[str]:
     ids = []
     for n in range(count):
@@ -232,9 +243,15 @@ def test_redis_restarted_empty_loses_no_stored_message(
         "the messages and acks to reach storage",
     )
 
-    restart(own_redis)  # empty: no AOF, no snapshot
-    # At once, recovered or not: storage is the source for every user.
-    assert replayed_and_pulled(node, 7, 25) == (unacked, unacked)
+    with ws_client(node, 13) as online:  # open across the loss
+        restart(own_redis)  # empty: no AOF, no snapshot
+        # At once, recovered or not: storage is the source for every user.
+        assert replayed_and_pulled(node, 7, 25) == (unacked, unacked)
+        # The worker holding the connection writes its route entries again at its next
+        # beat; from then on a new message reaches the connection live.
+        wait_for(lambda: routed(own_redis, redis_prefix, "13"), 10, "the route to be back")
+        [live] = publish(site, 13, 1, "live")
+        assert online.next("push")["msg"]["id"] == live
     wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
     assert replayed_and_pulled(node, 7, 25) == (unacked, unacked)
     assert replayed_and_pulled(node, 11, 3) == (ids[30:], ids[30:])

@@ -267,12 +267,17 @@ class SocketWorker(Worker):
     async def keep_registry(self) -> None:
         """Beat, refresh our entries' TTL (3 x interval) once an interval, keep our
         cluster-view entry; sweep workers that stopped beating (their routes and their
-        cluster-view entries). An error ends the run; the supervisor starts it again (with
+        cluster-view entries). Our route entries found missing at a beat (Redis lost
+        them) are written again at once. An error ends the run; the supervisor starts it again (with
         a refresh and a sweep at once) no later than the next beat was due."""
         interval = self.config.heartbeat.interval
         next_sweep = next_refresh = time.monotonic()
         while True:
-            await self.routes.beat()
+            if not await self.routes.beat() and len(self.table):
+                # Redis lost our entries: without them no unicast reaches our users.
+                held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
+                await self.routes.restore(held)
+                log.warning("%s wrote its %d route entries again", self.title, len(held))
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + interval
                 await self.routes.refresh(self.table.uids())
