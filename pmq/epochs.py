@@ -25,6 +25,7 @@ Marks compare as pairs ``(epoch, gen)``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -86,12 +87,16 @@ class RedisMarks:
         """Move up the generation of each bucket of ``known`` (the highest stored mark the
         caller knows, (0, 0) for none); returns each bucket's mark now, None when the bucket
         is not complete (no epoch: emptied, recovering, or found behind ``known`` now)."""
-        found: dict[int, Mark | None] = {}
-        for bucket, (epoch, gen) in known.items():
-            reply = await self._advance(keys=[self.keys.redis_mark(bucket)], args=[epoch, gen])
-            new_gen, new_epoch = int(reply[0]), int(reply[1])
-            found[bucket] = (new_epoch, new_gen) if new_epoch else None
-        return found
+        replies = await asyncio.gather(  # one script per bucket: each in its own slot
+            *(
+                self._advance(keys=[self.keys.redis_mark(bucket)], args=[epoch, gen])
+                for bucket, (epoch, gen) in known.items()
+            )
+        )
+        return {
+            bucket: (int(reply[1]), int(reply[0])) if int(reply[1]) else None
+            for bucket, reply in zip(known, replies, strict=True)
+        }
 
     async def read(self, buckets: Iterable[int]) -> dict[int, Mark | None]:
         """Each bucket's mark, None where it has no epoch."""
