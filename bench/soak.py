@@ -62,6 +62,13 @@ MIB = 1024 * 1024
 # Settings of the node beyond bench.run_node's, as PMQ_<SECTION>_<KEY> variables.
 NODE_SETTINGS = {"inbox.hot_seconds": "120", "inbox.sweep_seconds": "30"}
 LOG_FINDING = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
+# INFO memory fields that say where Redis's memory goes
+REDIS_MEMORY = (
+    "used_memory_dataset",
+    "mem_clients_normal",
+    "mem_aof_buffer",
+    "used_memory_scripts",
+)
 REDIS_TROUBLE = re.compile(r"(?i)warning|error|fail|unable|can't|cannot")
 
 
@@ -112,7 +119,8 @@ def start_node(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMQ_")}
     # The node runs the code this bench was started from (a snapshot of one commit, say),
     # not whatever the installed package points at.
-    env["PYTHONPATH"] = str(Path(pmq.__file__).parent.parent)
+    paths = [str(Path(pmq.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     for key, value in settings.items():
         section, name = key.split(".", 1)
         env[f"PMQ_{section.upper()}_{name.upper()}"] = value
@@ -148,9 +156,11 @@ def memory_of(proc: psutil.Process) -> dict[str, int]:
     return {"pid": proc.pid, "rss": info.rss, "pss": info.pss}
 
 
-def sample(node: str, redis_pid: int, client: redis.Redis, queues: list[str]) -> dict[str, Any]:
+def sample(node: str, redis_pid: int, client: redis.Redis, keys: list[str]) -> dict[str, Any]:
     """One reading: memory per node process (by title without the node) and of Redis, Redis's
-    own figures, the storage queue's depth, the machine's load."""
+    own figures (where its memory goes), the storage queue's depth, the messages held in the
+    users' inboxes in Redis, the machine's load. ``keys``: the storage queues, then the
+    users' inboxes."""
     processes: dict[str, Any] = {}
     for proc in node_processes(node):
         with contextlib.suppress(psutil.Error):
@@ -160,15 +170,21 @@ def sample(node: str, redis_pid: int, client: redis.Redis, queues: list[str]) ->
         processes["redis-server"] = memory_of(psutil.Process(redis_pid))
     info = client.info("memory")
     pipe = client.pipeline(transaction=False)
-    for key in queues:
-        pipe.llen(key)
+    for key in keys:
+        if key.endswith(":q:store"):
+            pipe.llen(key)
+        else:
+            pipe.zcard(key)
     pipe.dbsize()
-    *depths, keys = pipe.execute()
+    *counts, dbsize = pipe.execute()
+    queued = sum(n for key, n in zip(keys, counts, strict=True) if key.endswith(":q:store"))
     return {
         "processes": processes,
         "redis_used_memory": int(info["used_memory"]),
-        "redis_keys": int(keys),
-        "store_queue": int(sum(depths)),
+        "redis_memory": {k: int(info[k]) for k in REDIS_MEMORY if k in info},
+        "redis_keys": int(dbsize),
+        "inbox_messages": int(sum(counts) - queued),
+        "store_queue": int(queued),
         "machine_cpu_s": round(machine_cpu(), 1),
         "load_average": load_average(),
     }
@@ -324,6 +340,7 @@ def run_load(
 
     keys = Keys(info["prefix"])
     queues = [keys.store_queue(tag) for tag in keys.store_tags()]
+    inboxes = [keys.inbox(str(uid)) for uid in range(*uids)]
     wait_connected(live, args.online, 120)
     pub_proc = ctx.Process(
         target=soak_load.publisher,
@@ -336,7 +353,7 @@ def run_load(
     samples = out["samples"]
     try:
         while True:
-            s = sample(target.node, redis_pid, rclient, queues)
+            s = sample(target.node, redis_pid, rclient, queues + inboxes)
             s.update(t=round(time.monotonic() - start, 1), accepted=sent.value, online=live.value)
             samples.append(s)
             log(progress(s))
@@ -372,7 +389,8 @@ def progress(s: dict[str, Any]) -> str:
     )
     return (
         f"t={s['t']:.0f}s accepted={s['accepted']} online={s['online']} "
-        f"queue={s['store_queue']} redis_used={s['redis_used_memory'] / MIB:.1f}MiB "
+        f"queue={s['store_queue']} inbox={s['inbox_messages']} "
+        f"redis_used={s['redis_used_memory'] / MIB:.1f}MiB "
         f"keys={s['redis_keys']} rss_mib[{mem}] load={s['load_average'][0]}"
     )
 
@@ -499,6 +517,12 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="a node setting beyond the soak's (e.g. redis.durability=aof)",
+    )
+    p.add_argument(
+        "--durability",
+        choices=["none", "aof"],
+        default="none",
+        help="redis.durability (aof needs WAITAOF: Redis 7.2 or later)",
     )
     p.add_argument("--log-level", default="warning")
     p.add_argument("--out", help="JSON file (default: bench/figures/<date>/soak-<HHMM>.json)")
