@@ -62,6 +62,17 @@ def test_an_evicting_policy_fails_the_start(make_node, servers) -> None:
     assert "maxmemory-policy" in output and "allkeys-lru" in output
 
 
+def test_settings_are_read_from_info_where_config_is_renamed(make_node, servers) -> None:
+    """A managed Redis that renames CONFIG away: the policy comes from INFO memory."""
+    own = servers("--rename-command", "CONFIG", "", "--maxmemory-policy", "volatile-lru", *AOF)
+    client = redis.Redis.from_url(own.url)
+    with pytest.raises(redis.ResponseError):
+        client.config_get("maxmemory-policy")
+    client.close()
+    output = failed_start(make_node(redis={"url": own.url}))
+    assert "maxmemory-policy" in output and "volatile-lru" in output
+
+
 def test_require_aof_with_aof_off_fails_the_start(make_node, servers) -> None:
     own = servers("--appendonly", "no")
     output = failed_start(make_node(redis={"url": own.url, "require_aof": True}))
