@@ -78,19 +78,16 @@ def read_all(config: RedisConfig) -> list[Settings]:
 
 def read(client: redis.Redis, name: str) -> Settings:
     """One server's settings: CONFIG GET, else INFO (appendfsync is not in INFO)."""
+    keys = ("appendonly", "appendfsync", "maxmemory-policy")
     try:
-        values = {
-            key: str(client.config_get(key).get(key, "?"))
-            for key in ("appendonly", "appendfsync", "maxmemory-policy")
-        }
+        values = {key: str(client.config_get(key).get(key, "?")) for key in keys}
     except ResponseError:  # CONFIG renamed or refused
+        values = dict.fromkeys(keys, "?")
+    if "?" in (values["appendonly"], values["maxmemory-policy"]):
         persistence = client.info("persistence")
         memory = client.info("memory")
-        values = {
-            "appendonly": "yes" if persistence.get("aof_enabled") else "no",
-            "appendfsync": "?",
-            "maxmemory-policy": str(memory.get("maxmemory_policy", "?")),
-        }
+        values["appendonly"] = "yes" if persistence.get("aof_enabled") else "no"
+        values["maxmemory-policy"] = str(memory.get("maxmemory_policy", "?"))
     version = str(client.info("server").get("redis_version", "0"))
     return Settings(
         server=name,
@@ -104,7 +101,9 @@ def read(client: redis.Redis, name: str) -> Settings:
 def judge(settings: Settings, config: RedisConfig) -> None:
     """Raise ConfigError for a setting PMQ cannot run on; log a warning for AOF off."""
     where = f"Redis at {settings.server}"
-    if settings.maxmemory_policy != "noeviction":
+    if settings.maxmemory_policy == "?":  # neither CONFIG nor INFO told it
+        log.warning("%s does not say its maxmemory-policy; PMQ needs noeviction", where)
+    elif settings.maxmemory_policy != "noeviction":
         raise ConfigError(
             f"maxmemory-policy: {where} has maxmemory-policy {settings.maxmemory_policy}, "
             "which evicts keys (inboxes, queues) silently; PMQ needs noeviction"
