@@ -245,7 +245,7 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
     for p in users:
         p.join(10)
     books = Books(plan, Fault(name, began, ended, detail), records, reports, {}, 0, [], 0,
-                  len(rig.node.log_errors()) - errors_before)
+                  rig.node.log_errors()[errors_before:])
     collect_storage(args, rig, plan, books)
     offline = sorted({uid for r in records if 200 <= r.outcome < 300 for uid in r.uids
                       if uid not in set(online)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ class Books:
     offline_failed: int
     stored_rows: list[tuple[int, int, str, int]]
     stored_broadcasts: int
-    log_errors: int
+    log_errors: list[str]  # the node's log lines of this phase naming an error
 
 
 def accepted_keys(records: list[Record]) -> tuple[dict[tuple[int, int], float], dict[int, int]]:
@@ -117,6 +118,16 @@ def lost_detail(books: Books, messages: dict[tuple[int, int], float],
     }
 
 
+def commonest(lines: list[str], top: int = 5) -> list[tuple[str, int]]:
+    """The most frequent log lines, told apart by their text once time, pid and numbers are
+    taken out."""
+    shapes = collections.Counter(
+        re.sub(r"\d+", "N", line.split(" ", 2)[-1])[:160] for line in lines
+        if line[:4].isdigit()
+    )
+    return shapes.most_common(top)
+
+
 def by_second(offsets: Iterable[float]) -> dict[str, int]:
     """How many of ``offsets`` (seconds from the fault's start) fall in each whole second."""
     counts = collections.Counter(math.floor(x) for x in offsets)
@@ -177,7 +188,8 @@ def account(books: Books, durability: str, reconnect_bound: float) -> dict[str, 
         ),
         "offline_checked": len(books.offline_seen),
         "offline_check_failed": books.offline_failed,
-        "node_log_errors": books.log_errors,
+        "node_log_errors": len(books.log_errors),
+        "node_log_top": commonest(books.log_errors),
         **recovery(books),
         "fault_detail": {"began": f.began, "ended": f.ended, **f.detail},
         "lost_by_second": by_second(messages[k] - f.began for k in lost),

@@ -79,7 +79,7 @@ def test_books_name_every_broken_promise() -> None:
     stored = [(int(mid), uid, '{"ph": 3, "n": 3}', 0) for mid, uid in row]
     stored += [(501, 10, '{"ph": 3, "n": 1}', 2), (502, 11, '{"ph": 3, "n": 2}', 3)]
     books = Books(plan, Fault("socket-worker", 100.5, 100.5), records, users,
-                  {20: {("n", 3)}}, 0, stored, 1, 0)
+                  {20: {("n", 3)}}, 0, stored, 1, [])
     result = account(books, "none", reconnect_bound=15)
     assert (result["accepted"], result["delivered"], result["stored"]) == (3, 2, 3)
     assert (result["lost"], result["undelivered"], result["unstored"]) == (1, 1, 0)
