@@ -11,6 +11,7 @@ multicast and a broadcast every few seconds), inject the fault, keep publishing 
 recovery window, stop, let deliveries and storage drain, replay every offline user once,
 then account (see bench.chaos_report). Faults:
 
+    baseline       none: the same load and books with nothing broken, the control
     socket-worker  kill -9 of a socket worker (the master respawns it)
     task-worker    kill -9 of a task worker
     master         kill -9 of the master; the harness starts the node again, as systemd would
@@ -180,7 +181,12 @@ def cut(which: str) -> Callable[[Rig], dict[str, Any]]:
     return inject
 
 
+def nothing(rig: Rig) -> dict[str, Any]:
+    return {}
+
+
 FAULTS: dict[str, Callable[[Rig], dict[str, Any]]] = {
+    "baseline": nothing,
     "socket-worker": kill_worker("socket"),
     "task-worker": kill_worker("task"),
     "master": kill_master,
