@@ -18,6 +18,7 @@ fsync (else NotDurable). Plain commands (relays) wait for nothing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -53,14 +54,25 @@ class Batcher:
             await self.pipe.call("SCRIPT", "LOAD", script.script)
             return await self._evalsha(script, keys, args)
 
-    async def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+        # Not a coroutine itself: without a confirm, the hot path awaits pipe.call directly.
         assert self.pipe is not None
         if self.confirm is None:
-            return await self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        reply, confirmed = await self.pipe.call_confirmed(
-            self.confirm.command, "EVALSHA", script.sha, len(keys), *keys, *args
+            return self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self._confirmed(self.pipe, self.confirm, script, keys, args)
+
+    @staticmethod
+    async def _confirmed(
+        pipe: redispipe.Pipe,
+        confirm: durability.Confirm,
+        script: AsyncScript,
+        keys: list[Any],
+        args: list[Any],
+    ) -> Any:
+        reply, confirmed = await pipe.call_confirmed(
+            confirm.command, "EVALSHA", script.sha, len(keys), *keys, *args
         )
-        self.confirm.check(confirmed)
+        confirm.check(confirmed)
         return reply
 
     def close(self) -> None:
