@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_load import Backoff, Plan, replay_check, site_process, users_process
-from bench.chaos_report import Books, Fault, account, table
+from bench.chaos_report import Books, Fault, account, markdown, table
 from bench.chaos_rig import MysqlDatabase, Node, Proxy, RedisServer, wait_until
 from bench.common import log, run
 
@@ -350,6 +350,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--mysql-host", default="127.0.0.1")
     add("--mysql-port", type=int, default=3306)
     add("--keep", action="store_true", help="keep the run directory (node log, Redis AOF)")
+    add("--markdown", metavar="RESULT",
+        help="print a results file's table in Markdown and run nothing")
     add("--out", help="JSON file (default: bench/figures/DATE/chaos-DURABILITY-TIME.json)")
     args = parser.parse_args(argv)
     if args.short:
@@ -364,6 +366,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     directory = Path(tempfile.mkdtemp(prefix="pmq-chaos-"))
     run_id = secrets.token_hex(4)
     rows: list[dict[str, Any]] = []

@@ -277,3 +277,24 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.1f}"
     return str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A results file's per-fault table in Markdown, for docs/reliability.md."""
+    head = ("| fault | accepted | delivered | stored | stored twice | dup. after reconnect "
+            "| dup. on one connection | lost (in last s) | broadcasts missed | users dropped "
+            "| clients back (s) | ingest 2xx again (s) | ingest 2xx / 503 / refused / hung |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for row in result["faults"]:
+        if "error" in row:
+            lines.append(f"| {row['fault']} | {row['error']} |")
+            continue
+        i = row["ingest"]
+        lines.append(
+            f"| {row['fault']} | {row['accepted']} | {row['delivered']} | {row['stored']} "
+            f"| {row['stored_duplicates']} | {row['dup_after_reconnect']} "
+            f"| {row['dup_same_connection']} | {row['lost']} ({row['lost_last_second']}) "
+            f"| {row['broadcast_misses']} | {row['users_dropped']} | {fmt(row['clients_s'])} "
+            f"| {fmt(row['ingest_s'])} | {i['2xx']} / {i['503']} / {i['refused']} / {i['hung']} |"
+        )
+    return "\n".join(lines)
