@@ -254,7 +254,7 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
                   rig.node.log_errors()[errors_before:])
     collect_storage(args, rig, plan, books)
     offline = sorted({uid for r in records if 200 <= r.outcome < 300 for uid in r.uids
-                      if uid not in set(online)})
+                      if uid >= plan.offline[0]})
     books.offline_seen, books.offline_failed = run(
         replay_check(rig.node.port, rig.node.secret, offline, phase))
     return books
