@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -88,25 +89,48 @@ async def start_gateway() -> tuple[Gateway, ConnectionTable, int, list[Client]]:
     return gateway, table, gateway.server.sockets[0].getsockname()[1], opened
 
 
-async def churn(connections: int) -> int:
-    """Open, use and close ``connections`` clients through the real gateway with the
-    collector off; returns how many objects a full collection then finds in cycles."""
+async def drop_one(port: int, uid: int) -> None:
+    """Upgrade over a bare socket, then close it without a close frame: the peer vanishing,
+    as a phone losing its network does. (No client library: its own objects would count.)"""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            f"GET /ws?token={uid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += await loop.sock_recv(sock, 4096)
+        assert reply.startswith(b"HTTP/1.1 101")
+
+
+async def churn(connections: int, drop: bool = False) -> int:
+    """Open, use and close (with ``drop``: abandon) ``connections`` clients through the real
+    gateway with the collector off; returns how many objects a full collection then finds
+    in cycles."""
     gateway, table, port, opened = await start_gateway()
 
     async def use_one(uid: int) -> None:
+        if drop:
+            await drop_one(port, uid)
+            return
         async with connect(f"ws://127.0.0.1:{port}/ws?token={uid}") as ws:
             await ws.send('{"id": "p", "action": "ping", "data": {}}')
             assert '"code":200' in str(await ws.recv())
 
     await use_one(1)  # one-time objects (caches, the server's) are made before counting
-    await wait_until(lambda: not len(table))
+    await wait_until(lambda: len(opened) == 1 and not len(table))
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     opened.clear()
     for uid in range(2, connections + 2):
         await use_one(uid)
-    await wait_until(lambda: not len(table))
+    await wait_until(lambda: len(opened) == connections and not len(table))
     assert len(opened) == connections
     opened.clear()
     found = gc.collect()
@@ -130,6 +154,13 @@ def test_closed_connections_leave_no_cycles(collector: None) -> None:
     """Frozen objects are only freed by refcount: a closed connection must need no more, or
     every connection would leak once frozen. 200 connections leave less than one object."""
     found = uvloop.run(churn(200))
+    assert found < 200, [type(o).__name__ for o in gc.garbage][:50]
+
+
+def test_dropped_connections_leave_no_cycles(collector: None) -> None:
+    """A peer gone without a close frame ends the connection with an EOFError that websockets
+    keeps; its connection must still die by refcount. 200 of them leave less than one object."""
+    found = uvloop.run(churn(200, drop=True))
     assert found < 200, [type(o).__name__ for o in gc.garbage][:50]
 
 

@@ -117,6 +117,17 @@ def forget_handshake(ws: ServerConnection) -> None:
     ws.response = SPENT_RESPONSE
 
 
+def forget_parser_error(ws: ServerConnection) -> None:
+    """Drop the traceback of the error that ended the connection's parser. websockets keeps
+    that error (an EOFError when the peer went away without a close frame, as phones do),
+    and its traceback holds the parser's frame, which holds the protocol: a reference cycle.
+    The heap freezer (pmq.workers.heap) would keep it until its hourly full collection;
+    without the traceback the connection is freed by reference count when it ends."""
+    error = ws.protocol.parser_exc
+    if error is not None:
+        error.__traceback__ = None
+
+
 class Gateway:
     def __init__(
         self,
@@ -187,6 +198,7 @@ class Gateway:
             log.exception("connection failed conn=%s uid=%s", client.conn_id, client.uid)
         finally:
             self.table.remove(client)
+            forget_parser_error(ws)
             try:
                 await self.on_close(client)
             except Exception:
