@@ -430,8 +430,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def stop_on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM or SIGINT (ignored in background jobs otherwise): leave through the finally
+    blocks, which stop the node and Redis."""
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main() -> int:
     args = parse_args()
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
     directory = Path(tempfile.mkdtemp(prefix="pmq-soak-"))
     day, stamp = time.strftime("%Y-%m-%d", time.gmtime()), time.strftime("%H%M", time.gmtime())
     out_path = Path(args.out or f"bench/figures/{day}/soak-{stamp}.json")
