@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 
 from pmq.broadcast import encode_fanout
 from pmq.keys import Keys
+from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.owners import OwnerLease
-from pmq.tasks.writer import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 

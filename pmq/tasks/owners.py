@@ -40,6 +40,7 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from pmq.keys import Keys
+from pmq.tasks.cancel import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class OwnerLease:
                 log.warning("task worker %s: its lease had lapsed; renewed", self.owner)
             first = False
             await self.reclaim()
+            raise_if_cancelled()  # a fast stop cancels this loop rather than release() it
             try:  # the stop event, not a cancellation redis-py might swallow, ends the wait
                 await asyncio.wait_for(self._stopped.wait(), self.lease / 3)
             except TimeoutError:

@@ -35,8 +35,9 @@ from pmq.epochs import RedisMarks
 from pmq.keys import Keys
 from pmq.store import Store, StoredMessage
 from pmq.store.base import Mark
+from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.sweep import LOCK, UNLOCK
-from pmq.tasks.writer import InThread, raise_if_cancelled
+from pmq.tasks.writer import InThread
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ from pmq.errors import StorageDataError, StorageError
 from pmq.keys import Keys
 from pmq.store import Store
 from pmq.tasks import deadletter
+from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.owners import NOW, OwnerLease
 from pmq.tasks.queueops import Batch, parse_batch
 
@@ -98,17 +99,6 @@ return redis.call('DEL', KEYS[1])
 """
 
 InThread = Callable[..., Awaitable[Any]]
-
-
-def raise_if_cancelled() -> None:
-    """Raise CancelledError if the current task was asked to stop but is still running.
-
-    redis-py (8.1 on Python 3.11) can swallow a cancellation that lands while it opens a new
-    connection; the command then goes on as if nothing happened. Loops call this at each
-    turn so such a task still stops, one turn late."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 @dataclasses.dataclass(slots=True)
