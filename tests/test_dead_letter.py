@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -108,11 +109,12 @@ def hold_sqlite_lock(path: Path) -> sqlite3.Connection:
     "outage", ["sqlite-lock", pytest.param("mysql-cut", marks=pytest.mark.mysql)]
 )
 def test_an_outage_is_retried_whole_and_only_the_poison_is_dead_lettered(
-    outage: str, keys: Keys, tmp_path: Path
+    outage: str, keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """During an outage nothing is split or dead-lettered, whatever the batch holds; once
     the store is back, the poison goes to the dead-letter list and every other item is
-    written."""
+    written. The log says once that the store failed and once that it is back."""
+    caplog.set_level(logging.WARNING, logger="pmq.tasks.writer")
     db = MysqlDatabase() if outage == "mysql-cut" else None
     proxy = TcpProxy(db.host, db.port) if db else None
     path = tmp_path / "pmq.db"
@@ -156,6 +158,10 @@ def test_an_outage_is_retried_whole_and_only_the_poison_is_dead_lettered(
         if db:
             db.drop()
     assert [letter.item for letter in dead_letters(keys)] == [bad_op]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("holding the queue" in m for m in messages) == 1, messages
+    [back] = [m for m in messages if "store is back" in m]
+    assert int(back.split(" after ")[1].split()[0]) >= 2, back  # the attempts of the outage
 
 
 # pmqctl dlq --------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class StorageWriter:
         self._leftover = True  # look at the queues (and taken lists) at once, without waiting
         self._busy = False  # a batch is being written; drain lets it finish
         self._stopping = False
-        self._outage = False  # logged the current storage outage already
+        self._outage = 0  # failed attempts in the current storage outage
         self._task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, int]:
@@ -295,7 +295,6 @@ class StorageWriter:
         rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
         chat, broadcasts = (batch.cs_messages, batch.cs_sessions), batch.broadcasts
         delay = RETRY_FIRST
-        failures = 0
         while True:
             try:
                 if rows:
@@ -315,20 +314,24 @@ class StorageWriter:
                     broadcasts = []
                 break
             except StorageDataError:
+                self._store_answered()
                 raise  # the data, not the store: the caller splits the batch
             except StorageError as exc:
                 self.errors += 1
                 metrics.STORAGE_ERRORS.inc()
-                failures += 1
-                if not self._outage:  # once per outage: a line per retry would be noise
-                    self._outage = True
+                self._outage += 1
+                if self._outage == 1:  # once per outage: a line per retry would be noise
                     log.warning("storage writer: store failed, holding the queue: %s", exc)
                 raise_if_cancelled()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
+        self._store_answered()
+
+    def _store_answered(self) -> None:
+        """The store took a call or refused its data: any outage is over."""
         if self._outage:
-            self._outage = False
-            log.warning("storage writer: store is back after %d failed attempts", failures)
+            log.warning("storage writer: store is back after %d failed attempts", self._outage)
+            self._outage = 0
 
     async def _ack(self, uid: int, ids: list[int], attempt: int = 0) -> None:
         """Mark ``ids`` acked; those with no row yet are deferred (module docstring)."""
