@@ -15,9 +15,11 @@ LIVE_LAG_SECONDS before the release are kept that long, and their pushes dropped
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Iterator
 
 from websockets.asyncio.server import ServerConnection
@@ -36,6 +38,9 @@ MAX_CLOSE_REASON = 123  # bytes of UTF-8 a close frame has room for (125 less th
 # How late a live copy of a message may come after the message was made (a fan-out waiting
 # for a restarted task worker, a publisher between its store and its relay).
 LIVE_LAG_SECONDS = 120.0
+# Pushes remembered by the table (uid, message id), for the catch-up after a relay gap
+# (pmq.reactor.catchup): some seconds of a busy worker's pushes, 3 MiB at most.
+RECENT_PUSHES = 32768
 
 
 TEXT_FIN = 0x80 | Opcode.TEXT  # the first byte of a whole (unfragmented) text frame
@@ -142,6 +147,17 @@ class Client:
         """Queue one text frame without waiting; False when the client is gone or dropped."""
         return self.write_frame(text_frame(payload))
 
+    def push_missed(self, payload: bytes, message_id: int) -> bool:
+        """Write a message this connection missed live (a relay gap) now; a live copy that
+        still comes within LIVE_LAG_SECONDS is dropped, as for one replayed."""
+        if self.replayed is None:
+            self.replayed = set()
+        self.replayed.add(message_id)
+        self.replayed_until = time.monotonic() + LIVE_LAG_SECONDS
+        if self.sent is not None:
+            self.sent.add(message_id)
+        return self.write(payload)
+
     def send_frame(self, frame: bytes, message_id: int = 0) -> bool:
         """send() of frames made by text_frame(), so a fan-out makes them once for all;
         ``message_id``: the message the first one pushes (0: none). A push of a message
@@ -213,10 +229,45 @@ class Client:
         return True
 
 
+class RecentPushes:
+    """The last RECENT_PUSHES pushes of messages to local connections, as (uid, id)."""
+
+    def __init__(self) -> None:
+        self.ring: deque[tuple[str, int]] = deque(maxlen=RECENT_PUSHES)
+        self.count = 0  # pushes ever added, so an index knows which are new
+
+    def add(self, uid: str, message_id: int) -> None:
+        self.ring.append((uid, message_id))
+        self.count += 1
+
+    def since(self, floor: int) -> PushIndex:
+        """The pushes of ids from ``floor`` on by uid, those added later included."""
+        return PushIndex(self, floor)
+
+
+class PushIndex:
+    """RecentPushes from one id on, by uid; brought up to date at each look."""
+
+    def __init__(self, recent: RecentPushes, floor: int) -> None:
+        self.recent = recent
+        self.floor = floor
+        self.by_uid: dict[str, set[int]] = {}
+        self.seen = recent.count - len(recent.ring)
+
+    def of(self, uid: str) -> set[int]:
+        new = self.recent.count - self.seen
+        for pushed_uid, message_id in itertools.islice(reversed(self.recent.ring), new):
+            if message_id >= self.floor:
+                self.by_uid.setdefault(pushed_uid, set()).add(message_id)
+        self.seen = self.recent.count
+        return self.by_uid.get(uid, set())
+
+
 class ConnectionTable:
     def __init__(self) -> None:
         self.by_conn: dict[str, Client] = {}
         self.by_uid: dict[str, dict[str, Client]] = {}
+        self.recent = RecentPushes()
 
     def __len__(self) -> int:
         return len(self.by_conn)
@@ -258,6 +309,8 @@ class ConnectionTable:
         mine = self.by_uid.get(uid)
         if mine is None:
             return 0
+        if message_id:
+            self.recent.add(uid, message_id)
         if len(mine) == 1:  # the common case, without a generator per frame
             return int(next(iter(mine.values())).send_frame(frame, message_id))
         return sum(client.send_frame(frame, message_id) for client in list(mine.values()))

@@ -31,6 +31,7 @@ from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox
 from pmq.keys import Keys
+from pmq.reactor.catchup import CatchUp, Gap
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
+# The relay's pause between two subscriptions stays short: what is published on a channel
+# while nobody reads it reaches its users only through the catch-up after (pmq.reactor.catchup).
+RELAY_RETRY_SECONDS = 0.5
 
 
 class SocketWorker(Worker):
@@ -63,6 +67,7 @@ class SocketWorker(Worker):
         self.background: list[asyncio.Task[Any]] = []
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-store")
         self.beat_every = max(0.5, min(5.0, config.heartbeat.interval / 3))
+        self.last_beat = time.time()  # the last beat that found our route entries
 
     # Services offered to handlers and routes (pmq.handlers.base.App) ------------------
     async def start(self) -> None:
@@ -117,17 +122,22 @@ class SocketWorker(Worker):
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
+        catch_up = CatchUp(
+            self.table, self.inbox, self.cold_messages, self.broadcasts, self.fanout
+        )
+        self.unicast_gap = Gap(self.routes.on_message, catch_up.unicast)
+        broadcast_gap = Gap(self.fanout.on_message, catch_up.broadcasts)
+        self.gaps = [self.unicast_gap, broadcast_gap]
         self.subscriptions = [
             redisconn.subscribe(
-                self.redis, self.keys.worker_channel(self.id), self.routes.on_message
+                self.redis, self.keys.worker_channel(self.id), self.unicast_gap.listen
             ),
-            redisconn.subscribe(self.redis, self.keys.broadcast_channel(), self.fanout.on_message),
+            redisconn.subscribe(self.redis, self.keys.broadcast_channel(), broadcast_gap.listen),
         ]
-        for subscription in self.subscriptions:
+        for subscription, gap in zip(self.subscriptions, self.gaps, strict=True):
             await subscription.start()
-            self.background.append(
-                self.supervise("relay", functools.partial(self.read_relay, subscription))
-            )
+            relay = functools.partial(self.read_relay, subscription, gap)
+            self.background.append(self.supervise("relay", relay, cap=RELAY_RETRY_SECONDS))
         await self.routes.beat()
         self.gateway = Gateway(
             self,
@@ -161,20 +171,23 @@ class SocketWorker(Worker):
             self.supervise("heartbeat", heartbeat.run),
         ]
 
-    async def read_relay(self, subscription: redisconn.Subscription) -> None:
+    async def read_relay(self, subscription: redisconn.Subscription, gap: Gap) -> None:
         """Dispatch one channel's messages (relayed frames, or broadcasts) as they come.
 
         The subscription handles buffered messages back to back, a bounded number between
         two yields to the loop. When its connection fails this subscribes again on a fresh
         one (or leaves that to the next failure) and raises, for the supervisor to start the
-        relay again after a pause: one Redis outage must not end the relay for good."""
+        relay again after a pause: one Redis outage must not end the relay for good. What
+        was published meanwhile is caught up on once subscribed again (``gap``)."""
         try:
             while True:
                 await subscription.dispatch()
                 await asyncio.sleep(0)
         except (RedisError, OSError):
+            gap.opened()
             with contextlib.suppress(RedisError, OSError):
                 await subscription.recover()
+                gap.closed()
             raise
 
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
@@ -273,11 +286,15 @@ class SocketWorker(Worker):
         interval = self.config.heartbeat.interval
         next_sweep = next_refresh = time.monotonic()
         while True:
+            beat_at = time.time()
             if not await self.routes.beat() and len(self.table):
-                # Redis lost our entries: without them no unicast reaches our users.
+                # Redis lost our entries: without them no unicast reaches our users, and
+                # what was published since the last beat that found them saw them offline.
                 held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
                 await self.routes.restore(held)
                 log.warning("%s wrote its %d route entries again", self.title, len(held))
+                self.unicast_gap.missed_since(self.last_beat)
+            self.last_beat = beat_at
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + interval
                 await self.routes.refresh(self.table.uids())
@@ -316,6 +333,8 @@ class SocketWorker(Worker):
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.late_replays.close()
+        for gap in self.gaps:
+            await gap.close()
         with contextlib.suppress(RedisError, OSError):  # 4. remove routes
             removed = await self.routes.forget(self.id)
             log.info("%s removed %d route entries", self.title, removed)

@@ -116,7 +116,7 @@ class LateReplays:
                 sent = client.sent or set()
                 missed = [m for m in messages if int(m["id"]) not in sent]
                 for message in missed:
-                    client.replay(*push_of(message))
+                    client.push_missed(*push_of(message))
                 log.info("late replay for uid=%s: %d messages", client.uid, len(missed))
                 return
         except Exception:  # the outer boundary of this task: log with context, carry on
