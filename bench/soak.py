@@ -9,7 +9,7 @@ users of ``--users`` (``--online`` of them connected at any time, a ``--churn`` 
 those leaving per minute and replaced by users who were offline; clients ack what they get,
 now and then ``msg.pull`` and ``unread.get``), and a broadcast every ``--broadcast-every``
 seconds. Messages to offline users leave Redis for storage after ``inbox.hot_seconds``
-(120 here), so Redis holds a window of the traffic, not all of it.
+(120 here, swept every 10 s), so Redis holds a window of the traffic, not all of it.
 
 Every ``--sample`` seconds it reads the RSS and PSS of each node process (by title) and of
 the redis-server, Redis's used_memory and key count, and the storage queue's depth. At the
@@ -59,8 +59,11 @@ from bench.common import (
 from bench.run_node import free_port, wait_ready, write_config
 
 MIB = 1024 * 1024
-# Settings of the node beyond bench.run_node's, as PMQ_<SECTION>_<KEY> variables.
-NODE_SETTINGS = {"inbox.hot_seconds": "120", "inbox.sweep_seconds": "30"}
+# Settings of the node beyond bench.run_node's, as PMQ_<SECTION>_<KEY> variables. Messages
+# to offline users leave Redis after two minutes, so Redis holds a window of the traffic. A
+# sweep spends at most a second per pass; every 10 s it keeps up with the soak's few hundred
+# offline messages a second on a loaded 2-core machine (every 30 s it fell behind).
+NODE_SETTINGS = {"inbox.hot_seconds": "120", "inbox.sweep_seconds": "10"}
 LOG_FINDING = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
 # INFO memory fields that say where Redis's memory goes
 REDIS_MEMORY = (
