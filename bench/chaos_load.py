@@ -115,7 +115,7 @@ class User:
                     self._up(down)
                     await self._session(ws, stopping)
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
-                self.errors[type(exc).__name__] += 1
+                self.errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
             if self.connected:
                 self.connected = False
                 add(self.shared[0], -1)

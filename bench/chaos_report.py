@@ -186,6 +186,8 @@ def account(books: Books, durability: str, reconnect_bound: float) -> dict[str, 
         "users_dropped": sum(
             1 for u in books.users.values() if any(d >= f.began - 1 for d, _ in u["outages"])
         ),
+        "client_errors": dict(sum((collections.Counter(u["errors"])
+                                   for u in books.users.values()), collections.Counter())),
         "offline_checked": len(books.offline_seen),
         "offline_check_failed": books.offline_failed,
         "node_log_errors": len(books.log_errors),
