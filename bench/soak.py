@@ -64,7 +64,8 @@ MIB = 1024 * 1024
 # sweep spends at most a second per pass; every 10 s it keeps up with the soak's few hundred
 # offline messages a second on a loaded 2-core machine (every 30 s it fell behind).
 NODE_SETTINGS = {"inbox.hot_seconds": "120", "inbox.sweep_seconds": "10"}
-LOG_FINDING = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback")
+LOG_FINDING = re.compile(r" (ERROR|CRITICAL) ")
+STAMPED = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # a log line's start, not a traceback's
 # INFO memory fields that say where Redis's memory goes
 REDIS_MEMORY = (
     "used_memory_dataset",
@@ -235,18 +236,30 @@ def slopes(samples: list[dict[str, Any]], warmup: float) -> dict[str, dict[str, 
 
 # Findings ------------------------------------------------------------------------------------
 def log_findings(path: Path, limit: int = 40) -> dict[str, Any]:
-    """ERROR/CRITICAL/Traceback lines of a log, counted, the first ``limit`` shown; WARNING
-    lines counted by their message with numbers blanked."""
-    found: list[str] = []
+    """The log's ERROR and CRITICAL events, each with the last line of the traceback that
+    follows it (the exception), counted and the first ``limit`` shown; Traceback lines
+    counted; WARNING lines counted by their message with numbers blanked."""
+    events: list[str] = []
+    tracebacks = 0
     warnings: dict[str, int] = {}
     text = path.read_text(errors="replace") if path.exists() else ""
     for line in text.splitlines():
-        if LOG_FINDING.search(line):
-            found.append(line)
-        elif " WARNING " in line:
-            shape = re.sub(r"\d+", "N", line.split(": ", 1)[-1])[:160]
-            warnings[shape] = warnings.get(shape, 0) + 1
-    return {"count": len(found), "lines": found[:limit], "warnings": warnings}
+        if line.startswith("Traceback"):
+            tracebacks += 1
+        if STAMPED.match(line):
+            if LOG_FINDING.search(line):
+                events.append(line)
+            elif " WARNING " in line:
+                shape = re.sub(r"\d+", "N", line.split(": ", 1)[-1])[:160]
+                warnings[shape] = warnings.get(shape, 0) + 1
+        elif events and line.strip() and not line.startswith((" ", "Traceback", "The above")):
+            events[-1] = events[-1].split(" => ")[0] + " => " + line.strip()
+    return {
+        "count": len(events),
+        "tracebacks": tracebacks,
+        "events": events[:limit],
+        "warnings": warnings,
+    }
 
 
 def redis_warnings(path: Path) -> list[str]:
