@@ -5,7 +5,9 @@ connections (CLIENT KILL TYPE pubsub), again and again, while the site publishes
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,8 +15,20 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from websockets.protocol import State
 
-from tests.helpers import Ingest, Node, RedisServer, WsClient, wait_for, ws_client
+from pmq.auth import Identity
+from pmq.broadcast import Broadcasts
+from pmq.ids import IdGenerator, first_id_at
+from pmq.inbox import Inbox
+from pmq.keys import Keys
+from pmq.reactor.catchup import CatchUp
+from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor.fanout import Fanout
+from pmq.reactor.unread import UnreadPusher
+from pmq.unread import Unread
+from tests.helpers import REDIS_URL, Ingest, Node, RedisServer, WsClient, wait_for, ws_client
 
 USERS = ("7", "8")
 
@@ -96,3 +110,71 @@ def test_a_cut_subscription_catches_up_each_message_once(
             assert [i for i, n in got.items() if n > 1] == []
     site.close()
 
+
+
+class Socket:
+    """What a Client writes to, kept as the frames' payloads."""
+
+    def __init__(self) -> None:
+        self.protocol = type("Protocol", (), {"state": State.OPEN})()
+        self.transport = self
+        self.written: list[bytes] = []
+
+    def write(self, frame: bytes) -> None:
+        self.written.append(frame)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pushed_ids(self) -> list[str]:
+        ids = []
+        for frame in self.written:
+            header = {126: 4, 127: 10}.get(frame[1] & 0x7F, 2)
+            payload = json.loads(frame[header:])
+            ids.append(payload["msg"]["id"])
+        return ids
+
+
+def test_a_catch_up_sends_only_what_the_connection_never_had(redis_prefix: str) -> None:
+    """Only messages made after the connection opened, and each once: an older unacked
+    message (its connect replayed it, however long ago) is never sent again."""
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = Keys(redis_prefix)
+        ids = IdGenerator(1)
+        inbox = Inbox(client, keys, ids, 86400, 86400)
+        table = ConnectionTable()
+        unread = UnreadPusher(1, table, Unread(client, keys, 86400))
+        broadcasts = Broadcasts(client, keys, ids, 900, 20, 86400)
+        catch_up = CatchUp(table, inbox, broadcasts, Fanout(table, unread))
+        floor = first_id_at(int(time.time() * 1000) - 10_000)
+
+        old = await inbox.publish(["7"], "notice", None, {"n": 0})  # replayed on connect
+        await asyncio.sleep(0.01)
+        socket = Socket()
+        table.add(Client(socket, "c1", Identity("7"), 1 << 20, 50))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        new = await inbox.publish(["7"], "notice", None, {"n": 1})  # missed in a gap
+        await catch_up.unicast(floor)
+        first = socket.pushed_ids()
+        await catch_up.unicast(floor)  # a second gap: what the first sent is not sent again
+        again = socket.pushed_ids()
+        await client.aclose()
+        return old.ids + new.ids, first, again
+
+    published, first, again = asyncio.run(scenario())
+    assert first == [published[1]]
+    assert again == [published[1]]
+
+
+def test_a_late_replay_notes_only_ids_older_than_the_connection() -> None:
+    """While storage is out, a connection notes the ids it is sent so that the late replay
+    skips them; only those older than the connection can be storage's, so newer ones (every
+    live push, for as long as the outage lasts) are not kept."""
+    client = Client(Socket(), "c1", Identity("7"), 1 << 20, 50)  # type: ignore[arg-type]
+    client.sent = set()
+    older, newer = client.opened - 1, client.opened + 1
+    client.send_frame(b"x", older)
+    client.send_frame(b"y", newer)
+    assert client.sent == {older}

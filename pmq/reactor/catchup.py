@@ -17,8 +17,12 @@ The same unicast catch-up runs when the worker finds that Redis lost its route e
 
 "Has not had": the connection table remembers the pushes it made lately (ConnectionTable.
 recent), and a connection the ids it replayed; a message the catch-up sends is kept among
-those replayed for a while, so a live copy that still comes is dropped. One connection never
-gets an id twice.
+those replayed for a while, so a live copy that still comes is dropped. A connection is only
+caught up on messages made after it opened (what came before, its connect replayed). One
+connection never gets an id twice.
+
+The catch-up reads Redis only: what a gap hid was accepted lately and is hot. One runs at a
+time per channel; gaps that close meanwhile are caught up on together after it.
 """
 
 from __future__ import annotations
@@ -32,17 +36,20 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from pmq.broadcast import Broadcasts
-from pmq.errors import StorageError
 from pmq.ids import first_id_at
-from pmq.inbox import ColdReader, Inbox
+from pmq.inbox import Inbox
 from pmq.messaging import push_of
 from pmq.reactor.connections import Client, ConnectionTable, PushIndex
 from pmq.reactor.fanout import Fanout
-from pmq.reactor.replay import PAGE, bounded
+from pmq.reactor.replay import PAGE
 
 log = logging.getLogger(__name__)
 
 MARGIN_SECONDS = 2.0  # ids made this much before the channel was last heard are looked at too
+# A subscription whose peer went silent is found dead within this (pmq.redispipe's TCP
+# keepalive: 30 s idle, then 3 probes 10 s apart), so a quiet channel lost nothing before.
+SILENCE_SECONDS = 60.0
+HELD_WAIT_SECONDS = 30.0  # how long a catch-up waits for a connect's replay to end
 CONCURRENCY = 64  # connections caught up at once (each one inbox read)
 BROADCASTS_MAX = 1000  # broadcasts fanned out again after one gap at most
 
@@ -59,7 +66,8 @@ class Gap:
         self.catch_up = catch_up
         self.heard = time.time()  # the last message, or the subscribe
         self.floor: int | None = None  # while a gap is open: the first id to look at
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.task: asyncio.Task[None] | None = None  # the catch-up running
+        self.next: int | None = None  # the floor of the catch-up due after it
 
     def listen(self, message: dict[str, Any]) -> None:
         self.heard = time.time()
@@ -68,7 +76,8 @@ class Gap:
     def opened(self) -> None:
         """The subscription failed: what came after it was last heard may be lost."""
         if self.floor is None:
-            self.floor = first_id_at(int((self.heard - MARGIN_SECONDS) * 1000))
+            since = max(self.heard, time.time() - SILENCE_SECONDS)
+            self.floor = first_id_at(int((since - MARGIN_SECONDS) * 1000))
 
     def closed(self) -> None:
         """Subscribed again: catch up on what the gap hid."""
@@ -82,38 +91,36 @@ class Gap:
         self.start(first_id_at(int((wall_time - MARGIN_SECONDS) * 1000)))
 
     def start(self, floor: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(floor), name="catch-up")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        """Catch up from ``floor``, now or, while one runs, right after it."""
+        if self.task is not None and not self.task.done():
+            self.next = floor if self.next is None else min(self.next, floor)
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run(floor), name="catch-up")
 
-    async def _run(self, floor: int) -> None:
-        try:
-            await self.catch_up(floor)
-        except (RedisError, OSError) as exc:  # Redis gone again: the next gap catches up
-            log.warning("catch-up after a relay gap stopped: %r", exc)
-        except Exception:  # the outer boundary of this task: log with context, carry on
-            log.exception("catch-up after a relay gap failed")
+    async def _run(self, floor: int | None) -> None:
+        while floor is not None:
+            try:
+                await self.catch_up(floor)
+            except (RedisError, OSError) as exc:  # Redis gone again: the next gap catches up
+                log.warning("catch-up after a relay gap stopped: %r", exc)
+            except Exception:  # the outer boundary of this task: log with context, carry on
+                log.exception("catch-up after a relay gap failed")
+            floor, self.next = self.next, None
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
 
 class CatchUp:
     """The catch-ups of this worker's two channels."""
 
     def __init__(
-        self,
-        table: ConnectionTable,
-        inbox: Inbox,
-        cold: ColdReader,
-        broadcasts: Broadcasts,
-        fanout: Fanout,
+        self, table: ConnectionTable, inbox: Inbox, broadcasts: Broadcasts, fanout: Fanout
     ) -> None:
         self.table = table
         self.inbox = inbox
-        self.cold = bounded(cold)
         self.broadcasts_ = broadcasts
         self.fanout = fanout
 
@@ -131,9 +138,12 @@ class CatchUp:
         )
 
     async def _client(self, client: Client, floor: int, pushed: PushIndex) -> int:
-        if client.held is not None:  # replaying on connect now: that covers the gap
-            return 0
-        messages = await self._unacked(client.uid, floor - 1)
+        deadline = time.monotonic() + HELD_WAIT_SECONDS
+        while client.held is not None:  # its connect's replay goes first
+            if time.monotonic() > deadline:
+                return 0
+            await asyncio.sleep(0.05)
+        messages = await self._unacked(client.uid, max(floor, client.opened) - 1)
         # No await from here on: what was pushed meanwhile is in the table's memory.
         had = pushed.of(client.uid) | (client.replayed or set())
         missed = [m for m in messages if int(m["id"]) not in had]
@@ -142,15 +152,10 @@ class CatchUp:
         return len(missed)
 
     async def _unacked(self, uid: str, after: int) -> list[dict[str, Any]]:
-        """The user's unacked messages above ``after``, Redis's alone if storage fails."""
-        cold: ColdReader | None = self.cold
+        """The user's unacked messages in Redis above ``after``."""
         found: list[dict[str, Any]] = []
         while True:
-            try:
-                batch = await self.inbox.pending(uid, cold, after, PAGE)
-            except (StorageError, TimeoutError):
-                cold = None  # the storage outage's own late replay brings those
-                continue
+            batch = await self.inbox.pending(uid, None, after, PAGE)
             found += batch
             if len(batch) < PAGE:
                 return found

@@ -80,8 +80,8 @@ class Client:
     """One WebSocket connection of an authenticated user."""
 
     __slots__ = (
-        "conn_id", "held", "identity", "max_pending", "rate", "replayed", "replayed_until",
-        "sent", "tokens", "updated", "ws",
+        "conn_id", "held", "identity", "max_pending", "opened", "rate", "replayed",
+        "replayed_until", "sent", "tokens", "updated", "ws",
     )
 
     def __init__(
@@ -99,7 +99,12 @@ class Client:
         self.held: list[tuple[bytes, int]] | None = None
         self.replayed: set[int] | None = None  # ids replayed whose live copy may still come
         self.replayed_until = 0.0  # time.monotonic() when those are forgotten
-        self.sent: set[int] | None = None  # ids pushed, noted while a late replay is due
+        # The first id made after the connection opened: older messages are its replay's,
+        # newer ones come live.
+        self.opened = first_id_at(int(time.time() * 1000))
+        # While a late replay is due: the ids older than ``opened`` it was sent meanwhile
+        # (only those can be held by storage alone).
+        self.sent: set[int] | None = None
 
     @property
     def uid(self) -> str:
@@ -116,8 +121,7 @@ class Client:
         the live frames held back; its live copies will be dropped."""
         if self.replayed is not None:
             self.replayed.add(message_id)
-        if self.sent is not None:
-            self.sent.add(message_id)
+        self.note_sent(message_id)
         return self.write(payload)
 
     def release(self) -> None:
@@ -126,8 +130,8 @@ class Client:
         replayed that were made in the last LIVE_LAG_SECONDS, for that long."""
         held, self.held = self.held or [], None
         replayed, self.replayed = self.replayed or set(), None
-        if self.sent is not None:
-            self.sent.update(message_id for _, message_id in held)
+        for _, message_id in held:
+            self.note_sent(message_id)
         for frame, message_id in held:
             if message_id in replayed:
                 frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
@@ -138,6 +142,11 @@ class Client:
         if recent:
             self.replayed = recent
             self.replayed_until = time.monotonic() + LIVE_LAG_SECONDS
+
+    def note_sent(self, message_id: int) -> None:
+        """While a late replay is due, note that this connection was sent ``message_id``."""
+        if self.sent is not None and 0 < message_id < self.opened:
+            self.sent.add(message_id)
 
     def send(self, payload: bytes) -> bool:
         """Queue one live frame (kept back during a replay); see write()."""
@@ -154,16 +163,14 @@ class Client:
             self.replayed = set()
         self.replayed.add(message_id)
         self.replayed_until = time.monotonic() + LIVE_LAG_SECONDS
-        if self.sent is not None:
-            self.sent.add(message_id)
+        self.note_sent(message_id)
         return self.write(payload)
 
     def send_frame(self, frame: bytes, message_id: int = 0) -> bool:
         """send() of frames made by text_frame(), so a fan-out makes them once for all;
         ``message_id``: the message the first one pushes (0: none). A push of a message
         this connection replayed is left out (True: the connection has it)."""
-        if self.sent is not None and message_id:
-            self.sent.add(message_id)
+        self.note_sent(message_id)
         if self.replayed is not None and self._replayed(message_id):
             frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
             if not frame:

@@ -122,9 +122,7 @@ class SocketWorker(Worker):
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
         self.handlers = load_handlers()
-        catch_up = CatchUp(
-            self.table, self.inbox, self.cold_messages, self.broadcasts, self.fanout
-        )
+        catch_up = CatchUp(self.table, self.inbox, self.broadcasts, self.fanout)
         self.unicast_gap = Gap(self.routes.on_message, catch_up.unicast)
         broadcast_gap = Gap(self.fanout.on_message, catch_up.broadcasts)
         self.gaps = [self.unicast_gap, broadcast_gap]

@@ -113,8 +113,10 @@ class LateReplays:
                 except (StorageError, TimeoutError):
                     delay = min(delay * 2, RETRY_MAX)
                     continue
-                sent = client.sent or set()
-                missed = [m for m in messages if int(m["id"]) not in sent]
+                sent = client.sent or set()  # newer messages came live, or will
+                missed = [
+                    m for m in messages if int(m["id"]) < client.opened and int(m["id"]) not in sent
+                ]
                 for message in missed:
                     client.push_missed(*push_of(message))
                 log.info("late replay for uid=%s: %d messages", client.uid, len(missed))
