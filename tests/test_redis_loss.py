@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,37 @@ def test_stored_marks_only_rise(store: Store) -> None:
     assert store.raise_redis_marks({0: (1, 5)}) == {0: (1, 5)}
     assert store.raise_redis_marks({0: (1, 3)}) == {0: (1, 5)}  # lower: kept
     assert store.raise_redis_marks({0: (2, 0), 3: (1, 1)}) == {0: (2, 0), 3: (1, 1)}
-    assert store.redis_marks() == {0: (2, 0), 3: (1, 1)}
+    assert store.raise_redis_marks({0: (1, 9), 3: (1, 2)}) == {0: (2, 0), 3: (1, 2)}
+    assert store.redis_marks() == {0: (2, 0), 3: (1, 2)}
+
+
+@pytest.mark.mysql
+def test_concurrent_raises_of_one_bucket_never_fail_and_keep_the_highest() -> None:
+    """Task workers raise the same bucket's mark at once (every batch of a one-bucket Redis
+    touches bucket 0): no transaction fails (MariaDB once answered the second with a
+    deadlock, 1213), and the highest mark stays, first inserts of a bucket included."""
+    database = MysqlDatabase()
+    store = open_store(StorageConfig(url=database.url(), shards=SHARDS, pool_size=4))
+    rounds = 200
+    try:
+        store.init_schema()
+        start = threading.Barrier(2)
+
+        def raise_marks(worker: int) -> None:
+            start.wait()
+            for n in range(rounds):
+                # Each round also a bucket nobody has recorded yet, raised by both at once.
+                store.raise_redis_marks({0: (1 + n // 50, 2 * n + worker), 1 + n: (1, worker)})
+
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(raise_marks, w) for w in (0, 1)]:
+                done.result()  # re-raises a StorageError of that thread
+        marks = store.redis_marks()
+        assert marks[0] == (1 + (rounds - 1) // 50, 2 * (rounds - 1) + 1)
+        assert all(marks[1 + n] == (1, 1) for n in range(rounds))
+    finally:
+        store.close()
+        database.drop()
 
 
 def test_unacked_users_pages_one_shard(store: Store) -> None:

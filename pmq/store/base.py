@@ -119,6 +119,11 @@ class Store(abc.ABC):
     placeholder: ClassVar[str]  # "?" or "%s"
     insert_ignore: ClassVar[str]  # "INSERT OR IGNORE" or "INSERT IGNORE"
     replace_into: ClassVar[str]  # "INSERT OR REPLACE" or "REPLACE"
+    # What follows "INSERT INTO pmq_redis_mark (bucket, epoch, gen) VALUES ..." so that a
+    # bucket's row changes only to a higher mark: one statement, so the row is locked once,
+    # exclusively (an INSERT IGNORE then UPDATE takes a shared lock and then asks for an
+    # exclusive one: two writers of one bucket deadlock on MySQL).
+    keep_higher_mark: ClassVar[str]
 
     def __init__(self, shards: int, owned: Sequence[int] | None = None) -> None:
         """``owned``: the message shards this database holds (default all of them); the
@@ -320,20 +325,16 @@ class Store(abc.ABC):
         """Record each bucket's mark unless a higher one is recorded already (a stored mark
         only ever rises, whatever order concurrent writers commit in); returns every
         bucket's recorded mark, as redis_marks() would after."""
+        rows = sorted(marks.items())  # one order for every caller: row locks taken alike
         p = self.placeholder
         with self._session("raise_redis_marks", write=True) as cur:
-            for bucket, (epoch, gen) in sorted(marks.items()):
+            if rows:
                 cur.execute(
-                    f"{self.insert_ignore} INTO pmq_redis_mark (bucket, epoch, gen) "
-                    f"VALUES ({p}, {p}, {p})",
-                    (bucket, epoch, gen),
+                    "INSERT INTO pmq_redis_mark (bucket, epoch, gen) VALUES "
+                    + ", ".join([f"({p}, {p}, {p})"] * len(rows))
+                    + f" {self.keep_higher_mark}",
+                    [v for bucket, (epoch, gen) in rows for v in (bucket, epoch, gen)],
                 )
-                if cur.rowcount == 0:  # a row was there: raise it if ours is higher
-                    cur.execute(
-                        f"UPDATE pmq_redis_mark SET epoch = {p}, gen = {p} WHERE bucket = {p} "
-                        f"AND (epoch < {p} OR (epoch = {p} AND gen < {p}))",
-                        (epoch, gen, bucket, epoch, epoch, gen),
-                    )
             cur.execute("SELECT bucket, epoch, gen FROM pmq_redis_mark")
             return {int(b): (int(e), int(g)) for b, e, g in cur.fetchall()}
 

@@ -50,6 +50,13 @@ class MysqlStore(Store):
     placeholder = "%s"
     insert_ignore = "INSERT IGNORE"
     replace_into = "REPLACE"
+    # gen is compared with the old epoch, so it is assigned before epoch (MariaDB assigns
+    # left to right; with SIMULTANEOUS_ASSIGNMENT both read the old row, equally right).
+    keep_higher_mark = (
+        "ON DUPLICATE KEY UPDATE "
+        "gen = IF((VALUES(epoch), VALUES(gen)) > (epoch, gen), VALUES(gen), gen), "
+        "epoch = GREATEST(epoch, VALUES(epoch))"
+    )
 
     def __init__(
         self,

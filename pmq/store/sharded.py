@@ -35,6 +35,7 @@ class ShardedStore(Store):
         self.placeholder = primary.placeholder  # type: ignore[misc]
         self.insert_ignore = primary.insert_ignore  # type: ignore[misc]
         self.replace_into = primary.replace_into  # type: ignore[misc]
+        self.keep_higher_mark = primary.keep_higher_mark  # type: ignore[misc]
         self.main = primary
         self.stores = [primary, *others]
         self.by_shard: dict[int, Store] = {}

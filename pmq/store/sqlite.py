@@ -30,6 +30,10 @@ class SqliteStore(Store):
     placeholder = "?"
     insert_ignore = "INSERT OR IGNORE"
     replace_into = "INSERT OR REPLACE"
+    keep_higher_mark = (
+        "ON CONFLICT (bucket) DO UPDATE SET epoch = excluded.epoch, gen = excluded.gen "
+        "WHERE (excluded.epoch, excluded.gen) > (epoch, gen)"
+    )
 
     def __init__(self, path: Path, shards: int, owned: Sequence[int] | None = None) -> None:
         super().__init__(shards, owned)
