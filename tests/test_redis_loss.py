@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -360,6 +360,61 @@ def test_recovery_flags_stored_users_cold_and_sees_redis_go_back(
         await client.delete(keys.redis_mark(1), keys.cold("5"))
         assert await recovery.check_once() == [1]
         assert await client.exists(keys.cold("5"))
+        await client.aclose()
+
+    asyncio.run(scenario())
+    store.close()
+
+
+class WriterBetweenReads:
+    """A store whose next redis_marks() first waits for ``batch()`` (a storage writer
+    taking, writing and recording a batch) to run on ``loop``, then reads."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.batch: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def redis_marks(self) -> dict[int, tuple[int, int]]:
+        if self.batch is not None and self.loop is not None:
+            batch, self.batch = self.batch, None
+            asyncio.run_coroutine_threadsafe(batch(), self.loop).result(10)
+        return self.store.redis_marks()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_batch_recorded_while_the_check_reads_starts_no_recovery(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """A writer moves its bucket's mark up, writes and records it while the check waits for
+    storage: storage is then ahead of a Redis read made before, but not of one made after.
+    The check reads storage first, so Redis is never seen behind and nothing is recovered."""
+    keys = Keys(redis_prefix)
+    store = open_store(StorageConfig(url=f"sqlite:///{tmp_path}/pmq.db", shards=SHARDS))
+    store.init_schema()
+    hooked = WriterBetweenReads(store)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        checked = cast(Store, hooked)
+        recovery = Recovery(client, keys, checked, asyncio.to_thread, "t:0", cold_ttl=60)
+        guard = BatchGuard(client, keys, store, asyncio.to_thread, cold_ttl=60)
+        assert await recovery.check_once() == [0]  # the first epoch
+        rows = [row(1, 8)]
+
+        async def batch() -> None:
+            seen = await guard.taken(rows)
+            store.write_messages(rows)
+            await guard.written(seen, rows)
+
+        hooked.loop, hooked.batch = asyncio.get_running_loop(), batch
+        assert await recovery.check_once() == []
+        assert hooked.batch is None  # the writer did run inside the check
+        assert store.redis_marks() == {0: (1, 1)}
+        assert await RedisMarks(client, keys).read([0]) == {0: (1, 1)}  # the epoch stayed
+        assert recovery.recoveries == 1
         await client.aclose()
 
     asyncio.run(scenario())

@@ -124,8 +124,11 @@ class Recovery:
     async def check_once(self) -> list[int]:
         """Recover the buckets found incomplete or behind storage, if this worker gets the
         lock; returns the buckets made complete."""
-        in_redis = await self.marks.read(range(self.keys.buckets))
+        # Storage first: a writer records a mark in storage only after moving it up in
+        # Redis, so what storage holds is at or below what Redis holds from then on. Read
+        # the other way round, a batch recorded in between would look like Redis went back.
         stored = await self.in_thread(self.store.redis_marks)
+        in_redis = await self.marks.read(range(self.keys.buckets))
         lost = [
             b for b, mark in in_redis.items() if mark is None or mark < stored.get(b, NO_MARK)
         ]
