@@ -101,6 +101,35 @@ def test_cancelling_stops_the_loop_even_during_its_pause() -> None:
     assert asyncio.run(scenario()) == 1  # cancelled in the first pause
 
 
+def test_cancelling_stops_a_loop_whose_cancellation_became_a_redis_error() -> None:
+    """What redis-py can do: the cancel lands in a command, which fails with a RedisError
+    instead. The supervisor must not restart the loop, or the task outlives its shutdown."""
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+        swallowed = 0
+
+        async def loop() -> None:
+            nonlocal swallowed
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if swallowed:  # once is the case; a failing test still ends
+                    raise
+                swallowed += 1
+                raise RedisConnectionError("connection lost while cancelled") from None
+
+        task = asyncio.create_task(supervise("swallowing", loop, lambda *_: None))
+        await started.wait()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5.0)
+        assert done, "the supervised loop was restarted after its cancellation"
+        assert task.cancelled()
+
+    asyncio.run(scenario())
+
+
 WORKER_WITH_A_BUG = textwrap.dedent(
     """
     import asyncio, logging, os, sys

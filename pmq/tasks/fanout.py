@@ -21,8 +21,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq.broadcast import encode_fanout
+from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
-from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.owners import OwnerLease
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
-from pmq.tasks.cancel import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
+from pmq.cancel import raise_if_cancelled
 from pmq.epochs import RedisMarks
 from pmq.keys import Keys
 from pmq.store import Store, StoredMessage
 from pmq.store.base import Mark
-from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.sweep import LOCK, UNLOCK
 from pmq.tasks.writer import InThread
 

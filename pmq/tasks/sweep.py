@@ -24,10 +24,10 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
 from pmq.protocol import is_uid
 from pmq.store import Store
-from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.writer import InThread
 
 log = logging.getLogger(__name__)

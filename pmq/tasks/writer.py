@@ -40,11 +40,11 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq import metrics
+from pmq.cancel import raise_if_cancelled
 from pmq.errors import StorageDataError, StorageError
 from pmq.keys import Keys
 from pmq.store import Store
 from pmq.tasks import deadletter
-from pmq.tasks.cancel import raise_if_cancelled
 from pmq.tasks.owners import NOW, OwnerLease
 from pmq.tasks.queueops import Batch, parse_batch
 

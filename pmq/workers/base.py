@@ -23,6 +23,7 @@ import setproctitle
 import uvloop
 from redis.exceptions import RedisError
 
+from pmq.cancel import raise_if_cancelled
 from pmq.config import Config
 from pmq.errors import StorageError, WorkerExit
 from pmq.workers.channel import send_event
@@ -60,7 +61,8 @@ async def supervise(
     back-off, RESTART_FIRST doubling up to ``cap`` seconds (from RESTART_FIRST again once a
     run lasted longer than ``cap``), so the loop keeps whatever state it holds in its object.
     On any other exception it calls ``died(name, exc)`` and returns. Cancellation passes
-    through: cancel the task to stop the loop."""
+    through: cancel the task to stop the loop, even one whose cancellation redis-py turned
+    into a RedisError (it is not restarted)."""
     delay = RESTART_FIRST
     while True:
         began = time.monotonic()
@@ -68,6 +70,7 @@ async def supervise(
             await loop()
             return
         except EXPECTED_ERRORS as exc:
+            raise_if_cancelled()
             if time.monotonic() - began > cap:
                 delay = RESTART_FIRST  # it ran well for a while: this is a new failure
             log.warning("loop %s failed: %r; restarting in %.1fs", name, exc, delay)
