@@ -18,8 +18,9 @@ import redis
 
 from pmq.keys import Keys
 from pmq.tasks.fanout import BroadcastFanout
-from pmq.tasks.owners import OwnerLease
-from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, wait_for
+from pmq.tasks.owners import OwnerLease, legacy_owners
+from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, wait_for, ws_client
+from tests.test_redis_loss import sqlite_rows
 from tests.test_tasks import connect, msg_op, until
 
 SHARDS = 4
@@ -68,6 +69,29 @@ def test_a_live_owner_keeps_its_list_until_it_stops_renewing(keys: Keys) -> None
             await until(other.reclaim, "the take-over once busy:1 stopped renewing", 5)
             assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
             assert not await owner.renew()  # it learns that its lease had lapsed
+
+    asyncio.run(scenario())
+
+
+def test_a_slot_named_list_is_adopted_with_one_lease_then_taken_over(keys: Keys) -> None:
+    """A list of the version before owner leases (NODE:INDEX) is registered with a lease
+    from its adoption: its owner, if still draining, may give it back meanwhile; then a
+    live worker takes it over. Slots without a list are not registered."""
+    ops = [op for _, op in (msg_op(to=2) for _ in range(5))]
+
+    async def scenario() -> None:
+        async with connect() as r:
+            await r.rpush(keys.store_taken("old-node:2", "b0"), *ops)
+            live = OwnerLease(r, keys, "new-node:task1:9:aa", lease=1.0)
+            legacy = legacy_owners("old-node", 1)
+            assert "old-node:2" in legacy
+            assert await live.adopt(legacy) == 1
+            assert await live.adopt(legacy) == 0  # registered once, its lease not extended
+            assert await r.zrange(keys.store_owners("b0"), 0, -1) == [b"old-node:2"]
+            assert await live.reclaim() == 0  # within its lease
+            await until(live.reclaim, "the take-over once the lease expired", 5)
+            assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
+            assert not await r.exists(keys.store_owners("b0"), keys.broadcast_owners())
 
     asyncio.run(scenario())
 
@@ -170,3 +194,36 @@ def test_batch_of_a_killed_task_worker_is_stored_once_by_a_renamed_smaller_node(
     finally:
         proxy.close()
         db.drop()
+
+
+@pytest.mark.e2e
+def test_lists_of_the_version_before_owner_leases_are_taken_over_by_the_node(
+    make_node: Callable[..., Node], redis_client: redis.Redis
+) -> None:
+    """Before owner leases a task worker named its taken lists by its slot, NODE:INDEX, and
+    no registry listed them: after a kill -9 they waited forever. The node started again
+    under its name adopts them, slots beyond its task_workers included: every item reaches
+    storage, and the broadcast is published."""
+    node = make_node()
+    keys = Keys(node.prefix)
+    ops = dict(msg_op(to=n % 3 + 1) for n in range(30))
+    items = list(ops.values())
+    redis_client.rpush(keys.store_taken(f"{node.name}:1", "b0"), *items[:20])
+    redis_client.rpush(keys.store_taken(f"{node.name}:3", "b0"), *items[20:])
+    message = {"id": "987654321", "kind": "system", "from": None, "body": {"n": 1}, "ts": 1}
+    broadcast = orjson.dumps({"group": "all", "msg": message})
+    redis_client.rpush(keys.broadcast_taken(f"{node.name}:1"), broadcast)
+    node.start()
+    with ws_client(node, 5) as user:
+        assert user.next("push", timeout=40)["msg"]["id"] == "987654321"
+    wait_for(lambda: set(sqlite_rows(node)) == set(ops), 40, "every item stored")
+    left = [
+        keys.store_taken(f"{node.name}:1", "b0"),
+        keys.store_taken(f"{node.name}:3", "b0"),
+        keys.broadcast_taken(f"{node.name}:1"),
+        keys.store_queue("b0"),
+        keys.store_dead("b0"),
+    ]
+    assert not redis_client.exists(*left)
+    owners = redis_client.zrange(keys.store_owners("b0"), 0, -1)
+    assert not [o for o in owners if o in (f"{node.name}:1", f"{node.name}:3")]

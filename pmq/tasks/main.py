@@ -24,7 +24,7 @@ from pmq.config import Config
 from pmq.keys import Keys
 from pmq.store import open_store
 from pmq.tasks.fanout import BroadcastFanout
-from pmq.tasks.owners import OwnerLease
+from pmq.tasks.owners import OwnerLease, legacy_owners
 from pmq.tasks.recovery import BatchGuard, Recovery
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
@@ -67,11 +67,13 @@ class TaskWorker(Worker):
         # The writer's and the fan-out's taken lists are this process's, new with each (never
         # the slot's: the node's name and task_workers may differ next time); the lease is
         # the worker timeout, after which the master would have replaced a stuck worker.
+        # Lists this node's slots left before owner leases are adopted.
         self.owners = OwnerLease(
             self.redis,
             self.keys,
             f"{self.id}:{secrets.token_hex(4)}",
             self.config.server.worker_timeout,
+            legacy=legacy_owners(self.config.server.node, self.config.server.task_workers),
         )
         self.writer = StorageWriter(
             self.redis,

@@ -22,6 +22,13 @@ A registry per queue, rather than SCAN for taken lists: SCAN walks the whole key
 master of a Redis Cluster) on each pass, while the registry is read with one ZRANGEBYSCORE per
 queue, in the queue's slot, and its lease and the list it covers change in one script.
 
+Before owner leases, a task worker named its taken lists by its slot, ``NODE:INDEX``
+(:func:`legacy_owners`), and no registry listed them. At start, :meth:`OwnerLease.run`
+adopts those of its own node that exist: each is registered with a lease from then, as if
+its owner had just taken it, so a worker of the old version still draining (a rolling
+restart) gives its list back itself, and a list left by one that died is taken over once
+that lease expires. Lists of a node that comes back under another name are not found.
+
 An owner whose lease lapsed while it was still alive (Redis unreachable longer than the
 lease) may be taken over in the middle of a batch: its items are then written (or a broadcast
 published) twice, which the store's writes by id and the clients' drop of ids they have make
@@ -34,7 +41,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 
 EXPIRED_PAGE = 100  # owners taken over per queue per pass at most (the next pass goes on)
 STOP_WAIT = 2.0  # seconds release() lets a renewal in flight finish before giving back
+# Slots adopted at least, whatever task_workers is now: a node may have had more before.
+LEGACY_SLOTS = 16
 
 # The current time of Redis in unix ms: every lease is on this one clock.
 NOW = """
@@ -101,6 +110,26 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return #items
 """
 
+# KEYS: owners, then the taken list of each owner; ARGV: lease ms, then the owners (ARGV[i]
+# owns KEYS[i]). Registers each owner whose taken list exists and that is not registered,
+# with a lease from now; returns how many were registered.
+ADOPT = NOW + """
+local adopted = 0
+for i = 2, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1
+        and redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[1]), ARGV[i]) == 1 then
+        adopted = adopted + 1
+    end
+end
+return adopted
+"""
+
+
+def legacy_owners(node: str, task_workers: int) -> list[str]:
+    """The owner names the task workers of ``node`` had before owner leases: their slots,
+    ``NODE:INDEX`` with INDEX from 1, at least LEGACY_SLOTS of them."""
+    return [f"{node}:{index}" for index in range(1, max(task_workers, LEGACY_SLOTS) + 1)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Leased:
@@ -125,11 +154,20 @@ def leased_queues(keys: Keys) -> list[Leased]:
 
 class OwnerLease:
     """The lease of one task worker ``owner`` on its taken lists of every queue it takes
-    from, and its view of everyone else's (module docstring). ``lease`` is in seconds."""
+    from, and its view of everyone else's (module docstring). ``lease`` is in seconds;
+    ``legacy``: owner names of the version before owner leases to adopt at start."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, owner: str, lease: float) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        owner: str,
+        lease: float,
+        legacy: Sequence[str] = (),
+    ) -> None:
         self.redis = redis
         self.owner = owner
+        self.legacy = list(legacy)
         self.lease = lease
         self.lease_ms = int(lease * 1000)
         self.queues = leased_queues(keys)
@@ -138,6 +176,7 @@ class OwnerLease:
         self._reclaim = redis.register_script(RECLAIM)
         self._take_one = redis.register_script(TAKE_ONE)
         self._release = redis.register_script(RELEASE)
+        self._adopt = redis.register_script(ADOPT)
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.reclaimed = 0  # items taken over from expired owners, for stats
@@ -147,10 +186,12 @@ class OwnerLease:
         return [self.owner, self.lease_ms]
 
     async def run(self) -> None:
-        """Until :meth:`release`: renew this owner's lease and take over the lists of owners
-        whose lease expired, every third of the lease. Redis errors end it (to be started
-        again); a lease that lapses meanwhile only lets another worker repeat some work."""
+        """Adopt the ``legacy`` owners' lists, then until :meth:`release`: renew this
+        owner's lease and take over the lists of owners whose lease expired, every third of
+        the lease. Redis errors end it (to be started again); a lease that lapses meanwhile
+        only lets another worker repeat some work."""
         self._task = asyncio.current_task()
+        await self.adopt(self.legacy)
         first = True
         while not self._stopped.is_set():
             if not await self.renew() and not first:
@@ -169,6 +210,27 @@ class OwnerLease:
             bytes | None,
             await self._take_one(keys=[queue, taken, owners], args=self.script_args()),
         )
+
+    async def adopt(self, legacy: Sequence[str]) -> int:
+        """Register each of the ``legacy`` owners that has a taken list and no registration,
+        with a lease from now (module docstring); returns how many lists were adopted."""
+        if not legacy:
+            return 0
+        adopted = 0
+        for leased in self.queues:
+            keys = [leased.owners, *(leased.taken(owner) for owner in legacy)]
+            count = int(await self._adopt(keys=keys, args=[self.lease_ms, *legacy]))
+            if count:
+                log.warning(
+                    "task worker %s: adopted %d taken lists of %s left by a version before "
+                    "owner leases; taken over in %gs unless given back",
+                    self.owner,
+                    count,
+                    leased.queue,
+                    self.lease,
+                )
+            adopted += count
+        return adopted
 
     async def renew(self) -> bool:
         """Extend this owner's lease on every queue; False when a registration had lapsed
