@@ -69,7 +69,11 @@ def encode_fanout(group: str, frame: bytes) -> bytes:
 
 
 def decode_fanout(message: bytes) -> tuple[str, bytes]:
-    group, _, frame = message.partition(b"\n")
+    """The group and push frame of what encode_fanout() made; ValueError (or its subclass
+    UnicodeDecodeError) for anything else."""
+    group, newline, frame = message.partition(b"\n")
+    if not newline:
+        raise ValueError("a broadcast channel message without its group line")
     return group.decode(), frame
 
 

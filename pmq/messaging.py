@@ -43,7 +43,8 @@ def push_of(message: dict[str, Any]) -> tuple[bytes, int]:
 
 
 def message_id_of(payload: bytes) -> int:
-    """The id of the message a push frame carries, or 0 for any other frame."""
+    """The id of the message a push frame carries, or 0 for any other frame. A push frame
+    whose id is not a number raises ValueError."""
     if not payload.startswith(ID_PREFIX):
         return 0
     start = len(ID_PREFIX)

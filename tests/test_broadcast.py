@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.helpers import Ingest, Node, wait_for, ws_client
+from pmq.keys import Keys
+from pmq.messaging import ID_PREFIX
+from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 
 pytestmark = pytest.mark.e2e
 
@@ -87,6 +90,39 @@ def test_broadcast_reaches_every_connection_on_both_workers(make_node):
         await asyncio.gather(*(ws.close() for ws in clients))
 
     asyncio.run(scenario())
+
+
+# What anything publishing on the broadcast channel might send that is not a broadcast.
+GARBAGE = [
+    b"all\n" + ID_PREFIX + b'not-a-number"}}',  # a push frame whose id is no number
+    b"all\n" + ID_PREFIX + b"12345",  # cut off inside its id
+    b"all\n" + ID_PREFIX + b"9" * 5000 + b'"}}',  # more digits than int() reads
+    b"\xff\xfe\n{}",  # a group that is not UTF-8
+    b"no newline at all",
+    b"",
+]
+
+
+def test_garbage_on_the_broadcast_channel_is_dropped_and_fan_out_goes_on(make_node):
+    node = make_node().start()
+    pids = sorted(w["pid"] for w in node.workers("socket"))
+    channel = Keys(node.prefix).broadcast_channel()
+
+    async def scenario() -> None:
+        clients = await open_clients(node, range(4000, 4020))
+        wait_for(lambda: held_by_both_workers(node, 20), 10, "20 clients over both workers")
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for garbage in GARBAGE:
+                assert client.spublish(channel, garbage) == 2  # heard by both socket workers
+        status, reply = await asyncio.to_thread(broadcast, node, {"text": "after the garbage"})
+        assert status == 202
+        pushes = await asyncio.gather(*(next_push(ws) for ws in clients))
+        assert {p["id"] for p in pushes} == {reply["data"]["id"]}
+        await asyncio.gather(*(ws.close() for ws in clients))
+
+    asyncio.run(scenario())
+    assert sorted(w["pid"] for w in node.workers("socket")) == pids
+    assert node.log().count("dropped a malformed broadcast message") == 2 * len(GARBAGE)
 
 
 def test_group_broadcast_reaches_members_only(make_node):

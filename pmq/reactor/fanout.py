@@ -44,11 +44,17 @@ class Fanout:
         self.recent: dict[int, None] = {}  # the last RECENT_IDS broadcasts, oldest first
 
     def on_message(self, message: dict[str, Any]) -> None:
-        """pub/sub callback: queue the broadcast; run() delivers them one at a time."""
+        """pub/sub callback: queue the broadcast; run() delivers them one at a time. A
+        malformed one (anything can publish on the channel) is logged and dropped here."""
         try:
-            self.queue.put_nowait(decode_fanout(message["data"]))
+            group, frame = decode_fanout(message["data"])
+            # Parsed here so that deliver() never meets a frame it cannot read: a fault
+            # there ends the fan-out loop, and with it every socket worker at once.
+            message_id_of(frame)
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed broadcast message")
+            return
+        self.queue.put_nowait((group, frame))
 
     @property
     def busy(self) -> bool:
