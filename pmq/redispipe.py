@@ -309,8 +309,11 @@ class Pipe:
         Redis may have run the command: the caller must not assume either way (the ingest
         answers 503 and the site retries with its idempotency key)."""
         packed = pack(*args)
+        conn = self._conn  # open: no coroutine in between (the hot path)
+        if conn is None or conn.lost.done():
+            conn = await self._connection()
         try:
-            return await (await self._connection()).send(packed)
+            return await conn.send(packed)
         except Unsent:
             return await (await self._connection()).send(packed)
 
