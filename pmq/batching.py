@@ -13,11 +13,15 @@ pipeline cannot carry a script.
 With ``redis.durability = "aof"`` (a :class:`pmq.durability.Confirm`), scripts are the
 writes: after each write of a batch that holds scripts, one WAITAOF follows on the same
 connection, and every script caller of that batch gets its reply only once it confirmed the
-fsync (else NotDurable). Plain commands (relays) wait for nothing.
+fsync (else NotDurable), within :attr:`pmq.durability.Confirm.deadline`. Redis holds every
+later command of a connection while a WAITAOF blocks, so plain commands (relays, live pushes
+to other workers) then go on a second connection and wait for nothing; with ``"none"`` one
+connection carries everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
@@ -32,26 +36,31 @@ class Batcher:
     def __init__(self, redis: aioredis.Redis, confirm: durability.Confirm | None = None) -> None:
         self.redis = redis
         self.confirm = confirm
-        self.pipe: redispipe.Pipe | None = None  # None: each command alone, through redis-py
+        # None: each command alone, through redis-py. ``pipe`` carries the scripts (and
+        # their WAITAOFs), ``plain`` the other commands: the same Pipe without a confirm.
+        self.pipe: redispipe.Pipe | None = None
+        self.plain: redispipe.Pipe | None = None
         if redispipe.supports(redis):  # not a cluster, not TLS
-            self.pipe = redispipe.Pipe(redispipe.Endpoint.of(redis))
+            endpoint = redispipe.Endpoint.of(redis)
+            self.pipe = redispipe.Pipe(endpoint)
+            self.plain = self.pipe if confirm is None else redispipe.Pipe(endpoint)
 
     async def call(self, *args: Any) -> Any:
         """Send one command (``"SPUBLISH", channel, message``) with the others of this
-        iteration; returns its reply or raises its error."""
-        if self.pipe is None:
+        iteration; returns its reply or raises its error. Never waits for a WAITAOF."""
+        if self.plain is None:
             return await self.redis.execute_command(*args)
-        return await self.pipe.call(*args)
+        return await self.plain.call(*args)
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """Call a registered script (loaded again if Redis lost it); with a confirm, its
         reply only once WAITAOF confirmed it, else NotDurable."""
-        if self.pipe is None:  # the script object loads itself on the node owning the keys
+        if self.plain is None:  # the script object loads itself on the node owning the keys
             return await durability.run_script(self.redis, script, keys, args, self.confirm)
         try:
             return await self._evalsha(script, keys, args)
         except NoScriptError:  # Redis restarted or was flushed: load it, send again
-            await self.pipe.call("SCRIPT", "LOAD", script.script)
+            await self.plain.call("SCRIPT", "LOAD", script.script)  # Redis-wide
             return await self._evalsha(script, keys, args)
 
     def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
@@ -69,12 +78,17 @@ class Batcher:
         keys: list[Any],
         args: list[Any],
     ) -> Any:
-        reply, confirmed = await pipe.call_confirmed(
-            confirm.command, "EVALSHA", script.sha, len(keys), *keys, *args
-        )
+        try:
+            async with asyncio.timeout(confirm.deadline):
+                reply, confirmed = await pipe.call_confirmed(
+                    confirm.command, "EVALSHA", script.sha, len(keys), *keys, *args
+                )
+        except TimeoutError:  # Redis answers slower than WAITAOF's own timeout allows
+            raise durability.NotDurable(f"no WAITAOF reply in {confirm.deadline:.1f}s") from None
         confirm.check(confirmed)
         return reply
 
     def close(self) -> None:
-        if self.pipe is not None:
-            self.pipe.close()
+        for pipe in {self.pipe, self.plain}:
+            if pipe is not None:
+                pipe.close()

