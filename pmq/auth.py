@@ -38,6 +38,7 @@ from pmq import metrics
 from pmq.config import AuthConfig, Config
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
+from pmq.locks import Lock
 from pmq.protocol import Role
 
 log = logging.getLogger(__name__)
@@ -198,12 +199,6 @@ class JwtAuthenticator:
 _INVALID = {"invalid": True}  # the negative cache entry
 LOCK_MARGIN = 1.0  # seconds a look-up's lock outlives the longest user-centre call
 POLL_SECONDS = 0.02  # how often a waiting look-up reads the cache
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 class HttpAuthenticator:
@@ -221,7 +216,6 @@ class HttpAuthenticator:
         self._client = httpx.AsyncClient(timeout=config.timeout)
         self._inflight: dict[str, asyncio.Task[Identity]] = {}
         self._closed = False
-        self._unlock = redis.register_script(UNLOCK)
         self._lock_ms = int((config.timeout + LOCK_MARGIN) * 1000)
 
     async def authenticate(self, token: str) -> Identity:
@@ -263,24 +257,24 @@ class HttpAuthenticator:
     async def _lookup(self, token: str, digest: str) -> Identity:
         """The cached answer; else the user centre's, asked once in the cluster at a time.
 
-        Whoever takes the token's lock (SET NX PX, a little longer than a call may last)
+        Whoever takes the token's lock (held a little longer than a call may last)
         asks and caches the answer; the others read the cache every POLL_SECONDS until it
         is there. A holder that fails (no answer is cached) or dies (its lock expires)
         leaves the lock to the next one. A waiter gives up with 503 once a lock's lifetime
         and one call have passed."""
-        key, lock = self._keys.auth_cache(digest), self._keys.auth_lock(digest)
-        holder = secrets.token_hex(8)
+        key = self._keys.auth_cache(digest)
+        lock = Lock(self._keys.auth_lock(digest), secrets.token_hex(8), self._lock_ms)
         deadline = time.monotonic() + self._lock_ms / 1000 + self._config.timeout
         while True:
             identity = await self._cached(key)
             if identity is not None:
                 return identity
-            if await self._redis.set(lock, holder, nx=True, px=self._lock_ms):
+            if await lock.hold(self._redis):
                 try:
                     # The last holder may have cached its answer and let go since our read.
                     return await self._cached(key) or await self._ask_and_cache(token, key)
                 finally:
-                    await self._unlock(keys=[lock], args=[holder])
+                    await lock.release(self._redis)
             if time.monotonic() >= deadline:
                 log.warning("gave up waiting for another look-up of a token at the user centre")
                 raise AuthError(503, "user centre unavailable")

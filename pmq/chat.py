@@ -35,6 +35,7 @@ from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
 from pmq.inbox import Inbox
 from pmq.keys import CHAT_TAG, Keys, key_template
+from pmq.locks import Lock
 from pmq.messaging import publish
 from pmq.protocol import Code, FrameType, Kind, encode_event
 from pmq.routing import Routes
@@ -110,7 +111,6 @@ class Chat:
         self._close = redis.register_script(chat_lua.CLOSE)
         self._check_send = redis.register_script(chat_lua.CHECK_SEND)
         self._record = redis.register_script(chat_lua.RECORD)
-        self._lock = redis.register_script(chat_lua.LOCK)
 
     async def _run(self, script: Any, *args: Any, live: Sequence[str] = ()) -> Any:
         """Call a chat script; ``live`` lists the online agents with a connection now
@@ -248,8 +248,8 @@ class Chat:
         assign what waits in the queue. Errors end it (a worker runs it supervised)."""
         while True:
             tick = min(5.0, max(0.2, self.settings().idle_seconds / 4))
-            lock_ms = int(tick * 3000) + 1000
-            if await self._lock(keys=[self.keys.cs_idle_lock()], args=[owner, lock_ms]):
+            lock = Lock(self.keys.cs_idle_lock(), owner, int(tick * 3000) + 1000)
+            if await lock.hold(self.redis):
                 await self.close_idle()
                 await self.drain()
             await asyncio.sleep(tick)

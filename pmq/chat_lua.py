@@ -196,17 +196,3 @@ redis.call('RPUSH', KEYS[5], ARGV[10])
 return 1
 """
 )
-
-# KEYS: the lock; ARGV: owner, ttl ms. Takes the lock when free, renews it when ours.
-LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-    return 1
-end
-if holder == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return 1
-end
-return 0
-"""

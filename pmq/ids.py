@@ -16,6 +16,7 @@ import time
 import redis.asyncio as aioredis
 
 from pmq.keys import Keys
+from pmq.locks import delete_if
 
 EPOCH_MS = 1704067200000  # 2024-01-01T00:00:00Z
 GENERATOR_BITS = 12
@@ -66,16 +67,11 @@ def first_id_at(unix_ms: int) -> int:
     return max(0, unix_ms - EPOCH_MS) << TIME_SHIFT
 
 
-# Generator numbers are leased in Redis: SET NX with a TTL the holder keeps renewing.
+# Generator numbers are leased in Redis: SET NX with a TTL the holder keeps renewing. A
+# renewal never takes a lapsed lease again (unlike a Lock's): the holder must acquire anew.
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -106,4 +102,4 @@ class GeneratorLease:
         return bool(await self.redis.eval(RENEW, 1, key, self.owner, self.ttl))
 
     async def release(self) -> None:
-        await self.redis.eval(RELEASE, 1, self.keys.id_lease(self.number), self.owner)
+        await delete_if(self.redis, self.keys.id_lease(self.number), self.owner)

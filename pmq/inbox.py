@@ -33,6 +33,7 @@ from pmq.batching import Batcher
 from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.keys import Keys
+from pmq.locks import delete_if
 from pmq.protocol import Kind
 
 PUBLISH_DEDUPE_SECONDS = 86400
@@ -77,12 +78,6 @@ if ARGV[1] == '1' then
     redis.call('SET', KEYS[1], ARGV[4], 'EX', tonumber(ARGV[2]))
 end
 return result
-"""
-
-# KEYS: cold flag; ARGV: the mark read before storage was found empty.
-FORGET_COLD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 # KEYS: inbox, bodies, queue; ARGV: uid, ids... Removes what is hot and queues the storage
@@ -177,7 +172,6 @@ class Inbox:
         self._publish = redis.register_script(PUBLISH)
         self._bucket_keys_made: dict[int, tuple[str, str, str]] = {}
         self.batch = batch or Batcher(redis)
-        self._forget_cold = redis.register_script(FORGET_COLD)
         self._ack = redis.register_script(ACK)
         self.marks = RedisMarks(redis, keys)
 
@@ -347,7 +341,8 @@ class Inbox:
         if cold is not None and (mark is not None or not look.complete):
             found = await cold(uid, after, limit)
             if not found and not after and mark is not None:  # storage holds none: drop
-                await self._forget_cold(keys=[self.keys.cold(uid)], args=[mark])  # the flag
+                # the flag, unless a sweep set it again since (its mark is new every sweep)
+                await delete_if(self.redis, self.keys.cold(uid), mark)
 
         seen = {m["id"] for m in found}
         for message in hot:
