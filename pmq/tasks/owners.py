@@ -73,12 +73,15 @@ EXPIRED = NOW + """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
 """
 
-# KEYS: owners, taken, queue; ARGV: owner. If the owner's lease is still expired, moves its
-# taken list back to the head of the queue in order and unregisters it; returns how many
-# items moved, or -1 when the owner is alive again or another reclaimer was first.
-RECLAIM = NOW + """
-local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not lease or tonumber(lease) >= now then return -1 end
+# KEYS: owners, taken, queue; ARGV: owner, force. Moves the owner's taken list back to the
+# head of the queue in order and unregisters it; returns how many items moved. Unless force
+# is '1' (a worker stopping gives back its own list), only while the owner's lease is still
+# expired: -1 when the owner is alive again or another reclaimer was first.
+GIVE_BACK = NOW + """
+if ARGV[2] ~= '1' then
+    local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    if not lease or tonumber(lease) >= now then return -1 end
+end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 for i = #items, 1, -1 do
     redis.call('LPUSH', KEYS[3], items[i])
@@ -96,18 +99,6 @@ if item then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 end
 return item
-"""
-
-# KEYS: owners, taken, queue; ARGV: owner. The same as RECLAIM, unconditionally: a worker
-# stopping gives back its own list and leaves the registry.
-RELEASE = """
-local items = redis.call('LRANGE', KEYS[2], 0, -1)
-for i = #items, 1, -1 do
-    redis.call('LPUSH', KEYS[3], items[i])
-end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-return #items
 """
 
 # KEYS: owners, then the taken list of each owner; ARGV: lease ms, then the owners (ARGV[i]
@@ -173,9 +164,8 @@ class OwnerLease:
         self.queues = leased_queues(keys)
         self._renew = redis.register_script(RENEW)
         self._expired = redis.register_script(EXPIRED)
-        self._reclaim = redis.register_script(RECLAIM)
+        self._give_back = redis.register_script(GIVE_BACK)
         self._take_one = redis.register_script(TAKE_ONE)
-        self._release = redis.register_script(RELEASE)
         self._adopt = redis.register_script(ADOPT)
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -253,7 +243,7 @@ class OwnerLease:
                 if dead == self.owner:  # our own lapsed lease: renew() registers it again
                     continue
                 keys = [leased.owners, leased.taken(dead), leased.queue]
-                count = int(await self._reclaim(keys=keys, args=[dead]))
+                count = int(await self._give_back(keys=keys, args=[dead, 0]))
                 if count > 0:
                     log.warning(
                         "task worker %s: took over %d items of %s from %s, whose lease expired",
@@ -280,5 +270,5 @@ class OwnerLease:
         returned = 0
         for leased in self.queues:
             keys = [leased.owners, leased.taken(self.owner), leased.queue]
-            returned += int(await self._release(keys=keys, args=[self.owner]))
+            returned += int(await self._give_back(keys=keys, args=[self.owner, 1]))
         return returned
