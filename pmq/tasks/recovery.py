@@ -24,19 +24,18 @@ empty restart, the snapshot's after a restore).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
-from pmq.cancel import raise_if_cancelled
 from pmq.epochs import RedisMarks
 from pmq.keys import Keys
+from pmq.locks import Lock
 from pmq.store import Store, StoredMessage
 from pmq.store.base import Mark
-from pmq.tasks.sweep import LOCK, UNLOCK
+from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def _same_epoch(before: Mark | None, after: Mark | None) -> bool:
     return before is not None and after is not None and before[0] == after[0]
 
 
-class Recovery:
+class Recovery(ClusterJob):
     """The check and the recovery (module docstring); ``owner`` names this worker slot in
     the lock. Counters ``recoveries`` (buckets made complete) and ``flagged`` (users flagged
     cold by a recovery) are for stats and tests."""
@@ -100,26 +99,15 @@ class Recovery:
         cold_ttl: int,
         interval: float = CHECK_SECONDS,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.store = store
-        self.in_thread = in_thread
-        self.owner = owner
+        lock = Lock(keys.recovery_lock(), owner, LOCK_SECONDS * 1000)
+        super().__init__(redis, keys, store, in_thread, lock, interval)
         self.cold_ttl = cold_ttl
-        self.interval = interval
         self.marks = RedisMarks(redis, keys)
-        self._lock = redis.register_script(LOCK)
-        self._unlock = redis.register_script(UNLOCK)
         self.recoveries = self.flagged = 0
 
-    async def run(self) -> None:
-        """Check now and every ``interval`` seconds until cancelled. A failed check (Redis or
-        storage unreachable) ends the run: the task worker supervises it, and the next run,
-        after a pause, checks again (a recovery cut short is simply done again)."""
-        while True:
-            await self.check_once()
-            raise_if_cancelled()
-            await asyncio.sleep(self.interval)
+    async def once(self) -> None:
+        """One check (a recovery cut short is simply done again by a later one)."""
+        await self.check_once()
 
     async def check_once(self) -> list[int]:
         """Recover the buckets found incomplete or behind storage, if this worker gets the
@@ -132,14 +120,14 @@ class Recovery:
         lost = [
             b for b, mark in in_redis.items() if mark is None or mark < stored.get(b, NO_MARK)
         ]
-        if not lost or not await self._hold_lock():
+        if not lost or not await self.hold_lock():
             return []
         try:
             for b in lost:
                 self._say_why(b, in_redis[b], stored.get(b))
             return await self.recover(lost, stored)
         finally:
-            await self._unlock(keys=[self.keys.recovery_lock()], args=[self.owner])
+            await self.release()
 
     def _say_why(self, bucket: int, in_redis: Mark | None, stored: Mark | None) -> None:
         if stored is None:
@@ -166,7 +154,7 @@ class Recovery:
                 cold = [str(u) for u in uids if self.keys.bucket(str(u)) in wanted]
                 await self.marks.flag_cold(cold, self.cold_ttl)
                 flagged += len(cold)
-                await self._hold_lock()
+                await self.hold_lock()
                 if len(uids) < PAGE:
                     break
                 after = uids[-1]
@@ -180,8 +168,3 @@ class Recovery:
             done, epoch, flagged,
         )
         return done
-
-    async def _hold_lock(self) -> bool:
-        return bool(
-            await self._lock(keys=[self.keys.recovery_lock()], args=[self.owner, LOCK_SECONDS])
-        )

@@ -16,7 +16,6 @@ loses its index entry.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -24,10 +23,11 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
+from pmq.locks import Lock
 from pmq.protocol import is_uid
 from pmq.store import Store
+from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,6 @@ PAGE = 500  # users read from the index per call
 USER_CHUNK = 1000  # messages of one user moved per Lua call (Lua's unpack() has a limit)
 PASS_BUDGET = 1.0  # seconds one sweep spends on the hot -> cold pass; the next one goes on
 
-# KEYS: lock; ARGV: owner, ttl. Takes the lock, or renews it when the caller holds it: the
-# holder stays the sweeper (one sweep per interval in the cluster) until it stops renewing.
-LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-return 1
-"""
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 # KEYS: inbox, bodies, cold, index; ARGV: uid, cold_ttl, cold mark ('0': leave the flag), ids...
 # The mark is new on every sweep, so a reader that saw storage empty deletes the flag only
 # if no sweep set it again meanwhile (see the socket worker's cold_messages).
@@ -73,9 +61,10 @@ return tonumber(oldest[2])
 Counts = dict[str, int]
 
 
-class Sweeper:
+class Sweeper(ClusterJob):
     """Sweeps inboxes every ``interval`` seconds while it holds the cluster's sweep lock
-    (module docstring). ``owner`` names this worker slot in the lock; ``in_thread(func,
+    (module docstring): the holder stays the sweeper, one sweep per interval in the cluster,
+    until it stops renewing. ``owner`` names this worker slot in the lock; ``in_thread(func,
     *args)`` runs blocking store calls off the event loop. Counters ``sweeps`` and ``moved``
     are for stats."""
 
@@ -90,36 +79,23 @@ class Sweeper:
         interval: float,
         owner: str,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.store = store
-        self.in_thread = in_thread
-        self.hot_ms = hot_seconds * 1000
-        self.retention_seconds = retention_seconds
-        self.interval = interval
-        self.owner = owner
         # Twice the interval: a holder that misses one sweep keeps the lock; a dead one
         # hands it over within two intervals.
-        self.lock_ttl = max(1, math.ceil(interval * 2))
-        self._lock = redis.register_script(LOCK)
-        self._unlock = redis.register_script(UNLOCK)
+        lock_ms = max(1, math.ceil(interval * 2)) * 1000
+        super().__init__(
+            redis, keys, store, in_thread, Lock(keys.sweep_lock(), owner, lock_ms), interval
+        )
+        self.hot_ms = hot_seconds * 1000
+        self.retention_seconds = retention_seconds
         self._evict = redis.register_script(EVICT)
         self.sweeps = self.moved = 0
 
-    async def run(self) -> None:
-        """Sweep now and every ``interval`` seconds until cancelled. A failed sweep ends the
-        run (the task worker supervises it); a sweep is idempotent, so the next run, after
-        a pause, simply sweeps again."""
-        while True:
-            counts = await self.sweep_once()
-            if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
-                log.info("inbox sweep: %s", counts)
-            raise_if_cancelled()
-            await asyncio.sleep(self.interval)
-
-    async def release(self) -> None:
-        """Give up the sweep lock if this sweeper holds it, so another takes over at once."""
-        await self._unlock(keys=[self.keys.sweep_lock()], args=[self.owner])
+    async def once(self) -> None:
+        """One sweep (idempotent: one cut short is simply done again), logged if it did
+        anything."""
+        counts = await self.sweep_once()
+        if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
+            log.info("inbox sweep: %s", counts)
 
     async def sweep_once(self, now_ms: int | None = None) -> Counts:
         """One sweep if this sweeper gets the lock. Returns counts: ``ran`` (0 when another
@@ -127,7 +103,7 @@ class Sweeper:
         ``moved`` to storage only, ``kept`` hot because storage does not hold them yet,
         hot entries ``expired`` past retention, and storage rows ``deleted``. ``now_ms``
         (unix ms, default the clock) is for tests."""
-        if not await self._lock(keys=[self.keys.sweep_lock()], args=[self.owner, self.lock_ttl]):
+        if not await self.hold_lock():
             return {"ran": 0}
         now = int(time.time() * 1000) if now_ms is None else now_ms
         counts: Counts = {"ran": 1, "users": 0, "moved": 0, "kept": 0, "expired": 0}
