@@ -14,6 +14,9 @@ redis-py's asyncio ``RedisCluster``, which routes each command, script call and 
 entry by its keys' slot. PMQ's keys are hash-tagged (pmq.keys) so that each script touches
 one slot. The cluster client is handed out as ``aioredis.Redis``: it offers the same
 commands for everything PMQ calls, except pub/sub, which goes through :func:`subscribe`.
+It never sends a command again either: one whose connection to a node failed fails with
+ConnectionError, and the client refreshes its slots map before a later command (at most
+once a second), so the commands after a failover reach the new master.
 
 Pub/sub is sharded (SSUBSCRIBE/SPUBLISH, Redis 7) in both modes, so on a cluster a publish
 reaches only the shard owning its channel, not every node. On one server the channel is read
@@ -46,8 +49,13 @@ def connect(config: RedisConfig) -> aioredis.Redis:
     """A client for ``config.url``; create it after fork, one per process."""
     if config.cluster or config.url.startswith(CLUSTER_URL):
         url = config.url.replace(CLUSTER_URL, "redis://", 1)
-        # max_connections is per cluster node here.
-        cluster = RedisCluster.from_url(url, max_connections=MAX_CONNECTIONS)
+        # max_connections is per cluster node here. No resend (the node connections never
+        # retry either): a command or pipeline whose connection failed may have run. The
+        # failure still asks for a refresh of the slots map, which a later command runs, and
+        # MOVED/ASK redirects are followed whatever the retries.
+        cluster = RedisCluster.from_url(
+            url, max_connections=MAX_CONNECTIONS, retry=Retry(NoBackoff(), 0)
+        )
         return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
         config.url,

@@ -1,6 +1,7 @@
 """A command is never applied twice because its connection dropped after Redis ran it, for
 both ways PMQ talks to one Redis (pmq.redispipe's Pipe and pmq.redisconn's pool), while a
-connection already dead before the command was written is replaced without failing it.
+connection already dead before the command was written is replaced without failing it; and
+on a Redis Cluster, whose client still finds a master that moved after such a failure.
 
 The fault is real: a proxy forwards the command to Redis, waits for Redis's reply (so the
 command ran) and cuts the client's connection instead of passing the reply on."""
@@ -8,12 +9,15 @@ command ran) and cuts the client's connection instead of passing the reply on.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,18 +30,20 @@ from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.messaging import publish
 from pmq.routing import Routes
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer, wait_for
+from tests.test_redis_cluster import RedisClusterServers
 from tests.test_redispipe import until
 
 INCR = "return redis.call('INCR', KEYS[1])"
 
 
 class ReplyCutter:
-    """A proxy to the test Redis on this event loop. Once :meth:`arm` ed, the next data a
-    client sends is forwarded and Redis's reply awaited, then that client's connection is
-    aborted with the reply withheld; later connections pass through."""
+    """A proxy to the test Redis (or to ``target``) on this event loop. Once :meth:`arm` ed,
+    the next data a client sends is forwarded and Redis's reply awaited, then that client's
+    connection is aborted with the reply withheld; later connections pass through."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: redispipe.Endpoint | None = None) -> None:
+        self.target = target or redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL))
         self.armed = False
         self.cuts = 0
         self.server: asyncio.Server | None = None
@@ -52,8 +58,7 @@ class ReplyCutter:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.clients.append(writer.transport)  # type: ignore[arg-type]
-        target = redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL))
-        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
         cutting = asyncio.Event()  # the command in flight is the one to cut after
 
         async def downstream() -> None:
@@ -219,3 +224,85 @@ def test_a_publish_whose_relay_is_cut_is_accepted_once_and_not_raised(redis_pref
     assert cuts == 1 and reached == 0  # answered as accepted, pushed to no one here
     assert len(pending) == 1  # in the inbox, for the next connect
     assert relays == 1  # the relay was not sent again
+
+
+# On a Redis Cluster ------------------------------------------------------------------------
+
+
+def announced_ports(port: int) -> set[int]:
+    """The node ports that the cluster node on ``port`` tells clients (CLUSTER SLOTS)."""
+    with contextlib.closing(redis.Redis(port=port)) as node:
+        return {int(shard[2][1]) for shard in node.execute_command("CLUSTER", "SLOTS")}
+
+
+def announce(servers: RedisClusterServers, owner: int, port: int) -> None:
+    """Make the master on ``owner`` tell clients (through every node) it is at ``port``."""
+    with contextlib.closing(redis.Redis(port=owner)) as node:
+        node.config_set("cluster-announce-port", port)
+    wait_for(lambda: all(port in announced_ports(p) for p in servers.ports), 20, "gossip")
+
+
+async def succeeds(call: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
+    """The first result of ``call`` that is not a connection error (one that is a redirect
+    or a failed topology refresh is); fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except RedisConnectionError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="a Redis Cluster needs redis-cli")
+def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_path: Path) -> None:
+    """A script call and a pipelined one, each cut after the owning master ran it, fail and
+    ran once; the next command succeeds; when the master then answers at another address
+    (as after a failover), the client finds it again by refreshing its slots map."""
+    servers = RedisClusterServers(tmp_path).start()
+    key = "{resend}counter"
+    with contextlib.closing(servers.client()) as probe:
+        owner = probe.get_node_from_key(key).port
+    direct = redis.Redis(port=owner)
+
+    async def scenario() -> list[Any]:
+        cutter = ReplyCutter(redispipe.Endpoint("127.0.0.1", owner))
+        announce(servers, owner, await cutter.start())  # clients reach the master via it
+        client = redisconn.connect(RedisConfig(url=f"redis+cluster://127.0.0.1:{owner}"))
+        seen: list[Any] = []
+        try:
+            assert await client.get(key) is None  # the connection to the master, warm
+            cutter.arm()
+            seen.append(await asyncio.gather(client.eval(INCR, 1, key), return_exceptions=True))
+            seen.append([direct.get(key), cutter.cuts])
+            seen.append(await client.eval(INCR, 1, key))  # no lasting breakage
+
+            await client.get(key)  # warm again
+            cutter.arm()
+            pipe = client.pipeline(transaction=False)
+            pipe.eval(INCR, 1, key)
+            seen.append(await asyncio.gather(pipe.execute(), return_exceptions=True))
+            seen.append([direct.get(key), cutter.cuts])
+
+            # The master moves back to its own port and the proxy's address goes dead.
+            await cutter.close()
+            await asyncio.to_thread(announce, servers, owner, owner)
+            seen.append(await succeeds(lambda: client.get(key), "the master at its new address"))
+            seen.append(await client.eval(INCR, 1, key))
+            return seen
+        finally:
+            await client.aclose()
+            await cutter.close()
+
+    try:
+        [cut], ran, after, [cut_pipe], ran_pipe, found, last = uvloop.run(scenario())
+    finally:
+        direct.close()
+        servers.stop()
+    assert isinstance(cut, RedisConnectionError), cut
+    assert ran == [b"1", 1]  # never sent again: the script ran once
+    assert after == 2
+    assert isinstance(cut_pipe, RedisConnectionError), cut_pipe
+    assert ran_pipe == [b"3", 2]
+    assert found == b"3" and last == 4
