@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import REDIS_URL, Node
+from tests.helpers import REDIS_URL, Node, RedisServer
 
 
 @pytest.fixture
@@ -47,3 +47,14 @@ def make_node(tmp_path: Path, redis_prefix: str) -> Iterator[Callable[..., Node]
     yield make
     for node in nodes:
         node.kill_all()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (no persistence but explicit SAVEs) a test may kill, cut off
+    or flush without touching other tests' Redis."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(data).start()
+    yield server
+    server.stop()

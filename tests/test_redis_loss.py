@@ -241,16 +241,6 @@ def replayed_and_pulled(node: Node, uid: int, count: int) -> tuple[list[str], li
         return replay, [m["id"] for m in pulled]
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server (no persistence but explicit SAVEs) this test may kill."""
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = RedisServer(data).start()
-    yield server
-    server.stop()
-
-
 def restart(server: RedisServer) -> None:
     """kill -9 and start again on the same port, loading dump.rdb if there is one."""
     assert server.proc is not None

@@ -10,10 +10,8 @@ import collections
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 import redis
 import redis.asyncio as aioredis
 from websockets.protocol import State
@@ -31,16 +29,6 @@ from pmq.unread import Unread
 from tests.helpers import REDIS_URL, Ingest, Node, RedisServer, WsClient, wait_for, ws_client
 
 USERS = ("7", "8")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A private redis-server: killing pub/sub connections must not touch other tests'."""
-    data = tmp_path / "redis"
-    data.mkdir()
-    server = RedisServer(data).start()
-    yield server
-    server.stop()
 
 
 def kill_subscriptions(url: str, stop: threading.Event) -> int:
