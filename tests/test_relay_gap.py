@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 from websockets.protocol import State
@@ -21,6 +22,7 @@ from pmq.broadcast import Broadcasts
 from pmq.ids import IdGenerator, first_id_at
 from pmq.inbox import Inbox
 from pmq.keys import Keys
+from pmq.reactor import catchup
 from pmq.reactor.catchup import CatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
@@ -166,3 +168,25 @@ def test_a_late_replay_notes_only_ids_older_than_the_connection() -> None:
     client.send_frame(b"x", older)
     client.send_frame(b"y", newer)
     assert client.sent == {older}
+
+
+def test_a_catch_up_that_fails_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis answering LOADING (still reading its AOF after a restart) or gone again makes
+    a catch-up fail: it runs again from the same id, rather than leaving the gap unseen."""
+    monkeypatch.setattr(catchup, "RETRY_FIRST", 0.01)
+    floors: list[int] = []
+
+    async def flaky(floor: int) -> None:
+        floors.append(floor)
+        if len(floors) < 3:
+            raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+
+    async def scenario() -> None:
+        gap = catchup.Gap(lambda message: None, flaky)
+        gap.opened()
+        gap.closed()
+        assert gap.task is not None
+        await asyncio.wait_for(gap.task, 5)
+
+    asyncio.run(scenario())
+    assert len(floors) == 3 and len(set(floors)) == 1

@@ -50,6 +50,8 @@ MARGIN_SECONDS = 2.0  # ids made this much before the channel was last heard are
 # keepalive: 30 s idle, then 3 probes 10 s apart), so a quiet channel lost nothing before.
 SILENCE_SECONDS = 60.0
 HELD_WAIT_SECONDS = 30.0  # how long a catch-up waits for a connect's replay to end
+RETRY_FIRST = 0.5  # seconds before a failed catch-up is tried again, doubling up to RETRY_MAX
+RETRY_MAX = 5.0
 CONCURRENCY = 64  # connections caught up at once (each one inbox read)
 BROADCASTS_MAX = 1000  # broadcasts fanned out again after one gap at most
 
@@ -98,14 +100,24 @@ class Gap:
         self.task = asyncio.get_running_loop().create_task(self._run(floor), name="catch-up")
 
     async def _run(self, floor: int | None) -> None:
+        delay = RETRY_FIRST
         while floor is not None:
             try:
                 await self.catch_up(floor)
-            except (RedisError, OSError) as exc:  # Redis gone again: the next gap catches up
-                log.warning("catch-up after a relay gap stopped: %r", exc)
+            except (RedisError, OSError) as exc:
+                # Redis still loading its AOF, or gone again: the same catch-up later (with
+                # a gap closed meanwhile folded in), or the messages stay unseen until the
+                # user's next connect.
+                log.warning("catch-up after a relay gap failed, again in %.1fs: %r", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                if self.next is not None:
+                    floor, self.next = min(floor, self.next), None
+                continue
             except Exception:  # the outer boundary of this task: log with context, carry on
                 log.exception("catch-up after a relay gap failed")
             floor, self.next = self.next, None
+            delay = RETRY_FIRST
 
     async def close(self) -> None:
         if self.task is not None:
