@@ -333,11 +333,12 @@ class Routes:
         return reached
 
     def _workers(self, conns: dict[str, str]) -> dict[str, int]:
-        """worker id -> how many of ``conns`` it holds, workers that stopped beating left out."""
+        """worker id -> how many of ``conns`` it holds. Workers that missed their beats are
+        kept: after a Redis outage longer than two beats every worker looks stale until it
+        beats again, and a dead one's channel has no subscriber (nothing counts reached)."""
         per_worker: dict[str, int] = {}
         for wid in conns.values():
-            if wid not in self.stale_workers:
-                per_worker[wid] = per_worker.get(wid, 0) + 1
+            per_worker[wid] = per_worker.get(wid, 0) + 1
         return per_worker
 
     async def _relay(self, remote: list[tuple[str, bytes, int]]) -> int:
