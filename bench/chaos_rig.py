@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,14 +28,9 @@ import pymysql
 import redis
 
 from bench.common import node_processes
+from bench.run_node import free_port, toml_value
 from pmq.errors import PMQError
 from pmq.workers.channel import request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -244,14 +237,6 @@ class MysqlDatabase:
         with contextlib.suppress(pymysql.MySQLError):
             self.query(f"DROP DATABASE IF EXISTS `{self.name}`")
         self.conn.close()
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return str(value)
 
 
 class Node:
