@@ -39,6 +39,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_master(
+    info: dict[str, Any], directory: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """``pmq.ctl start`` in the foreground with the config write_config() made, its output
+    appended to the node's log."""
+    with open(info["log"], "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pmq.ctl", "start", "-c", info["config"]],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=directory,
+        )
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -202,15 +218,7 @@ def main() -> int:
                 time.sleep(0.1)
     info = write_config(args, directory)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMQ_")}
-    with open(info["log"], "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pmq.ctl", "start", "-c", info["config"]],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=directory,
-        )
+    proc = start_master(info, directory, env)
     stop = False
 
     def on_signal(signum: int, frame: Any) -> None:

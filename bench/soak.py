@@ -56,7 +56,7 @@ from bench.common import (
     run,
     source_addresses,
 )
-from bench.run_node import free_port, wait_ready, write_config
+from bench.run_node import free_port, start_master, wait_ready, write_config
 
 MIB = 1024 * 1024
 # Settings of the node beyond bench.run_node's, as PMQ_<SECTION>_<KEY> variables. Messages
@@ -128,15 +128,7 @@ def start_node(
     for key, value in settings.items():
         section, name = key.split(".", 1)
         env[f"PMQ_{section.upper()}_{name.upper()}"] = value
-    with open(info["log"], "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pmq.ctl", "start", "-c", info["config"]],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=directory,
-        )
+    proc = start_master(info, directory, env)
     if not wait_ready(proc, info["control"], 60):
         stop_process(proc, 40)
         raise RuntimeError(f"node did not become ready: {Path(info['log']).read_text()[-3000:]}")
