@@ -133,7 +133,7 @@ class CatchUp:
     ) -> None:
         self.table = table
         self.inbox = inbox
-        self.broadcasts_ = broadcasts
+        self.published = broadcasts  # the broadcasts kept in Redis
         self.fanout = fanout
 
     async def unicast(self, floor: int) -> None:
@@ -177,7 +177,7 @@ class CatchUp:
         """The broadcasts to local groups with ids from ``floor`` on go through the fan-out
         again; it skips those it fanned out lately, connections those they replayed."""
         groups = {g for client in self.table for g in client.identity.groups}
-        missed = await self.broadcasts_.above(sorted(groups), floor - 1, BROADCASTS_MAX)
+        missed = await self.published.above(sorted(groups), floor - 1, BROADCASTS_MAX)
         for message in missed:
             self.fanout.queue.put_nowait((message["group"], push_of(message)[0]))
         log.warning("caught up after a broadcast relay gap: %d broadcasts", len(missed))
