@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import orjson
 
@@ -43,3 +44,25 @@ def setup(config: LogConfig) -> None:
     root.setLevel(config.level.upper())
     # websockets logs every failed handshake at INFO; keep the noise at WARNING.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """A warning that may happen thousands of times a second (every request while Redis is
+    away) logged at most once per ``every`` seconds, with how many it stood for, so an
+    outage is seen in the log without burying it."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.logger = logger
+        self.every = every
+        self.next_at = 0.0
+        self.held = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held += 1
+            return
+        more = f" (and {self.held} more like it in the last {self.every:g} s)" if self.held else ""
+        self.logger.warning(msg + more, *args)
+        self.held = 0
+        self.next_at = now + self.every

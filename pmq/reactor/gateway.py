@@ -19,19 +19,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import websockets
+from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from pmq import protocol
 from pmq.auth import Authenticator, Identity
-from pmq.errors import ActionError, AuthError
+from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
+from pmq.log import Throttled
 from pmq.protocol import Code, ProtocolError
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.heartbeat import WatchedConnection
 
 log = logging.getLogger(__name__)
+UNAVAILABLE = Throttled(log)
 
 WS_PATH = "/ws"
 CLOSE_TIMEOUT = 2.0
@@ -229,6 +232,11 @@ class Gateway:
             )
         except ActionError as exc:
             return protocol.encode_reply(request.id, exc.code, exc.msg)
+        except (RedisError, OSError, StorageError) as exc:
+            # Redis or storage away (or no pooled connection free in time): the client
+            # retries later, as after any 503; nothing in PMQ is broken.
+            UNAVAILABLE.warning("action %s answered 503: %s", request.action, exc)
+            return protocol.encode_reply(request.id, Code.UNAVAILABLE, "unavailable, retry")
         except Exception:
             log.exception(
                 "action %s failed conn=%s uid=%s", request.action, client.conn_id, client.uid

@@ -18,11 +18,13 @@ from pmq import metrics, protocol
 from pmq.broadcast import ALL
 from pmq.errors import StorageError
 from pmq.handlers.base import App
+from pmq.log import Throttled
 from pmq.messaging import publish
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.store import Store
 
 log = logging.getLogger(__name__)
+REDIS_DOWN = Throttled(log)
 
 
 class IngestApp(App, Protocol):
@@ -211,5 +213,5 @@ async def redis_call(awaitable: Any) -> Any:
     try:
         return await awaitable
     except (RedisError, OSError) as exc:
-        log.error("redis unavailable: %s", exc)
+        REDIS_DOWN.warning("redis unavailable, answered 503: %s", exc)
         raise HttpError(503, "redis unavailable, retry") from exc
