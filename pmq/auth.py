@@ -116,6 +116,11 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///").partition("?")[0])
 
 
+def secret_file(storage_url: str) -> Path:
+    """Where the generated JWT secret is kept: beside the SQLite database of ``storage_url``."""
+    return sqlite_path(storage_url).parent / SECRET_FILE
+
+
 def resolve_jwt_secret(config: Config) -> str:
     """The JWT secret: ``auth.jwt_secret``, else the one kept beside the SQLite database.
 
@@ -127,7 +132,7 @@ def resolve_jwt_secret(config: Config) -> str:
         return config.auth.jwt_secret
     if not config.storage.url.startswith("sqlite:///"):
         raise ConfigError("auth.jwt_secret: must be set when storage is not SQLite")
-    path = sqlite_path(config.storage.url).parent / SECRET_FILE
+    path = secret_file(config.storage.url)
     try:
         return _read_or_create_secret(path)
     except OSError as exc:
