@@ -109,6 +109,21 @@ class Client:
         await self.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         return await self.response()
 
+    async def dribble(self, data: bytes, interval: float) -> int:
+        """Send ``data`` a byte every ``interval`` seconds until the server answers (or
+        closes); return how many bytes had gone out by then. The answer is left for
+        :meth:`response`."""
+        answer = asyncio.ensure_future(self.reader.read(65536))
+        for sent in range(len(data)):
+            self.writer.write(data[sent : sent + 1])
+            await self.writer.drain()
+            done, _ = await asyncio.wait([answer], timeout=interval)
+            if done:
+                self.parser.feed_data(answer.result())
+                return sent + 1
+        answer.cancel()
+        return len(data)
+
     async def closed(self) -> bool:
         """True once the server has closed the connection (EOF or reset)."""
         try:
@@ -155,9 +170,9 @@ def make_router() -> Router:
     return router
 
 
-async def serve(router: Router | None = None, api_key: str = "") -> HttpServer:
+async def serve(router: Router | None = None, api_key: str = "", **limits: Any) -> HttpServer:
     return await start_http_server(
-        router or make_router(), "127.0.0.1", 0, max_body=1024, api_key=api_key
+        router or make_router(), "127.0.0.1", 0, max_body=1024, api_key=api_key, **limits
     )
 
 
@@ -566,3 +581,160 @@ def test_router_rejects_bad_patterns() -> None:
         router.add("GET", "no-slash", handler)
     assert router.match("/a/1%2F2") == (router.match("/a/q")[0], {"x": "1/2"})  # type: ignore[index]
     assert router.match("/a/1/2") is None
+
+
+SLOW_HEAD = b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\n" + b"X-Pad: " + b"p" * 500
+TIMEOUT = 0.3  # request_timeout of the tests below
+
+
+CODINGS = ["gzip, chunked", "identity", "gzip", "x-unknown", "chunked, gzip", "chunked, chunked"]
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_transfer_encoding_other_than_chunked_is_501(coding: str) -> None:
+    async def main() -> None:
+        server = await serve()
+        client = await Client.connect(server)
+        await client.send(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: "
+            + coding.encode()
+            + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        )
+        reply = await client.response()
+        assert (reply.status, reply.headers["connection"]) == (501, "close")
+        assert reply.json()["code"] == 501
+        assert "chunked" in reply.json()["msg"]
+        assert await client.closed()
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_chunked_in_any_case_is_served_and_smuggling_is_400() -> None:
+    async def main() -> None:
+        server = await serve()
+        client = await Client.connect(server)
+        head = b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n"
+        await client.send(head + b"\r\n2\r\n{}\r\n0\r\n\r\n")
+        assert (await client.response()).status == 202
+        await client.send(head + b"Content-Length: 3\r\n\r\n{}\n")  # both: not a 501
+        assert (await client.response()).status == 400
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_slow_request_head_is_408_and_closes() -> None:
+    async def main() -> None:
+        server = await serve(request_timeout=TIMEOUT)
+        client = await Client.connect(server)
+        sent = await client.dribble(SLOW_HEAD, TIMEOUT / 10)
+        assert sent < len(SLOW_HEAD)  # answered before the head was in
+        reply = await client.response()
+        assert (reply.status, reply.headers["connection"]) == (408, "close")
+        assert reply.json()["code"] == 408
+        assert await client.closed()
+        assert server.timed_out == 1
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_slow_request_body_is_408() -> None:
+    async def main() -> None:
+        server = await serve(request_timeout=TIMEOUT)
+        client = await Client.connect(server)
+        await client.send(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nContent-Length: 900\r\n\r\n"
+        )
+        body = b"[" + b"1," * 449
+        sent = await client.dribble(body, TIMEOUT / 10)
+        assert sent < len(body)
+        reply = await client.response()
+        assert (reply.status, reply.headers["connection"]) == (408, "close")
+        assert await client.closed()
+        assert server.in_flight == 0
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_blank_lines_do_not_keep_a_new_connection_open() -> None:
+    async def main() -> None:
+        server = await serve(request_timeout=TIMEOUT)
+        client = await Client.connect(server)
+        sent = await client.dribble(b"\r\n" * 200, TIMEOUT / 10)  # no request ever begins
+        assert sent < 400
+        assert not client.done and client.parser.get_status_code() == 0  # no reply
+        assert await client.closed()
+        silent = await Client.connect(server)  # sends nothing at all: closed, no reply
+        assert await silent.closed()
+        assert server.timed_out == 0
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_408_waits_for_the_replies_owed_before_it() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        router = make_router()
+
+        async def slow(request: HttpRequest) -> HttpResponse:
+            await release.wait()
+            return json_response(200, {"slow": True})
+
+        router.add("GET", "/slow", slow)
+        server = await serve(router, request_timeout=TIMEOUT)
+        client = await Client.connect(server)
+        await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /heal")  # and stall
+        await wait_until(lambda: server.timed_out == 1)
+        release.set()
+        first, second = await client.response(), await client.response()
+        assert (first.status, first.headers["connection"]) == (200, "keep-alive")
+        assert (second.status, second.headers["connection"]) == (408, "close")
+        assert await client.closed()
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_keep_alive_connection_outlives_request_timeout() -> None:
+    async def main() -> None:
+        server = await serve(request_timeout=TIMEOUT)
+        client = await Client.connect(server)
+        assert (await client.request("GET", "/healthz")).status == 200
+        await asyncio.sleep(3 * TIMEOUT)  # idle between requests: KEEPALIVE_TIMEOUT applies
+        assert (await client.request("GET", "/healthz")).status == 200
+        get = b"GET /api/v1/users/%d HTTP/1.1\r\nHost: t\r\n\r\n"
+        await client.send(get % 1 + get % 2)  # pipelining still works
+        assert [(await client.response()).json()["data"]["uid"] for _ in range(2)] == ["1", "2"]
+        client.close()
+        await server.drain(DEADLINE)
+
+    run(main)
+
+
+def test_connections_over_max_connections_are_answered_503() -> None:
+    async def main() -> None:
+        server = await serve(max_connections=2)
+        first, second = await Client.connect(server), await Client.connect(server)
+        for client in (first, second):
+            assert (await client.request("GET", "/healthz")).status == 200
+        extra = await Client.connect(server)
+        reply = await extra.response()  # answered at once, without a request
+        assert (reply.status, reply.headers["connection"]) == (503, "close")
+        assert reply.headers["retry-after"] == "1"
+        assert reply.json()["code"] == 503
+        assert await extra.closed()
+        assert (server.served, server.refused) == (2, 1)
+        assert (await first.request("GET", "/healthz")).status == 200  # served ones carry on
+        second.close()
+        await wait_until(lambda: server.served == 1)
+        third = await Client.connect(server)
+        assert (await third.request("GET", "/healthz")).status == 200
+        first.close()
+        third.close()
+        await server.drain(DEADLINE)
+
+    run(main)

@@ -6,6 +6,12 @@ server answers the requests of one connection in order, one at a time (pipelined
 their turn), and owns everything around the handlers: keep-alive, body limits (413), bearer
 key checks (401), malformed requests (400), 404/405, and turning :class:`HttpError` or any
 other exception into a JSON reply of the SPEC 5 shape ``{"code", "msg", "data"}``.
+
+Hostile clients are bounded too (docs/security.md): a ``Transfer-Encoding`` other than
+``chunked`` is 501; a request whose head and body are not in within ``request_timeout``
+seconds of its first byte is 408 and closes; a new connection that sends nothing for that
+long is closed without a reply; past ``max_connections`` open connections a new one is
+answered 503 and closed.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pmq.protocol import MESSAGES
 log = logging.getLogger(__name__)
 
 KEEPALIVE_TIMEOUT = 75.0  # seconds a connection may stay silent between requests
+REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last (ingest.request_timeout)
+MAX_CONNECTIONS = 1024  # open connections served at once (ingest.max_connections)
 LINGER_TIMEOUT = 5.0  # seconds to read-and-drop after rejecting, so the reply is not reset
 MAX_HEAD = 64 * 1024  # bytes of request line + headers
 MAX_PIPELINE = 32  # queued requests per connection before reading pauses
@@ -180,9 +188,22 @@ def _encode(response: HttpResponse, keep_alive: bool, head_only: bool) -> bytes:
 class HttpServer:
     """A listening ingest server. ``close()`` stops accepting; ``drain()`` finishes the rest."""
 
-    def __init__(self, router: Router, *, max_body: int, api_key: str = "") -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        max_body: int,
+        api_key: str = "",
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.router = router
         self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.served = 0  # open connections counted against max_connections
+        self.refused = 0  # connections answered 503 for being over max_connections
+        self.timed_out = 0  # requests answered 408
         self._auth = f"Bearer {api_key}".encode() if api_key else b""
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
@@ -254,6 +275,16 @@ class HttpServer:
         return handler, params
 
 
+def _parser_refusal(exc: httptools.HttpParserError) -> tuple[int, str]:
+    """The status and message for a request the parser refused. The parser itself refuses
+    some codings before any callback sees them (``chunked, gzip``, a repeated header):
+    those are 501 like the rest; Content-Length beside Transfer-Encoding stays a 400."""
+    text = str(exc).lower()
+    if "transfer-encoding" in text and "content-length" not in text:
+        return 501, "Transfer-Encoding not supported: only chunked"
+    return 400, "malformed HTTP request"
+
+
 class _Connection(asyncio.Protocol):
     """One client connection. It is also the parser's callback object (the ``on_*`` methods).
     Complete requests queue up; one at a time is answered, in order (pipelining safe)."""
@@ -269,33 +300,51 @@ class _Connection(asyncio.Protocol):
         self.rejected = False  # a 400/413/431 is owed last; further input is read and dropped
         self.rejection: HttpResponse | None = None
         self.read_paused = self.write_paused = self.eof = self.owe_continue = False
-        self.in_head = False
+        self.in_head = self.counted = False
         self.messages = self.head_size = self.body_size = 0
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
+        # When the connection last owed the client nothing (opened, or a reply went out):
+        # bytes that begin no request (blank lines) do not move it, so they keep nothing open.
         self.last_active = self.loop.time()
-        self.timer = self.loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
+        self.started: float | None = None  # the first byte of the request being received
+        self.timer = self.loop.call_later(self._step(), self._check_idle)
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
-        if self.server.draining:
+        server = self.server
+        server.connections.add(self)
+        if server.draining:
             transport.close()
+        elif server.served >= server.max_connections:
+            # Accepted and answered, not left in the backlog: with SO_REUSEPORT the kernel
+            # keeps handing this worker its share of new connections whether it accepts or
+            # not, so pausing would leave them hanging unanswered; a 503 says "retry".
+            server.refused += 1
+            self._reject(503, f"over {server.max_connections} connections; retry")
+            assert self.rejection is not None
+            self.rejection.headers = (("Retry-After", "1"),)
+            self._next()
+        else:
+            self.counted = True
+            server.served += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A running handler is left to finish (it may be half-way through a write to Redis);
         # its reply is dropped and it is counted done then.
         self.timer.cancel()
         self.server.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self.server.served -= 1
         self._drop_queue()
 
     def data_received(self, data: bytes) -> None:
         if self.rejected or self.transport.is_closing():
             return
-        self.last_active = self.loop.time()
         message, was_in_head = self.messages, self.in_head
         try:
             self.parser.feed_data(data)
@@ -305,7 +354,9 @@ class _Connection(asyncio.Protocol):
                 log.error("http parser callback failed", exc_info=cause)
                 cause = HttpError(500, "internal error")
             self._reject(cause.status, cause.msg)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        except httptools.HttpParserError as exc:
+            self._reject(*_parser_refusal(exc))
+        except httptools.HttpParserUpgrade:
             self._reject(400, "malformed HTTP request")
         # httptools buffers a head in full before calling back: bound it by counting the
         # reads that fall wholly inside one head (one read of slack, never a false alarm).
@@ -332,6 +383,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.messages += 1
         self.in_head = True
+        self.started = self.loop.time()
         self.head_size = self.body_size = 0
         self.url = b""
         self.headers = {}
@@ -349,6 +401,9 @@ class _Connection(asyncio.Protocol):
         self.in_head = False
         if self.parser.should_upgrade():
             raise HttpError(400, "protocol upgrade not supported")
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise HttpError(501, f"Transfer-Encoding {coding!r} not supported: only chunked")
         length = self.headers.get("content-length", "0")
         if not length.isdigit():
             raise HttpError(400, "malformed Content-Length")
@@ -378,6 +433,7 @@ class _Connection(asyncio.Protocol):
             b"".join(self.body),
         )
         self.owe_continue = False
+        self.started = None
         self.queue.append((request, self.parser.should_keep_alive()))
         self.server.in_flight += 1
         if len(self.queue) >= MAX_PIPELINE and not self.read_paused:
@@ -410,6 +466,8 @@ class _Connection(asyncio.Protocol):
             if self.read_paused:
                 transport.resume_reading()
                 self.read_paused = False
+                if self.started is not None:  # its clock stood still while we did not read
+                    self.started = self.loop.time()
             self._send_continue()
 
     async def _run(
@@ -449,11 +507,13 @@ class _Connection(asyncio.Protocol):
         if self.owe_continue and self.task is None and not self.queue:
             self.owe_continue = False
             self.transport.write(CONTINUE)
+            self.started = self.loop.time()  # the body's clock starts when it may come
 
     def _reject(self, status: int, msg: str) -> None:
         self.rejected = True
         self.rejection = json_response(status, msg=msg)
         self.owe_continue = False
+        self.started = None
         if self.read_paused:  # keep reading (and dropping) until the rejection is out
             self.transport.resume_reading()
             self.read_paused = False
@@ -475,15 +535,37 @@ class _Connection(asyncio.Protocol):
             self.server.request_done(len(self.queue))
             self.queue.clear()
 
+    def _step(self) -> float:
+        """The timer's longest period: a request begun meanwhile is seen in time."""
+        return min(self.server.request_timeout, KEEPALIVE_TIMEOUT)
+
     def _check_idle(self) -> None:
-        quiet = self.loop.time() - self.last_active
-        if self.task is not None or quiet < KEEPALIVE_TIMEOUT:
-            delay = KEEPALIVE_TIMEOUT if self.task is not None else KEEPALIVE_TIMEOUT - quiet
-            self.timer = self.loop.call_later(delay, self._check_idle)
-        elif self.queue or self.transport.is_closing():
-            self.abort()  # replies stuck behind a client that stopped reading
-        else:
-            self.transport.close()
+        """Answer 408 to a request not received in time; close a connection idle too long
+        (a new one that sent nothing: request_timeout; between requests: KEEPALIVE_TIMEOUT).
+        Runs at least every _step() seconds while the connection lives."""
+        now, limit = self.loop.time(), self.server.request_timeout
+        delay = self._step()
+        if self.started is not None and not self.read_paused:
+            taken = now - self.started
+            if taken >= limit:
+                self.server.timed_out += 1
+                self._reject(408, f"request not received within {limit:g} s")
+                self._next()
+                if self.rejection is None:  # sent: the linger timer has taken over
+                    return
+            else:
+                delay = limit - taken
+        elif self.task is None and self.started is None:
+            quiet = now - self.last_active
+            allowed = limit if self.messages == 0 else KEEPALIVE_TIMEOUT
+            if quiet >= allowed:
+                if self.queue or self.transport.is_closing():
+                    self.abort()  # replies stuck behind a client that stopped reading
+                else:
+                    self.transport.close()
+                return
+            delay = min(delay, allowed - quiet)
+        self.timer = self.loop.call_later(delay, self._check_idle)
 
     def begin_drain(self) -> None:
         """Stop reading; close now if nothing is owed, else after the last reply."""
@@ -506,12 +588,22 @@ async def start_http_server(
     max_body: int,
     api_key: str = "",
     reuse_port: bool = True,
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> HttpServer:
     """Listen on ``host:port`` (SO_REUSEPORT by default, shared with sibling workers) and serve
     ``router``. With ``api_key`` set, every non-public route needs ``Authorization: Bearer
-    <key>``. The caller owns the result: ``close()`` it, then ``await drain(timeout)``."""
+    <key>``. A request must arrive whole within ``request_timeout`` seconds of its first
+    byte (else 408); at most ``max_connections`` are served at once (more are answered
+    503). The caller owns the result: ``close()`` it, then ``await drain(timeout)``."""
     loop = asyncio.get_running_loop()
-    server = HttpServer(router, max_body=max_body, api_key=api_key)
+    server = HttpServer(
+        router,
+        max_body=max_body,
+        api_key=api_key,
+        request_timeout=request_timeout,
+        max_connections=max_connections,
+    )
     server._server = await loop.create_server(
         lambda: _Connection(server), host, port, reuse_port=reuse_port
     )
