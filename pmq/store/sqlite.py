@@ -8,6 +8,7 @@ connection (sqlite3 connections must not be shared between threads) and keeps it
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from pmq.errors import StorageDataError, StorageError
 from pmq.store.base import Cursor, Store
 
 BUSY_TIMEOUT_MS = 5000
+OWNER_ONLY = 0o600  # the database and its -wal and -shm: messages are private
 # Errors about the data of a statement, not the file: a constraint, a value SQLite cannot
 # hold (an integer past 64 bits fails while binding, as Python's OverflowError).
 DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
@@ -44,8 +46,11 @@ class SqliteStore(Store):
         self._closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite would create the file 0644 (less the umask); an empty file is a valid
+            # empty database, and SQLite gives its -wal and -shm the database file's mode.
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, OWNER_ONLY))
         except OSError as exc:
-            raise StorageError(f"sqlite: cannot create {path.parent}: {exc}") from exc
+            raise StorageError(f"sqlite: cannot create {path}: {exc}") from exc
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use."""
