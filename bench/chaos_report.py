@@ -238,10 +238,10 @@ REFUSAL_FAULTS = frozenset({"master", "socket-worker"})  # the ingest port itsel
 
 
 def loses_last_second(fault: str, durability: str) -> bool:
-    """Whether the fault may lose what was accepted in its last second: Redis emptied
-    loses what had not reached storage yet, whatever the durability (its AOF went too); a
-    Redis crash may lose its last second with durability "none" (AOF everysec)."""
-    return fault == "redis-empty" or (fault == "redis-kill" and durability != "aof")
+    """Whether the fault may lose what was accepted in its last second: a Redis crash with
+    durability "none" (AOF everysec). Redis emptied loses nothing: what had not reached
+    storage yet is queued again by the socket workers that accepted it (pmq.journal)."""
+    return fault == "redis-kill" and durability != "aof"
 
 
 COLUMNS = [

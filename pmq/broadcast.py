@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
+from pmq.journal import SHARED, StoreJournal
 from pmq.keys import BROADCAST_TAG, Keys
 
 ALL = "all"
@@ -92,11 +93,13 @@ class Broadcasts:
         replay_max: int,
         retention_seconds: int,
         confirm: Confirm | None = None,
+        journal: StoreJournal | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.ids = ids
         self.confirm = confirm  # redis.durability = "aof": publish waits for WAITAOF
+        self.journal = journal  # a socket worker's, so an emptied Redis loses no 202
         self.dedupe_seconds = dedupe_seconds
         self.replay_max = replay_max
         self.retention_ms = retention_seconds * 1000
@@ -134,6 +137,8 @@ class Broadcasts:
         )
         if result[0] == 0:
             return Published(result[1].decode(), True)
+        if self.journal is not None:
+            self.journal.note(SHARED, keys[5], None, storage_op)
         return Published(str(message_id), False)
 
     def floor_ms(self) -> int:

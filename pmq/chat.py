@@ -34,6 +34,7 @@ from pmq.config import CsConfig
 from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
 from pmq.inbox import Inbox
+from pmq.journal import SHARED
 from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.locks import Lock
 from pmq.messaging import publish
@@ -280,6 +281,8 @@ class Chat:
             self.ttl,
             op,
         )
+        if self.inbox.journal is not None:  # so an emptied Redis loses no history either
+            self.inbox.journal.note(SHARED, self.keys.store_queue(CHAT_TAG), None, op)
         return message_id
 
     async def describe(self, session_id: str) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from pmq.batching import Batcher
 from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator, timestamp_ms
+from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.locks import delete_if
 from pmq.protocol import Kind
@@ -163,8 +164,10 @@ class Inbox:
         hot_seconds: int,
         retention_seconds: int,
         batch: Batcher | None = None,
+        journal: StoreJournal | None = None,
     ) -> None:
         self.redis = redis
+        self.journal = journal  # a socket worker's, so an emptied Redis loses no 202
         self.keys = keys
         self.ids = ids
         self.hot_seconds = hot_seconds
@@ -238,9 +241,12 @@ class Inbox:
             orjson.dumps([str(m.id) for m in messages]) if dedupe_key else b"",
         ]
         encoded = []
+        ops = []
         for m in messages:
             wire = orjson.dumps(m.wire())
             encoded.append(wire)
+            op = b'{"op":"msg","msg":' + wire + b"}"
+            ops.append(op)
             keys += self.keys.publish_keys(m.to)
             args += [
                 m.id,
@@ -251,12 +257,15 @@ class Inbox:
                 m.to,
                 wire,
                 m.kind if m.counts_unread else "",
-                b'{"op":"msg","msg":' + wire + b"}",
+                op,
             ]
         # Sent with the other publishes of this loop iteration: one round trip for all.
         result = await self.batch.script(self._publish, keys, args)
         if result[0] == 0:
             return [str(i) for i in orjson.loads(result[1])], [], [], []
+        if self.journal is not None:
+            for m, op in zip(messages, ops, strict=True):
+                self.journal.note(bucket, keys[1], m.to, op)
         conns = [_pairs(flat) for flat in result[1::2]]
         return None, encoded, conns, [flat or None for flat in result[2::2]]
 

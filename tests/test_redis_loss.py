@@ -8,6 +8,7 @@ while the node keeps running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -23,6 +24,7 @@ from pmq.config import StorageConfig
 from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator
 from pmq.inbox import Inbox
+from pmq.journal import SHARED, StoreJournal
 from pmq.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.tasks.recovery import BatchGuard, Recovery
@@ -287,6 +289,48 @@ def test_redis_restarted_empty_loses_no_stored_message(
     site.close()
 
 
+@contextlib.contextmanager
+def storage_locked(node: Node) -> Iterator[None]:
+    """The node's SQLite store write-locked by another process's open transaction: its
+    writer retries, and what is published meanwhile waits on the storage queue."""
+    path = Path(str(node.settings["storage"]["url"]).removeprefix("sqlite:///"))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_redis_emptied_before_storage_caught_up_loses_no_accepted_message(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    # Messages answered 202 wait on the storage queue (storage is locked) when Redis is
+    # emptied: the socket workers that queued them queue them again (pmq.journal).
+    node = make_node(redis={"url": own_redis.url}, storage={"shards": SHARDS}).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    site = Ingest(node)
+    with storage_locked(node):
+        ids = publish(site, 7, 20, "waiting") + publish(site, 11, 5, "waiting")
+        code, reply = site.call("POST", "/api/v1/broadcast", {"group": "all", "body": {"n": 1}})
+        assert code == 202, reply
+        broadcast = reply["data"]["id"]
+        restart(own_redis)  # empty: the storage queue goes with the rest
+        wait_for(lambda: "queued again" in node.log(), 20, "the journal to queue them again")
+    wait_for(lambda: set(map(int, ids)) <= set(sqlite_rows(node)), 30, "every one stored")
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
+    assert replayed_and_pulled(node, 7, 20) == (ids[:20], ids[:20])
+    assert replayed_and_pulled(node, 11, 5) == (ids[20:], ids[20:])
+    path = Path(str(node.settings["storage"]["url"]).removeprefix("sqlite:///"))
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("SELECT id FROM pmq_broadcast").fetchall() == [(int(broadcast),)]
+    finally:
+        raw.close()
+    site.close()
+
+
 def test_redis_restored_from_an_old_snapshot_loses_no_stored_message(
     make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
 ) -> None:
@@ -354,6 +398,44 @@ def test_recovery_flags_stored_users_cold_and_sees_redis_go_back(
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_the_journal_queues_again_once_per_loss_and_only_what_it_keeps(redis_prefix: str) -> None:
+    keys = Keys(redis_prefix, buckets=2)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        journal = StoreJournal(client, keys, cold_ttl=60, keep_seconds=60)
+        for bucket in (0, 1):
+            await client.hset(keys.redis_mark(bucket), "epoch", 1)
+        assert await journal.check() == 0  # complete, as first seen
+        queue = [keys.store_queue(keys.bucket_tag(b)) for b in (0, 1)]
+        for uid in ("2", "4", "3"):  # buckets 0, 0, 1
+            journal.note(keys.bucket(uid), queue[keys.bucket(uid)], uid, b"op" + uid.encode())
+        journal.note(SHARED, "shared-queue", None, b"shared")
+        assert await journal.check() == 0  # nothing lost: nothing queued again
+        assert await client.llen(queue[0]) == 0
+        # Bucket 0 emptied: its operations and the shared ones go back, its users cold.
+        await client.delete(keys.redis_mark(0))
+        assert await journal.check() == 3
+        assert await client.lrange(queue[0], 0, -1) == [b"op2", b"op4"]
+        assert await client.lrange("shared-queue", 0, -1) == [b"shared"]
+        assert await client.exists(keys.cold("2"), keys.cold("4"), keys.cold("3")) == 2
+        # The recovery's new epoch is the same loss: nothing queued a second time.
+        await client.hset(keys.redis_mark(0), "epoch", 2)
+        assert await journal.check() == 0
+        # A loss seen only as a changed epoch (emptied and recovered between two looks).
+        await client.hset(keys.redis_mark(1), "epoch", 3)
+        assert await journal.check() == 2  # bucket 1's and the shared one
+        # What is older than keep_seconds is no longer kept.
+        journal.keep_seconds = 0
+        journal.trim()
+        await client.delete(keys.redis_mark(0))
+        assert await journal.check() == 0
+        await client.delete("shared-queue")
+        await client.aclose()
+
+    asyncio.run(scenario())
 
 
 class WriterBetweenReads:

@@ -30,6 +30,7 @@ from pmq.durability import confirm_of
 from pmq.handlers.base import Handler
 from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox
+from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.reactor.catchup import CatchUp, Gap
 from pmq.reactor.connections import Client, ConnectionTable
@@ -90,6 +91,7 @@ class SocketWorker(Worker):
         )
         # The worker's one id generator: a lost lease renumbers it for every holder.
         self.ids = IdGenerator(await self.lease.acquire())
+        self.journal = StoreJournal(self.redis, self.keys, config.inbox.retention_seconds)
         self.inbox = Inbox(
             self.redis,
             self.keys,
@@ -97,6 +99,7 @@ class SocketWorker(Worker):
             config.inbox.hot_seconds,
             config.inbox.retention_seconds,
             self.batch,
+            self.journal,
         )
         self.broadcasts = Broadcasts(
             self.redis,
@@ -106,6 +109,7 @@ class SocketWorker(Worker):
             config.broadcast.replay_max,
             config.inbox.retention_seconds,
             confirm,
+            self.journal,
         )
         self.unread = Unread(self.redis, self.keys, config.inbox.retention_seconds)
         self.chat = Chat(
@@ -166,6 +170,7 @@ class SocketWorker(Worker):
             self.supervise("departures", self.routes.remove_departed),
             self.supervise("heap", lambda: keep_heap_frozen(lambda: self.fanout.busy)),
             self.supervise("metrics", metrics.keep_flushed),
+            self.supervise("journal", self.journal.watch),
             self.supervise("heartbeat", heartbeat.run),
         ]
 
