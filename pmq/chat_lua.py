@@ -1,11 +1,12 @@
 """The Lua scripts of the customer-service chat (pmq.chat), one per operation.
 
 Every script gets the same KEYS — online agents, agent load, active index, queue, storage
-queue — and ARGV[1] a JSON table of key templates (name -> [before, after] around an id, made
-from pmq.keys so the key shapes live there alone), ARGV[2] the time in unix ms and ARGV[3] a
-JSON list of the online agents that hold a connection now (checked by pmq.chat just before:
-the connection registry lives in the users' buckets, another slot on a Redis Cluster, so a
-script cannot read it). Script arguments start at ARGV[4]. Every key a script touches,
+queue, history index — and ARGV[1] a JSON table of key templates (name -> [before, after]
+around an id, made from pmq.keys so the key shapes live there alone), ARGV[2] the time in
+unix ms and ARGV[3] a JSON list of the online agents that hold a connection now (checked by
+pmq.chat just before: the connection registry lives in the users' buckets, another slot on a
+Redis Cluster, so a script cannot read it). Script arguments start at ARGV[4] (TRIM_HISTORY,
+the sweep's, is apart: its KEYS and ARGV are its own). Every key a script touches,
 declared or built from a template, carries the {cs} hash tag: one slot. Results that can
 fail start with an HTTP-like code.
 """
@@ -180,6 +181,7 @@ local hkey, bkey, skey = key('history', sid), key('bodies', sid), key('session',
 local ttl = tonumber(ARGV[9])
 redis.call('ZADD', hkey, ARGV[6], id)
 redis.call('HSET', bkey, id, ARGV[7])
+redis.call('ZADD', KEYS[6], 'NX', ARGV[6], sid)  -- its oldest kept message, for the sweep
 local over = redis.call('ZCARD', hkey) - tonumber(ARGV[8])
 if over > 0 then
     local old = redis.call('ZRANGE', hkey, 0, over - 1)
@@ -196,3 +198,31 @@ redis.call('RPUSH', KEYS[5], ARGV[10])
 return 1
 """
 )
+
+# KEYS: history index. ARGV: 1 templates (as for the others), 2 cutoff ms, 3 most sessions.
+# Removes the messages older than the cutoff from the histories of at most that many
+# sessions whose oldest kept message is older, oldest first, and points the index at each
+# one's new oldest message (or drops the session from it). Returns {sessions, messages}.
+TRIM_HISTORY = """
+local T = cjson.decode(ARGV[1])
+local function key(name, id) return T[name][1] .. id .. T[name][2] end
+local below = '(' .. ARGV[2]
+local sids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', below, 'LIMIT', 0, ARGV[3])
+local removed = 0
+for _, sid in ipairs(sids) do
+    local hkey = key('history', sid)
+    local old = redis.call('ZRANGEBYSCORE', hkey, '-inf', below)
+    if #old > 0 then  -- at most HISTORY_MAX per session: within unpack()'s limit
+        redis.call('ZREMRANGEBYSCORE', hkey, '-inf', below)
+        redis.call('HDEL', key('bodies', sid), unpack(old))
+        removed = removed + #old
+    end
+    local oldest = redis.call('ZRANGE', hkey, 0, 0, 'WITHSCORES')
+    if #oldest == 0 then
+        redis.call('ZREM', KEYS[1], sid)
+    else
+        redis.call('ZADD', KEYS[1], oldest[2], sid)
+    end
+end
+return {#sids, removed}
+"""

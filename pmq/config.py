@@ -43,6 +43,9 @@ class ServerConfig:
     max_frame: int = 65536
     rate: int = 50
     max_pending: int = 1048576
+    # true: auth.jwt_secret (with auth.mode = "jwt") and ingest.api_key must be set; checked
+    # with the other secrets by pmq.startcheck
+    require_secrets: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

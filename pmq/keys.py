@@ -261,6 +261,11 @@ class Keys:
         """HASH message id -> message JSON, beside cs_history(session_id)."""
         return f"{self.prefix}{{cs}}:s:{session_id}:bodies"
 
+    def cs_history_index(self) -> str:
+        """ZSET session id -> unix ms of the oldest message in its cs_history: what the
+        sweep reads to trim messages past retention (pmq.tasks.sweep)."""
+        return f"{self.prefix}{{cs}}:history-index"
+
     def cs_user_session(self, uid: str) -> str:
         """STRING session id: the user's one open or queued session."""
         return f"{self.prefix}{{cs}}:u:{uid}:current"

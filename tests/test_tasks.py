@@ -22,16 +22,20 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from pmq.config import StorageConfig
+from pmq.broadcast import Broadcasts
+from pmq.chat import Chat
+from pmq.config import CsConfig, StorageConfig
 from pmq.ids import IdGenerator
 from pmq.inbox import Inbox, Message
 from pmq.keys import Keys
+from pmq.routing import Routes
 from pmq.store import Store, StoredMessage, open_store
+from pmq.store.base import RETENTION_TABLES, StoredBroadcast, StoredCsMessage, StoredCsSession
 from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
-from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for
+from tests.helpers import REDIS_URL, MysqlDatabase, Node, NoDelivery, TcpProxy, wait_for
 
 SHARDS = 4
 OWNER = "test-node:1"
@@ -492,6 +496,8 @@ def test_sweep_moves_stored_messages_cold_and_keeps_the_rest_hot(store: Store, k
                 "moved": 3,
                 "kept": 2,
                 "expired": 0,
+                "broadcasts": 0,
+                "cs_messages": 0,
                 "deleted": 0,
             }
             assert await hot_ids(r, keys, "7") == ({m3, m4}, {m3, m4})
@@ -572,6 +578,132 @@ def test_one_sweeper_of_the_cluster_holds_the_lock(sqlite_store: Store, keys: Ke
                 await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+# Retention beyond the inbox -----------------------------------------------------------
+
+
+def rows(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    """What one read of ``store``'s own SQL returns (for tables the Store never lists)."""
+    with store._session("test", write=False) as cur:
+        cur.execute(sql)
+        return [tuple(row) for row in cur.fetchall()]
+
+
+async def backdate_broadcast(r: aioredis.Redis, keys: Keys, group: str, bid: str, ms: int) -> None:
+    """Make a broadcast look published ``ms`` ago, in its group's ids and the index."""
+    for key in (keys.broadcasts(group), keys.broadcast_index()):
+        await r.zadd(key, {bid: ms}, xx=True)
+
+
+async def backdate_chat(r: aioredis.Redis, keys: Keys, sid: str, mids: list[str], ms: int) -> None:
+    """Make chat messages look sent ``ms`` ago, in their session's history and the index."""
+    await r.zadd(keys.cs_history(sid), {mid: ms for mid in mids}, xx=True)
+    await r.zadd(keys.cs_history_index(), {sid: ms}, lt=True)
+
+
+def test_sweep_applies_retention_to_broadcasts_and_chat(store: Store, keys: Keys) -> None:
+    """Broadcasts, chat messages and closed chat sessions older than retention leave Redis
+    and storage on a sweep; younger ones stay, and a connect still replays the recent
+    broadcasts."""
+    now = now_ms()
+    expired_ts = now - (RETENTION + 60) * 1000
+    recent = now - 5000
+    old_bc, new_bc, old_msg, new_msg, old_session, new_session = (IDS.next() for _ in range(6))
+    store.write_broadcasts(
+        [StoredBroadcast(i, "vip", "notice", "{}", ts) for i, ts in
+         ((old_bc, expired_ts), (new_bc, recent))]
+    )  # fmt: skip
+    store.write_cs(
+        [StoredCsMessage(i, old_session, 1, 2, "{}", ts) for i, ts in
+         ((old_msg, expired_ts), (new_msg, recent))],
+        [StoredCsSession(i, 1, 2, "closed", ts - 1000, ts, None) for i, ts in
+         ((old_session, expired_ts), (new_session, recent))],
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        async with connect() as r:
+            broadcasts = Broadcasts(r, keys, IDS, 60, replay_max=20, retention_seconds=RETENTION)
+            old_vip, old_all, new_vip = [
+                (await broadcasts.publish(group, "notice", {"n": n}, None)).id
+                for n, group in enumerate(["vip", "all", "vip"])
+            ]
+            await backdate_broadcast(r, keys, "vip", old_vip, expired_ts)
+            await backdate_broadcast(r, keys, "all", old_all, expired_ts)
+            for key in (keys.broadcasts("vip"), keys.broadcast_index(), keys.broadcast_bodies()):
+                assert 0 < await r.ttl(key) <= RETENTION  # gone whole once all are old
+
+            # An agent (its connection faked) and two users' sessions.
+            await r.hset(keys.user_conns("2"), "c1", "w1")
+            routes = Routes(r, keys, "w1", 1.0, NoDelivery())
+            inbox = Inbox(r, keys, IDS, hot_seconds=1, retention_seconds=RETENTION)
+            chat = Chat(r, keys, routes, inbox, CsConfig, RETENTION)
+            await chat.agent_online("2")
+            long_sid = (await chat.open("1"))["session_id"]
+            m1 = await chat.send("1", long_sid, {"text": "long ago"})
+            m2 = await chat.send("2", long_sid, {"text": "just now"})
+            await backdate_chat(r, keys, long_sid, [m1], expired_ts)
+            closed_sid = (await chat.open("3"))["session_id"]
+            m3 = await chat.send("3", closed_sid, {"text": "long ago too"})
+            await backdate_chat(r, keys, closed_sid, [m3], expired_ts)
+            await chat.close(closed_sid, "3")
+            assert 0 < await r.ttl(keys.cs_session(closed_sid)) <= RETENTION
+
+            counts = await new_sweeper(r, keys, store).sweep_once()
+            assert (counts["broadcasts"], counts["cs_messages"]) == (2, 2)
+            assert counts["deleted"] == 3  # a broadcast, a chat message, a chat session
+
+            assert await r.zrange(keys.broadcast_index(), 0, -1) == [new_vip.encode()]
+            assert await r.hkeys(keys.broadcast_bodies()) == [new_vip.encode()]
+            assert await r.zrange(keys.broadcasts("vip"), 0, -1) == [new_vip.encode()]
+            assert not await r.exists(keys.broadcasts("all"))
+            pipe = r.pipeline(transaction=False)
+            replay = broadcasts.replay_on(pipe, "77", ["vip"])
+            replayed = await broadcasts.bodies(replay(iter(await pipe.execute())))
+            assert [b["id"] for b in replayed] == [new_vip]
+
+            assert await r.zrange(keys.cs_history(long_sid), 0, -1) == [m2.encode()]
+            assert await r.hkeys(keys.cs_bodies(long_sid)) == [m2.encode()]
+            m2_ms = await r.zscore(keys.cs_history(long_sid), m2)
+            assert await r.zscore(keys.cs_history_index(), long_sid) == m2_ms
+            assert not await r.exists(keys.cs_history(closed_sid), keys.cs_bodies(closed_sid))
+            assert await r.zscore(keys.cs_history_index(), closed_sid) is None
+            history = await chat.history("1", long_sid, 0, 10)
+            assert [m["id"] for m in history["messages"]] == [m2]
+
+    asyncio.run(scenario())
+    assert rows(store, "SELECT id FROM pmq_broadcast") == [(new_bc,)]
+    assert [m.id for m in store.cs_messages(old_session)] == [new_msg]
+    assert store.cs_session(old_session) is None and store.cs_session(new_session) is not None
+
+
+def index_leads(store: Store) -> set[tuple[str, str]]:
+    """(table, first column) of every secondary index of ``store``'s primary tables."""
+    if store.engine == "mysql":
+        found = rows(
+            store,
+            "SELECT table_name, column_name FROM information_schema.statistics WHERE "
+            "table_schema = DATABASE() AND seq_in_index = 1 AND index_name <> 'PRIMARY'",
+        )
+        return {(str(t), str(c)) for t, c in found}
+    names = rows(store, "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")
+    return {(table, rows(store, f"PRAGMA index_info({name})")[0][2]) for name, table in names}
+
+
+def test_init_schema_indexes_the_retention_columns_of_an_older_database(store: Store) -> None:
+    """A database made before schema 3 lacks the time indexes retention deletes by:
+    init_schema() adds them (and again changes nothing)."""
+    drop = {"sqlite": "DROP INDEX {t}_{c}", "mysql": "ALTER TABLE {t} DROP KEY idx_{c}"}
+    assert set(RETENTION_TABLES) <= index_leads(store)
+    with store._session("test", write=True) as cur:
+        for table, column in RETENTION_TABLES:
+            cur.execute(drop[store.engine].format(t=table, c=column))
+        cur.execute("DELETE FROM pmq_schema WHERE version = 3")
+    assert not set(RETENTION_TABLES) & index_leads(store)
+    store.init_schema()
+    store.init_schema()
+    assert set(RETENTION_TABLES) <= index_leads(store)
+    assert rows(store, "SELECT MAX(version) FROM pmq_schema") == [(3,)]
 
 
 # A real node ---------------------------------------------------------------------------

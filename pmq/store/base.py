@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol
 
 from pmq.errors import StorageError
 
-SCHEMA_VERSION = 2  # 2: pmq_redis_mark
+SCHEMA_VERSION = 3  # 2: pmq_redis_mark; 3: the time indexes of RETENTION_TABLES
 
 # A write is sent as few statements as possible, but one statement must stay well inside the
 # engines' limits: SQLite's 32766 host parameters and MySQL's max_allowed_packet (16 MiB by
@@ -30,6 +30,14 @@ MAX_ROWS_PER_INSERT = 1000
 MAX_CHARS_PER_INSERT = 1024 * 1024
 # Retention deletes this many rows per transaction, so no lock is held for long.
 DELETE_CHUNK = 5000
+# The primary's tables retention empties besides the messages, each by its time column
+# (unix ms). init_schema() indexes each column, also in a database an older PMQ made, so a
+# retention DELETE reads only the rows it removes.
+RETENTION_TABLES = (
+    ("pmq_broadcast", "ts"),
+    ("pmq_cs_message", "ts"),
+    ("pmq_cs_session", "closed_at"),  # a session is stored once it is closed
+)
 # Ids named in one UPDATE ... IN (...).
 ACK_CHUNK = 500
 
@@ -149,8 +157,14 @@ class Store(abc.ABC):
         """Idempotent DDL creating ``pmq_schema``."""
 
     @abc.abstractmethod
-    def _delete_chunk(self, table: str, limit: int) -> str:
-        """A DELETE of at most ``limit`` rows of ``table`` with ``ts`` below one parameter."""
+    def _add_index(self, cur: Cursor, table: str, column: str) -> None:
+        """Index ``column`` of ``table`` unless it is indexed already (idempotent, and safe
+        when another process adds the same index at once)."""
+
+    @abc.abstractmethod
+    def _delete_chunk(self, table: str, column: str, limit: int) -> str:
+        """A DELETE of at most ``limit`` rows of ``table`` with ``column`` below one
+        parameter."""
 
     def ping(self) -> None:
         """Return when the store answers a trivial query; raise StorageError otherwise."""
@@ -184,6 +198,9 @@ class Store(abc.ABC):
                 )
             for statement in self._schema_statements():
                 cur.execute(statement)
+            if self.primary:
+                for table, column in RETENTION_TABLES:
+                    self._add_index(cur, table, column)
             p = self.placeholder
             cur.execute(
                 f"{self.insert_ignore} INTO pmq_schema (version, applied_at) VALUES ({p}, {p})",
@@ -386,11 +403,15 @@ class Store(abc.ABC):
             return [StoredCsMessage(*row) for row in cur.fetchall()]
 
     def delete_before(self, ts_ms: int) -> int:
-        """Delete every message (acked or not) with ``ts`` below ``ts_ms`` from every shard,
-        DELETE_CHUNK rows per transaction so no lock is held for long. Returns the count."""
+        """Delete every row older than ``ts_ms`` (unix ms): the messages (acked or not) of
+        every owned shard and, on a primary, the rows of RETENTION_TABLES. DELETE_CHUNK rows
+        per transaction, so no lock is held for long. Returns the count."""
+        tables = [(f"pmq_msg_{n}", "ts") for n in self.owned]
+        if self.primary:
+            tables += RETENTION_TABLES
         deleted = 0
-        for n in self.owned:
-            statement = self._delete_chunk(f"pmq_msg_{n}", DELETE_CHUNK)
+        for table, column in tables:
+            statement = self._delete_chunk(table, column, DELETE_CHUNK)
             while True:
                 with self._session("delete_before", write=True) as cur:
                     cur.execute(statement, (ts_ms,))

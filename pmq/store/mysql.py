@@ -189,9 +189,26 @@ class MysqlStore(Store):
             f"KEY idx_session_id (session_id, id)) {TABLE_OPTIONS}",
         ]
 
-    def _delete_chunk(self, table: str, limit: int) -> str:
-        # ORDER BY follows the (ts, id) index and keeps the statement safe for replication.
-        return f"DELETE FROM {table} WHERE ts < %s ORDER BY ts, id LIMIT {limit}"
+    def _add_index(self, cur: Cursor, table: str, column: str) -> None:
+        # MySQL has no ADD INDEX IF NOT EXISTS (MariaDB has): look first, and take a
+        # "duplicate key name" as done, when another process added it meanwhile.
+        name = f"idx_{column}"
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.statistics WHERE "
+            "table_schema = DATABASE() AND table_name = %s AND index_name = %s",
+            (table, name),
+        )
+        if cur.fetchall()[0][0]:
+            return
+        try:
+            cur.execute(f"ALTER TABLE {table} ADD KEY {name} ({column})")
+        except pymysql.OperationalError as exc:
+            if exc.args[0] != ER.DUP_KEYNAME:
+                raise
+
+    def _delete_chunk(self, table: str, column: str, limit: int) -> str:
+        # ORDER BY follows the (column, id) index and keeps the statement safe for replication.
+        return f"DELETE FROM {table} WHERE {column} < %s ORDER BY {column}, id LIMIT {limit}"
 
     def close(self) -> None:
         with self._lock:

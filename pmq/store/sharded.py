@@ -61,8 +61,11 @@ class ShardedStore(Store):
     def _schema_table(self) -> str:
         return self.main._schema_table()
 
-    def _delete_chunk(self, table: str, limit: int) -> str:
-        return self.main._delete_chunk(table, limit)
+    def _add_index(self, cur: Cursor, table: str, column: str) -> None:
+        self.main._add_index(cur, table, column)
+
+    def _delete_chunk(self, table: str, column: str, limit: int) -> str:
+        return self.main._delete_chunk(table, column, limit)
 
     def table(self, uid: int) -> str:
         return self.store_of(uid).table(uid)

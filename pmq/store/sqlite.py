@@ -150,10 +150,14 @@ class SqliteStore(Store):
             "ON pmq_cs_message (session_id, id)",
         ]
 
-    def _delete_chunk(self, table: str, limit: int) -> str:
+    def _add_index(self, cur: Cursor, table: str, column: str) -> None:
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})")
+
+    def _delete_chunk(self, table: str, column: str, limit: int) -> str:
         # DELETE ... LIMIT needs a compile-time option most builds lack; go through the rowid.
         return (
-            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT {limit})"
+            f"DELETE FROM {table} WHERE id IN "
+            f"(SELECT id FROM {table} WHERE {column} < ? LIMIT {limit})"
         )
 
     def close(self) -> None:

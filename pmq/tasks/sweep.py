@@ -6,8 +6,11 @@ looks at the users whose oldest hot message is older than ``hot_seconds``
 messages, the ones the store confirms it holds leave the user's hot inbox and
 ``keys.cold(uid)`` is set, so replay reads them from storage; the ones
 the storage writer has not written yet stay hot until a later sweep. Then retention: rows
-older than ``retention_seconds`` are deleted from storage, and hot entries that old are
-dropped from Redis whether stored or not (storage no longer keeps them either).
+older than ``retention_seconds`` are deleted from storage (messages, broadcasts, chat
+messages and closed chat sessions), hot entries that old are dropped from Redis whether
+stored or not (storage no longer keeps them either), and so are broadcasts and the messages
+of chat histories that old (pmq.broadcast.BroadcastTrim, pmq.chat.ChatTrim: one script of one
+hash tag per batch). Chat sessions leave Redis by their TTL, the retention after they close.
 
 Removing messages, setting the cold flag and updating the index is one Lua call per user,
 so a message is always either hot or flagged cold, and a message published meanwhile never
@@ -23,6 +26,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from pmq.broadcast import BroadcastTrim
+from pmq.chat import ChatTrim
 from pmq.keys import Keys
 from pmq.locks import Lock
 from pmq.protocol import is_uid
@@ -34,7 +39,8 @@ log = logging.getLogger(__name__)
 
 PAGE = 500  # users read from the index per call
 USER_CHUNK = 1000  # messages of one user moved per Lua call (Lua's unpack() has a limit)
-PASS_BUDGET = 1.0  # seconds one sweep spends on the hot -> cold pass; the next one goes on
+PASS_BUDGET = 1.0  # seconds one sweep spends on each Redis pass; the next one goes on
+TRIM_BATCH = 500  # broadcasts, or chat sessions, trimmed per Lua call
 
 # KEYS: inbox, bodies, cold, index; ARGV: uid, cold_ttl, cold mark ('0': leave the flag), ids...
 # The mark is new on every sweep, so a reader that saw storage empty deletes the flag only
@@ -88,31 +94,53 @@ class Sweeper(ClusterJob):
         self.hot_ms = hot_seconds * 1000
         self.retention_seconds = retention_seconds
         self._evict = redis.register_script(EVICT)
+        self.broadcast_trim = BroadcastTrim(redis, keys)
+        self.chat_trim = ChatTrim(redis, keys)
         self.sweeps = self.moved = 0
 
     async def once(self) -> None:
         """One sweep (idempotent: one cut short is simply done again), logged if it did
         anything."""
         counts = await self.sweep_once()
-        if counts["ran"] and any(counts[k] for k in ("moved", "expired", "deleted")):
+        changed = ("moved", "expired", "broadcasts", "cs_messages", "deleted")
+        if counts["ran"] and any(counts[k] for k in changed):
             log.info("inbox sweep: %s", counts)
 
     async def sweep_once(self, now_ms: int | None = None) -> Counts:
         """One sweep if this sweeper gets the lock. Returns counts: ``ran`` (0 when another
         worker holds the lock, and then nothing else), ``users`` looked at, messages
         ``moved`` to storage only, ``kept`` hot because storage does not hold them yet,
-        hot entries ``expired`` past retention, and storage rows ``deleted``. ``now_ms``
-        (unix ms, default the clock) is for tests."""
+        hot entries ``expired`` past retention, ``broadcasts`` and chat messages
+        (``cs_messages``) past retention taken out of Redis, and storage rows ``deleted``.
+        ``now_ms`` (unix ms, default the clock) is for tests."""
         if not await self.hold_lock():
             return {"ran": 0}
         now = int(time.time() * 1000) if now_ms is None else now_ms
         counts: Counts = {"ran": 1, "users": 0, "moved": 0, "kept": 0, "expired": 0}
         await self._sweep_hot(now, counts)
         before = now - self.retention_seconds * 1000
+        await self._trim_shared(before, counts)
         counts["deleted"] = await self.in_thread(self.store.delete_before, before)
         self.sweeps += 1
         self.moved += counts["moved"]
         return counts
+
+    async def _trim_shared(self, before: int, counts: Counts) -> None:
+        """Take broadcasts and chat messages older than ``before`` out of Redis, TRIM_BATCH
+        per script call, within PASS_BUDGET seconds each; a later sweep goes on."""
+        counts["broadcasts"] = counts["cs_messages"] = 0
+        deadline = time.monotonic() + PASS_BUDGET
+        while time.monotonic() < deadline:
+            trimmed = await self.broadcast_trim.older_than(before, TRIM_BATCH)
+            counts["broadcasts"] += trimmed
+            if trimmed < TRIM_BATCH:
+                break
+        deadline = time.monotonic() + PASS_BUDGET
+        while time.monotonic() < deadline:
+            sessions, removed = await self.chat_trim.older_than(before, TRIM_BATCH)
+            counts["cs_messages"] += removed
+            if sessions < TRIM_BATCH:
+                break
 
     async def _sweep_hot(self, now: int, counts: Counts) -> None:
         """Visit the users with hot messages past the hot or retention cutoff, oldest first
