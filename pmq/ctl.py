@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="every live node of the cluster, its workers and connections, read from Redis "
         "(needs no master on this machine)",
     )
+    command(
+        "check",
+        cmd_check,
+        "run every start-up check (secrets, file modes, Redis's settings, storage) and list "
+        "every problem; exit 1 when there is any",
+    )
     token = command("token", cmd_token, "print a client token (auth.mode = jwt)")
     token.add_argument("uid")
     token.add_argument("--groups", default="", help="comma-separated groups")
@@ -246,6 +252,19 @@ def duration(seconds: object) -> str:
 
 def megabytes(value: object) -> str:
     return f"{int(str(value)) / 2**20:.1f}M"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pmq import startcheck
+
+    report = startcheck.survey(load(args))
+    for problem in report.problems:
+        print(problem)
+    if report.problems:
+        print(f"pmqctl check: {len(report.problems)} problem(s)", file=sys.stderr)
+        return ExitCode.FAILURE
+    print("ok: " + ", ".join(report.checked))
+    return ExitCode.OK
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ refused (managed Redis), read from INFO. Then:
 - ``redis.durability = "aof"`` needs WAITAOF (Redis 7.2 or later): else the start fails,
   naming ``redis.durability``.
 
-Failures raise ConfigError, which ``pmqctl start`` reports and exits 1 on.
+Every problem is reported (:func:`inspect`), not only the first; pmq.startcheck runs this at
+start (ConfigError, exit 1) and in ``pmqctl check``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import redis
 from redis.exceptions import RedisError, ResponseError
 
 from pmq.config import CLUSTER_URL, RedisConfig
-from pmq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,14 @@ class Settings:
     version: tuple[int, ...]
 
 
-def check(config: RedisConfig) -> list[Settings]:
-    """Read and check every server of ``config``; returns what was read. Raises
-    ConfigError naming the setting at fault, or redis.url when Redis cannot be read."""
+def inspect(config: RedisConfig) -> tuple[list[Settings], list[str]]:
+    """What every server of ``config`` runs with, and every problem PMQ has with it (each
+    message starts with the setting or key at fault); never raises for Redis's sake."""
     try:
         found = read_all(config)
     except RedisError as exc:
-        raise ConfigError(
-            f"redis.url: cannot read Redis's settings at {config.url}: {exc}"
-        ) from exc
-    for settings in found:
-        judge(settings, config)
-    return found
+        return [], [f"redis.url: cannot read Redis's settings at {config.url}: {exc}"]
+    return found, [fault for settings in found for fault in problems(settings, config)]
 
 
 def read_all(config: RedisConfig) -> list[Settings]:
@@ -98,33 +94,36 @@ def read(client: redis.Redis, name: str) -> Settings:
     )
 
 
-def judge(settings: Settings, config: RedisConfig) -> None:
-    """Raise ConfigError for a setting PMQ cannot run on; log a warning for AOF off."""
+def problems(settings: Settings, config: RedisConfig) -> list[str]:
+    """Every setting of one server PMQ cannot run on; logs a warning for AOF off."""
     where = f"Redis at {settings.server}"
+    found: list[str] = []
     if settings.maxmemory_policy == "?":  # neither CONFIG nor INFO told it
         log.warning("%s does not say its maxmemory-policy; PMQ needs noeviction", where)
     elif settings.maxmemory_policy != "noeviction":
-        raise ConfigError(
+        found.append(
             f"maxmemory-policy: {where} has maxmemory-policy {settings.maxmemory_policy}, "
             "which evicts keys (inboxes, queues) silently; PMQ needs noeviction"
         )
     if config.durability == "aof" and settings.version < WAITAOF_SINCE:
-        found = ".".join(map(str, settings.version))
-        raise ConfigError(
-            f"redis.durability: 'aof' needs WAITAOF, which {where} (version {found}) lacks; "
-            "it needs Redis 7.2 or later (or use durability = 'none')"
+        version = ".".join(map(str, settings.version))
+        found.append(
+            f"redis.durability: 'aof' needs WAITAOF, which {where} (version {version}) "
+            "lacks; it needs Redis 7.2 or later (or use durability = 'none')"
         )
     if settings.appendonly != "no":
-        return
+        return found
     if config.require_aof or config.durability == "aof":
         why = "redis.require_aof = true" if config.require_aof else "redis.durability = 'aof'"
-        raise ConfigError(
+        found.append(
             f"appendonly: {where} runs with appendonly no, but {why} needs the AOF on "
             "(appendonly yes, appendfsync everysec or always)"
         )
-    log.warning(
-        "%s runs with appendonly no: a Redis restart loses every message it holds that "
-        "is not yet in storage (set appendonly yes; redis.require_aof = true makes this "
-        "an error)",
-        where,
-    )
+    else:
+        log.warning(
+            "%s runs with appendonly no: a Redis restart loses every message it holds that "
+            "is not yet in storage (set appendonly yes; redis.require_aof = true makes this "
+            "an error)",
+            where,
+        )
+    return found

@@ -124,7 +124,7 @@ def test_shipped_dev_and_prod_overlays() -> None:
     prod = load(str(SHIPPED), environ={"PMQ_ENV": "prod"})
     assert prod.storage.url.startswith("mysql://")
     assert prod.log.json is True
-    assert prod.auth.mode == "jwt" and prod.auth.jwt_secret
+    assert prod.auth.mode == "jwt" and prod.server.require_secrets is True  # no secret ships
     assert prod.redis.require_aof is True  # production refuses a Redis without its AOF
     assert dev.redis.require_aof is False and dev.redis.durability == "none"
 

@@ -139,7 +139,7 @@ def jmeter_missing() -> str | None:
 
 @pytest.mark.e2e
 @pytest.mark.skipif(jmeter_missing() is not None, reason=str(jmeter_missing()))
-@pytest.mark.parametrize("api_key", ["", "jmeter-test-key"], ids=["no-key", "api-key"])
+@pytest.mark.parametrize("api_key", ["", "jmeter-test-key-42"], ids=["no-key", "api-key"])
 def test_ingest_plan_runs_against_a_node(
     make_node: Callable[..., Node], tmp_path: Path, api_key: str
 ) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import setproctitle
 
-from pmq import metrics, redischeck
+from pmq import metrics, startcheck
 from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
@@ -498,9 +498,10 @@ def rss(pid: int) -> int:
 
 
 def prepare(config: Config) -> Config:
-    """Settle what workers must share before the fork: Redis's settings checked (ConfigError
-    when PMQ cannot keep its promises on them), the JWT secret, the embedded schema."""
-    redischeck.check(config.redis)
+    """Settle what workers must share before the fork: the start-up checks (ConfigError
+    listing every unsafe secret, open file mode or Redis setting PMQ cannot keep its
+    promises on), the JWT secret, the embedded schema."""
+    startcheck.require(config)
     if config.auth.mode == "jwt" and not config.auth.jwt_secret:
         secret = resolve_jwt_secret(config)
         config = dataclasses.replace(
