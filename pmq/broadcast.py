@@ -6,6 +6,11 @@ worker writes it to its own connections of the group), and queued apart for the 
 writer, which stores it in SQL: a storage outage never holds the fan-out back. Users who were
 offline get it on their next connect: each user has a watermark (the newest broadcast id
 they acked), and connect replays the newest ``broadcast.replay_max`` above it.
+
+Retention (``inbox.retention_seconds``): every publish sets the TTL of the bodies, the index
+and the group's ids to the retention, so they go whole once no broadcast is younger; the
+sweep (pmq.tasks.sweep) removes the older broadcasts from them meanwhile with
+:class:`BroadcastTrim`, and from storage.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import redis.asyncio as aioredis
 from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import SHARED, StoreJournal
-from pmq.keys import BROADCAST_TAG, Keys
+from pmq.keys import BROADCAST_TAG, Keys, key_template
 
 ALL = "all"
 
 # KEYS: dedupe, group zset, index zset, bodies, queue, storage queue.
-# ARGV: dedupe_ttl, id, ms, message_json, queue_item, storage_op. Returns {0, first id} or {1}.
+# ARGV: dedupe_ttl, id, ms, message_json, queue_item, storage_op, retention seconds.
+# Returns {0, first id} or {1}.
 PUBLISH = """
 local previous = redis.call('GET', KEYS[1])
 if previous then return {0, previous} end
@@ -35,9 +41,31 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
+for i = 2, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[7])) end
 redis.call('RPUSH', KEYS[5], ARGV[5])
 redis.call('RPUSH', KEYS[6], ARGV[6])
 return {1}
+"""
+
+# KEYS: index zset, bodies. ARGV: the group key's template (before, after), cutoff ms,
+# most ids. Removes up to that many broadcasts older than the cutoff (by the index) from
+# the index, the bodies and their groups' ids; returns how many.
+TRIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'LIMIT', 0, ARGV[4])
+if #ids == 0 then return 0 end
+local groups = {}
+for _, body in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do
+    local ok, message = pcall(cjson.decode, body or '')
+    if ok and type(message) == 'table' and type(message.group) == 'string' then
+        groups[message.group] = true
+    end
+end
+for group in pairs(groups) do
+    redis.call('ZREMRANGEBYSCORE', ARGV[1] .. group .. ARGV[2], '-inf', '(' .. ARGV[3])
+end
+redis.call('HDEL', KEYS[2], unpack(ids))
+redis.call('ZREM', KEYS[1], unpack(ids))
+return #ids
 """
 
 # KEYS: mark; ARGV: id. Moves the watermark up, never down.
@@ -102,6 +130,7 @@ class Broadcasts:
         self.journal = journal  # a socket worker's, so an emptied Redis loses no 202
         self.dedupe_seconds = dedupe_seconds
         self.replay_max = replay_max
+        self.retention_seconds = retention_seconds
         self.retention_ms = retention_seconds * 1000
         self._publish = redis.register_script(PUBLISH)
         self._raise_mark = redis.register_script(RAISE_MARK)
@@ -131,9 +160,9 @@ class Broadcasts:
             self.keys.broadcast_queue(),
             self.keys.store_queue(BROADCAST_TAG),
         ]
+        args = [self.dedupe_seconds, message_id, now, wire, item, storage_op]
         result = await run_script(
-            self.redis, self._publish, keys,
-            [self.dedupe_seconds, message_id, now, wire, item, storage_op], self.confirm,
+            self.redis, self._publish, keys, [*args, self.retention_seconds], self.confirm
         )
         if result[0] == 0:
             return Published(result[1].decode(), True)
@@ -195,3 +224,19 @@ class Broadcasts:
                 args=[str(max(known)), self.retention_ms // 1000],
             )
         return len(known)
+
+
+class BroadcastTrim:
+    """Takes the broadcasts older than retention out of Redis (the sweep's job)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group_key = key_template(keys.broadcasts)
+        self._trim = redis.register_script(TRIM)
+
+    async def older_than(self, cutoff_ms: int, most: int) -> int:
+        """Remove at most ``most`` broadcasts published before ``cutoff_ms`` (unix ms), the
+        oldest first, in one script; returns how many (fewer than ``most``: none is left)."""
+        keys = [self.keys.broadcast_index(), self.keys.broadcast_bodies()]
+        return int(await self._trim(keys=keys, args=[*self.group_key, cutoff_ms, most]))
