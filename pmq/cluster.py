@@ -21,7 +21,9 @@ from typing import Any, cast
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from pmq.config import Config, RedisConfig
 from pmq.keys import Keys
@@ -154,10 +156,12 @@ def live_nodes(
 
 
 def connect_sync(config: RedisConfig) -> redis.Redis | RedisCluster:
-    """A blocking client for one-off reads (pmqctl), with short timeouts."""
+    """A blocking client for pmqctl, with short timeouts. It never sends a command again
+    after its connection dropped (``pmqctl dlq retry`` writes: a resend could apply twice)."""
     timeouts: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_SECONDS,
         "socket_timeout": READ_SECONDS,
+        "retry": Retry(NoBackoff(), 0),
     }
     if config.cluster or config.url.startswith("redis+cluster://"):
         url = config.url.replace("redis+cluster://", "redis://", 1)

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pmq import redisconn, redispipe
 from pmq.batching import Batcher
+from pmq.cluster import connect_sync
 from pmq.config import RedisConfig
 from pmq.ids import IdGenerator
 from pmq.inbox import Inbox
@@ -146,6 +147,7 @@ def test_a_pooled_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefi
     assert cuts == 1
     assert count == 1
     assert isinstance(result, RedisConnectionError)
+
 
 
 def test_a_pipe_connection_dead_before_the_write_is_replaced(redis_prefix: str) -> None:
@@ -285,6 +287,18 @@ def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_pat
             seen.append(await asyncio.gather(pipe.execute(), return_exceptions=True))
             seen.append([direct.get(key), cutter.cuts])
 
+            # pmqctl's blocking cluster client (pmqctl dlq retry writes through it).
+            blocking = connect_sync(RedisConfig(url=f"redis+cluster://127.0.0.1:{owner}"))
+            await asyncio.to_thread(blocking.get, key)
+            cutter.arm()
+            seen.append(
+                await asyncio.gather(
+                    asyncio.to_thread(blocking.eval, INCR, 1, key), return_exceptions=True
+                )
+            )
+            seen.append([direct.get(key), cutter.cuts])
+            blocking.close()
+
             # The master moves back to its own port and the proxy's address goes dead.
             await cutter.close()
             await asyncio.to_thread(announce, servers, owner, owner)
@@ -296,7 +310,9 @@ def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_pat
             await cutter.close()
 
     try:
-        [cut], ran, after, [cut_pipe], ran_pipe, found, last = uvloop.run(scenario())
+        [cut], ran, after, [cut_pipe], ran_pipe, [cut_sync], ran_sync, found, last = uvloop.run(
+            scenario()
+        )
     finally:
         direct.close()
         servers.stop()
@@ -305,4 +321,6 @@ def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_pat
     assert after == 2
     assert isinstance(cut_pipe, RedisConnectionError), cut_pipe
     assert ran_pipe == [b"3", 2]
-    assert found == b"3" and last == 4
+    assert isinstance(cut_sync, RedisConnectionError), cut_sync
+    assert ran_sync == [b"4", 3]
+    assert found == b"4" and last == 5
