@@ -43,6 +43,8 @@ class ServerConfig:
     max_frame: int = 65536
     rate: int = 50
     max_pending: int = 1048576
+    # a connection over it closes the user's oldest one, cluster-wide, with 4008
+    max_connections_per_user: int = 32
     # true: auth.jwt_secret (with auth.mode = "jwt") and ingest.api_key must be set; checked
     # with the other secrets by pmq.startcheck
     require_secrets: bool = False
@@ -343,6 +345,9 @@ def _check(config: Config) -> None:
     need(s.max_frame >= 1024, "server.max_frame: must be at least 1024")
     need(s.rate >= 1, "server.rate: must be at least 1")
     need(s.max_pending >= 4096, "server.max_pending: must be at least 4096")
+    need(
+        s.max_connections_per_user >= 1, "server.max_connections_per_user: must be at least 1"
+    )
     need(all(c.isalnum() or c in "-_." for c in s.node), "server.node: letters, digits, -_.")
     need(config.ingest.max_body >= 256, "ingest.max_body: must be at least 256")
     need(config.auth.mode in ("jwt", "http"), "auth.mode: must be 'jwt' or 'http'")

@@ -57,6 +57,7 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009  # frame over server.max_frame
     INTERNAL_ERROR = 1011
     KICKED = 4001  # the site asked to close this user's connections
+    TOO_MANY_CONNECTIONS = 4008  # the user opened more than server.max_connections_per_user
 
 
 class Kind(enum.StrEnum):

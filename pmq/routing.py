@@ -43,6 +43,9 @@ OP_MESSAGE = "message"
 OP_MESSAGE_BARE = "msg"  # the same from such a node: a bare frame, the counters to be read
 OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
 OP_KICK = "kick"  # payload: the reason; close every connection with 4001
+# payload: conn ids, space-separated; close those with 4008 (server.max_connections_per_user).
+# A node of an earlier version drops it with a warning: the connection stays, over the bound.
+OP_EVICT = "evict"
 
 
 class LocalDelivery(Protocol):
@@ -52,6 +55,7 @@ class LocalDelivery(Protocol):
     def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int: ...
     def unread_changed(self, uid: str) -> None: ...
     def kick(self, uid: str, reason: str) -> int: ...
+    def evict(self, uid: str, conn_ids: list[str]) -> int: ...
 
 
 def message_payload(frame: bytes, unread: Sequence[bytes]) -> bytes:
@@ -96,6 +100,18 @@ def decode_relay(message: bytes) -> tuple[str, str, float, bytes]:
     head, _, payload = message.partition(b"\n")
     op, uid, sent = head.decode().split(" ")
     return op, uid, float(sent), payload
+
+
+def oldest_beyond(conns: dict[str, str], most: int, keep: str) -> dict[str, str]:
+    """The oldest of ``conns`` (conn id -> worker id) past the newest ``most``, never
+    ``keep``: the connections a user's new one (``keep``) closes. Conn ids sort by opening
+    time (pmq.reactor.connections.new_conn_id). Two connects at once each close the oldest
+    beyond the bound they saw, so together they leave ``most`` open."""
+    over = len(conns) - most
+    if over <= 0:
+        return {}
+    oldest = sorted(conn for conn in conns if conn != keep)[:over]
+    return {conn: conns[conn] for conn in oldest}
 
 
 def skip(replies: int) -> Callable[[Iterator[Any]], None]:
@@ -153,6 +169,25 @@ class Routes:
         pipe.hset(self.keys.worker_conns(self.worker_id), conn_id, uid)
         pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
         return skip(5)
+
+    def connections_on(self, pipe: Any, uid: str) -> Callable[[Iterator[Any]], dict[str, str]]:
+        """connections() queued on the caller's ``pipe`` (after register_on(): the new
+        connection among them); what it returns takes its reply off the replies."""
+        pipe.hgetall(self.keys.user_conns(uid))
+
+        def read(replies: Iterator[Any]) -> dict[str, str]:
+            return self._live(next(replies))
+
+        return read
+
+    async def evict(self, uid: str, conns: dict[str, str]) -> int:
+        """Close ``conns`` (conn id -> worker id) of ``uid`` with 4008, wherever they are.
+        Their entries leave the registry at once, so the next connect counts without them;
+        returns how many were reached."""
+        if not conns:
+            return 0
+        await self.redis.hdel(self.keys.user_conns(uid), *conns)
+        return await self.send([(OP_EVICT, uid, conns, " ".join(conns).encode())])
 
     async def unregister(self, uid: str, conn_id: str) -> None:
         """Remove a closed connection now (leave() queues it instead)."""
@@ -274,6 +309,10 @@ class Routes:
     async def connections(self, uid: str) -> dict[str, str]:
         """conn id -> worker id for every live connection of ``uid``."""
         entries = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.user_conns(uid)))
+        return self._live(entries)
+
+    def _live(self, entries: dict[bytes, bytes]) -> dict[str, str]:
+        """A user's registry entries without those of workers that stopped beating."""
         return {
             conn.decode(): wid
             for conn, raw in entries.items()
@@ -379,6 +418,8 @@ class Routes:
             return 0
         if op == OP_KICK:
             return self.local.kick(uid, payload.decode())
+        if op == OP_EVICT:
+            return self.local.evict(uid, payload.decode().split())
         log.warning("unknown relay op %r for uid %s", op, uid)
         return 0
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Opcode
@@ -44,6 +45,13 @@ RECENT_PUSHES = 32768
 
 
 TEXT_FIN = 0x80 | Opcode.TEXT  # the first byte of a whole (unfragmented) text frame
+
+
+def new_conn_id() -> str:
+    """A connection id that sorts by opening time: the unix ms in 12 hex digits, then 8
+    random ones. The oldest of a user's connections is the least of their ids, on any node
+    (clocks kept in step), so the connection bound needs no other record of ages."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -326,4 +334,14 @@ class ConnectionTable:
         clients = self.of_user(uid)
         for client in clients:
             client.close(CloseCode.KICKED, reason)
+        return len(clients)
+
+    def evict(self, uid: str, conn_ids: Iterable[str]) -> int:
+        """Close those of ``conn_ids`` that are connections of ``uid`` here with 4008 "too
+        many connections" (the user opened more than server.max_connections_per_user);
+        returns how many were here."""
+        mine = self.by_uid.get(uid, {})
+        clients = [mine[conn_id] for conn_id in conn_ids if conn_id in mine]
+        for client in clients:
+            client.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
         return len(clients)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http
 import importlib.resources
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +29,7 @@ from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
 from pmq.log import Throttled
 from pmq.protocol import Code, ProtocolError
-from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor.connections import Client, ConnectionTable, new_conn_id
 from pmq.reactor.heartbeat import WatchedConnection
 
 log = logging.getLogger(__name__)
@@ -189,7 +188,7 @@ class Gateway:
         identity: Identity = ws.pmq_identity  # type: ignore[attr-defined]
         forget_handshake(ws)
         config = self.app.config.server
-        client = Client(ws, secrets.token_hex(8), identity, config.max_pending, config.rate)
+        client = Client(ws, new_conn_id(), identity, config.max_pending, config.rate)
         self.table.add(client)
         try:
             await self.on_open(client)

@@ -42,7 +42,7 @@ from pmq.reactor.ingest import build_router
 from pmq.reactor.reload import load_handlers
 from pmq.reactor.replay import LateReplays, replay
 from pmq.reactor.unread import UnreadPusher
-from pmq.routing import Routes
+from pmq.routing import Routes, oldest_beyond
 from pmq.store import Store, open_store
 from pmq.unread import Unread
 from pmq.workers.base import BootError, Worker
@@ -248,18 +248,26 @@ class SocketWorker(Worker):
     def kick(self, uid: str, reason: str) -> int:
         return self.table.kick_user(uid, reason)
 
+    def evict(self, uid: str, conn_ids: list[str]) -> int:
+        return self.table.evict(uid, conn_ids)
+
     # Connections ----------------------------------------------------------------------
     async def on_open(self, client: Client) -> None:
-        """Register, say hello, replay the inbox in id order, then let live frames through.
-        What only storage holds comes later if storage does not answer (pmq.reactor.replay)."""
+        """Register, close the user's oldest connections past server.max_connections_per_user
+        (cluster-wide: the registry holds them all), say hello, replay the inbox in id order,
+        then let live frames through. What only storage holds comes later if storage does not
+        answer (pmq.reactor.replay)."""
         client.hold()
         uid, groups = client.uid, client.identity.groups
         pipe = self.redis.pipeline(transaction=False)  # one round trip: register, then read
         registered = self.routes.register_on(pipe, uid, client.conn_id, groups)
+        counted = self.routes.connections_on(pipe, uid)
         looked = self.inbox.look_on(pipe, uid)
         replayable = self.broadcasts.replay_on(pipe, uid, groups)
         replies = iter(await pipe.execute())
         registered(replies)
+        most = self.config.server.max_connections_per_user
+        await self.routes.evict(uid, oldest_beyond(counted(replies), most, client.conn_id))
         look = looked(replies)
         broadcast_ids = replayable(replies)
         await self.unread_pusher.watch(groups)  # a round trip only for a group new here
