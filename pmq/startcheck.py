@@ -78,7 +78,7 @@ def survey(config: Config) -> Report:
     )
     checked = [
         "secrets",
-        f"file modes ({len(private_files(config))} private files)",
+        f"file modes ({sum(path.exists() for _, path in private_files(config))} private files)",
         f"redis ({servers or 'not read'})",
         f"storage ({config.storage.url.partition('://')[0]})",
     ]
