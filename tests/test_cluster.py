@@ -1,9 +1,11 @@
 """Many nodes (SPEC 7, issue 7): two real nodes behind a real nginx, and the cluster view.
 
-The nginx test runs Debian's nginx on a free port with the shipped ``etc/nginx/pmq.conf``
-(its upstream servers pointed at the two nodes' client ports, its ``listen`` at the free
-port), so the production example itself is what carries the traffic. The nodes beat every
-second (``heartbeat.interval = 1``), so a dead node's entries expire within about 3 s.
+The nginx tests run Debian's nginx with the shipped ``etc/nginx/pmq.conf`` (its upstream
+servers pointed at the nodes' client ports, its two ``listen``s at free ports, its
+certificate placeholders at a self-signed certificate made for the test with openssl, its
+access log in the test's directory), so the production example itself is what carries the
+traffic, over TLS. The nodes beat every second (``heartbeat.interval = 1``), so a dead
+node's entries expire within about 3 s.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,9 +62,34 @@ def nginx_binary() -> str:
     return NGINX
 
 
-def site_config(port: int, upstreams: list[int]) -> str:
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with openssl (skips without it)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make the test's certificate")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    made = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    return cert, key
+
+
+def one_sub(pattern: str, replacement: str, text: str, what: str) -> str:
+    """``text`` with the one match of ``pattern`` (a line of pmq.conf) replaced."""
+    text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+    assert count == 1, f"pmq.conf: expected one {what}"
+    return text
+
+
+def site_config(tmp: Path, ports: tuple[int, int], upstreams: list[int]) -> str:
     """etc/nginx/pmq.conf with its upstream servers replaced by ``upstreams`` (keeping their
-    parameters) and its server listening on 127.0.0.1:``port``."""
+    parameters), its TLS and plain servers listening on 127.0.0.1:``ports`` (in that order),
+    its certificate placeholders pointing at a self-signed certificate in ``tmp``, and its
+    access log in ``tmp`` (same format)."""
     text = PRODUCTION_CONF.read_text()
     servers = re.findall(r"^[ \t]*server[ \t]+\S+:\d+[^;\n]*;\n", text, re.MULTILINE)
     assert servers and "".join(servers) in text, "pmq.conf: expected consecutive upstream servers"
@@ -69,20 +97,30 @@ def site_config(port: int, upstreams: list[int]) -> str:
     assert head is not None
     ours = "".join(f"{head[1]}127.0.0.1:{p}{head[2]}\n" for p in upstreams)
     text = text.replace("".join(servers), ours)
-    text, listens = re.subn(r"^(\s*)listen\s+\d+;", rf"\g<1>listen 127.0.0.1:{port};", text,
-                            flags=re.MULTILINE)
-    assert listens == 1, "pmq.conf: expected one `listen PORT;`"
+    tls, plain = ports
+    text = one_sub(r"^(\s*)listen\s+443\s+ssl;", rf"\g<1>listen 127.0.0.1:{tls} ssl;", text,
+                   "`listen 443 ssl;`")  # fmt: skip
+    text = one_sub(r"^(\s*)listen\s+80;", rf"\g<1>listen 127.0.0.1:{plain};", text, "`listen 80;`")
+    cert, key = self_signed(tmp)
+    text = one_sub(r"^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", text, "ssl_certificate")
+    text = one_sub(r"^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", text,
+                   "ssl_certificate_key")  # fmt: skip
+    text, logs = re.subn(r"^(\s*access_log\s+)\S+", rf"\g<1>{tmp}/access.log", text,
+                         flags=re.MULTILINE)  # fmt: skip
+    assert logs == 2, "pmq.conf: expected an access_log in each server"
     return text
 
 
 class Nginx:
-    """Debian's nginx in the foreground with every path inside ``tmp``."""
+    """Debian's nginx in the foreground with every path inside ``tmp``: TLS on ``port``,
+    plain HTTP (redirects) on ``http_port``."""
 
     def __init__(self, tmp: Path, upstreams: list[int]) -> None:
         self.tmp = tmp
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         tmp.mkdir(exist_ok=True)
-        (tmp / "pmq.conf").write_text(site_config(self.port, upstreams))
+        (tmp / "pmq.conf").write_text(site_config(tmp, (self.port, self.http_port), upstreams))
+        self.tls = ssl.create_default_context(cafile=tmp / "cert.pem")
         temps = "".join(
             f"    {name}_temp_path {tmp}/{name}_temp;\n"
             for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -94,7 +132,6 @@ class Nginx:
             f"pid {tmp}/nginx.pid;\n"
             f"events {{ worker_connections 256; }}\n"
             f"http {{\n"
-            f"    access_log {tmp}/access.log;\n"
             f"{temps}"
             f"    include {tmp}/pmq.conf;\n"
             f"}}\n"
@@ -103,7 +140,7 @@ class Nginx:
 
     @property
     def ws_base(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"wss://127.0.0.1:{self.port}/ws"
 
     def start(self, binary: str) -> Nginx:
         command = [binary, "-e", str(self.tmp / "error.log"), "-c", str(self.conf),
@@ -114,19 +151,28 @@ class Nginx:
         wait_for(lambda: self.get("/")[0] == 404, 10, f"nginx on port {self.port}")
         return self
 
-    def get(self, path: str) -> tuple[int, bytes]:
-        """One plain GET through nginx; (0, b"") while it does not answer yet."""
+    def get(self, path: str, plain: bool = False) -> tuple[int, bytes, str | None]:
+        """One GET through nginx, over TLS (or ``plain`` HTTP): status, body, Location;
+        (0, b"", None) while it does not answer yet."""
         if self.proc is not None and self.proc.poll() is not None:
             pytest.fail(f"nginx exited with {self.proc.returncode}:\n{self.errors()}")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        conn = (
+            http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
+            if plain
+            else http.client.HTTPSConnection("127.0.0.1", self.port, timeout=5, context=self.tls)
+        )
         try:
             conn.request("GET", path)
             response = conn.getresponse()
-            return response.status, response.read()
+            return response.status, response.read(), response.getheader("Location")
         except OSError:
-            return 0, b""
+            return 0, b"", None
         finally:
             conn.close()
+
+    def access_log(self) -> str:
+        log = self.tmp / "access.log"
+        return log.read_text(errors="replace") if log.exists() else ""
 
     def errors(self) -> str:
         log = self.tmp / "error.log"
@@ -161,7 +207,7 @@ def nginx_for(tmp_path: Path) -> Iterator[Callable[[list[Node]], Nginx]]:
 def client_via(proxy: Nginx, uid: str, token: str) -> Iterator[WsClient]:
     """Like tests.helpers.ws_client, through nginx: the hello first, then a ping whose reply
     comes after the inbox replay (the replayed pushes are then in ``kept``)."""
-    with connect(f"{proxy.ws_base}?token={token}", open_timeout=10) as ws:
+    with connect(f"{proxy.ws_base}?token={token}", ssl=proxy.tls, open_timeout=10) as ws:
         hello = json.loads(ws.recv(timeout=5))
         assert hello["type"] == "hello" and hello["uid"] == uid, hello
         client = WsClient(ws, hello)
@@ -229,6 +275,42 @@ def test_production_nginx_example_covers_what_pmq_needs() -> None:
     read_timeout = re.search(r"proxy_read_timeout (\d+)s;", text)
     assert read_timeout and int(read_timeout.group(1)) > HeartbeatConfig().timeout
     assert ":9502" not in text, "the ingest port must stay internal"
+    # TLS on 443 with clearly marked certificate placeholders; port 80 only redirects.
+    assert re.search(r"^\s*listen 443 ssl;", text, re.MULTILINE)
+    for directive in ("ssl_certificate", "ssl_certificate_key"):
+        assert re.search(rf"^\s*{directive}\s+\S*CHANGE_ME\S*;", text, re.MULTILINE), directive
+    plain = re.search(r"server \{\s*listen 80;(.*?)\n\}", text, re.DOTALL)
+    assert plain and "location" not in plain[1] and "return 301 https://" in plain[1]
+    # The access log format names no query string and no Referer (both carry ?token=).
+    fmt = re.search(r"log_format (\w+)([^;]*);", text)
+    assert fmt is not None
+    for variable in ("$request ", "$request_uri", "$args", "$query_string", "$http_referer"):
+        assert variable not in fmt[2] + " ", variable
+    assert len(re.findall(rf"access_log \S+ {fmt[1]};", text)) == 2
+
+
+def test_nginx_terminates_tls_and_keeps_tokens_out_of_its_access_log(
+    make_node: Callable[..., Node], nginx_for: Callable[[list[Node]], Nginx]
+) -> None:
+    node = make_node().start()
+    proxy = nginx_for([node])
+    token = node.token("4102")
+
+    status, _, location = proxy.get(f"/ws?token={token}", plain=True)
+    assert status == 301 and location == f"https://127.0.0.1/ws?token={token}"
+    assert proxy.get(f"/cs/chat.html?token={token}")[0] == 200
+    with client_via(proxy, "4102", token) as client:
+        assert client.hello["uid"] == "4102"
+    # nginx logs a WebSocket request when the connection ends.
+    log = wait_for(
+        lambda: re.search(r'"GET /ws\S* HTTP/1.1" 101', text := proxy.access_log()) and text,
+        10,
+        "the closed /ws connection in nginx's access log",
+    )
+    assert "token=" not in log and token not in log, log
+    for request in ('"GET /ws HTTP/1.1" 301', '"GET /cs/chat.html HTTP/1.1" 200',
+                    '"GET /ws HTTP/1.1" 101'):  # fmt: skip
+        assert request in log, log
 
 
 def test_two_nodes_behind_nginx_deliver_and_fail_over(
