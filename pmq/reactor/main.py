@@ -311,7 +311,7 @@ class SocketWorker(Worker):
                 await self.routes.refresh(self.table.uids())
             await self.board.report(len(self.table))
             if not await self.lease.renew():
-                log.error("%s lost its id generator lease; taking a new one", self.title)
+                log.warning("%s lost its id generator lease; taking a new one", self.title)
                 self.ids.renumber(await self.lease.acquire())
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + interval / 2
