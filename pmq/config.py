@@ -99,6 +99,8 @@ class InboxConfig:
     hot_seconds: int = 86400
     sweep_seconds: int = 60
     retention_seconds: int = 1296000
+    # messages a connect replays at most (oldest first); the client pulls the rest
+    replay_max: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +350,7 @@ def _check(config: Config) -> None:
     need(
         s.max_connections_per_user >= 1, "server.max_connections_per_user: must be at least 1"
     )
+    need(config.inbox.replay_max >= 1, "inbox.replay_max: must be at least 1")
     need(all(c.isalnum() or c in "-_." for c in s.node), "server.node: letters, digits, -_.")
     need(config.ingest.max_body >= 256, "ingest.max_body: must be at least 256")
     need(config.auth.mode in ("jwt", "http"), "auth.mode: must be 'jwt' or 'http'")

@@ -16,6 +16,10 @@ Unread counters live beside it (pmq.unread). Messages older than ``inbox.hot_sec
 moved to storage by the sweep (pmq.tasks); replay and ``msg.pull`` read those from storage
 first, then the hot ones, in id order. Storage is read for a user flagged cold, and for
 every user while their bucket's Redis data is not known complete (pmq.epochs).
+
+Every read is one page: the ids of the hot inbox come by a ZRANGEBYSCORE with a LIMIT, the
+bodies of those alone, and storage's rows with a LIMIT, so no request reads a whole inbox
+however many messages wait in it.
 """
 
 from __future__ import annotations
@@ -142,11 +146,13 @@ class Accepted:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Look:
-    """A first look at a user's inbox: the hot ids above ``after`` in id order, the cold
-    flag (set while storage holds messages of the user that left Redis), and whether the
-    user's bucket is known complete in Redis (if not, storage may hold any of theirs)."""
+    """A first look at a user's inbox: the first ``limit`` hot ids above ``after`` in id
+    order, the cold flag (set while storage holds messages of the user that left Redis), and
+    whether the user's bucket is known complete in Redis (if not, storage may hold any of
+    theirs)."""
 
     after: int
+    limit: int
     hot_ids: list[int]
     cold_mark: bytes | None
     complete: bool
@@ -291,24 +297,35 @@ class Inbox:
         removed = await self._ack(keys=keys, args=[uid, *map(str, ids)])
         return {int(i) for i in removed}
 
-    def look_on(self, pipe: Any, uid: str, after: int = 0) -> Callable[[Iterator[Any]], Look]:
-        """Queue a first look at the inbox (hot ids above ``after``, then the cold flag and
-        the bucket's completeness) on the caller's ``pipe``; call what it returns with an
-        iterator over the replies."""
-        low = timestamp_ms(after) if after else "-inf"
-        pipe.zrangebyscore(self.keys.inbox(uid), low, "+inf")
+    def look_on(
+        self, pipe: Any, uid: str, after: int = 0, limit: int = 200
+    ) -> Callable[[Iterator[Any]], Look]:
+        """Queue a first look at the inbox (the first ``limit`` hot ids above ``after``, then
+        the cold flag and the bucket's completeness) on the caller's ``pipe``; call what it
+        returns with an iterator over the replies.
+
+        Ids are scored by their millisecond, so ``after``'s own millisecond is read whole
+        (the ids of one user in one millisecond: a few) and the later ones with a LIMIT."""
+        key = self.keys.inbox(uid)
+        if after:
+            at = timestamp_ms(after)
+            pipe.zrangebyscore(key, at, at)
+            pipe.zrangebyscore(key, f"({at}", "+inf", start=0, num=limit)
+        else:
+            pipe.zrangebyscore(key, "-inf", "+inf", start=0, num=limit)
         pipe.get(self.keys.cold(uid))
         self.marks.complete_on(pipe, uid)
 
         def read(replies: Iterator[Any]) -> Look:
-            ids = sorted(i for i in map(int, next(replies)) if i > after)
-            return Look(after, ids, next(replies), bool(next(replies)))
+            found = [*next(replies), *next(replies)] if after else next(replies)
+            ids = sorted(i for i in map(int, found) if i > after)[:limit]
+            return Look(after, limit, ids, next(replies), bool(next(replies)))
 
         return read
 
-    async def look(self, uid: str, after: int = 0) -> Look:
+    async def look(self, uid: str, after: int = 0, limit: int = 200) -> Look:
         pipe = self.redis.pipeline(transaction=False)
-        read = self.look_on(pipe, uid, after)
+        read = self.look_on(pipe, uid, after, limit)
         return read(iter(await pipe.execute()))
 
     async def has_cold(self, uid: str) -> bool:
@@ -331,11 +348,12 @@ class Inbox:
         """Unacked messages in id order: storage's older ones first, then Redis's. With
         ``cold`` None, Redis's only (storage is down: the caller reads it later).
 
-        ``look`` is what look_on() read for this ``after`` on a pipeline of the caller's (a
-        connect reads it with the registry write, in one round trip)."""
+        ``look`` is what look_on() read for this ``after`` and at least this ``limit`` on a
+        pipeline of the caller's (a connect reads it with the registry write, in one round
+        trip)."""
         if look is None:
-            look = await self.look(uid, after)
-        assert look.after == after
+            look = await self.look(uid, after, limit)
+        assert look.after == after and look.limit >= limit
         # Hot ids first, then the flag: the sweep flags the user cold in the same step that
         # removes a message from Redis, so one it moves meanwhile is found through the flag.
         mark = look.cold_mark

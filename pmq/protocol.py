@@ -85,6 +85,7 @@ class FrameType(enum.StrEnum):
     UNREAD = "unread"
     CS_ASSIGNED = "cs.assigned"
     CS_CLOSED = "cs.closed"
+    INBOX_MORE = "inbox.more"  # the connect's replay stopped at its bound: msg.pull the rest
 
 
 class ProtocolError(Exception):

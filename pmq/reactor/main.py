@@ -40,6 +40,7 @@ from pmq.reactor.heartbeat import Heartbeat
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
 from pmq.reactor.reload import load_handlers
+from pmq.reactor.replay import LOOK as REPLAY_LOOK
 from pmq.reactor.replay import LateReplays, replay
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes, oldest_beyond
@@ -121,7 +122,9 @@ class SocketWorker(Worker):
             config.inbox.retention_seconds,
             archive=self,
         )
-        self.late_replays = LateReplays(self.inbox, self.cold_messages)
+        self.late_replays = LateReplays(
+            self.inbox, self.cold_messages, lambda: self.config.inbox.replay_max
+        )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
         self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
@@ -254,15 +257,15 @@ class SocketWorker(Worker):
     # Connections ----------------------------------------------------------------------
     async def on_open(self, client: Client) -> None:
         """Register, close the user's oldest connections past server.max_connections_per_user
-        (cluster-wide: the registry holds them all), say hello, replay the inbox in id order,
-        then let live frames through. What only storage holds comes later if storage does not
-        answer (pmq.reactor.replay)."""
+        (cluster-wide: the registry holds them all), say hello, replay the inbox in id order
+        (its oldest inbox.replay_max), then let live frames through. What only storage holds
+        comes later if storage does not answer (pmq.reactor.replay)."""
         client.hold()
         uid, groups = client.uid, client.identity.groups
         pipe = self.redis.pipeline(transaction=False)  # one round trip: register, then read
         registered = self.routes.register_on(pipe, uid, client.conn_id, groups)
         counted = self.routes.connections_on(pipe, uid)
-        looked = self.inbox.look_on(pipe, uid)
+        looked = self.inbox.look_on(pipe, uid, limit=REPLAY_LOOK)
         replayable = self.broadcasts.replay_on(pipe, uid, groups)
         replies = iter(await pipe.execute())
         registered(replies)
@@ -273,7 +276,9 @@ class SocketWorker(Worker):
         await self.unread_pusher.watch(groups)  # a round trip only for a group new here
         client.write(protocol.encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
         broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
-        complete = await replay(client, self.inbox, self.cold_messages, look, broadcasts)
+        complete = await replay(
+            client, self.inbox, self.cold_messages, look, broadcasts, self.config.inbox.replay_max
+        )
         client.release()
         if not complete:  # storage did not answer: what it holds comes when it does
             self.late_replays.start(client)

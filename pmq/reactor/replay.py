@@ -1,7 +1,10 @@
 """A connect's replay, and the late replay of cold messages after a storage outage.
 
-On connect the user gets every unacked message (storage's older ones, then Redis's) and the
-broadcasts above their watermark, interleaved in one id order. When storage does not answer
+On connect the user gets the oldest unacked messages (storage's older ones, then Redis's),
+at most ``inbox.replay_max`` of them, and the broadcasts above their watermark, interleaved
+in one id order. When more messages wait, an ``inbox.more`` frame with the last id replayed
+follows, and the client pages through the rest with ``msg.pull`` from that id: a connect
+never reads more than its bound, however full the inbox. When storage does not answer
 (an outage, or no answer within COLD_TIMEOUT), the connect still goes on: Redis's messages
 and the broadcasts are replayed at once, and :class:`LateReplays` retries the storage read
 in the background, with back-off, until it answers; then it pushes, in id order, the unacked
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from websockets.protocol import State
@@ -22,11 +26,13 @@ from websockets.protocol import State
 from pmq.errors import StorageError
 from pmq.inbox import ColdReader, Inbox, Look
 from pmq.messaging import push_of
+from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import Client
 
 log = logging.getLogger(__name__)
 
 PAGE = 200  # messages per inbox read
+LOOK = PAGE + 1  # hot ids a connect's first look reads: a page, and one to tell if more wait
 COLD_TIMEOUT = 3.0  # seconds a connect waits for storage before replaying without it
 RETRY_FIRST = 0.5  # seconds before the first late read, doubling up to RETRY_MAX
 RETRY_MAX = 10.0
@@ -47,42 +53,56 @@ async def replay(
     cold: ColdReader,
     look: Look,
     broadcasts: deque[dict[str, Any]],
+    most: int,
 ) -> bool:
-    """Replay the inbox (from ``look``, read at after = 0) with ``broadcasts`` interleaved,
-    in id order, on ``client`` (held: see Client.hold). Returns False when storage did not
-    answer: Redis's messages were replayed without it, and the connection notes the ids it
-    is sent from now on (Client.sent) for LateReplays.start()."""
+    """Replay the oldest ``most`` messages of the inbox (from ``look``, read at after = 0
+    with limit LOOK) with ``broadcasts`` interleaved, in id order, on ``client`` (held: see
+    Client.hold), then ``inbox.more`` when more wait. Each page reads one message more than
+    it replays, to tell. Returns False when storage did not answer: Redis's messages were
+    replayed without it, and the connection notes the ids it is sent from now on
+    (Client.sent) for LateReplays.start()."""
     reader: ColdReader | None = bounded(cold)
-    after = 0
+    after = replayed = 0
+    more = False
     page_look: Look | None = look
     while True:
+        want = min(PAGE, most - replayed)
         try:
-            batch = await inbox.pending(client.uid, reader, after, PAGE, page_look)
+            batch = await inbox.pending(client.uid, reader, after, want + 1, page_look)
         except (StorageError, TimeoutError) as exc:
             log.warning("replay for uid=%s without storage, retried later: %r", client.uid, exc)
             reader = None
             client.sent = set(client.replayed or ())  # what earlier pages replayed
             continue  # the same page, Redis's part only
         page_look = None  # later pages look again
-        for message in batch:  # broadcasts interleaved: one id order for both
+        page = batch[:want]
+        for message in page:  # broadcasts interleaved: one id order for both
             while broadcasts and int(broadcasts[0]["id"]) < int(message["id"]):
                 client.replay(*push_of(broadcasts.popleft()))
             client.replay(*push_of(message))
-        if len(batch) < PAGE:
+        replayed += len(page)
+        if len(batch) <= want:
             break
-        after = int(batch[-1]["id"])
+        after = int(page[-1]["id"])
+        if replayed >= most:
+            more = True
+            break
     for message in broadcasts:
         client.replay(*push_of(message))
+    if more:
+        client.write(encode_event(FrameType.INBOX_MORE, after=str(after)))
     return reader is not None
 
 
 class LateReplays:
     """The background replays of what storage held back on connect, one task per
-    connection; ``cold`` reads storage as in :func:`replay`."""
+    connection; ``cold`` reads storage as in :func:`replay`; ``most`` says how many messages
+    a connect replays at most (``inbox.replay_max``, read at each late replay)."""
 
-    def __init__(self, inbox: Inbox, cold: ColdReader) -> None:
+    def __init__(self, inbox: Inbox, cold: ColdReader, most: Callable[[], int]) -> None:
         self.inbox = inbox
         self.cold = bounded(cold)
+        self.most = most
         self.tasks: dict[str, asyncio.Task[None]] = {}  # conn id -> its late replay
 
     def start(self, client: Client) -> None:
@@ -109,7 +129,7 @@ class LateReplays:
             while client.ws.protocol.state is State.OPEN:
                 await asyncio.sleep(delay)
                 try:
-                    messages = await self._unacked(client.uid)
+                    messages = await self._unacked(client.uid, self.most())
                 except (StorageError, TimeoutError):
                     delay = min(delay * 2, RETRY_MAX)
                     continue
@@ -126,14 +146,17 @@ class LateReplays:
         finally:
             client.sent = None
 
-    async def _unacked(self, uid: str) -> list[dict[str, Any]]:
-        """Every unacked message of ``uid``, storage's and Redis's, in id order."""
+    async def _unacked(self, uid: str, most: int) -> list[dict[str, Any]]:
+        """The oldest ``most`` unacked messages of ``uid``, storage's and Redis's, in id
+        order: those the connect would have replayed (the client pulls the rest)."""
         found: list[dict[str, Any]] = []
         after = 0
-        while True:
-            batch = await self.inbox.pending(uid, self.cold, after, PAGE)
+        while len(found) < most:
+            want = min(PAGE, most - len(found))
+            batch = await self.inbox.pending(uid, self.cold, after, want)
             found += batch
-            if len(batch) < PAGE:
-                return found
+            if len(batch) < want:
+                break
             after = int(batch[-1]["id"])
+        return found
 
