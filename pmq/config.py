@@ -86,6 +86,10 @@ class AuthConfig:
     cache_ttl: int = 3650
     cache_jitter: int = 3000
     invalid_ttl: int = 60
+    issuer: str = ""  # "": not checked; else a JWT's iss must equal it
+    audience: str = ""  # "": not checked; else a JWT's aud must name it
+    max_token_age: int = 0  # seconds; a JWT with exp - iat over it (or no iat) is refused; 0: off
+    revoke_seconds: int = 86400  # a kick refuses the user's older tokens this long; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +363,8 @@ def _check(config: Config) -> None:
         "auth.url: required when auth.mode = 'http'",
     )
     need(config.auth.cache_jitter >= 1, "auth.cache_jitter: must be at least 1")
+    need(config.auth.max_token_age >= 0, "auth.max_token_age: must not be negative (0: off)")
+    need(config.auth.revoke_seconds >= 0, "auth.revoke_seconds: must not be negative (0: off)")
     need(
         config.storage.url.startswith(("sqlite:///", "mysql://")),
         "storage.url: must start with sqlite:/// or mysql://",

@@ -272,7 +272,12 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     config = load(args)
     groups = [g for g in args.groups.split(",") if g]
-    print(mint_token(resolve_jwt_secret(config), args.uid, groups, args.role, args.ttl))
+    try:
+        token = mint_token(resolve_jwt_secret(config), args.uid, groups, args.role, args.ttl)
+    except ValueError as exc:  # a uid out of range, an unknown role
+        print(f"pmqctl token: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    print(token)
     return ExitCode.OK
 
 

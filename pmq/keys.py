@@ -232,6 +232,16 @@ class Keys:
         in flight in the whole cluster (pmq.auth); the others wait for auth_cache()."""
         return f"{self.prefix}lock:auth:{token_digest}"
 
+    def auth_tokens(self, uid: str) -> str:
+        """SET of token digests whose user-centre answer named ``uid`` (auth_cache keys a kick
+        of the user drops), with the longest TTL an answer is cached for."""
+        return f"{self._user(uid)}:auth-tokens"
+
+    def kicked(self, uid: str) -> str:
+        """STRING unix ms of the user's last kick, with a TTL of auth.revoke_seconds: tokens
+        issued before it are refused (pmq.kicks)."""
+        return f"{self._user(uid)}:kicked"
+
     # Customer-service chat (pmq.chat) -----------------------------------------------
     def cs_online(self) -> str:
         """SET of agent uids with at least one live connection (checked again on use)."""

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.helpers import REDIS_URL, Node, RedisServer
+from tests.helpers import REDIS_URL, Node, RedisServer, UserCentre
 
 
 @pytest.fixture
@@ -58,3 +58,11 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(data).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def centre() -> Iterator[UserCentre]:
+    """A user centre (tests.helpers.UserCentre) for nodes and authenticators in http mode."""
+    uc = UserCentre()
+    yield uc
+    uc.close()

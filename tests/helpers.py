@@ -22,9 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import psutil
 import pymysql
@@ -368,6 +369,79 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+GOOD_ANSWER = {"uid": 123, "groups": ["author"], "role": "user"}
+
+
+class UserCentre:
+    """A user centre (``auth.mode = "http"``) on 127.0.0.1, in a thread: answers by token
+    (:meth:`answer`: "good..." is uid 123, "forbidden" 403, "crash" 500, ...), or with the
+    answers :meth:`script` queued for a token; counts calls per token."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.scripted: dict[str, list[tuple[int, bytes, float]]] = {}
+        self.lock = threading.Lock()
+        centre = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                token = parse_qs(self.rfile.read(length).decode()).get("token", [""])[0]
+                status, body = centre.respond(token)
+                with contextlib.suppress(ConnectionError):  # PMQ gave up waiting: a timeout
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/check"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def script(self, token: str, *answers: tuple[int, bytes, float]) -> None:
+        """Answer the next calls for ``token`` with (status, body, seconds to wait first),
+        in order; then as :meth:`answer` says."""
+        with self.lock:
+            self.scripted.setdefault(token, []).extend(answers)
+
+    def respond(self, token: str) -> tuple[int, bytes]:
+        with self.lock:
+            self.calls[token] = self.calls.get(token, 0) + 1
+            queued = self.scripted.get(token)
+            status, body, delay = queued.pop(0) if queued else (*self.answer(token), 0.0)
+        if delay:
+            time.sleep(delay)
+        return status, body
+
+    @staticmethod
+    def answer(token: str) -> tuple[int, bytes]:
+        if token.startswith("good"):
+            if token.startswith("good-slow"):
+                time.sleep(0.2)
+            return 200, json.dumps(GOOD_ANSWER).encode()
+        if token == "agent":
+            return 200, json.dumps({"uid": "9", "role": "agent"}).encode()
+        if token == "uid0":
+            return 200, b'{"uid": 0}'
+        if token == "uid0-string":
+            return 200, b'{"uid": "0", "groups": []}'
+        if token == "forbidden":
+            return 403, b'{"error": "no such token"}'
+        if token == "crash":
+            return 500, b"<html>Internal Server Error</html>"
+        if token == "slow":
+            time.sleep(1.0)
+            return 200, json.dumps(GOOD_ANSWER).encode()
+        return 401, b""
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class TcpProxy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -10,19 +11,17 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
 
 import jwt
 import pytest
 import websockets
 from redis.asyncio import Redis
 
+from pmq import config, ctl
 from pmq.auth import (
     SECRET_FILE,
     HttpAuthenticator,
@@ -35,8 +34,9 @@ from pmq.auth import (
 from pmq.config import AuthConfig, Config, StorageConfig
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
+from pmq.kicks import Kicks, issued_before
 from pmq.protocol import Role
-from tests.helpers import wait_for
+from tests.helpers import GOOD_ANSWER, UserCentre, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SECRET = "test-secret-" + "x" * 40
@@ -108,6 +108,180 @@ def test_jwt_without_exp_is_refused() -> None:
     jwt_refused(jwt.encode({"sub": "42"}, SECRET, algorithm="HS256"))
 
 
+def signed(claims: dict[str, Any], secret: str = SECRET) -> str:
+    """A JWT of ``claims``, with an exp a minute ahead unless they name one."""
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize("sub", [str(2**63), 2**63, str(10**19), "0" * 19 + "1" * 2])
+def test_jwt_sub_past_the_uid_range_is_refused(sub: object) -> None:
+    """Storage keeps uids as signed 64-bit integers: a larger one must never connect."""
+    assert "uid" in jwt_refused(signed({"sub": sub})).reason
+
+
+def test_jwt_sub_at_the_top_of_the_range_is_accepted() -> None:
+    assert jwt_auth(signed({"sub": str(2**63 - 1)})).uid == str(2**63 - 1)
+    assert jwt_auth(signed({"sub": "007"})).uid == "7"
+
+
+def test_mint_refuses_a_uid_past_the_range() -> None:
+    with pytest.raises(ValueError, match="uid"):
+        mint_token(SECRET, 2**63)
+
+
+def test_pmqctl_token_refuses_a_uid_past_the_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the generated secret goes beside var/pmq.db
+    (tmp_path / "pmq.toml").write_text("")
+    assert ctl.main(["token", str(2**63), "-c", "pmq.toml"]) == 1
+    assert "uid must be an integer from 1 to 2^63-1" in capsys.readouterr().err
+    assert ctl.main(["token", str(2**63 - 1), "-c", "pmq.toml"]) == 0
+
+
+def checked(token: str, **config: Any) -> Identity:
+    return asyncio.run(JwtAuthenticator(SECRET, AuthConfig(**config)).authenticate(token))
+
+
+def checked_refused(token: str, **config: Any) -> str:
+    with pytest.raises(AuthError) as info:
+        checked(token, **config)
+    assert info.value.status == 401
+    return info.value.reason
+
+
+def test_jwt_issuer_is_checked_when_set() -> None:
+    site = {"issuer": "https://site.example"}
+    assert checked(signed({"sub": "42", "iss": "https://site.example"}), **site).uid == "42"
+    assert "issuer" in checked_refused(signed({"sub": "42", "iss": "https://evil"}), **site)
+    assert "'iss'" in checked_refused(signed({"sub": "42"}), **site)
+
+
+def test_jwt_audience_is_checked_when_set() -> None:
+    pmq = {"audience": "pmq"}
+    assert checked(signed({"sub": "42", "aud": "pmq"}), **pmq).uid == "42"
+    assert checked(signed({"sub": "42", "aud": ["shop", "pmq"]}), **pmq).uid == "42"
+    assert "audience" in checked_refused(signed({"sub": "42", "aud": "shop"}), **pmq)
+    assert "'aud'" in checked_refused(signed({"sub": "42"}), **pmq)
+
+
+def test_jwt_issuer_and_audience_are_not_checked_by_default() -> None:
+    token = signed({"sub": "42", "iss": "anyone", "aud": "anything"})
+    assert checked(token).uid == "42"
+
+
+def test_jwt_max_token_age() -> None:
+    now = int(time.time())
+    day = {"max_token_age": 86400}
+    assert checked(signed({"sub": "42", "iat": now, "exp": now + 86400}), **day).uid == "42"
+    too_long = signed({"sub": "42", "iat": now, "exp": now + 86401})
+    assert "max_token_age" in checked_refused(too_long, **day)
+    assert "'iat'" in checked_refused(signed({"sub": "42", "exp": now + 60}), **day)
+    assert checked(too_long).uid == "42"  # 0: off
+
+
+@pytest.mark.parametrize("iat", ["1700000000", True])
+def test_jwt_iat_must_be_a_number(iat: object) -> None:
+    """PyJWT lets a string of digits or a boolean through as iat; the age check does not."""
+    assert "iat" in checked_refused(signed({"sub": "42", "iat": iat}), max_token_age=60)
+
+
+@pytest.mark.parametrize("key", ["max_token_age", "revoke_seconds"])
+def test_negative_auth_seconds_fail_the_config(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "pmq.toml"
+    path.write_text(f"[auth]\n{key} = -1\n")
+    with pytest.raises(ConfigError, match=f"auth.{key}"):
+        config.load(str(path), environ={})
+
+
+# Kicks ------------------------------------------------------------------------------------
+
+
+KICK_MS = 1_700_000_000_500  # a kick half-way through a second
+
+
+@pytest.mark.parametrize(
+    ("iat", "before"),
+    [
+        (None, True),  # no iat: may be anything
+        (1_699_999_999, True),
+        (1_700_000_000, True),  # the kick's own second: maybe before it
+        (1_700_000_000.9, True),
+        (1_700_000_001, False),  # a later second: after it
+    ],
+)
+def test_issued_before_a_kick(iat: float | None, before: bool) -> None:
+    assert issued_before(iat, KICK_MS) is before
+    assert issued_before(iat, 1_700_000_000_000) is before  # a kick on the second itself
+
+
+def with_kicks(scenario: Callable[[Redis, Keys], Awaitable[T]]) -> T:
+    async def main() -> T:
+        redis = Redis.from_url(REDIS_URL)
+        keys = Keys(f"pmqtest:{secrets.token_hex(8)}:")
+        try:
+            return await scenario(redis, keys)
+        finally:
+            async for key in redis.scan_iter(match=keys.prefix + "*"):
+                await redis.delete(key)
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def test_jwt_kick_revokes_the_tokens_issued_before_it() -> None:
+    async def scenario(redis: Redis, keys: Keys) -> None:
+        config = AuthConfig(revoke_seconds=100)
+        auth = JwtAuthenticator(SECRET, config, Kicks(redis, keys, config.revoke_seconds))
+        old, no_iat, other = mint_token(SECRET, 42), signed({"sub": "42"}), mint_token(SECRET, 43)
+        assert (await auth.authenticate(old)).uid == "42"
+        assert (await auth.authenticate(no_iat)).uid == "42"
+        await auth.revoke("42")
+        for token in (old, no_iat):
+            with pytest.raises(AuthError) as info:
+                await auth.authenticate(token)
+            assert (info.value.status, info.value.reason) == (401, "token revoked by a kick")
+        assert (await auth.authenticate(other)).uid == "43"  # another user's tokens stay good
+        assert 0 < await redis.ttl(keys.kicked("42")) <= 100
+        kicked_second = int(await redis.get(keys.kicked("42"))) // 1000
+        after = signed({"sub": "42", "iat": kicked_second + 1})
+        assert (await auth.authenticate(after)).uid == "42"
+
+    with_kicks(scenario)
+
+
+def test_jwt_kick_revokes_nothing_with_revoke_seconds_0() -> None:
+    async def scenario(redis: Redis, keys: Keys) -> None:
+        auth = JwtAuthenticator(SECRET, AuthConfig(revoke_seconds=0), Kicks(redis, keys, 0))
+        token = mint_token(SECRET, 42)
+        await auth.revoke("42")
+        assert (await auth.authenticate(token)).uid == "42"
+        assert await redis.exists(keys.kicked("42")) == 0
+
+    with_kicks(scenario)
+
+
+def test_jwt_kick_check_without_redis_is_unavailable() -> None:
+    async def scenario() -> AuthError:
+        redis = Redis.from_url(f"redis://127.0.0.1:{closed_port()}/0")
+        auth = JwtAuthenticator(SECRET, AuthConfig(), Kicks(redis, Keys(), 100))
+        try:
+            with pytest.raises(AuthError) as info:
+                await auth.authenticate(mint_token(SECRET, 42))
+            return info.value
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()).status == 503
+
+
+def closed_port() -> int:
+    """A port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 # The secret -----------------------------------------------------------------------------
 
 
@@ -134,8 +308,10 @@ def test_secret_file_is_created_once_beside_the_database(tmp_path: Path) -> None
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == first
-    # and tokens minted with it are accepted by the node's authenticator.
-    auth = make_authenticator(config, None, Keys())  # type: ignore[arg-type]
+    # and tokens minted with it are accepted by the node's authenticator (no Redis here:
+    # with kicks off it reads none).
+    no_kicks = dataclasses.replace(config, auth=AuthConfig(revoke_seconds=0))
+    auth = make_authenticator(no_kicks, None, Keys())  # type: ignore[arg-type]
     assert asyncio.run(auth.authenticate(mint_token(out.stdout.strip(), 5))).uid == "5"
 
 
@@ -176,64 +352,7 @@ def test_secret_required_without_sqlite() -> None:
 
 # User centre ----------------------------------------------------------------------------
 
-GOOD = {"uid": 123, "groups": ["author"], "role": "user"}
-
-
-class UserCentre:
-    """A user centre on 127.0.0.1: answers by token, counts calls per token."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self.lock = threading.Lock()
-        centre = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                token = parse_qs(self.rfile.read(length).decode()).get("token", [""])[0]
-                with centre.lock:
-                    centre.calls[token] = centre.calls.get(token, 0) + 1
-                status, body = centre.answer(token)
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/check"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    @staticmethod
-    def answer(token: str) -> tuple[int, bytes]:
-        if token.startswith("good"):
-            if token.startswith("good-slow"):
-                time.sleep(0.2)
-            return 200, json.dumps(GOOD).encode()
-        if token == "agent":
-            return 200, json.dumps({"uid": "9", "role": "agent"}).encode()
-        if token == "uid0":
-            return 200, b'{"uid": 0}'
-        if token == "uid0-string":
-            return 200, b'{"uid": "0", "groups": []}'
-        if token == "forbidden":
-            return 403, b'{"error": "no such token"}'
-        if token == "crash":
-            return 500, b"<html>Internal Server Error</html>"
-        if token == "slow":
-            time.sleep(1.0)
-            return 200, json.dumps(GOOD).encode()
-        return 404, b""
-
-
-@pytest.fixture
-def centre() -> Iterator[UserCentre]:
-    uc = UserCentre()
-    yield uc
-    uc.server.shutdown()
-    uc.server.server_close()
+GOOD = GOOD_ANSWER
 
 
 Scenario = Callable[[HttpAuthenticator, Redis, Keys], Awaitable[T]]
@@ -339,6 +458,73 @@ def test_http_server_error_is_unavailable_and_not_cached(centre: UserCentre) -> 
             assert (error.status, error.reason) == (503, "user centre unavailable")
         assert centre.calls["crash"] == 2
         assert await redis.exists(cache_key(keys, "crash")) == 0
+
+    with_http_auth(centre.url, scenario)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (429, b'{"error": "slow down"}'),
+        (404, b""),
+        (400, b'{"uid": 0}'),  # not a verdict: only a 2xx carries a uid
+        (502, b""),
+        (302, b""),
+        (200, b"<html>maintenance</html>"),
+        (200, b"[123]"),
+        (200, b"{}"),
+        (200, b'{"uid": false}'),
+        (200, b'{"uid": 9223372036854775808}'),  # 2^63: past the uid range
+        (200, b'{"uid": 42, "role": "admin"}'),
+    ],
+)
+def test_http_other_answers_are_unavailable_and_not_cached(
+    centre: UserCentre, status: int, body: bytes
+) -> None:
+    """Only 401, 403 and uid 0 say a token is invalid; the next good answer is used."""
+
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        centre.script("good-later", (status, body, 0.0))
+        error = await refused(auth, "good-later")
+        assert (error.status, error.reason) == (503, "user centre unavailable")
+        assert await redis.exists(cache_key(keys, "good-later")) == 0
+        assert (await auth.authenticate("good-later")).uid == "123"
+        assert centre.calls["good-later"] == 2
+
+    with_http_auth(centre.url, scenario)
+
+
+def test_http_kick_drops_the_users_cached_answers(centre: UserCentre) -> None:
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        for token in ("good-phone", "good-laptop", "agent"):  # uid 123 twice, uid 9
+            await auth.authenticate(token)
+        await auth.revoke("123")
+        assert await redis.exists(cache_key(keys, "good-phone")) == 0
+        assert await redis.exists(cache_key(keys, "good-laptop")) == 0
+        assert await redis.exists(cache_key(keys, "agent")) == 1  # another user's stays
+        assert 0 < await redis.ttl(keys.kicked("123")) <= 86400
+        centre.script("good-phone", (401, b"", 0.0))  # the site logged that device out
+        assert (await refused(auth, "good-phone")).status == 401
+        assert (await auth.authenticate("good-laptop")).uid == "123"
+        assert (await auth.authenticate("agent")).uid == "9"
+        assert centre.calls == {"good-phone": 2, "good-laptop": 2, "agent": 1}
+
+    with_http_auth(centre.url, scenario, cache_ttl=100, cache_jitter=50)
+
+
+def test_http_answer_in_flight_at_a_kick_is_not_cached(centre: UserCentre) -> None:
+    """Asked before the kick, answered after its sweep: the answer serves the handshake
+    that asked, and is not cached for the next one."""
+
+    async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
+        centre.script("good-racing", (200, json.dumps(GOOD).encode(), 0.5))
+        asking = asyncio.create_task(auth.authenticate("good-racing"))
+        await asyncio.to_thread(wait_for, lambda: centre.calls.get("good-racing"), 5, "a call")
+        await auth.revoke("123")
+        assert (await asking).uid == "123"
+        assert await redis.exists(cache_key(keys, "good-racing")) == 0
+        assert (await auth.authenticate("good-racing")).uid == "123"
+        assert centre.calls["good-racing"] == 2
 
     with_http_auth(centre.url, scenario)
 

@@ -15,6 +15,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from pmq import metrics, protocol
+from pmq.auth import Authenticator
 from pmq.broadcast import ALL
 from pmq.errors import StorageError
 from pmq.handlers.base import App
@@ -30,6 +31,8 @@ REDIS_DOWN = Throttled(log)
 class IngestApp(App, Protocol):
     @property
     def store(self) -> Store: ...
+    @property
+    def authenticator(self) -> Authenticator: ...
     async def in_thread(self, func: Any, *args: Any) -> Any: ...
 
 
@@ -153,6 +156,9 @@ def build_router(app: IngestApp) -> Router:
             reason = body.get("reason") or ""
             if not isinstance(reason, str) or len(reason) > 120:
                 raise HttpError(400, "reason: must be a string of at most 120 characters")
+        # Revoke first: a client closed below that reconnects at once with the same token
+        # is then refused on every node.
+        await redis_call(app.authenticator.revoke(uid))
         closed = await redis_call(app.routes.kick(uid, reason or "kicked"))
         return json_response(200, {"closed": closed})
 

@@ -127,7 +127,9 @@ class SocketWorker(Worker):
         )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
-        self.authenticator: Authenticator = make_authenticator(config, self.redis, self.keys)
+        self.authenticator: Authenticator = make_authenticator(
+            config, self.redis, self.keys, self.batch
+        )
         self.handlers = load_handlers()
         catch_up = CatchUp(self.table, self.inbox, self.broadcasts, self.fanout)
         self.unicast_gap = Gap(self.routes.on_message, catch_up.unicast)
