@@ -181,13 +181,15 @@ local hkey, bkey, skey = key('history', sid), key('bodies', sid), key('session',
 local ttl = tonumber(ARGV[9])
 redis.call('ZADD', hkey, ARGV[6], id)
 redis.call('HSET', bkey, id, ARGV[7])
-redis.call('ZADD', KEYS[6], 'NX', ARGV[6], sid)  -- its oldest kept message, for the sweep
 local over = redis.call('ZCARD', hkey) - tonumber(ARGV[8])
 if over > 0 then
     local old = redis.call('ZRANGE', hkey, 0, over - 1)
     redis.call('ZREMRANGEBYRANK', hkey, 0, over - 1)
     redis.call('HDEL', bkey, unpack(old))
 end
+-- The history index holds the session's oldest kept message (or older), for the sweep.
+local oldest = redis.call('ZRANGE', hkey, 0, 0, 'WITHSCORES')
+redis.call('ZADD', KEYS[6], 'NX', oldest[2], sid)
 redis.call('EXPIRE', hkey, ttl)
 redis.call('EXPIRE', bkey, ttl)
 if redis.call('EXISTS', skey) == 1 then

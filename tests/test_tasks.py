@@ -641,8 +641,11 @@ def test_sweep_applies_retention_to_broadcasts_and_chat(store: Store, keys: Keys
             await chat.agent_online("2")
             long_sid = (await chat.open("1"))["session_id"]
             m1 = await chat.send("1", long_sid, {"text": "long ago"})
+            # As if m1 was kept before the history index existed: the next send indexes it.
+            await r.zadd(keys.cs_history(long_sid), {m1: expired_ts}, xx=True)
+            await r.zrem(keys.cs_history_index(), long_sid)
             m2 = await chat.send("2", long_sid, {"text": "just now"})
-            await backdate_chat(r, keys, long_sid, [m1], expired_ts)
+            assert await r.zscore(keys.cs_history_index(), long_sid) == expired_ts
             closed_sid = (await chat.open("3"))["session_id"]
             m3 = await chat.send("3", closed_sid, {"text": "long ago too"})
             await backdate_chat(r, keys, closed_sid, [m3], expired_ts)
