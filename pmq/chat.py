@@ -165,12 +165,20 @@ class Chat:
         """The user's open or queued session, else a new one assigned (or queued) at once.
 
         Returns ``{"session_id", "agent", "queued"}`` plus ``"position"`` (1 = next) when
-        queued. A new assigned session is announced to its agent with ``cs.assigned``."""
-        cap = self.settings().max_sessions_per_agent
+        queued. A new assigned session is announced to its agent with ``cs.assigned``.
+        ActionError 429 when the user opened ``cs.max_opens_per_hour`` new sessions in the
+        last hour (each is kept for the retention: the bound keeps a user from filling
+        Redis and storage with sessions)."""
+        settings = self.settings()
+        cap, most = settings.max_sessions_per_agent, settings.max_opens_per_hour
         new_id = str(self.inbox.ids.next())
         seed = random.randrange(2**31)
         live = await self._live_agents()
-        result = await self._run(self._open, cap, seed, user, new_id, self.ttl, live=live)
+        result = await self._run(self._open, cap, seed, user, new_id, self.ttl, most, live=live)
+        if int(result[0]) == 3:
+            raise ActionError(
+                Code.RATE_LIMITED, f"cs.open: at most {most} new sessions an hour; try later"
+            )
         state, sid, agent = int(result[0]), result[1].decode(), result[2].decode()
         reply: dict[str, Any] = {"session_id": sid, "agent": agent or None, "queued": not agent}
         if not agent:

@@ -59,9 +59,11 @@ local function assign(sid, agent)
 end
 """
 
-# ARGV: 4 cap, 5 seed, 6 user, 7 new session id, 8 ttl (seconds a session is remembered).
+# ARGV: 4 cap, 5 seed, 6 user, 7 new session id, 8 ttl (seconds a session is remembered),
+# 9 new sessions the user may open in any hour.
 # Returns {0, sid, agent|'', position|nil} for the user's existing session, {1, sid, agent}
-# for a new assigned one, {2, sid, '', position} for a new queued one.
+# for a new assigned one, {2, sid, '', position} for a new queued one, {3} when the user
+# opened the most sessions an hour allows (the user's sessions by opening time tell).
 OPEN = (
     PRELUDE
     + """
@@ -76,11 +78,13 @@ if current then
         return {0, current, '', pos + 1}
     end
 end
+local mine, ttl = key('user_sessions', user), tonumber(ARGV[8])
+local hour_ago = string.format('%d', tonumber(NOW) - 3600000)
+if redis.call('ZCOUNT', mine, '(' .. hour_ago, '+inf') >= tonumber(ARGV[9]) then return {3} end
 local agent = pick(user, tonumber(ARGV[4]), tonumber(ARGV[5]))
 redis.call('HSET', key('session', sid), 'id', sid, 'user', user, 'agent', '',
     'status', 'queued', 'opened', NOW, 'active', NOW, 'count', 0)
 redis.call('SET', key('user_session', user), sid)
-local mine, ttl = key('user_sessions', user), tonumber(ARGV[8])
 redis.call('ZADD', mine, NOW, sid)
 redis.call('ZREMRANGEBYSCORE', mine, '-inf', string.format('%d', tonumber(NOW) - ttl * 1000))
 redis.call('EXPIRE', mine, ttl)

@@ -122,6 +122,8 @@ class UnreadConfig:
 class CsConfig:
     max_sessions_per_agent: int = 5
     idle_seconds: int = 1800
+    # new sessions a user may open in any hour; then cs.open answers 429
+    max_opens_per_hour: int = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +357,7 @@ def _check(config: Config) -> None:
         s.max_connections_per_user >= 1, "server.max_connections_per_user: must be at least 1"
     )
     need(config.inbox.replay_max >= 1, "inbox.replay_max: must be at least 1")
+    need(config.cs.max_opens_per_hour >= 1, "cs.max_opens_per_hour: must be at least 1")
     need(all(c.isalnum() or c in "-_." for c in s.node), "server.node: letters, digits, -_.")
     need(config.ingest.max_body >= 256, "ingest.max_body: must be at least 256")
     need(config.auth.mode in ("jwt", "http"), "auth.mode: must be 'jwt' or 'http'")
