@@ -1,4 +1,5 @@
-"""The inbox sweep: keeps Redis memory bounded by letting stored messages leave it (SPEC 4).
+"""The sweep: keeps Redis memory bounded by letting stored messages leave it (SPEC 4), and
+applies retention to everything kept, in Redis and storage (SPEC 10).
 
 Every ``interval`` seconds one task worker of the whole cluster (the holder of a Redis lock)
 looks at the users whose oldest hot message is older than ``hot_seconds``
