@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -25,6 +26,7 @@ RESERVED_ENV = frozenset({"PMQ_ENV", "PMQ_CONFIG"})
 CLUSTER_URL = "redis+cluster://"
 CLUSTER_BUCKETS = 32  # user buckets ({bN} hash tags) on a Redis Cluster by default
 MAX_BUCKETS = 16384  # one per cluster slot at most
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")  # scheme://host[:port], as browsers send
 DURABILITY = ("none", "aof")  # redis.durability: what a write waits for before its answer
 
 
@@ -48,6 +50,9 @@ class ServerConfig:
     # true: auth.jwt_secret (with auth.mode = "jwt") and ingest.api_key must be set; checked
     # with the other secrets by pmq.startcheck
     require_secrets: bool = False
+    # Origins ("https://site.example") whose pages may open a WebSocket; a handshake with
+    # another Origin header is refused with 403, one without (native apps) passes. []: any.
+    allowed_origins: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,11 @@ class IngestConfig:
     port: int = 9502
     api_key: str = ""
     max_body: int = 65536
+    # seconds from a request's first byte until its head and body are in, else 408; also
+    # how long a new connection may stay silent before it is closed
+    request_timeout: float = 10.0
+    # connections one socket worker serves at once; a new one beyond is answered 503
+    max_connections: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +286,10 @@ def _typed(name: str, value: Any, kind: Any) -> Any:
         ):
             raise ConfigError(f"{name}: must be a table of strings")
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: must be a list of strings")
+        return list(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(
@@ -360,6 +374,14 @@ def _check(config: Config) -> None:
     need(config.cs.max_opens_per_hour >= 1, "cs.max_opens_per_hour: must be at least 1")
     need(all(c.isalnum() or c in "-_." for c in s.node), "server.node: letters, digits, -_.")
     need(config.ingest.max_body >= 256, "ingest.max_body: must be at least 256")
+    need(config.ingest.request_timeout > 0, "ingest.request_timeout: must be positive")
+    need(config.ingest.max_connections >= 1, "ingest.max_connections: must be at least 1")
+    for origin in s.allowed_origins:
+        need(
+            ORIGIN.fullmatch(origin) is not None,
+            f"server.allowed_origins: {origin!r} is not an origin like https://site.example "
+            "(scheme and host, optional port, no path or trailing slash)",
+        )
     need(config.auth.mode in ("jwt", "http"), "auth.mode: must be 'jwt' or 'http'")
     need(
         config.auth.mode != "http" or bool(config.auth.url),

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = Throttled(log)
 
 WS_PATH = "/ws"
+RATE_LIMITED = "rate limit: slow down"
 CLOSE_TIMEOUT = 2.0
 STATIC_PREFIX = "/cs/"
 STATIC_TYPES = {
@@ -70,6 +71,15 @@ def token_of(request: Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def origin_allowed(request: Request, allowed: frozenset[str]) -> bool:
+    """True when the handshake has no Origin header (native apps, servers) or its one Origin
+    is in ``allowed`` (lower case); a repeated Origin header is never allowed."""
+    origins = request.headers.get_all("Origin")
+    if not origins:
+        return True
+    return len(origins) == 1 and origins[0].strip().lower() in allowed
 
 
 def load_static() -> dict[str, Response]:
@@ -148,6 +158,10 @@ class Gateway:
         self.on_close = on_close
         self.server: Server | None = None
         self.static = load_static()
+        # Checked here rather than by websockets' ``origins``, which runs after
+        # process_request: a foreign page would get its tokens checked (a user-centre call
+        # each in auth.mode = "http") and learn from 401 or 403 whether they are good.
+        self.origins = frozenset(o.lower() for o in app.config.server.allowed_origins)
 
     async def start(self, host: str, port: int) -> None:
         config = self.app.config
@@ -170,10 +184,13 @@ class Gateway:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         """Authenticate before the upgrade; anything but a good token on /ws is refused,
-        except GETs of the static pages, answered here."""
+        except GETs of the static pages, answered here. A page of a site not in
+        server.allowed_origins is refused (403) before its token is looked at."""
         path = urlsplit(request.path).path
         if path != WS_PATH:
             return self.static.get(path) or plain_response(http.HTTPStatus.NOT_FOUND, "not found")
+        if self.origins and not origin_allowed(request, self.origins):
+            return plain_response(http.HTTPStatus.FORBIDDEN, "origin not allowed")
         token = token_of(request)
         if not token:
             return plain_response(http.HTTPStatus.UNAUTHORIZED, "missing token")
@@ -207,15 +224,18 @@ class Gateway:
                 log.exception("cleanup failed conn=%s uid=%s", client.conn_id, client.uid)
 
     async def on_frame(self, client: Client, frame: str | bytes) -> None:
+        # Every frame counts against server.rate, valid JSON or not: a flood of garbage
+        # costs the worker as much as a flood of requests. The frame is still parsed for
+        # the id the 429 names.
+        allowed = client.allow_request()
         try:
             request = protocol.parse_request(frame)
         except ProtocolError as exc:
-            client.send(protocol.encode_reply(exc.request_id, exc.code, exc.msg))
+            code, msg = (exc.code, exc.msg) if allowed else (Code.RATE_LIMITED, RATE_LIMITED)
+            client.send(protocol.encode_reply(exc.request_id, code, msg))
             return
-        if not client.allow_request():
-            client.send(
-                protocol.encode_reply(request.id, Code.RATE_LIMITED, "rate limit: slow down")
-            )
+        if not allowed:
+            client.send(protocol.encode_reply(request.id, Code.RATE_LIMITED, RATE_LIMITED))
             return
         client.send(await self.call(client, request))
 

@@ -162,6 +162,8 @@ class SocketWorker(Worker):
                 config.ingest.port,
                 max_body=config.ingest.max_body,
                 api_key=config.ingest.api_key,
+                request_timeout=config.ingest.request_timeout,
+                max_connections=config.ingest.max_connections,
             )
         except OSError as exc:
             raise BootError(f"cannot listen: {exc}") from exc
@@ -340,6 +342,9 @@ class SocketWorker(Worker):
             "broadcast_deliveries": self.fanout.delivered,
             "fanout_max_stall_ms": round(self.fanout.max_stall_ms, 2),
             "ingest_in_flight": self.ingest.in_flight,
+            "ingest_connections": self.ingest.served,
+            "ingest_timed_out": self.ingest.timed_out,  # 408s since start
+            "ingest_refused": self.ingest.refused,  # 503s over ingest.max_connections
         }
 
     async def shutdown(self, fast: bool) -> None:
