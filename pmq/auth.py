@@ -212,9 +212,8 @@ class JwtAuthenticator:
             identity = make_identity(claims["sub"], claims.get("groups"), claims.get("role"))
         except ValueError as exc:
             raise AuthError(401, f"bad token claims: {exc}") from None
-        issued = _numeric(claims, "iat")
-        self._check_age(issued, _numeric(claims, "exp"))
-        await self._check_kick(identity.uid, issued)
+        self._check_age(claims)
+        await self._check_kick(identity.uid, claims)
         return identity
 
     async def revoke(self, uid: str) -> None:
@@ -250,12 +249,15 @@ class JwtAuthenticator:
             raise AuthError(401, f"malformed token: {exc}") from None
         return claims
 
-    def _check_age(self, issued: float | None, expires: float | None) -> None:
+    def _check_age(self, claims: dict[str, Any]) -> None:
         age = self._config.max_token_age
-        if age and (issued is None or expires is None or expires - issued > age):
+        if not age:
+            return
+        issued, expires = _numeric(claims, "iat"), _numeric(claims, "exp")
+        if issued is None or expires is None or expires - issued > age:
             raise AuthError(401, f"token lives longer than auth.max_token_age ({age} s)")
 
-    async def _check_kick(self, uid: str, issued: float | None) -> None:
+    async def _check_kick(self, uid: str, claims: dict[str, Any]) -> None:
         if self._kicks is None:
             return
         try:
@@ -263,7 +265,7 @@ class JwtAuthenticator:
         except (RedisError, OSError) as exc:
             REDIS_DOWN.warning("handshake answered 503, cannot read kicks: %s", exc)
             raise AuthError(503, "unavailable, retry") from None
-        if kicked is not None and issued_before(issued, kicked):
+        if kicked is not None and issued_before(_numeric(claims, "iat"), kicked):
             raise AuthError(401, "token revoked by a kick")
 
 
