@@ -336,7 +336,7 @@ def test_user_keys_share_their_bucket_slot() -> None:
     chat = [keys.cs_online(), keys.cs_load(), keys.cs_queue(), keys.cs_active(),
             keys.cs_session("9"), keys.cs_history("9"), keys.cs_bodies("9"),
             keys.cs_user_session("7"), keys.cs_user_sessions("7"), keys.cs_last_agent("7"),
-            keys.cs_agent_sessions("8"), keys.store_queue("cs")]
+            keys.cs_agent_sessions("8"), keys.store_queue("cs"), keys.cs_history_index()]
     assert len(slots(chat)) == 1
     broadcast = [keys.broadcasts("all"), keys.broadcasts("vip"), keys.broadcast_index(),
                  keys.broadcast_bodies(), keys.broadcast_dedupe("k"), keys.broadcast_queue(),
