@@ -118,6 +118,17 @@ def test_unread_clear_takes_at_most_32_kinds(make_node: Callable[..., Node]) -> 
         assert ok(user.request("ping"))  # the connection stays
 
 
+def test_msg_ack_takes_at_most_1000_ids(make_node: Callable[..., Node]) -> None:
+    """The other list a client sends has its bound too (it had one before issue 15)."""
+    node = make_node().start()
+    with ws_client(node, 7) as user:
+        assert ok(user.request("msg.ack", {"ids": [str(n) for n in range(1, 1001)]})) == {
+            "acked": 0
+        }
+        reply = user.request("msg.ack", {"ids": [str(n) for n in range(1, 1002)]})
+        assert reply["code"] == 400 and reply["msg"] == "ids: at most 1000 per request", reply
+
+
 @pytest.fixture
 def site(make_node: Callable[..., Node]) -> Iterator[tuple[Node, Callable[[], Ingest]]]:
     node = make_node().start()
