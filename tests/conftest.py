@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,8 +10,22 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import settings
 
 from tests.helpers import REDIS_URL, Node, RedisServer, UserCentre
+
+# Hypothesis profiles for the fuzz targets (tests/test_fuzz_*.py). "ci", the default, keeps
+# them under a minute together and draws the same examples every run; "long" is what
+# `python -m bench.fuzz --examples N` runs: N examples per target (PMQ_FUZZ_EXAMPLES), a
+# fresh seed each time, and a reproduction blob printed for any failure.
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("PMQ_FUZZ_EXAMPLES", "2000")),
+    deadline=None,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
