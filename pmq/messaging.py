@@ -15,6 +15,9 @@ from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
+from pmq.protocol import ID_PREFIX as ID_PREFIX  # re-exported: the push frame's format
+from pmq.protocol import PUSH_PREFIX
+from pmq.protocol import message_id_of as message_id_of
 from pmq.routing import Routes
 
 log = logging.getLogger(__name__)
@@ -28,10 +31,6 @@ def counters(kind: str) -> tuple[Any, Any]:
     )
 
 
-PUSH_PREFIX = b'{"type":"push","msg":'
-ID_PREFIX = PUSH_PREFIX + b'{"id":"'  # every message's JSON opens with its id
-
-
 def push_frame(message_json: bytes) -> bytes:
     """The push frame around an already encoded message (encoded once for every socket)."""
     return PUSH_PREFIX + message_json + b"}"
@@ -40,15 +39,6 @@ def push_frame(message_json: bytes) -> bytes:
 def push_of(message: dict[str, Any]) -> tuple[bytes, int]:
     """The push frame of a message as clients see it, and its id."""
     return push_frame(orjson.dumps(message)), int(message["id"])
-
-
-def message_id_of(payload: bytes) -> int:
-    """The id of the message a push frame carries, or 0 for any other frame. A push frame
-    whose id is not a number raises ValueError."""
-    if not payload.startswith(ID_PREFIX):
-        return 0
-    start = len(ID_PREFIX)
-    return int(payload[start : payload.index(b'"', start)])
 
 
 async def publish(

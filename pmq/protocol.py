@@ -159,6 +159,19 @@ def encode_reply(
     )
 
 
+PUSH_PREFIX = b'{"type":"push","msg":'
+ID_PREFIX = PUSH_PREFIX + b'{"id":"'  # every message's JSON opens with its id
+
+
+def message_id_of(payload: bytes) -> int:
+    """The id of the message a push frame carries, or 0 for any other frame. A push frame
+    whose id is not a number raises ValueError."""
+    if not payload.startswith(ID_PREFIX):
+        return 0
+    start = len(ID_PREFIX)
+    return int(payload[start : payload.index(b'"', start)])
+
+
 def encode_push(message: dict[str, Any]) -> bytes:
     """A push frame around a message dict (id, kind, from, to, body, ts)."""
     return dumps({"type": FrameType.PUSH, "msg": message})

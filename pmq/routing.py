@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from pmq import metrics
 from pmq.batching import Batcher
 from pmq.keys import Keys
+from pmq.protocol import message_id_of
 
 log = logging.getLogger(__name__)
 DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)
@@ -66,9 +67,19 @@ def message_payload(frame: bytes, unread: Sequence[bytes]) -> bytes:
 
 
 def split_message(payload: bytes) -> tuple[bytes, list[str]]:
-    """(frame, unread state) of an OP_MESSAGE payload."""
+    """(frame, unread state) of an OP_MESSAGE payload; ValueError when the state is not what
+    message_payload() makes (strings: field/count pairs, then the last clear, a number)."""
     state, _, frame = payload.partition(b"\n")
-    return frame, orjson.loads(state)
+    unread = orjson.loads(state)
+    if (
+        not isinstance(unread, list)
+        or len(unread) % 2 != 1
+        or not all(isinstance(value, str) for value in unread)
+    ):
+        raise ValueError("not an unread state")
+    for number in (*unread[1::2], unread[-1]):
+        int(number)  # ValueError if not a number
+    return frame, unread
 
 
 # Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds.
@@ -429,6 +440,12 @@ class Routes:
             op, uid, sent, payload = decode_relay(message["data"])
             if op == OP_MESSAGE:
                 frame, unread = split_message(payload)
+            # Read now what delivery reads, so that it never meets what it cannot: the
+            # text of a kick's reason or an evict's ids, the message id of a push frame.
+            if op in (OP_KICK, OP_EVICT):
+                payload.decode()
+            else:
+                message_id_of(frame if op == OP_MESSAGE else payload)
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed relay message")
             return

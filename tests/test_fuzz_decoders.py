@@ -1,0 +1,302 @@
+"""Fuzzing of the decoders that need no node: what anything that can write to Redis may hand a
+worker (storage-queue items, relay and broadcast channel messages) and what a client's frame
+and its data turn into before any I/O. Each one either decodes or fails the documented way:
+a malformed storage item is named in Batch.malformed, a malformed channel message is
+dropped with a warning, a bad frame is a ProtocolError and bad data an ActionError (400) or
+HttpError (400). Anything else raised is a crash of the worker's loop or a 500."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pmq import protocol
+from pmq.broadcast import encode_fanout
+from pmq.errors import ActionError
+from pmq.handlers import cs, msg, unread
+from pmq.handlers.base import int_field
+from pmq.keys import Keys
+from pmq.messaging import message_id_of
+from pmq.protocol import Code, ProtocolError
+from pmq.reactor import ingest
+from pmq.reactor.connections import ConnectionTable
+from pmq.reactor.fanout import Fanout
+from pmq.reactor.http import HttpError
+from pmq.routing import (
+    OP_EVICT,
+    OP_KICK,
+    OP_MESSAGE,
+    OP_MESSAGE_BARE,
+    OP_PUSH,
+    OP_UNREAD,
+    Routes,
+    encode_relay,
+    message_payload,
+)
+from pmq.tasks.queueops import parse_batch
+from tests.helpers import REDIS_URL
+from tests.test_fuzz_kit import JSON, SCALARS, budget, json_object_with, tally
+
+# Storage-queue items ---------------------------------------------------------------------
+
+OPS = ["msg", "ack", "last_read", "cs", "cs_session", "broadcast"]
+ITEM_FIELDS = ["op", "msg", "uid", "ids", "kind", "ts", "session_id", "id", "from", "to",
+               "body", "agent", "last_msg_id", "opened", "closed", "group"]
+ITEM = st.fixed_dictionaries(
+    {"op": st.sampled_from(OPS)},
+    optional={
+        "msg": json_object_with(["id", "to", "from", "kind", "ts", "body"]),
+        **{name: JSON for name in ITEM_FIELDS[2:]},
+    },
+)
+RAW_ITEM = st.one_of(
+    st.binary(max_size=200),
+    JSON.map(orjson.dumps),
+    ITEM.map(orjson.dumps),
+    ITEM.map(lambda item: orjson.dumps(item)[: len(orjson.dumps(item)) // 2]),  # cut short
+)
+
+
+@budget(1.0)
+@given(st.lists(RAW_ITEM, max_size=8))
+@example([b"\xff\xfe", b'{"op":"ack","uid":"1","ids":[]}', b"[" * 2000, b'"op"'])
+def test_storage_items_are_parsed_or_named_malformed(items: list[bytes]) -> None:
+    tally("storage ops: parse_batch")
+    batch = parse_batch(items)
+    parsed = (len(batch.rows) + len(batch.acks) + len(batch.last_reads)
+              + len(batch.cs_messages) + len(batch.cs_sessions) + len(batch.broadcasts))
+    assert set(batch.malformed) <= set(range(len(items)))
+    assert all(reason.startswith("malformed: ") for reason in batch.malformed.values())
+    # An ack with no ids is read and has nothing to do; everything else is one or the other.
+    assert parsed + len(batch.malformed) <= len(items)
+    for row in batch.rows:
+        assert row.id > 0 and row.uid > 0 and isinstance(row.body, str)
+
+
+# Relay channel (one socket worker's) -------------------------------------------------------
+
+
+class StrictDelivery:
+    """A LocalDelivery that holds decoded relays to the types the real one relies on
+    (pmq.reactor.main, pmq.reactor.unread): what reaches it must be usable as it is."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def push(self, uid: str, frame: bytes) -> int:
+        assert isinstance(uid, str) and isinstance(frame, bytes)
+        message_id_of(frame)  # ConnectionTable.send_to_user reads it
+        self.calls.append(("push", frame))
+        return 0
+
+    def push_message(self, uid: str, frame: bytes, unread: Any) -> int:
+        assert isinstance(uid, str) and isinstance(frame, bytes)
+        if unread is not None:  # UnreadPusher._badge reads it as message_payload() made it
+            assert isinstance(unread, list) and len(unread) % 2 == 1
+            int(unread[-1])
+            for value in unread[1::2]:
+                int(value)
+        message_id_of(frame)
+        self.calls.append(("message", frame))
+        return 0
+
+    def unread_changed(self, uid: str) -> None:
+        assert isinstance(uid, str)
+
+    def kick(self, uid: str, reason: str) -> int:
+        assert isinstance(uid, str) and isinstance(reason, str)
+        return 0
+
+    def evict(self, uid: str, conn_ids: list[str]) -> int:
+        assert isinstance(uid, str) and all(isinstance(c, str) for c in conn_ids)
+        return 0
+
+
+@pytest.fixture
+def routes() -> Routes:
+    client = aioredis.Redis.from_url(REDIS_URL)  # never connected: on_message needs no I/O
+    return Routes(client, Keys("pmqfuzz:"), "w-fuzz", 2.0, StrictDelivery())
+
+
+RELAY_OPS = st.sampled_from([OP_PUSH, OP_MESSAGE, OP_MESSAGE_BARE, OP_UNREAD, OP_KICK, OP_EVICT])
+UNREAD_STATE = st.one_of(
+    st.lists(st.sampled_from(["comment", "notice", "1", "-3", "x", "9" * 5000]), max_size=7)
+    .map(lambda v: orjson.dumps(v)),
+    JSON.map(orjson.dumps),
+    st.binary(max_size=30),
+)
+RELAY = st.one_of(
+    st.binary(max_size=120),
+    st.builds(
+        lambda op, uid, sent, payload: f"{op} {uid} {sent}\n".encode() + payload,
+        RELAY_OPS | st.text(max_size=8),
+        st.sampled_from(["7", "0", "", "x y"]) | st.text(max_size=6),
+        st.sampled_from(["1.5", "nan", "inf", "-1", "x"]) | st.floats().map(str),
+        st.binary(max_size=80),
+    ),
+    st.builds(
+        lambda state, frame: encode_relay(OP_MESSAGE, "7", state + b"\n" + frame, 1.0),
+        UNREAD_STATE,
+        st.binary(max_size=40) | st.just(b'{"type":"push","msg":{"id":"12x"}}'),
+    ),
+)
+
+
+@budget(1.0)
+@given(RELAY)
+@example(encode_relay(OP_KICK, "7", b"\xff", 1.0))
+@example(encode_relay(OP_EVICT, "7", b"c1 \xfe", 1.0))
+@example(encode_relay(OP_MESSAGE, "7", b'{"a": 1}\n{}', 1.0))
+@example(encode_relay(OP_MESSAGE, "7", b'["comment"]\n{}', 1.0))
+@example(encode_relay(OP_MESSAGE, "7", b'["comment", "x", "1"]\n{}', 1.0))
+@example(encode_relay(OP_MESSAGE, "7", b'["0"]\n{"type":"push","msg":{"id":"', 1.0))
+@example(encode_relay(OP_PUSH, "7", b'{"type":"push","msg":{"id":"12x"}}', 1.0))
+def test_relay_messages_are_delivered_or_dropped(
+    routes: Routes, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    """Whatever arrives on a worker's channel is handed on in the shape delivery needs, or
+    dropped with a warning: never an exception out of the pub/sub handler (which redispipe
+    logs as an ERROR with its traceback)."""
+    tally("relay channel: Routes.on_message")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        routes.on_message({"channel": b"ch", "data": data})
+    assert all(r.levelno == logging.WARNING for r in caplog.records), caplog.text
+
+
+def test_relay_messages_as_sent_are_delivered(routes: Routes) -> None:
+    """The other side of the property: what PMQ itself sends is not dropped."""
+    delivery = routes.local
+    assert isinstance(delivery, StrictDelivery)
+    frame = protocol.encode_push({"id": "42", "kind": "comment"})
+    payload = message_payload(frame, [b"comment", b"3", b"1700000000000"])
+    routes.on_message({"channel": b"ch", "data": encode_relay(OP_MESSAGE, "7", payload, 1.0)})
+    routes.on_message({"channel": b"ch", "data": encode_relay(OP_PUSH, "7", frame, 1.0)})
+    assert delivery.calls == [("message", frame), ("push", frame)]
+
+
+# Broadcast channel (every socket worker's) -----------------------------------------------
+
+BROADCAST = st.one_of(
+    st.binary(max_size=120),
+    st.builds(
+        lambda group, frame: group + b"\n" + frame,
+        st.sampled_from([b"all", b"author", b"\xff", b""]) | st.binary(max_size=8),
+        st.one_of(
+            st.binary(max_size=60),
+            st.builds(
+                lambda digits: b'{"type":"push","msg":{"id":"' + digits,
+                st.sampled_from([b"", b"1", b"12\"", b"x\"", b"9" * 5000 + b'"']),
+            ),
+        ),
+    ),
+)
+
+
+@budget(1.0)
+@given(BROADCAST)
+@example(b'all\n{"type":"push","msg":{"id":"123')
+def test_broadcast_messages_are_queued_readable_or_dropped(data: bytes) -> None:
+    tally("broadcast channel: Fanout.on_message")
+    fanout = Fanout(ConnectionTable(), unread=None)  # type: ignore[arg-type]
+    fanout.on_message({"channel": b"ch", "data": data})
+    while not fanout.queue.empty():  # deliver() reads the id of what was queued
+        group, frame = fanout.queue.get_nowait()
+        assert isinstance(group, str)
+        message_id_of(frame)
+
+
+def test_broadcast_as_published_is_queued() -> None:
+    fanout = Fanout(ConnectionTable(), unread=None)  # type: ignore[arg-type]
+    frame = protocol.encode_push({"id": "42", "kind": "system"})
+    fanout.on_message({"channel": b"ch", "data": encode_fanout("all", frame)})
+    assert fanout.queue.get_nowait() == ("all", frame)
+
+
+# Client frames and their data, before any I/O -------------------------------------------
+
+ACTION_NAMES = ["ping", "msg.ack", "msg.pull", "unread.get", "unread.clear", "cs.open",
+                "cs.send", "cs.close", "cs.history", "cs.sessions"]
+ENVELOPE = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=70) | SCALARS,
+        "action": st.sampled_from(ACTION_NAMES) | st.text(max_size=70) | SCALARS,
+        "data": JSON,
+    },
+)
+FRAME = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200),
+    JSON.map(orjson.dumps),
+    ENVELOPE.map(orjson.dumps),
+)
+
+
+@budget(1.0)
+@given(FRAME)
+@example(b'{"id": 1e400}')
+@example('{"action": "ping", "id": ' + "9" * 30 + "}")
+def test_client_frames_parse_or_say_what_is_wrong(frame: str | bytes) -> None:
+    tally("client envelope: parse_request")
+    try:
+        request = protocol.parse_request(frame)
+    except ProtocolError as exc:
+        assert exc.code == Code.BAD_REQUEST and exc.msg
+        assert exc.request_id is None or isinstance(exc.request_id, str)
+        return
+    assert protocol.ACTION_PATTERN.fullmatch(request.action)
+    assert isinstance(request.data, dict)
+    assert request.id is None or len(request.id) <= protocol.MAX_REQUEST_ID
+
+
+# Every check a handler makes on its data before it touches Redis.
+DATA_CHECKS = [
+    msg.message_ids,
+    unread.kinds_field,
+    cs.session_field,
+    cs.content_field,
+    lambda data: cs.image_field(data.get("image")),
+    lambda data: int_field(data, "after", 0, 0, msg.MAX_ID),
+    lambda data: int_field(data, "limit", 50, 1, 200),
+]
+DATA = json_object_with(["ids", "kinds", "session_id", "text", "image", "after", "limit",
+                         "before", "peer", "url", "width", "height"])
+
+
+@budget(1.0)
+@given(st.sampled_from(range(len(DATA_CHECKS))), DATA)
+@example(5, {"after": "1" * 5000})  # int() refuses 4300+ digits: was a 500
+@example(6, {"limit": "0" * 4301})
+@example(4, {"image": {"url": "http://[::1"}})
+def test_action_data_is_accepted_or_refused_with_400(check: int, data: dict[str, Any]) -> None:
+    tally("client actions: data checks")
+    try:
+        DATA_CHECKS[check](data)
+    except ActionError as exc:
+        assert exc.code == Code.BAD_REQUEST and exc.msg
+
+
+INGEST_CHECKS = [
+    ingest.message_fields,
+    ingest.broadcast_fields,
+    lambda body: ingest.check_uid(body.get("to")),
+]
+INGEST_BODY = json_object_with(["to", "kind", "from", "body", "id", "group"])
+
+
+@budget(1.0)
+@given(st.sampled_from(range(len(INGEST_CHECKS))), INGEST_BODY)
+@example(0, {"to": ["1" * 5000], "kind": "comment", "body": {}})
+def test_ingest_fields_are_accepted_or_refused_with_400(check: int, body: dict[str, Any]) -> None:
+    tally("ingest: field checks")
+    try:
+        INGEST_CHECKS[check](body)
+    except HttpError as exc:
+        assert exc.status == 400 and exc.msg
