@@ -72,7 +72,7 @@ def test_garbage_on_the_channels_costs_no_worker(make_node: Callable[..., Node])
     conns = wait_for(lambda: client.hgetall(keys.user_conns(str(USER))), 5, "the registry")
     worker = next(iter(conns.values())).decode()
 
-    @budget(0.5)
+    @budget(1.0)
     @given(relay(), BROADCAST)
     def check(relayed: bytes, broadcast: bytes) -> None:
         tally("pub/sub channels: relay and broadcast (end to end)")
