@@ -211,11 +211,11 @@ class Broadcasts:
 
         return read
 
-    async def acknowledge(self, uid: str, ids: Sequence[int]) -> int:
-        """Move the watermark to the newest of ``ids`` that is a broadcast; returns how many
-        of ``ids`` were broadcasts."""
+    async def acknowledge(self, uid: str, ids: Sequence[int]) -> list[int]:
+        """Move the watermark to the newest of ``ids`` that is a broadcast; returns those of
+        ``ids`` that were broadcasts."""
         if not ids:
-            return 0
+            return []
         present = await self.redis.hmget(self.keys.broadcast_bodies(), [str(i) for i in ids])
         known = [i for i, body in zip(ids, present, strict=True) if body is not None]
         if known:
@@ -223,7 +223,7 @@ class Broadcasts:
                 keys=[self.keys.broadcast_mark(uid)],
                 args=[str(max(known)), self.retention_ms // 1000],
             )
-        return len(known)
+        return known
 
 
 class BroadcastTrim:

@@ -85,19 +85,32 @@ end
 return result
 """
 
-# KEYS: inbox, bodies, queue; ARGV: uid, ids... Removes what is hot and queues the storage
-# ack of those (their rows may not be written yet); returns them. The caller acks the others
-# in storage itself, so no id is acked (and counted) twice.
+# KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV: uid, ids... Removes what is
+# hot and queues the storage ack of those (their rows may not be written yet). The others
+# are queued too when storage may hold unacked messages of the user (flagged cold, or the
+# bucket not known complete): the writer acks them there, so a socket worker never writes
+# storage for an ack. Returns {the hot ids, how many others were queued}.
 ACK = """
-local removed = {}
+local removed, others = {}, {}
 for i = 2, #ARGV do
-    if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then removed[#removed + 1] = ARGV[i] end
+    if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+        removed[#removed + 1] = ARGV[i]
+    else
+        others[#others + 1] = ARGV[i]
+    end
 end
 redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
-if #removed > 0 then
-    redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = removed}))
+local queued = {unpack(removed)}
+local cold = 0
+if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
+        or redis.call('HEXISTS', KEYS[5], 'epoch') == 0) then
+    for _, id in ipairs(others) do queued[#queued + 1] = id end
+    cold = #others
 end
-return removed
+if #queued > 0 then
+    redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = queued}))
+end
+return {removed, cold}
 """
 
 
@@ -142,6 +155,14 @@ class Accepted:
     # per new message that counts, to a user online: the user's unread hash as field/value
     # pairs, then the time (ms) of their last clear of system; else None
     unread: list[list[bytes] | None]
+
+
+class Acked(NamedTuple):
+    """What Inbox.ack did: the ids that were hot (removed from Redis), and how many of the
+    others it queued for storage to ack (the user may have messages there)."""
+
+    hot: set[int]
+    cold: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -287,15 +308,20 @@ class Inbox:
             )
         return found
 
-    async def ack(self, uid: str, ids: Sequence[int]) -> set[int]:
-        """Remove ``ids`` from the user's hot inbox (their stored rows are acked through the
-        storage queue); returns those that were hot. The caller acks the rest in storage."""
+    async def ack(self, uid: str, ids: Sequence[int]) -> Acked:
+        """Remove ``ids`` from the user's hot inbox; their stored rows are acked through the
+        storage queue, and so are the other ids' while storage may hold unacked messages of
+        the user (flagged cold, or the bucket not known complete). One script, no storage
+        call: after Redis lost data most users are cold, and a storage write per ack from
+        the socket worker held every ack of theirs (and their connections' reads) for
+        seconds."""
         if not ids:
-            return set()
+            return Acked(set(), 0)
         queue = self.keys.store_queue(self.keys.user_tag(uid))
-        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue]
-        removed = await self._ack(keys=keys, args=[uid, *map(str, ids)])
-        return {int(i) for i in removed}
+        mark = self.keys.redis_mark(self.keys.bucket(uid))
+        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark]
+        removed, cold = await self._ack(keys=keys, args=[uid, *map(str, ids)])
+        return Acked({int(i) for i in removed}, int(cold))
 
     def look_on(
         self, pipe: Any, uid: str, after: int = 0, limit: int = 200
@@ -327,15 +353,6 @@ class Inbox:
         pipe = self.redis.pipeline(transaction=False)
         read = self.look_on(pipe, uid, after, limit)
         return read(iter(await pipe.execute()))
-
-    async def has_cold(self, uid: str) -> bool:
-        """Whether storage may hold unacked messages of ``uid`` (flagged cold, or their
-        bucket not known complete)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(self.keys.cold(uid))
-        self.marks.complete_on(pipe, uid)
-        flagged, complete = await pipe.execute()
-        return bool(flagged) or not complete
 
     async def pending(
         self,

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
@@ -55,7 +56,9 @@ class Entry(NamedTuple):
 
 class StoreJournal:
     """Kept storage operations and the watch that queues them again (module docstring).
-    ``cold_ttl`` is the cold flag's TTL (the retention)."""
+    ``cold_ttl`` is the cold flag's TTL (the retention). ``lost(whole_at)`` is called once
+    they are queued again, with the time (unix seconds) Redis was last seen whole: messages
+    accepted since then may have lost their live push with it (pmq.reactor.catchup)."""
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class StoreJournal:
         cold_ttl: int,
         keep_seconds: float = KEEP_SECONDS,
         max_entries: int = MAX_ENTRIES,
+        lost: Callable[[float], None] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -73,6 +77,8 @@ class StoreJournal:
         self.entries: collections.deque[Entry] = collections.deque(maxlen=max_entries)
         self.epochs: dict[int, int | None] = {}  # bucket -> the epoch seen last
         self.requeued = 0  # operations queued again, for stats and tests
+        self.lost = lost
+        self.whole_at = time.time()  # when a look last found no bucket lost
 
     def note(self, bucket: int, queue: str, uid: str | None, op: bytes) -> None:
         """Keep ``op``, just queued on ``queue`` (``bucket`` SHARED for a shared queue)."""
@@ -93,12 +99,17 @@ class StoreJournal:
 
     async def check(self) -> int:
         """One look at the marks; returns the operations queued again."""
+        looked_at = time.time()
         marks = await self.marks.read(range(self.keys.buckets))
         lost = {b for b, mark in marks.items() if _lost(self.epochs.get(b), mark)}
         self.epochs = {b: _epoch(mark) for b, mark in marks.items()}
         if not lost:
+            self.whole_at = looked_at
             return 0
-        return await self.requeue(lost)
+        requeued = await self.requeue(lost)
+        if self.lost is not None:
+            self.lost(self.whole_at)
+        return requeued
 
     async def requeue(self, buckets: set[int]) -> int:
         """Queue again the kept operations of ``buckets`` and the shared queues, flagging

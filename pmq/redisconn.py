@@ -45,8 +45,9 @@ RESUBSCRIBE_SECONDS = 0.2
 DISPATCH_BATCH = 64  # cluster pub/sub messages handled between two yields to the loop
 
 
-def connect(config: RedisConfig) -> aioredis.Redis:
-    """A client for ``config.url``; create it after fork, one per process."""
+def connect(config: RedisConfig, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """A client for ``config.url``; create it after fork, one per process (and one more for
+    a loop that must never wait behind the others for a pooled connection, with a few)."""
     if config.cluster or config.url.startswith(CLUSTER_URL):
         url = config.url.replace(CLUSTER_URL, "redis://", 1)
         # max_connections is per cluster node here. No resend (the node connections never
@@ -54,12 +55,12 @@ def connect(config: RedisConfig) -> aioredis.Redis:
         # failure still asks for a refresh of the slots map, which a later command runs, and
         # MOVED/ASK redirects are followed whatever the retries.
         cluster = RedisCluster.from_url(
-            url, max_connections=MAX_CONNECTIONS, retry=Retry(NoBackoff(), 0)
+            url, max_connections=max_connections, retry=Retry(NoBackoff(), 0)
         )
         return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
         config.url,
-        max_connections=MAX_CONNECTIONS,
+        max_connections=max_connections,
         timeout=WAIT_SECONDS,
         # No resend: the pool's check of a connection it hands out (did Redis close it?)
         # already replaces a dead one before the write; a retry would also resend commands

@@ -146,8 +146,13 @@ class Routes:
         heartbeat_interval: float,
         local: LocalDelivery,
         batch: Batcher | None = None,
+        registry: aioredis.Redis | None = None,
     ) -> None:
         self.redis = redis
+        # The heartbeat's own client (beat, restore, refresh, sweep): under load a burst of
+        # requests can hold every pooled connection of ``redis`` for seconds, and a beat
+        # that waits behind them gets this worker swept as dead by its peers.
+        self.registry = registry or redis
         self.keys = keys
         self.worker_id = worker_id
         self.ttl = max(3, int(3 * heartbeat_interval))
@@ -244,7 +249,7 @@ class Routes:
         write them again (restore()), for Redis lost them (emptied, or restored from an
         old snapshot) or its peers swept it as dead."""
         now_ms = int(time.time() * 1000)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.registry.pipeline(transaction=False)
         pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
         pipe.expire(self.keys.worker_conns(self.worker_id), self.ttl)
         pipe.zrangebyscore(self.keys.workers(), "-inf", now_ms - self.stale_ms)
@@ -258,7 +263,7 @@ class Routes:
         """Write the entries of ``conns`` (uid, conn id, groups) again, as a connect does:
         ``chunk`` connections per round trip."""
         for start in range(0, len(conns), chunk):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self.registry.pipeline(transaction=False)
             for uid, conn_id, groups in conns[start : start + chunk]:
                 self.register_on(pipe, uid, conn_id, groups)
             await pipe.execute()
@@ -271,13 +276,13 @@ class Routes:
             bucket_uids = [uids[i] for i in indexes]
             for start in range(0, len(bucket_uids), chunk):
                 keys = [self.keys.user_conns(uid) for uid in bucket_uids[start : start + chunk]]
-                await self._refresh(keys=keys, args=[self.ttl])
+                await self._refresh(keys=keys, args=[self.ttl], client=self.registry)
 
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""
         cutoff = int(time.time() * 1000) - self.stale_ms
         dead = cast(
-            list[bytes], await self.redis.zrangebyscore(self.keys.workers(), "-inf", cutoff)
+            list[bytes], await self.registry.zrangebyscore(self.keys.workers(), "-inf", cutoff)
         )
         forgotten = 0
         for raw in dead:
@@ -292,7 +297,7 @@ class Routes:
         bucket, then its own list and heartbeat. Each step is idempotent and the list goes
         last, so a forget cut short is finished by the next one."""
         worker_key = self.keys.worker_conns(worker_id)
-        entries = cast(dict[bytes, bytes], await self.redis.hgetall(worker_key))
+        entries = cast(dict[bytes, bytes], await self.registry.hgetall(worker_key))
         conn_of: dict[str, list[str]] = {}
         for conn, uid in entries.items():
             conn_of.setdefault(uid.decode(), []).append(conn.decode())
@@ -304,8 +309,9 @@ class Routes:
                 await self._forget(
                     keys=[self.keys.user_conns(uid) for uid, _ in part],
                     args=[worker_id, *(conn for _, conn in part)],
+                    client=self.registry,
                 )
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.registry.pipeline(transaction=False)
         pipe.delete(worker_key)
         pipe.zrem(self.keys.workers(), worker_id)
         await pipe.execute()

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -23,9 +24,10 @@ import redis.asyncio as aioredis
 from pmq.config import StorageConfig
 from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
+from pmq.inbox import Acked, Inbox
 from pmq.journal import SHARED, StoreJournal
 from pmq.keys import Keys
+from pmq.routing import Routes
 from pmq.store import Store, StoredMessage, open_store
 from pmq.store.base import SCHEMA_VERSION
 from pmq.tasks.recovery import BatchGuard, Recovery
@@ -34,6 +36,7 @@ from tests.helpers import (
     Ingest,
     MysqlDatabase,
     Node,
+    NoDelivery,
     RedisServer,
     wait_for,
     ws_client,
@@ -174,12 +177,43 @@ def test_inbox_reads_storage_for_everyone_while_the_bucket_is_not_complete(
     async def scenario() -> None:
         inbox = Inbox(client, keys, IdGenerator(1), 60, 3600)
         assert await inbox.pending("7", cold) == stored
-        assert await inbox.has_cold("7")
+        # An ack of what is not hot goes to storage's queue: storage may hold it.
+        assert await inbox.ack("7", [5]) == Acked(set(), 1)
         await client.hset(keys.redis_mark(0), mapping={"epoch": 1, "gen": 1})
         assert await inbox.pending("7", cold) == []
-        assert not await inbox.has_cold("7")
+        assert await inbox.ack("7", [6]) == Acked(set(), 0)  # not flagged: nothing to ack
         assert calls == ["7"]
+        queued = await client.lrange(keys.store_queue(), 0, -1)
+        assert [orjson.loads(op) for op in queued] == [{"op": "ack", "uid": "7", "ids": ["5"]}]
         await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_registry_beats_while_every_pooled_connection_is_busy(redis_prefix: str) -> None:
+    """A socket worker's beat, refresh and sweep go over the registry's own connection: when
+    requests hold every pooled connection (under load after Redis lost its data, they held
+    all 256 for seconds), the beat does not wait behind them; peers swept a worker whose
+    beat did, and its users were unreachable until it wrote its routes again."""
+    keys = Keys(redis_prefix)
+
+    async def scenario() -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=1, timeout=2)
+        busy = aioredis.Redis(connection_pool=pool)
+        registry = aioredis.Redis.from_url(REDIS_URL)
+        routes = Routes(busy, keys, "w1", 5, NoDelivery(), registry=registry)
+        held = asyncio.create_task(busy.blpop([f"{redis_prefix}never"], 0))
+        while not any(c.get("cmd") == "blpop" for c in await registry.client_list()):
+            await asyncio.sleep(0.01)  # the one pooled connection is taken
+        await routes.restore([("7", "c1", ())])
+        assert await routes.beat()  # it found its entries
+        await routes.refresh(["7"])
+        assert await routes.sweep_dead_workers() == 0
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        await routes.forget("w1")
+        await busy.aclose()
+        await registry.aclose()
 
     asyncio.run(scenario())
 
@@ -287,6 +321,10 @@ def test_redis_restarted_empty_loses_no_stored_message(
         [new] = publish(site, 7, 1, "after")
         assert user.next("push")["msg"]["id"] == new
         assert user.request("msg.ack", {"ids": unacked})["data"] == {"acked": 25}
+    # Acks of what only storage holds reach it through the storage writer, as hot ones do.
+    wait_for(
+        lambda: all(sqlite_rows(node)[int(i)] for i in unacked), 30, "the acks to reach storage"
+    )
     assert replayed_and_pulled(node, 7, 1) == ([new], [new])
     site.close()
 
@@ -330,6 +368,38 @@ def test_redis_emptied_before_storage_caught_up_loses_no_accepted_message(
         assert raw.execute("SELECT id FROM pmq_broadcast").fetchall() == [(int(broadcast),)]
     finally:
         raw.close()
+    site.close()
+
+
+def test_acks_after_redis_lost_its_data_never_wait_for_storage(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Once Redis lost its data, storage may hold any user's unacked messages, so a msg.ack
+    of what is not hot must ack storage too. It goes through the storage queue, as the ack
+    of a hot message does: a socket worker never writes storage per ack. (Before, it did,
+    for every ack of every such user at once, 4 threads per worker: under load acks waited
+    seconds, each holding its connection's reading, and clients dropped on missed pongs.)
+    With storage write-locked the acks are answered at once and reach it once it is free;
+    before, each waited out the lock and was answered 503."""
+    node = make_node(redis={"url": own_redis.url}, storage={"shards": SHARDS}).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    site = Ingest(node)
+    users = (7, 8, 9)
+    ids = {uid: publish(site, uid, 3, "before") for uid in users}
+    everyone = [int(i) for sent in ids.values() for i in sent]
+    wait_for(lambda: set(everyone) <= set(sqlite_rows(node)), 30, "the messages to be stored")
+    restart(own_redis)  # empty: every user's messages are in storage only
+    with storage_locked(node):  # readers pass (WAL); writers wait
+        for uid in users:
+            with ws_client(node, uid) as user:
+                assert [m["id"] for m in user.pushes(3)] == ids[uid]  # from storage
+                reply = user.request("msg.ack", {"ids": ids[uid]}, timeout=30)
+                assert reply["code"] == 200 and reply["data"] == {"acked": 3}, reply
+    wait_for(
+        lambda: all(sqlite_rows(node).get(i) for i in everyone), 30, "the acks to reach storage"
+    )
+    for uid in users:
+        assert replayed_and_pulled(node, uid, 0) == ([], [])
     site.close()
 
 

@@ -157,6 +157,19 @@ def test_unacked_order_and_paging(engine: tuple[Store, Query]) -> None:
     assert store.unacked(11) == [null_sender]
 
 
+def test_unacked_of_many_users_at_once(engine: tuple[Store, Query]) -> None:
+    """One read for a catch-up over many users: their unacked rows above an id, in id
+    order, across the shard tables; acked rows and other users' are left out."""
+    store, _ = engine
+    store.write_messages([msg(i, uid=i % 5) for i in range(1, 21)])
+    store.ack(2, [7])
+    assert [(m.id, m.uid) for m in store.unacked_of([1, 2, 3], after_id=6)] == [
+        (8, 3), (11, 1), (12, 2), (13, 3), (16, 1), (17, 2), (18, 3)
+    ]
+    assert [m.id for m in store.unacked_of([4], after_id=0, limit=2)] == [4, 9]
+    assert store.unacked_of([], after_id=0) == []
+
+
 def test_ack(engine: tuple[Store, Query]) -> None:
     store, _ = engine
     store.write_messages([msg(i, uid=3) for i in (1, 2, 3)] + [msg(4, uid=7)])
@@ -372,6 +385,7 @@ def test_shard_map_puts_rows_in_their_database(tmp_path: Path) -> None:
             name = names[0] if shard < 2 else names[1]
             assert ids(name, shard) == {100 + uid for uid in range(8) if uid % SHARDS == shard}
         assert [m.id for m in store.unacked(6)] == [106]
+        assert [m.id for m in store.unacked_of(range(8), after_id=101)] == [*range(102, 108)]
         assert store.ack(6, [106]) == 1
         assert store.existing(3, [103, 107]) == {103}
         assert store.count_messages() == 8

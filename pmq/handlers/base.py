@@ -50,10 +50,6 @@ class App(Protocol):
         """Unacked messages of ``uid`` that left Redis for storage (id order)."""
         ...
 
-    async def ack_cold(self, uid: str, ids: list[int]) -> int:
-        """Mark messages acked in storage at once (when the user has cold ones)."""
-        ...
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Caller:

@@ -30,16 +30,16 @@ def message_ids(data: dict[str, Any]) -> list[int]:
 
 
 async def ack(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
-    """Remove messages from the user's inbox, for every device."""
+    """Remove messages from the user's inbox, for every device. Counted: the broadcasts named,
+    the messages that were in Redis, and, while storage may hold the user's messages (after
+    they left Redis, or Redis lost data), the other ids, whose ack the storage writer makes."""
     ids = message_ids(data)
-    hot = await app.inbox.ack(caller.uid, ids)
-    acked = len(hot)
-    cold = [i for i in ids if i not in hot]
-    if cold and await app.inbox.has_cold(caller.uid):
-        acked += await app.ack_cold(caller.uid, cold)
-    acked += await app.broadcasts.acknowledge(caller.uid, ids)
-    metrics.MESSAGES_ACKED.inc(acked)
-    return {"acked": acked}
+    broadcasts = await app.broadcasts.acknowledge(caller.uid, ids)
+    known = set(broadcasts)
+    acked = await app.inbox.ack(caller.uid, [i for i in ids if i not in known])
+    count = len(broadcasts) + len(acked.hot) + acked.cold
+    metrics.MESSAGES_ACKED.inc(count)
+    return {"acked": count}
 
 
 async def pull(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:

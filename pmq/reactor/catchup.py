@@ -15,14 +15,19 @@ are made on other workers' clocks, and a relay may be in flight):
 The same unicast catch-up runs when the worker finds that Redis lost its route entries
 (publishes meanwhile saw the user offline).
 
+When Redis lost its data, the messages accepted just before whose live push or relay went
+with it are no longer in Redis: the socket workers' journals queue them again for storage
+(pmq.journal), and :class:`LossCatchUp` takes them from storage once the writer has had
+time to write them.
+
 "Has not had": the connection table remembers the pushes it made lately (ConnectionTable.
 recent), and a connection the ids it replayed; a message the catch-up sends is kept among
 those replayed for a while, so a live copy that still comes is dropped. A connection is only
 caught up on messages made after it opened (what came before, its connect replayed). One
 connection never gets an id twice.
 
-The catch-up reads Redis only: what a gap hid was accepted lately and is hot. One runs at a
-time per channel; gaps that close meanwhile are caught up on together after it.
+A relay-gap catch-up reads Redis only: what a gap hid was accepted lately and is hot. One
+runs at a time per channel; gaps that close meanwhile are caught up on together after it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from pmq.broadcast import Broadcasts
+from pmq.errors import StorageError
 from pmq.ids import first_id_at
 from pmq.inbox import Inbox
 from pmq.messaging import push_of
@@ -54,8 +60,14 @@ RETRY_FIRST = 0.5  # seconds before a failed catch-up is tried again, doubling u
 RETRY_MAX = 5.0
 CONCURRENCY = 64  # connections caught up at once (each one inbox read)
 BROADCASTS_MAX = 1000  # broadcasts fanned out again after one gap at most
+# The pauses before each pass of the catch-up from storage after Redis lost data: the
+# journals queue what went with it within a second, and a writer under load has written it
+# a second or three later (the chaos suite); the second pass takes what a slower one left.
+STORED_PASSES = (2.0, 6.0)
 
 Handler = Callable[[dict[str, Any]], None]
+# (uids, after id) -> each user's unacked messages in storage above that id, in id order
+StoredReader = Callable[[Sequence[str], int], Awaitable[dict[str, list[dict[str, Any]]]]]
 
 
 class Gap:
@@ -125,16 +137,43 @@ class Gap:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
+async def _replayed(client: Client) -> bool:
+    """Wait for the connect's replay of ``client`` to end (it goes first); False when it
+    did not within HELD_WAIT_SECONDS."""
+    deadline = time.monotonic() + HELD_WAIT_SECONDS
+    while client.held is not None:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _push_missed(client: Client, messages: list[dict[str, Any]], pushed: PushIndex) -> int:
+    """Push the ``messages`` ``client`` has not had (pushed live, replayed or caught up on);
+    no await, so what was pushed meanwhile is all in the table's memory."""
+    had = pushed.of(client.uid) | (client.replayed or set())
+    missed = [m for m in messages if int(m["id"]) not in had]
+    for message in missed:
+        client.push_missed(*push_of(message))
+    return len(missed)
+
+
 class CatchUp:
     """The catch-ups of this worker's two channels."""
 
     def __init__(
-        self, table: ConnectionTable, inbox: Inbox, broadcasts: Broadcasts, fanout: Fanout
+        self,
+        table: ConnectionTable,
+        inbox: Inbox,
+        broadcasts: Broadcasts,
+        fanout: Fanout,
+        stored: StoredReader,
     ) -> None:
         self.table = table
         self.inbox = inbox
         self.published = broadcasts  # the broadcasts kept in Redis
         self.fanout = fanout
+        self.stored = stored
 
     async def unicast(self, floor: int) -> None:
         """Every local connection gets the unacked messages with ids from ``floor`` on
@@ -150,18 +189,32 @@ class CatchUp:
         )
 
     async def _client(self, client: Client, floor: int, pushed: PushIndex) -> int:
-        deadline = time.monotonic() + HELD_WAIT_SECONDS
-        while client.held is not None:  # its connect's replay goes first
-            if time.monotonic() > deadline:
-                return 0
-            await asyncio.sleep(0.05)
+        if not await _replayed(client):
+            return 0
         messages = await self._unacked(client.uid, max(floor, client.opened) - 1)
-        # No await from here on: what was pushed meanwhile is in the table's memory.
-        had = pushed.of(client.uid) | (client.replayed or set())
-        missed = [m for m in messages if int(m["id"]) not in had]
-        for message in missed:
-            client.push_missed(*push_of(message))
-        return len(missed)
+        return _push_missed(client, messages, pushed)
+
+    async def from_storage(self, floor: int) -> None:
+        """Every local connection gets the unacked messages in storage with ids from
+        ``floor`` on that it has not had, in id order: one read of storage for all of them.
+        A connection opened since ``floor`` is not spared: its replay may have come before
+        the journals' operations were written (what it replayed, it has had)."""
+        clients = list(self.table)
+        pushed = self.table.recent.since(floor)
+        stored = await self.stored(sorted({c.uid for c in clients}), floor - 1)
+        waiting = [c for c in clients if c.uid in stored]
+        sent = sum(
+            await asyncio.gather(*(self._stored(c, stored[c.uid], pushed) for c in waiting))
+        )
+        log.warning(
+            "caught up from storage after Redis lost data: %d messages to %d connections",
+            sent, len(clients),
+        )
+
+    async def _stored(
+        self, client: Client, messages: list[dict[str, Any]], pushed: PushIndex
+    ) -> int:
+        return _push_missed(client, messages, pushed) if await _replayed(client) else 0
 
     async def _unacked(self, uid: str, after: int) -> list[dict[str, Any]]:
         """The user's unacked messages in Redis above ``after``."""
@@ -181,3 +234,39 @@ class CatchUp:
         for message in missed:
             self.fanout.queue.put_nowait((message["group"], push_of(message)[0]))
         log.warning("caught up after a broadcast relay gap: %d broadcasts", len(missed))
+
+
+class LossCatchUp:
+    """After Redis lost its data: the messages accepted just before, whose live push or relay
+    went with it, are in no inbox in Redis, and the journals queued them again for storage.
+    Each local connection gets from storage those it has not had, made since Redis was last
+    seen whole (less MARGIN_SECONDS), in passes STORED_PASSES apart."""
+
+    def __init__(self, catch_up: CatchUp) -> None:
+        self.catch_up = catch_up
+        self.task: asyncio.Task[None] | None = None
+        self.floor = 0
+
+    def start(self, whole_at: float) -> None:
+        """Redis was last seen whole at ``whole_at`` (unix seconds) and has lost data."""
+        floor = first_id_at(int((whole_at - MARGIN_SECONDS) * 1000))
+        if self.task is not None and not self.task.done():  # lost again: from the first
+            self.task.cancel()
+            floor = min(floor, self.floor)
+        self.floor = floor
+        self.task = asyncio.get_running_loop().create_task(self._run(floor), name="loss-catch-up")
+
+    async def _run(self, floor: int) -> None:
+        for pause in STORED_PASSES:
+            await asyncio.sleep(pause)
+            try:
+                await self.catch_up.from_storage(floor)
+            except (StorageError, OSError) as exc:  # the next pass, or the user's next connect
+                log.warning("catch-up from storage after Redis lost data failed: %r", exc)
+            except Exception:  # the outer boundary of this task: log with context, carry on
+                log.exception("catch-up from storage after Redis lost data failed")
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)

@@ -32,7 +32,7 @@ from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox
 from pmq.journal import StoreJournal
 from pmq.keys import Keys
-from pmq.reactor.catchup import CatchUp, Gap
+from pmq.reactor.catchup import CatchUp, Gap, LossCatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
@@ -44,7 +44,7 @@ from pmq.reactor.replay import LOOK as REPLAY_LOOK
 from pmq.reactor.replay import LateReplays, replay
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes, oldest_beyond
-from pmq.store import Store, open_store
+from pmq.store import Store, StoredMessage, open_store
 from pmq.unread import Unread
 from pmq.workers.base import BootError, Worker
 from pmq.workers.heap import keep_heap_frozen
@@ -56,6 +56,7 @@ CLOSE_PHASE_SECONDS = 3.0
 # The relay's pause between two subscriptions stays short: what is published on a channel
 # while nobody reads it reaches its users only through the catch-up after (pmq.reactor.catchup).
 RELAY_RETRY_SECONDS = 0.5
+REGISTRY_CONNECTIONS = 2  # keep_registry runs one command at a time
 
 
 class SocketWorker(Worker):
@@ -82,17 +83,22 @@ class SocketWorker(Worker):
         self.store: Store = open_store(config.storage)
         confirm = confirm_of(config.redis)  # redis.durability: what a write waits for
         self.batch = Batcher(self.redis, confirm)  # one connection for the hot path
+        # keep_registry's own connections: its beat never waits behind requests for the pool.
+        self.registry_redis = redisconn.connect(config.redis, REGISTRY_CONNECTIONS)
         self.routes = Routes(
-            self.redis, self.keys, self.id, config.heartbeat.interval, self, self.batch
+            self.redis, self.keys, self.id, config.heartbeat.interval, self, self.batch,
+            registry=self.registry_redis,
         )
-        self.lease = GeneratorLease(self.redis, self.keys, self.id, self.routes.ttl)
+        self.lease = GeneratorLease(self.registry_redis, self.keys, self.id, self.routes.ttl)
         self.board = Board(
-            self.redis, self.keys, self.id, config.heartbeat.interval,
+            self.registry_redis, self.keys, self.id, config.heartbeat.interval,
             node=config.server.node, index=self.index, pid=self.pid, master=self.ppid,
         )
         # The worker's one id generator: a lost lease renumbers it for every holder.
         self.ids = IdGenerator(await self.lease.acquire())
-        self.journal = StoreJournal(self.redis, self.keys, config.inbox.retention_seconds)
+        self.journal = StoreJournal(
+            self.redis, self.keys, config.inbox.retention_seconds, lost=self.redis_lost
+        )
         self.inbox = Inbox(
             self.redis,
             self.keys,
@@ -131,7 +137,10 @@ class SocketWorker(Worker):
             config, self.redis, self.keys, self.batch
         )
         self.handlers = load_handlers()
-        catch_up = CatchUp(self.table, self.inbox, self.broadcasts, self.fanout)
+        catch_up = CatchUp(
+            self.table, self.inbox, self.broadcasts, self.fanout, self.stored_since
+        )
+        self.loss_catch_up = LossCatchUp(catch_up)
         self.unicast_gap = Gap(self.routes.on_message, catch_up.unicast)
         broadcast_gap = Gap(self.fanout.on_message, catch_up.broadcasts)
         self.gaps = [self.unicast_gap, broadcast_gap]
@@ -200,26 +209,27 @@ class SocketWorker(Worker):
                 gap.closed()
             raise
 
+    def redis_lost(self, whole_at: float) -> None:
+        """Redis lost data it held at ``whole_at``; the journal queued it again for storage."""
+        self.loss_catch_up.start(whole_at)
+
     async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """Run blocking store work on this worker's thread pool, never on the loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.in_thread(self.store.unacked, int(uid), after, limit)
-        return [
-            {
-                "id": str(r.id),
-                "kind": r.kind,
-                "from": None if r.from_uid is None else str(r.from_uid),
-                "to": uid,
-                "body": orjson.loads(r.body),
-                "ts": r.ts,
-            }
-            for r in rows
-        ]
+        return [stored_message(r) for r in rows]
 
-    async def ack_cold(self, uid: str, ids: list[int]) -> int:
-        return await self.in_thread(self.store.ack, int(uid), ids)
+    async def stored_since(
+        self, uids: Sequence[str], after: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each user's unacked messages in storage above ``after`` (one read for all)."""
+        numbered = [int(uid) for uid in uids if uid.isdigit()]  # storage's users are numbers
+        found: dict[str, list[dict[str, Any]]] = {}
+        for r in await self.in_thread(self.store.unacked_of, numbered, after):
+            found.setdefault(str(r.uid), []).append(stored_message(r))
+        return found
 
     # pmq.chat.Archive: chat history that is no longer (or never was) in Redis ----------
     async def cs_session(self, session_id: int) -> dict[str, Any] | None:
@@ -356,6 +366,7 @@ class SocketWorker(Worker):
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.late_replays.close()
+        await self.loss_catch_up.close()
         for gap in self.gaps:
             await gap.close()
         with contextlib.suppress(RedisError, OSError):  # 4. remove routes
@@ -371,6 +382,7 @@ class SocketWorker(Worker):
         self.batch.close()
         metrics.flush()
         await self.redis.aclose()
+        await self.registry_redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def close_clients(self, timeout: float) -> None:
@@ -384,6 +396,18 @@ class SocketWorker(Worker):
         log.info("%s closed %d connections (%d left)", self.title, count, len(self.table))
         for client in self.table:
             client.ws.transport.abort()
+
+
+def stored_message(row: StoredMessage) -> dict[str, Any]:
+    """A stored unicast message as clients see it."""
+    return {
+        "id": str(row.id),
+        "kind": row.kind,
+        "from": None if row.from_uid is None else str(row.from_uid),
+        "to": str(row.uid),
+        "body": orjson.loads(row.body),
+        "ts": row.ts,
+    }
 
 
 def run(config: Config, index: int, status_fd: int, ppid: int) -> int:

@@ -38,8 +38,9 @@ RETENTION_TABLES = (
     ("pmq_cs_message", "ts"),
     ("pmq_cs_session", "closed_at"),  # a session is stored once it is closed
 )
-# Ids named in one UPDATE ... IN (...).
+# Ids named in one UPDATE ... IN (...) (and users in one SELECT ... IN).
 ACK_CHUNK = 500
+CATCH_UP_ROWS = 10_000  # rows one query of unacked_of() returns at most
 
 MSG_COLUMNS = "id, uid, kind, from_uid, body, ts"
 CS_MESSAGE_COLUMNS = "id, session_id, from_uid, to_uid, body, ts"
@@ -280,6 +281,30 @@ class Store(abc.ABC):
                 (uid, after_id, limit),
             )
             return [StoredMessage(*row) for row in cur.fetchall()]
+
+    def unacked_of(
+        self, uids: Iterable[int], after_id: int, limit: int = CATCH_UP_ROWS
+    ) -> list[StoredMessage]:
+        """The unacked messages of every user of ``uids`` with ids above ``after_id``, in id
+        order, at most ``limit`` per message table: one query per table for a catch-up over
+        a worker's users (pmq.reactor.catchup.LossCatchUp), not one per user."""
+        by_table: dict[str, list[int]] = {}
+        for uid in sorted(set(uids)):
+            by_table.setdefault(self.table(uid), []).append(uid)
+        p = self.placeholder
+        found: list[StoredMessage] = []
+        with self._session("unacked_of", write=False) as cur:
+            for table, users in by_table.items():
+                for start in range(0, len(users), ACK_CHUNK):
+                    chunk = users[start : start + ACK_CHUNK]
+                    marks = ", ".join([p] * len(chunk))
+                    cur.execute(
+                        f"SELECT {MSG_COLUMNS} FROM {table} WHERE uid IN ({marks}) "
+                        f"AND acked = 0 AND id > {p} ORDER BY id LIMIT {p}",
+                        (*chunk, after_id, limit),
+                    )
+                    found += [StoredMessage(*row) for row in cur.fetchall()]
+        return sorted(found, key=lambda row: row.id)
 
     def ack(self, uid: int, ids: Iterable[int]) -> int:
         """Mark ``uid``'s messages ``ids`` acked; ids of other users or unknown ids are

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 
 from pmq.store.base import (
+    CATCH_UP_ROWS,
     Cursor,
     LastRead,
     Mark,
@@ -103,6 +104,20 @@ class ShardedStore(Store):
 
     def unacked(self, uid: int, after_id: int = 0, limit: int = 200) -> list[StoredMessage]:
         return self.store_of(uid).unacked(uid, after_id, limit)
+
+    def unacked_of(
+        self, uids: Iterable[int], after_id: int, limit: int = CATCH_UP_ROWS
+    ) -> list[StoredMessage]:
+        by_store: dict[int, list[int]] = {}
+        for uid in uids:
+            by_store.setdefault(id(self.store_of(uid)), []).append(uid)
+        found = [
+            row
+            for store in self.stores
+            if id(store) in by_store
+            for row in store.unacked_of(by_store[id(store)], after_id, limit)
+        ]
+        return sorted(found, key=lambda row: row.id)
 
     def ack(self, uid: int, ids: Iterable[int]) -> int:
         return self.store_of(uid).ack(uid, ids)
