@@ -80,7 +80,8 @@ class SocketWorker(Worker):
             await self.redis.ping()
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {config.redis.url}: {exc}") from exc
-        self.store: Store = open_store(config.storage)
+        # light: cold reads and acks now and then need no big SQLite caches per thread
+        self.store: Store = open_store(config.storage, light=True)
         confirm = confirm_of(config.redis)  # redis.durability: what a write waits for
         self.batch = Batcher(self.redis, confirm)  # one connection for the hot path
         # keep_registry's own connections: its beat never waits behind requests for the pool.

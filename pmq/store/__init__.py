@@ -30,30 +30,33 @@ MYSQL_DEFAULT_PORT = 3306
 DATABASE_NAME = re.compile(r"[A-Za-z0-9_$]{1,64}")
 
 
-def open_store(config: StorageConfig) -> Store:
+def open_store(config: StorageConfig, light: bool = False) -> Store:
     """The store ``config.url`` names, not yet connected: call ``init_schema()`` once at
     start, then use it from any thread, and ``close()`` it at exit. With a
     ``storage.shard_map`` it is a :class:`ShardedStore` over every database named. A
-    malformed URL raises ConfigError naming its key."""
+    malformed URL raises ConfigError naming its key. ``light``: for a process that uses
+    the store now and then, small caches per SQLite connection (pmq.store.sqlite)."""
     ranges = shard_ranges(config.shard_map, config.shards)
     mapped = {n for lo, hi, _ in ranges for n in range(lo, hi + 1)}
     owned = [n for n in range(config.shards) if n not in mapped]
-    primary = _open_one(config.url, "storage.url", config, owned)
+    primary = _open_one(config.url, "storage.url", config, owned, light)
     if not ranges:
         return primary
     by_url: dict[str, list[int]] = {}
     for lo, hi, url in ranges:
         by_url.setdefault(url, []).extend(range(lo, hi + 1))
     others = [
-        _open_one(url, f"storage.shard_map (url {url!r})", config, shards)
+        _open_one(url, f"storage.shard_map (url {url!r})", config, shards, light)
         for url, shards in by_url.items()
     ]
     return ShardedStore(primary, others)
 
 
-def _open_one(url: str, key: str, config: StorageConfig, owned: list[int]) -> Store:
+def _open_one(
+    url: str, key: str, config: StorageConfig, owned: list[int], light: bool = False
+) -> Store:
     if url.startswith(SQLITE_PREFIX):
-        return SqliteStore(_sqlite_path(url), config.shards, owned)
+        return SqliteStore(_sqlite_path(url), config.shards, owned, light)
     if url.startswith("mysql://"):
         return MysqlStore(_mysql_target(url, key), config.shards, config.pool_size, owned)
     raise ConfigError(f"{key}: must start with sqlite:/// or mysql://")
