@@ -140,6 +140,25 @@ def forget_parser_error(ws: ServerConnection) -> None:
         error.__traceback__ = None
 
 
+def forget_tracebacks(error: BaseException) -> None:
+    """Drop the tracebacks of ``error`` and of the errors it was raised from or during, once
+    it has been answered and logged. An action's error can sit in a reference cycle with the
+    frames it went through: a Redis call that timed out in redis-py's pool (``raise ... from
+    err`` keeps ``err`` in the frame its traceback holds) under an ``asyncio.gather`` (whose
+    failed child keeps the error) holds the action's frames, and so the connection. The heap
+    freezer (pmq.workers.heap) would keep all that until its hourly full collection; without
+    the tracebacks it goes by reference count."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+
+
 class Gateway:
     def __init__(
         self,
@@ -250,16 +269,19 @@ class Gateway:
                 self.app, Caller(client.identity, client.conn_id), request.data
             )
         except ActionError as exc:
+            forget_tracebacks(exc)
             return protocol.encode_reply(request.id, exc.code, exc.msg)
         except (RedisError, OSError, StorageError) as exc:
             # Redis or storage away (or no pooled connection free in time): the client
             # retries later, as after any 503; nothing in PMQ is broken.
             UNAVAILABLE.warning("action %s answered 503: %s", request.action, exc)
+            forget_tracebacks(exc)
             return protocol.encode_reply(request.id, Code.UNAVAILABLE, "unavailable, retry")
-        except Exception:
+        except Exception as exc:
             log.exception(
                 "action %s failed conn=%s uid=%s", request.action, client.conn_id, client.uid
             )
+            forget_tracebacks(exc)
             return protocol.encode_reply(request.id, Code.SERVER_ERROR, "internal error")
         return protocol.encode_reply(request.id, Code.OK, data=data)
 
