@@ -51,8 +51,9 @@ def main() -> int:
         counts = json.loads(report.read_text()) if report.exists() else {}
     print(f"\nexamples per target ({args.examples} asked, "
           f"{time.monotonic() - started:.0f} s, pytest exit {status}):")
-    for target, count in sorted(counts.items()):
-        print(f"  {count:>8}  {target}")
+    print(f"  {'examples':>8}  {'seconds':>7}  target")
+    for target, seen in sorted(counts.items()):
+        print(f"  {seen['examples']:>8}  {seen['seconds']:>7.0f}  {target}")
     return status
 
 

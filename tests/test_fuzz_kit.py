@@ -49,6 +49,7 @@ def budget(share: float = 1.0, long_share: float = 1.0) -> settings:
 
 
 TALLY: collections.Counter[str] = collections.Counter()
+SPAN: dict[str, list[float]] = {}  # target -> [first example's start, last example's start]
 
 
 def tally(target: str) -> None:
@@ -56,11 +57,14 @@ def tally(target: str) -> None:
     if not TALLY and os.environ.get(REPORT_ENV):
         atexit.register(write_report, os.environ[REPORT_ENV])
     TALLY[target] += 1
+    now = time.monotonic()
+    SPAN.setdefault(target, [now, now])[1] = now
 
 
 def write_report(path: str) -> None:
     with open(path, "w") as report:
-        json.dump(dict(TALLY), report)
+        json.dump({t: {"examples": n, "seconds": SPAN[t][1] - SPAN[t][0]}
+                   for t, n in TALLY.items()}, report)
 
 
 # Nodes --------------------------------------------------------------------------------

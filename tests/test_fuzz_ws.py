@@ -99,10 +99,10 @@ def ws_node(make_node: Callable[..., Node]) -> Node:
 def test_envelopes_and_action_data_never_get_500_nor_close(ws_node: Node) -> None:
     with unharmed(ws_node):
         user = RawWebSocket(ws_node, USER)
-        agent = RawWebSocket(ws_node, AGENT, role="agent")
         opened = user.request("cs.open")
         assert opened["code"] == 200, opened
         session_ids = [opened["data"]["session_id"], "1", "99999"]
+        clients = {False: user, True: RawWebSocket(ws_node, AGENT, role="agent")}
 
         @budget(1.0)
         @given(st.booleans(), envelope(session_ids), st.sampled_from([OP_TEXT, OP_BINARY]))
@@ -112,18 +112,24 @@ def test_envelopes_and_action_data_never_get_500_nor_close(ws_node: Node) -> Non
                  OP_TEXT)
         def check(as_agent: bool, payload: bytes, opcode: int) -> None:
             tally("websocket: envelopes and action data")
-            ws = agent if as_agent else user
+            ws = clients[as_agent]
             if opcode == OP_TEXT:
                 payload = payload.decode(errors="replace").encode()  # text must be UTF-8
             assert ws.send(frame(opcode, payload)), "the server closed the connection"
+            if len(payload) > MAX_FRAME:  # SPEC 8: closed with 1009, then connect again
+                assert ws.close_code() == 1009
+                ws.close()
+                uid, role = (AGENT, "agent") if as_agent else (USER, "user")
+                clients[as_agent] = RawWebSocket(ws_node, uid, role=role)
+                return
             reply = ws.next_reply()
             assert reply["code"] in ANSWERS, reply
             assert isinstance(reply["msg"], str) and reply["msg"], reply
             assert ws.request("ping", request_id="alive")["code"] == 200
 
         check()
-        user.close()
-        agent.close()
+        for ws in clients.values():
+            ws.close()
 
 
 # Frames built by hand -------------------------------------------------------------------
@@ -264,9 +270,13 @@ def test_unusual_but_valid_framing_is_served(ws_node: Node) -> None:
 
 def test_random_bytes_after_the_handshake_never_get_1011(ws_node: Node) -> None:
     valid = prelude().map(lambda frames: b"".join(data for data, _ in frames))
+    wrong_length = st.builds(  # a length that is not the payload's: what follows is misread
+        lambda opcode, payload, declared: frame(opcode, payload, declared=declared),
+        st.integers(0, 15), st.binary(max_size=40), st.integers(0, 200),
+    )
 
     @budget(0.5)
-    @given(st.lists(st.binary(min_size=1, max_size=64) | valid, max_size=4))
+    @given(st.lists(st.binary(min_size=1, max_size=64) | valid | wrong_length, max_size=4))
     def check(pieces: list[bytes]) -> None:
         tally("websocket: random bytes")
         ws = RawWebSocket(ws_node, USER)
