@@ -46,33 +46,71 @@ from tests.test_fuzz_kit import JSON, SCALARS, budget, json_object_with, tally
 # Storage-queue items ---------------------------------------------------------------------
 
 OPS = ["msg", "ack", "last_read", "cs", "cs_session", "broadcast"]
-ITEM_FIELDS = ["op", "msg", "uid", "ids", "kind", "ts", "session_id", "id", "from", "to",
-               "body", "agent", "last_msg_id", "opened", "closed", "group"]
-ITEM = st.fixed_dictionaries(
-    {"op": st.sampled_from(OPS)},
-    optional={
-        "msg": json_object_with(["id", "to", "from", "kind", "ts", "body"]),
-        **{name: JSON for name in ITEM_FIELDS[2:]},
-    },
-)
-RAW_ITEM = st.one_of(
-    st.binary(max_size=200),
-    JSON.map(orjson.dumps),
-    ITEM.map(orjson.dumps),
-    ITEM.map(lambda item: orjson.dumps(item)[: len(orjson.dumps(item)) // 2]),  # cut short
-)
+UID = st.integers(1, 2**63 - 1) | st.integers(1, 2**63 - 1).map(str)
+KIND = st.from_regex(r"[a-z_]{1,32}", fullmatch=True)
+TS = st.integers(0, 2**53)
+BODY = JSON
+# One valid item of each op, as PMQ's writers make them (pmq.inbox, pmq.unread, pmq.chat,
+# pmq.broadcast).
+VALID_ITEMS = {
+    "msg": st.fixed_dictionaries({"op": st.just("msg"), "msg": st.fixed_dictionaries(
+        {"id": UID, "to": UID, "from": UID | st.none(), "kind": KIND, "ts": TS, "body": BODY})}),
+    "ack": st.fixed_dictionaries({"op": st.just("ack"), "uid": UID,
+                                  "ids": st.lists(UID, max_size=4)}),
+    "last_read": st.fixed_dictionaries({"op": st.just("last_read"), "uid": UID, "kind": KIND,
+                                        "ts": TS}),
+    "cs": st.fixed_dictionaries({"op": st.just("cs"), "session_id": UID,
+                                 "msg": st.fixed_dictionaries(
+        {"id": UID, "from": UID, "to": UID, "ts": TS, "body": BODY})}),
+    "cs_session": st.fixed_dictionaries(
+        {"op": st.just("cs_session"), "id": UID, "uid": UID, "opened": UID, "closed": UID,
+         "agent": st.just("") | UID, "last_msg_id": st.just("") | UID}),
+    "broadcast": st.fixed_dictionaries({"op": st.just("broadcast"),
+                                        "group": st.text(min_size=1, max_size=10),
+                                        "msg": st.fixed_dictionaries(
+        {"id": UID, "kind": KIND, "ts": TS, "body": BODY})}),
+}
+FIELD = SCALARS | st.lists(SCALARS, max_size=4) | st.dictionaries(st.text(max_size=4), SCALARS)
+
+
+@st.composite
+def storage_item(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """(a queue item, whether it is as PMQ writes it): a valid item of some op, often with
+    one field (at the top or in its ``msg``) replaced by anything or removed, or cut short,
+    or not an item at all."""
+    how = draw(st.integers(0, 9))
+    if how == 0:
+        return draw(st.binary(max_size=200)), False
+    if how == 1:
+        return orjson.dumps(draw(JSON)), False
+    item = draw(st.sampled_from(sorted(VALID_ITEMS)).flatmap(VALID_ITEMS.__getitem__))
+    if how < 5:
+        return orjson.dumps(item), True
+    target = item["msg"] if "msg" in item and draw(st.booleans()) else item
+    name = draw(st.sampled_from(sorted(target)))
+    if draw(st.booleans()):
+        del target[name]
+    else:
+        target[name] = draw(FIELD)
+    raw = orjson.dumps(item)
+    if how == 9:
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    return raw, False
 
 
 @budget(1.0)
-@given(st.lists(RAW_ITEM, max_size=8))
-@example([b"\xff\xfe", b'{"op":"ack","uid":"1","ids":[]}', b"[" * 2000, b'"op"'])
-def test_storage_items_are_parsed_or_named_malformed(items: list[bytes]) -> None:
+@given(st.lists(storage_item(), max_size=6))
+@example([(b"\xff\xfe", False), (b'{"op":"ack","uid":"1","ids":[]}', True),
+          (b"[" * 2000, False), (b'"op"', False)])
+def test_storage_items_are_parsed_or_named_malformed(items: list[tuple[bytes, bool]]) -> None:
     tally("storage ops: parse_batch")
-    batch = parse_batch(items)
+    batch = parse_batch([raw for raw, _ in items])
     parsed = (len(batch.rows) + len(batch.acks) + len(batch.last_reads)
               + len(batch.cs_messages) + len(batch.cs_sessions) + len(batch.broadcasts))
     assert set(batch.malformed) <= set(range(len(items)))
     assert all(reason.startswith("malformed: ") for reason in batch.malformed.values())
+    for position, (_, valid) in enumerate(items):
+        assert not (valid and position in batch.malformed), batch.malformed[position]
     # An ack with no ids is read and has nothing to do; everything else is one or the other.
     assert parsed + len(batch.malformed) <= len(items)
     for row in batch.rows:
