@@ -82,12 +82,16 @@ def split_message(payload: bytes) -> tuple[bytes, list[str]]:
     return frame, unread
 
 
-# Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds.
+# Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds. Returns the
+# positions (from 1) of the keys that no longer exist.
 REFRESH = """
+local missing = {}
 for i = 1, #KEYS do
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
+    if redis.call('EXPIRE', KEYS[i], ARGV[1]) == 0 then
+        missing[#missing + 1] = i
+    end
 end
-return #KEYS
+return missing
 """
 
 # Removes connection entries of one worker from its users' entries, for users of one
@@ -268,15 +272,21 @@ class Routes:
                 self.register_on(pipe, uid, conn_id, groups)
             await pipe.execute()
 
-    async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> None:
+    async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> set[str]:
         """Push back the TTL of our users' entries: one Lua call per ``chunk`` users of a
         bucket (a script stays in one slot), since a command per user would cost the loop
-        more than the rest of an idle worker."""
+        more than the rest of an idle worker. Returns the users whose entries were gone:
+        they expired while Redis was out of reach for longer than their TTL (the beat keeps
+        our own list alive more often, so beat() still finds it)."""
+        missing: set[str] = set()
         for indexes in self.keys.by_bucket(uids).values():
             bucket_uids = [uids[i] for i in indexes]
             for start in range(0, len(bucket_uids), chunk):
-                keys = [self.keys.user_conns(uid) for uid in bucket_uids[start : start + chunk]]
-                await self._refresh(keys=keys, args=[self.ttl], client=self.registry)
+                part = bucket_uids[start : start + chunk]
+                keys = [self.keys.user_conns(uid) for uid in part]
+                gone = await self._refresh(keys=keys, args=[self.ttl], client=self.registry)
+                missing.update(part[int(i) - 1] for i in gone)
+        return missing
 
     async def sweep_dead_workers(self) -> int:
         """Forget the entries of workers that stopped beating; returns how many went."""

@@ -207,7 +207,7 @@ def test_the_registry_beats_while_every_pooled_connection_is_busy(redis_prefix: 
             await asyncio.sleep(0.01)  # the one pooled connection is taken
         await routes.restore([("7", "c1", ())])
         assert await routes.beat()  # it found its entries
-        await routes.refresh(["7"])
+        assert await routes.refresh(["7", "8"]) == {"8"}  # 8's entries are gone (expired)
         assert await routes.sweep_dead_workers() == 0
         held.cancel()
         await asyncio.gather(held, return_exceptions=True)

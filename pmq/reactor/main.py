@@ -71,6 +71,7 @@ class SocketWorker(Worker):
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-store")
         self.beat_every = max(0.5, min(5.0, config.heartbeat.interval / 3))
         self.last_beat = time.time()  # the last beat that found our route entries
+        self.last_refresh = time.time()  # the last refresh of our users' entries' TTL
 
     # Services offered to handlers and routes (pmq.handlers.base.App) ------------------
     async def start(self) -> None:
@@ -312,8 +313,9 @@ class SocketWorker(Worker):
         """Beat, refresh our entries' TTL (3 x interval) once an interval, keep our
         cluster-view entry; sweep workers that stopped beating (their routes and their
         cluster-view entries). Our route entries found missing at a beat (Redis lost
-        them) are written again at once. An error ends the run; the supervisor starts it again (with
-        a refresh and a sweep at once) no later than the next beat was due."""
+        them) or at a refresh (they expired) are written again at once. An error ends the
+        run; the supervisor starts it again (with a refresh and a sweep at once) no later
+        than the next beat was due."""
         interval = self.config.heartbeat.interval
         next_sweep = next_refresh = time.monotonic()
         while True:
@@ -328,7 +330,18 @@ class SocketWorker(Worker):
             self.last_beat = beat_at
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + interval
-                await self.routes.refresh(self.table.uids())
+                refresh_at = time.time()
+                expired = await self.routes.refresh(self.table.uids())
+                if expired:
+                    # Their TTL ran out while Redis was away (a cut longer than it): until
+                    # written again, publishes see these users offline.
+                    held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
+                    await self.routes.restore([h for h in held if h[0] in expired])
+                    log.warning(
+                        "%s wrote %d users' expired route entries again", self.title, len(expired)
+                    )
+                    self.unicast_gap.missed_since(self.last_refresh)
+                self.last_refresh = refresh_at
             await self.board.report(len(self.table))
             if not await self.lease.renew():
                 log.warning("%s lost its id generator lease; taking a new one", self.title)
