@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import orjson
 import redis
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pmq.keys import Keys
@@ -74,6 +74,7 @@ def test_garbage_on_the_channels_costs_no_worker(make_node: Callable[..., Node])
 
     @budget(1.0)
     @given(relay(), BROADCAST)
+    @example(b"push %d 1.0\n[1]" % USER, b"all\n5")  # frames that are JSON, not objects
     def check(relayed: bytes, broadcast: bytes) -> None:
         tally("pub/sub channels: relay and broadcast (end to end)")
         assert client.spublish(keys.worker_channel(worker), relayed) == 1
