@@ -14,6 +14,7 @@ import pytest
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import connect
+from websockets.server import ServerProtocol
 
 from pmq.auth import Identity
 from pmq.config import Config
@@ -133,29 +134,30 @@ async def drop_one(port: int, uid: int) -> None:
         assert reply.startswith(b"HTTP/1.1 101")
 
 
+async def use(port: int, uid: int, drop: bool = False, action: str = "ping") -> None:
+    """One connection of ``uid``: one ``action`` and a close, or (``drop``) abandoned."""
+    if drop:
+        await drop_one(port, uid)
+        return
+    async with connect(f"ws://127.0.0.1:{port}/ws?token={uid}") as ws:
+        await ws.send(f'{{"id": "p", "action": "{action}", "data": {{}}}}')
+        reply = str(await ws.recv())
+        assert '"code":200' in reply if action == "ping" else '"code":503' in reply
+
+
 async def churn(connections: int, drop: bool = False, action: str = "ping") -> int:
     """Open, use (one ``action``) and close (with ``drop``: abandon) ``connections`` clients
     through the real gateway with the collector off; returns how many objects a full
     collection then finds in cycles."""
     gateway, table, port, opened = await start_gateway()
-
-    async def use_one(uid: int) -> None:
-        if drop:
-            await drop_one(port, uid)
-            return
-        async with connect(f"ws://127.0.0.1:{port}/ws?token={uid}") as ws:
-            await ws.send(f'{{"id": "p", "action": "{action}", "data": {{}}}}')
-            reply = str(await ws.recv())
-            assert '"code":200' in reply if action == "ping" else '"code":503' in reply
-
-    await use_one(1)  # one-time objects (caches, the server's) are made before counting
+    await use(port, 1, drop, action)  # one-time objects (caches, the server's) come first
     await wait_until(lambda: len(opened) == 1 and not len(table))
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     opened.clear()
     for uid in range(2, connections + 2):
-        await use_one(uid)
+        await use(port, uid, drop, action)
     await wait_until(lambda: len(opened) == connections and not len(table))
     assert len(opened) == connections
     opened.clear()
@@ -188,6 +190,33 @@ def test_dropped_connections_leave_no_cycles(collector: None) -> None:
     keeps; its connection must still die by refcount. 200 of them leave less than one object."""
     found = uvloop.run(churn(200, drop=True))
     assert found < 200, [type(o).__name__ for o in gc.garbage][:50]
+
+
+async def protocols_left(connections: int, drop: bool = False) -> int:
+    """How many websockets protocol objects outlive ``connections`` closed (with ``drop``:
+    abandoned) connections while the collector is off: those only a collection would free."""
+    gateway, table, port, opened = await start_gateway()
+    await use(port, 1, drop)
+    await wait_until(lambda: len(opened) == 1 and not len(table))
+    gc.collect()
+    gc.disable()
+    opened.clear()
+    for uid in range(2, connections + 2):
+        await use(port, uid, drop)
+    await wait_until(lambda: len(opened) == connections and not len(table))
+    opened.clear()
+    left = sum(1 for o in gc.get_objects() if type(o) is ServerProtocol)
+    await stop(gateway)
+    return left
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["closed", "dropped"])
+def test_ended_connections_leave_no_protocol_to_collect(collector: None, drop: bool) -> None:
+    """websockets' parser is a generator whose frame holds the connection's protocol (and so
+    its reader, logger and close frames): a cycle, broken only when the generator is
+    closed. The heap freezer would keep every ended connection's until its hourly full
+    collection; the gateway closes the parser when the connection is lost."""
+    assert uvloop.run(protocols_left(100, drop)) == 0
 
 
 def test_connections_whose_action_met_redis_gone_leave_no_cycles(collector: None) -> None:

@@ -38,6 +38,14 @@ class WatchedConnection(ServerConnection):
         self.heard = self.loop.time()
         super().data_received(data)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Also close websockets' parser: a generator whose frame holds the protocol (and
+        with it the reader, logger and close frames), a reference cycle that only the
+        garbage collector would free, and the heap freezer (pmq.workers.heap) only at its
+        hourly full collection. Nothing is parsed once the connection is lost."""
+        super().connection_lost(exc)
+        self.protocol.parser.close()
+
 
 def ping(ws: WatchedConnection, now: float) -> None:
     """Queue a ping without waiting (the pong only has to arrive, as any frame would)."""
