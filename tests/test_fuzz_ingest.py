@@ -330,8 +330,8 @@ def exchange(node: Node, data: bytes, half_close: bool = True) -> list[tuple[int
             sock.sendall(data)
             if half_close:
                 sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before it was all sent: its answer is still there to read
+        except OSError:  # reset (or, for shutdown, no longer connected): the server closed
+            pass  # after answering, before all was sent; its answer is still there to read
         return list(responses(sock, time.monotonic() + 10 + REQUEST_TIMEOUT))
 
 
