@@ -46,14 +46,26 @@ PUBLISH_DEDUPE_SECONDS = 86400
 # KEYS: dedupe, queue, index, then per message: the user's Keys.publish_keys().
 # ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
 #       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
-# Returns {0, ids_json} for a repeated idempotency key, else {1, conns_1, unread_1, ...}:
-# per message the user's connections, then (when it counts and the user is online) the
-# user's unread hash as field/value pairs followed by the time of their last clear of
-# system, for the badge.
+# Returns {1, conns_1, unread_1, ...} for new messages: per message the user's connections,
+# then (when it counts and the user is online) the user's unread hash as field/value pairs
+# followed by the time of their last clear of system, for the badge. For a repeated
+# idempotency key: {0, ids_json, wire_1, conns_1, ...}, per first message its wire JSON
+# ('' once acked) and the user's connections, so that the repeat pushes what the first
+# publisher may never have pushed (it died between this script and its push).
 PUBLISH = """
 if ARGV[1] == '1' then
     local previous = redis.call('GET', KEYS[1])
-    if previous then return {0, previous} end
+    if previous then
+        local first = cjson.decode(previous)
+        local repeated = {0, previous}
+        for i = 0, (#KEYS - 3) / 5 - 1 do
+            local k = 4 + i * 5
+            local wire = first[i + 1] and redis.call('HGET', KEYS[k + 1], first[i + 1])
+            repeated[#repeated + 1] = wire or ''
+            repeated[#repeated + 1] = wire and redis.call('HGETALL', KEYS[k + 3]) or {}
+        end
+        return repeated
+    end
 end
 local result = {1}
 local ttl = tonumber(ARGV[3])
@@ -155,6 +167,9 @@ class Accepted:
     # per new message that counts, to a user online: the user's unread hash as field/value
     # pairs, then the time (ms) of their last clear of system; else None
     unread: list[list[bytes] | None]
+    # per repeated message still unacked: (recipient, wire JSON, live connections), for
+    # pmq.messaging to push again where it was not pushed
+    repeated: list[tuple[str, bytes, dict[str, str]]] = dataclasses.field(default_factory=list)
 
 
 class Acked(NamedTuple):
@@ -225,7 +240,7 @@ class Inbox:
             )
             if previous is not None:  # accepted before: its first ids
                 ids[: len(previous)] = previous[: len(ids)]
-                return Accepted(ids, True, [], [], [], [])
+                return Accepted(ids, True, [], [], [], [], _repeated(messages, encoded, conns))
             return Accepted(ids, False, list(recipients), encoded, conns, states)
         results = await asyncio.gather(
             *(
@@ -238,19 +253,21 @@ class Inbox:
         encoded = []
         connections: list[dict[str, str]] = []
         unread: list[list[bytes] | None] = []
+        repeated: list[tuple[str, bytes, dict[str, str]]] = []
         for indexes, (previous, wires, conns, states) in zip(
             parts.values(), results, strict=True
         ):
             if previous is not None:  # this part was accepted before: its first ids
                 for i, first in zip(indexes, previous, strict=False):
                     ids[i] = first
+                repeated += _repeated([messages[i] for i in indexes], wires, conns)
                 continue
             duplicate = False
             new_recipients += [messages[i].to for i in indexes]
             encoded += wires
             connections += conns
             unread += states
-        return Accepted(ids, duplicate, new_recipients, encoded, connections, unread)
+        return Accepted(ids, duplicate, new_recipients, encoded, connections, unread, repeated)
 
     async def _publish_part(
         self, bucket: int, messages: list[Message], dedupe_key: str | None
@@ -288,8 +305,9 @@ class Inbox:
             ]
         # Sent with the other publishes of this loop iteration: one round trip for all.
         result = await self.batch.script(self._publish, keys, args)
-        if result[0] == 0:
-            return [str(i) for i in orjson.loads(result[1])], [], [], []
+        if result[0] == 0:  # a repeat: the first messages' wires ('' once acked), connections
+            first = [str(i) for i in orjson.loads(result[1])]
+            return first, list(result[2::2]), [_pairs(flat) for flat in result[3::2]], []
         if self.journal is not None:
             for m, op in zip(messages, ops, strict=True):
                 self.journal.note(bucket, keys[1], m.to, op)
@@ -398,3 +416,15 @@ class Inbox:
 
 def _pairs(flat: list[bytes]) -> dict[str, str]:
     return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+def _repeated(
+    messages: Sequence[Message], wires: list[bytes], conns: list[dict[str, str]]
+) -> list[tuple[str, bytes, dict[str, str]]]:
+    """A repeat's (recipient, wire JSON, connections) of the first messages still unacked
+    (a wire of b'' was acked: it went to its user)."""
+    return [
+        (m.to, wire, live)
+        for m, wire, live in zip(messages, wires, conns, strict=False)
+        if wire and live
+    ]

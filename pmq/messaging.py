@@ -59,6 +59,7 @@ async def publish(
     reaching no one, and the inbox keeps the messages for the next connect or msg.pull.
     """
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
+    await push_again(routes, accepted)
     if accepted.duplicate:
         return accepted, 0
     accepted_count, delivered_count = counters(kind)
@@ -81,3 +82,18 @@ async def publish(
         reached = 0
     delivered_count.inc(reached)
     return accepted, reached
+
+
+async def push_again(routes: Routes, accepted: Accepted) -> None:
+    """Push a repeated request's messages still unacked to their users' connections that
+    have not had them: the first request's publisher may have died after its script ran
+    and before its push (with redis.durability = "aof" it waits for WAITAOF in between),
+    and the site, given no answer, sends the request again. Those that had them drop them
+    (pmq.reactor.connections.ConnectionTable.push_again)."""
+    if not accepted.repeated:
+        return
+    pushes = [(to, conns, push_frame(wire)) for to, wire, conns in accepted.repeated]
+    try:
+        await routes.push_again(pushes)
+    except (RedisError, OSError) as exc:  # they wait in the inbox for the next connect
+        log.warning("%d repeated messages not pushed again: %s", len(pushes), exc)

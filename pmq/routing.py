@@ -42,6 +42,9 @@ OP_PUSH = "push"  # payload: a frame for every connection of the user
 # the state line to its clients; the message waits in the inbox for their reconnect.
 OP_MESSAGE = "message"
 OP_MESSAGE_BARE = "msg"  # the same from such a node: a bare frame, the counters to be read
+# payload: a push frame of a message a repeated publish found unacked; pushed to the
+# connections that have not had it (a node of an earlier version drops it, with a warning)
+OP_AGAIN = "again"
 OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
 OP_KICK = "kick"  # payload: the reason; close every connection with 4001
 # payload: conn ids, space-separated; close those with 4008 (server.max_connections_per_user).
@@ -55,6 +58,7 @@ class LocalDelivery(Protocol):
     def push(self, uid: str, frame: bytes) -> int: ...
     def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int: ...
     def unread_changed(self, uid: str) -> None: ...
+    def push_again(self, uid: str, frame: bytes) -> int: ...
     def kick(self, uid: str, reason: str) -> int: ...
     def evict(self, uid: str, conn_ids: list[str]) -> int: ...
 
@@ -398,6 +402,10 @@ class Routes:
             reached += await self._relay(remote)
         return reached
 
+    async def push_again(self, pushes: Sequence[tuple[str, dict[str, str], bytes]]) -> int:
+        """send() of OP_AGAIN: (uid, connections, push frame) of repeated messages."""
+        return await self.send([(OP_AGAIN, uid, conns, frame) for uid, conns, frame in pushes])
+
     def _workers(self, conns: dict[str, str]) -> dict[str, int]:
         """worker id -> how many of ``conns`` it holds. Workers that missed their beats are
         kept: after a Redis outage longer than two beats every worker looks stale until it
@@ -443,6 +451,8 @@ class Routes:
         if op == OP_UNREAD:
             self.local.unread_changed(uid)
             return 0
+        if op == OP_AGAIN:
+            return self.local.push_again(uid, payload)
         if op == OP_KICK:
             return self.local.kick(uid, payload.decode())
         if op == OP_EVICT:

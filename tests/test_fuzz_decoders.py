@@ -133,6 +133,12 @@ class StrictDelivery:
         self.calls.append(("push", frame))
         return 0
 
+    def push_again(self, uid: str, frame: bytes) -> int:
+        assert isinstance(uid, str) and isinstance(frame, bytes)
+        message_id_of(frame)  # ConnectionTable.push_again reads it
+        self.calls.append(("again", frame))
+        return 0
+
     def push_message(self, uid: str, frame: bytes, unread: Any) -> int:
         assert isinstance(uid, str) and isinstance(frame, bytes)
         if unread is not None:  # UnreadPusher._badge reads it as message_payload() made it

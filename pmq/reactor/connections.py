@@ -156,6 +156,16 @@ class Client:
         if self.sent is not None and 0 < message_id < self.opened:
             self.sent.add(message_id)
 
+    def push_again(self, payload: bytes, message_id: int) -> bool:
+        """A message a repeated publish found unacked: written unless this connection
+        replayed or caught up on it; while its replay runs, held like a live push (the
+        release drops it if replayed). True: the connection has it."""
+        if self.held is not None:
+            return self.send_frame(text_frame(payload), message_id)
+        if self.replayed is not None and self._replayed(message_id):
+            return True
+        return self.push_missed(payload, message_id)
+
     def send(self, payload: bytes) -> bool:
         """Queue one live frame (kept back during a replay); see write()."""
         return self.send_frame(text_frame(payload))
@@ -255,6 +265,10 @@ class RecentPushes:
         self.ring.append((uid, message_id))
         self.count += 1
 
+    def __contains__(self, push: tuple[str, int]) -> bool:
+        """(uid, id) was pushed here lately (a scan: for the rare repeated publish)."""
+        return push in self.ring
+
     def since(self, floor: int) -> PushIndex:
         """The pushes of ids from ``floor`` on by uid, those added later included."""
         return PushIndex(self, floor)
@@ -329,6 +343,18 @@ class ConnectionTable:
         if len(mine) == 1:  # the common case, without a generator per frame
             return int(next(iter(mine.values())).send_frame(frame, message_id))
         return sum(client.send_frame(frame, message_id) for client in list(mine.values()))
+
+    def push_again(self, uid: str, payload: bytes) -> int:
+        """Push a message a repeated publish found unacked (its first push may have gone
+        with its publisher) to the local connections of ``uid`` that have not had it: none
+        if it was pushed here lately, else those that did not replay it. Its live push
+        that still comes is dropped (Client.push_missed). Returns how many took it."""
+        mine = self.by_uid.get(uid)
+        message_id = message_id_of(payload)
+        if mine is None or (uid, message_id) in self.recent:
+            return 0
+        self.recent.add(uid, message_id)
+        return sum(client.push_again(payload, message_id) for client in list(mine.values()))
 
     def kick_user(self, uid: str, reason: str) -> int:
         clients = self.of_user(uid)

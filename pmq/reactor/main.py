@@ -264,6 +264,9 @@ class SocketWorker(Worker):
     def unread_changed(self, uid: str) -> None:
         self.unread_pusher.changed(uid)
 
+    def push_again(self, uid: str, frame: bytes) -> int:
+        return self.table.push_again(uid, frame)
+
     def kick(self, uid: str, reason: str) -> int:
         return self.table.kick_user(uid, reason)
 

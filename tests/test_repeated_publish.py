@@ -1,0 +1,92 @@
+"""A repeated publish (the same idempotency key) pushes what its first request's publisher
+never pushed: that one can die after its script accepted the messages and before its push
+(with redis.durability = "aof" it waits for WAITAOF in between), and the site, left without
+an answer, sends the request again (pmq.messaging.push_again). A connection that had the
+message does not get it twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from pmq.ids import IdGenerator
+from pmq.inbox import Inbox
+from pmq.keys import Keys
+from tests.helpers import REDIS_URL, Ingest, Node, WsClient, ws_client
+
+UID = "41"
+
+
+def accept_without_push(prefix: str, key: str, body: dict[str, int]) -> str:
+    """What a publisher that died right after its script leaves: the message accepted under
+    ``key``, in the inbox, pushed to no one. Returns its id."""
+
+    async def accept() -> str:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            inbox = Inbox(client, Keys(prefix), IdGenerator(1), 86400, 86400)
+            accepted = await inbox.publish([UID], "notice", None, body, key)
+            return accepted.ids[0]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(accept())
+
+
+def next_push_is(user: WsClient, site: Ingest, key: str) -> None:
+    """The next push the user gets is a new message (``key``): nothing came in between."""
+    status, reply = site.publish({"to": [int(UID)], "kind": "notice", "body": {}, "id": key})
+    assert status == 202, reply
+    assert user.pushes(1)[0]["id"] == reply["data"]["ids"][0]
+
+
+def test_a_repeat_pushes_what_the_first_publisher_never_did(
+    make_node: Callable[..., Node], redis_prefix: str
+) -> None:
+    node = make_node().start()
+    site = Ingest(node)
+    with ws_client(node, UID) as user:
+        first_id = accept_without_push(redis_prefix, "k-died", {"n": 1})
+        status, reply = site.publish(
+            {"to": [int(UID)], "kind": "notice", "body": {"n": 1}, "id": "k-died"}
+        )
+        assert status == 200 and reply["data"]["duplicate"], reply
+        assert reply["data"]["ids"] == [first_id]
+        assert user.pushes(1)[0]["id"] == first_id  # before: never, until a reconnect
+        # a third time: the connection has it now, nothing is pushed
+        status, reply = site.publish(
+            {"to": [int(UID)], "kind": "notice", "body": {"n": 1}, "id": "k-died"}
+        )
+        assert status == 200, reply
+        next_push_is(user, site, "k-marker-1")
+
+
+def test_a_repeat_of_a_pushed_message_pushes_nothing(make_node: Callable[..., Node]) -> None:
+    node = make_node().start()
+    site = Ingest(node)
+    with ws_client(node, UID) as user:
+        request = {"to": [int(UID)], "kind": "notice", "body": {"n": 2}, "id": "k-once"}
+        status, reply = site.publish(request)
+        assert status == 202, reply
+        assert user.pushes(1)[0]["id"] == reply["data"]["ids"][0]
+        for _ in range(4):  # fresh connections: either worker, so the push may be relayed
+            status, reply = Ingest(node).publish(request)
+            assert status == 200 and reply["data"]["duplicate"], reply
+        next_push_is(user, site, "k-marker-2")
+
+
+def test_a_repeat_of_an_acked_message_pushes_nothing(
+    make_node: Callable[..., Node], redis_prefix: str
+) -> None:
+    node = make_node().start()
+    site = Ingest(node)
+    with ws_client(node, UID) as user:
+        first_id = accept_without_push(redis_prefix, "k-acked", {"n": 3})
+        assert user.request("msg.ack", {"ids": [first_id]})["code"] == 200
+        status, reply = site.publish(
+            {"to": [int(UID)], "kind": "notice", "body": {"n": 3}, "id": "k-acked"}
+        )
+        assert status == 200, reply
+        next_push_is(user, site, "k-marker-3")
