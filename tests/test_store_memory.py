@@ -84,8 +84,8 @@ def read_from_threads(store: Store) -> int:
 
 def test_light_store_connections_keep_small_caches(tmp_path: Path) -> None:
     """Four threads reading every shard: with SQLite's defaults (a 2 MiB page cache and 128
-    compiled statements per connection) SQLite holds 4 to 7 MiB more; a light store's
-    connections about 0.4 MiB each."""
+    compiled statements per connection) SQLite holds 3.8 to 7 MiB more; a light store's
+    connections about 0.5 MiB each."""
     default = filled_store(tmp_path / "default.db", light=False)
     write_messages(default)
     light = filled_store(tmp_path / "light.db", light=True)
@@ -96,8 +96,11 @@ def test_light_store_connections_keep_small_caches(tmp_path: Path) -> None:
     finally:
         default.close()
         light.close()
-    assert grown_light < THREADS * MIB, (grown_light, grown_default)
-    assert 2 * grown_light < grown_default, (grown_light, grown_default)
+    # The light bound is absolute, well under what the defaults were measured to hold (3.8
+    # to 7 MiB; their figure varies with the pages the threads happen to touch, so the two
+    # are not compared by a ratio).
+    assert grown_light < 0.75 * THREADS * MIB, (grown_light, grown_default)
+    assert grown_light < grown_default, (grown_light, grown_default)
 
 
 def test_light_store_asks_for_the_small_page_cache(tmp_path: Path) -> None:
