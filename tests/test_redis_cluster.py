@@ -67,9 +67,14 @@ class RedisClusterServers:
         self.tmp = tmp
         self.options = options  # more server arguments, e.g. "--appendonly", "yes"
         self.binary = binary  # another server build, e.g. one with WAITAOF
-        self.ports = [free_port() for _ in range(MASTERS)]
         # The cluster bus on free ports too (by default port + 10000, maybe past 65535).
-        self.bus_ports = [free_port() for _ in range(MASTERS)]
+        # Each free_port() closes its socket, so two calls can name the same port: draw
+        # until all are different.
+        ports: list[int] = []
+        while len(ports) < 2 * MASTERS:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.ports, self.bus_ports = ports[:MASTERS], ports[MASTERS:]
         self.procs: list[subprocess.Popen[bytes]] = []
 
     @property
