@@ -127,19 +127,27 @@ class Socket:
         return ids
 
 
+def catch_up_rig(
+    redis_prefix: str, storage: Any
+) -> tuple[aioredis.Redis, Inbox, ConnectionTable, CatchUp]:
+    """A worker's catch-up on the shared Redis under ``redis_prefix``, reading ``storage``
+    for what Redis lost: (client, inbox, connection table, catch-up)."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = Keys(redis_prefix)
+    ids = IdGenerator(1)
+    inbox = Inbox(client, keys, ids, 86400, 86400)
+    table = ConnectionTable()
+    unread = UnreadPusher(1, table, Unread(client, keys, 86400))
+    broadcasts = Broadcasts(client, keys, ids, 900, 20, 86400)
+    return client, inbox, table, CatchUp(table, inbox, broadcasts, Fanout(table, unread), storage)
+
+
 def test_a_catch_up_sends_only_what_the_connection_never_had(redis_prefix: str) -> None:
     """Only messages made after the connection opened, and each once: an older unacked
     message (its connect replayed it, however long ago) is never sent again."""
 
     async def scenario() -> tuple[list[str], list[str], list[str]]:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        keys = Keys(redis_prefix)
-        ids = IdGenerator(1)
-        inbox = Inbox(client, keys, ids, 86400, 86400)
-        table = ConnectionTable()
-        unread = UnreadPusher(1, table, Unread(client, keys, 86400))
-        broadcasts = Broadcasts(client, keys, ids, 900, 20, 86400)
-        catch_up = CatchUp(table, inbox, broadcasts, Fanout(table, unread), no_storage)
+        client, inbox, table, catch_up = catch_up_rig(redis_prefix, no_storage)
         floor = first_id_at(int(time.time() * 1000) - 10_000)
 
         old = await inbox.publish(["7"], "notice", None, {"n": 0})  # replayed on connect
@@ -189,14 +197,7 @@ def test_messages_lost_with_redis_come_from_storage_to_connections_that_stayed(
         return {"7": [m for m in stored if int(m["id"]) > after]}
 
     async def scenario() -> list[str]:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        keys = Keys(redis_prefix)
-        ids = IdGenerator(1)
-        inbox = Inbox(client, keys, ids, 86400, 86400)
-        table = ConnectionTable()
-        unread = UnreadPusher(1, table, Unread(client, keys, 86400))
-        broadcasts = Broadcasts(client, keys, ids, 900, 20, 86400)
-        catch_up = CatchUp(table, inbox, broadcasts, Fanout(table, unread), storage)
+        client, _, table, catch_up = catch_up_rig(redis_prefix, storage)
         socket = Socket()
         user = Client(socket, "c1", Identity("7"), 1 << 20, 50)  # type: ignore[arg-type]
         user.opened = made[1] + 1  # reconnected since Redis was last seen whole

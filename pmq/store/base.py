@@ -295,9 +295,7 @@ class Store(abc.ABC):
         found: list[StoredMessage] = []
         with self._session("unacked_of", write=False) as cur:
             for table, users in by_table.items():
-                for start in range(0, len(users), ACK_CHUNK):
-                    chunk = users[start : start + ACK_CHUNK]
-                    marks = ", ".join([p] * len(chunk))
+                for chunk, marks in self._in_chunks(users):
                     cur.execute(
                         f"SELECT {MSG_COLUMNS} FROM {table} WHERE uid IN ({marks}) "
                         f"AND acked = 0 AND id > {p} ORDER BY id LIMIT {p}",
@@ -305,6 +303,12 @@ class Store(abc.ABC):
                     )
                     found += [StoredMessage(*row) for row in cur.fetchall()]
         return sorted(found, key=lambda row: row.id)
+
+    def _in_chunks(self, values: list[int]) -> Iterator[tuple[list[int], str]]:
+        """``values`` in slices of at most ACK_CHUNK, each with its ``IN (...)`` placeholders."""
+        for start in range(0, len(values), ACK_CHUNK):
+            chunk = values[start : start + ACK_CHUNK]
+            yield chunk, ", ".join([self.placeholder] * len(chunk))
 
     def ack(self, uid: int, ids: Iterable[int]) -> int:
         """Mark ``uid``'s messages ``ids`` acked; ids of other users or unknown ids are
@@ -315,9 +319,7 @@ class Store(abc.ABC):
         p = self.placeholder
         acked = 0
         with self._session("ack", write=True) as cur:
-            for start in range(0, len(wanted), ACK_CHUNK):
-                chunk = wanted[start : start + ACK_CHUNK]
-                marks = ", ".join([p] * len(chunk))
+            for chunk, marks in self._in_chunks(wanted):
                 cur.execute(
                     f"UPDATE {self.table(uid)} SET acked = 1 "
                     f"WHERE uid = {p} AND acked = 0 AND id IN ({marks})",
@@ -335,9 +337,7 @@ class Store(abc.ABC):
         p = self.placeholder
         found: set[int] = set()
         with self._session("existing", write=False) as cur:
-            for start in range(0, len(wanted), ACK_CHUNK):
-                chunk = wanted[start : start + ACK_CHUNK]
-                marks = ", ".join([p] * len(chunk))
+            for chunk, marks in self._in_chunks(wanted):
                 cur.execute(
                     f"SELECT id FROM {self.table(uid)} WHERE uid = {p} AND id IN ({marks})",
                     (uid, *chunk),
