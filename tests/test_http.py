@@ -115,11 +115,17 @@ class Client:
         :meth:`response`."""
         answer = asyncio.ensure_future(self.reader.read(65536))
         for sent in range(len(data)):
-            self.writer.write(data[sent : sent + 1])
-            await self.writer.drain()
+            try:
+                self.writer.write(data[sent : sent + 1])
+                await self.writer.drain()
+            except ConnectionResetError:  # closed between two bytes: closed() sees it
+                return sent
             done, _ = await asyncio.wait([answer], timeout=interval)
             if done:
-                self.parser.feed_data(answer.result())
+                # A server that closes with bytes of ours unread resets the connection:
+                # that is an end like EOF, seen again by closed().
+                if not isinstance(answer.exception(), ConnectionResetError):
+                    self.parser.feed_data(answer.result())
                 return sent + 1
         answer.cancel()
         return len(data)
