@@ -8,7 +8,7 @@ FLUSHALL), the queue would go with everything else and the message be lost, what
 
 So the worker that queued an operation also keeps it, in memory, for KEEP_SECONDS. Once a
 second it reads the Redis marks of its buckets (pmq.epochs): a bucket whose epoch it saw
-vanish or change has lost data, and the worker queues again every operation it kept for
+vanish or change has lost data, and so has one whose first epoch seen is a recovery's, and the worker queues again every operation it kept for
 that bucket, together with the cold flag of each user concerned, so the inbox reads storage
 for them once the writer has written the operations back. Writes are idempotent by id
 (a row that is already stored is left as it is, acked or not), so queueing again what had
@@ -75,7 +75,7 @@ class StoreJournal:
         self.keep_seconds = keep_seconds
         self.marks = RedisMarks(redis, keys)
         self.entries: collections.deque[Entry] = collections.deque(maxlen=max_entries)
-        self.epochs: dict[int, int | None] = {}  # bucket -> the epoch seen last
+        self.epochs: dict[int, int] = {}  # bucket -> the epoch seen last, or NONE_YET, HANDLED
         self.requeued = 0  # operations queued again, for stats and tests
         self.lost = lost
         self.whole_at = time.time()  # when a look last found no bucket lost
@@ -102,7 +102,7 @@ class StoreJournal:
         looked_at = time.time()
         marks = await self.marks.read(range(self.keys.buckets))
         lost = {b for b, mark in marks.items() if _lost(self.epochs.get(b), mark)}
-        self.epochs = {b: _epoch(mark) for b, mark in marks.items()}
+        self.epochs = {b: _seen(self.epochs.get(b), mark, b in lost) for b, mark in marks.items()}
         if not lost:
             self.whole_at = looked_at
             return 0
@@ -133,10 +133,27 @@ class StoreJournal:
         return len(kept)
 
 
-def _epoch(mark: Mark | None) -> int | None:
-    return mark[0] if mark is not None else None
+# What a bucket's entry in StoreJournal.epochs says besides an epoch (epochs start at 1).
+NONE_YET = 0  # looked, and the bucket has had no epoch since: the worker started before any
+HANDLED = -1  # its epoch went, and the loss was handled: the recovery's new one is that loss
 
 
 def _lost(seen: int | None, now: Mark | None) -> bool:
-    """An epoch seen before is gone or replaced: the bucket's Redis data went."""
-    return seen is not None and _epoch(now) != seen
+    """Whether the bucket lost its Redis data since the last look (``seen``: its entry in
+    StoreJournal.epochs, None before the first look)."""
+    if seen is None or seen == HANDLED:
+        return False
+    epoch = now[0] if now is not None else None
+    if seen == NONE_YET:
+        # A first epoch above 1 is a recovery's: the bucket lost its data before the worker
+        # first saw an epoch (Redis emptied within a second of the first one, say). Epoch 1
+        # is a new deployment's first.
+        return epoch is not None and epoch > 1
+    return epoch != seen
+
+
+def _seen(seen: int | None, now: Mark | None, lost: bool) -> int:
+    """The bucket's next entry in StoreJournal.epochs."""
+    if now is not None:
+        return now[0]
+    return HANDLED if lost or seen == HANDLED else NONE_YET

@@ -510,6 +510,31 @@ def test_the_journal_queues_again_once_per_loss_and_only_what_it_keeps(redis_pre
     asyncio.run(scenario())
 
 
+def test_the_journal_sees_a_loss_before_it_first_saw_an_epoch(redis_prefix: str) -> None:
+    # A worker that started before the first epoch was set, and whose Redis was emptied
+    # before its next look (within a second), first sees a recovery's epoch: a loss. The
+    # CI run met this: the test above published and emptied Redis within that second.
+    keys = Keys(redis_prefix, buckets=2)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        journal = StoreJournal(client, keys, cold_ttl=60, keep_seconds=60)
+        assert await journal.check() == 0  # no epoch yet: a new deployment
+        queue = [keys.store_queue(keys.bucket_tag(b)) for b in (0, 1)]
+        journal.note(keys.bucket("2"), queue[0], "2", b"op2")
+        journal.note(keys.bucket("3"), queue[1], "3", b"op3")
+        await client.hset(keys.redis_mark(1), "epoch", 1)  # the deployment's first epoch
+        assert await journal.check() == 0
+        await client.hset(keys.redis_mark(0), "epoch", 2)  # a recovery's: data went
+        assert await journal.check() == 1
+        assert await client.lrange(queue[0], 0, -1) == [b"op2"]
+        assert await client.llen(queue[1]) == 0
+        await client.delete(*queue, keys.redis_mark(0), keys.redis_mark(1), keys.cold("2"))
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
 class WriterBetweenReads:
     """A store whose next redis_marks() first waits for ``batch()`` (a storage writer
     taking, writing and recording a batch) to run on ``loop``, then reads."""
