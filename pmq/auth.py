@@ -45,6 +45,7 @@ from pmq.kicks import Kicks, issued_before, now_ms
 from pmq.locks import Lock
 from pmq.log import Throttled
 from pmq.protocol import Role, is_uid
+from pmq.store import sqlite_path
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = Throttled(log)
@@ -119,14 +120,9 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def sqlite_path(url: str) -> Path:
-    """The database file of a ``sqlite:///rel`` (cwd-relative) or ``sqlite:////abs`` URL."""
-    return Path(url.removeprefix("sqlite:///").partition("?")[0])
-
-
-def secret_file(storage_url: str) -> Path:
-    """Where the generated JWT secret is kept: beside the SQLite database of ``storage_url``."""
-    return sqlite_path(storage_url).parent / SECRET_FILE
+def secret_file(database: Path) -> Path:
+    """Where the generated JWT secret is kept: beside the SQLite ``database``."""
+    return database.parent / SECRET_FILE
 
 
 def resolve_jwt_secret(config: Config) -> str:
@@ -138,9 +134,10 @@ def resolve_jwt_secret(config: Config) -> str:
     """
     if config.auth.jwt_secret:
         return config.auth.jwt_secret
-    if not config.storage.url.startswith("sqlite:///"):
+    database = sqlite_path(config.storage.url)
+    if database is None:
         raise ConfigError("auth.jwt_secret: must be set when storage is not SQLite")
-    path = secret_file(config.storage.url)
+    path = secret_file(database)
     try:
         return _read_or_create_secret(path)
     except OSError as exc:

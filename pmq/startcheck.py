@@ -26,10 +26,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from pmq import redischeck
-from pmq.auth import secret_file, sqlite_path
+from pmq.auth import secret_file
 from pmq.config import Config
 from pmq.errors import ConfigError, PMQError
-from pmq.store import open_store
+from pmq.store import open_store, sqlite_path
 
 MIN_JWT_SECRET = 32  # bytes: HS256's key should be at least as long as its hash
 MIN_API_KEY = 16  # bytes
@@ -119,7 +119,7 @@ def secret_problems(config: Config) -> list[str]:
     if auth.mode == "jwt" and not auth.jwt_secret:
         if config.server.require_secrets:
             found.append(f"auth.jwt_secret: must be set{required}")
-        elif not config.storage.url.startswith("sqlite:///"):
+        elif sqlite_path(config.storage.url) is None:
             found.append(
                 "auth.jwt_secret: must be set when storage is not SQLite (a generated "
                 "secret is kept beside the SQLite database)"
@@ -158,13 +158,12 @@ def weak(key: str, value: str, minimum: int) -> list[str]:
 
 def private_files(config: Config) -> list[tuple[str, Path]]:
     """(key, path) of each file that must stay readable by its owner only, existing or not."""
-    url = config.storage.url
-    if not url.startswith("sqlite:///"):
+    db = sqlite_path(config.storage.url)
+    if db is None:
         return []
-    db = sqlite_path(url)
     files = [("storage.url", db.with_name(db.name + suffix)) for suffix in ("", "-wal", "-shm")]
     if config.auth.mode == "jwt" and not config.auth.jwt_secret:
-        files.append(("auth.jwt_secret", secret_file(url)))
+        files.append(("auth.jwt_secret", secret_file(db)))
     return files
 
 
@@ -192,14 +191,14 @@ def file_problems(config: Config) -> list[str]:
 def storage_problems(config: Config) -> list[str]:
     """Whether the store answers. A SQLite file not made yet is not created here (pmqctl may
     run as another user than the node): its directory must be writable instead."""
-    url = config.storage.url
-    if url.startswith("sqlite:///") and not sqlite_path(url).exists():
-        place = sqlite_path(url).absolute().parent
+    db = sqlite_path(config.storage.url)
+    if db is not None and not db.exists():
+        place = db.parent
         while not place.exists():
             place = place.parent
         if os.access(place, os.W_OK | os.X_OK):
             return []
-        return [f"storage.url: cannot create {sqlite_path(url)}: {place} is not writable"]
+        return [f"storage.url: cannot create {db}: {place} is not writable"]
     try:
         store = open_store(config.storage)
         try:

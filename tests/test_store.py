@@ -23,7 +23,7 @@ import pytest
 
 from pmq.config import StorageConfig
 from pmq.errors import ConfigError, StorageError
-from pmq.store import SCHEMA_VERSION, Store, StoredMessage, open_store
+from pmq.store import SCHEMA_VERSION, Store, StoredMessage, open_store, sqlite_path
 from pmq.store.mysql import MysqlStore
 from pmq.store.sqlite import SqliteStore
 
@@ -316,6 +316,8 @@ def test_mysql_url_parsing() -> None:
         "sqlite:///",
         "sqlite:///dir/",
         "sqlite:///:memory:",
+        "sqlite:///pmq.db?mode=ro",
+        "sqlite:///pmq.db#x",
         "mysql://h/db",
         "mysql://u@/db",
         "mysql://u@h:notaport/db",
@@ -330,6 +332,22 @@ def test_mysql_url_parsing() -> None:
 def test_bad_url(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^storage\.url: "):
         open_store(StorageConfig(url=url))
+
+
+def test_sqlite_path_is_the_file_the_store_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One reading of a SQLite URL for all: the store's file is the one the file-mode check
+    and the generated JWT secret sit beside."""
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_path("sqlite:///var/pmq.db") == tmp_path / "var" / "pmq.db"
+    assert sqlite_path(f"sqlite:///{tmp_path}/pmq.db") == tmp_path / "pmq.db"  # absolute
+    assert sqlite_path("mysql://u@h/db") is None
+    store = open_store(StorageConfig(url="sqlite:///var/pmq.db"))
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "var" / "pmq.db"
+    store.close()
+    with pytest.raises(ConfigError, match=r"^storage\.shard_map: "):
+        sqlite_path("sqlite:///pmq.db?cache=shared", "storage.shard_map")
 
 
 # storage.shard_map: message shards on several databases ---------------------------------

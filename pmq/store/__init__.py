@@ -3,7 +3,8 @@
 ``storage.url`` forms:
 
 * ``sqlite:///relative/path.db``: a file relative to the working directory at open time
-* ``sqlite:////absolute/path.db``: an absolute path
+* ``sqlite:////absolute/path.db``: an absolute path (no ?query or #fragment in either;
+  :func:`sqlite_path` reads both, for every part of PMQ that needs the file)
 * ``mysql://user[:pass]@host[:port]/db``: parts percent-decoded, port 3306 by default
 
 ``storage.shard_map`` moves ranges of message shards to other MySQL databases
@@ -23,7 +24,7 @@ from pmq.store.mysql import MysqlStore, MysqlTarget
 from pmq.store.sharded import ShardedStore
 from pmq.store.sqlite import SqliteStore
 
-__all__ = ["SCHEMA_VERSION", "ShardedStore", "Store", "StoredMessage", "open_store"]
+__all__ = ["SCHEMA_VERSION", "ShardedStore", "Store", "StoredMessage", "open_store", "sqlite_path"]
 
 SQLITE_PREFIX = "sqlite:///"
 MYSQL_DEFAULT_PORT = 3306
@@ -55,20 +56,29 @@ def open_store(config: StorageConfig, light: bool = False) -> Store:
 def _open_one(
     url: str, key: str, config: StorageConfig, owned: list[int], light: bool = False
 ) -> Store:
-    if url.startswith(SQLITE_PREFIX):
-        return SqliteStore(_sqlite_path(url), config.shards, owned, light)
+    path = sqlite_path(url, key)
+    if path is not None:
+        return SqliteStore(path, config.shards, owned, light)
     if url.startswith("mysql://"):
         return MysqlStore(_mysql_target(url, key), config.shards, config.pool_size, owned)
     raise ConfigError(f"{key}: must start with sqlite:/// or mysql://")
 
 
-def _sqlite_path(url: str) -> Path:
+def sqlite_path(url: str, key: str = "storage.url") -> Path | None:
+    """The database file a SQLite ``url`` names (module docstring), absolute (a relative
+    path is taken from the working directory now); None when ``url`` is not a SQLite URL.
+    A SQLite URL naming no file, an in-memory database, or with a ?query or #fragment
+    raises ConfigError naming ``key``."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
     path = url[len(SQLITE_PREFIX) :]
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{key}: unexpected ?query or #fragment in {url!r}")
     if not path or path.endswith("/"):
-        raise ConfigError(f"storage.url: no database file in {url!r}")
+        raise ConfigError(f"{key}: no database file in {url!r}")
     if path == ":memory:":
         # Every thread has its own connection, so each would see a different empty database.
-        raise ConfigError("storage.url: an in-memory SQLite database is not supported")
+        raise ConfigError(f"{key}: an in-memory SQLite database is not supported")
     return Path(path).absolute()
 
 
