@@ -27,7 +27,7 @@ from pmq import metrics, startcheck
 from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
-from pmq.store import open_store
+from pmq.store import open_store, sqlite_path
 from pmq.workers import pidfile
 from pmq.workers.channel import LineReader
 from pmq.workers.control import ControlServer
@@ -507,7 +507,7 @@ def prepare(config: Config) -> Config:
         config = dataclasses.replace(
             config, auth=dataclasses.replace(config.auth, jwt_secret=secret)
         )
-    if config.storage.url.startswith("sqlite:"):
+    if sqlite_path(config.storage.url) is not None:
         store = open_store(config.storage)
         try:
             store.init_schema()
