@@ -12,9 +12,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -51,7 +50,6 @@ from pmq.workers.heap import keep_heap_frozen
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 CLOSE_PHASE_SECONDS = 3.0
 # The relay's pause between two subscriptions stays short: what is published on a channel
 # while nobody reads it reaches its users only through the catch-up after (pmq.reactor.catchup).
@@ -61,6 +59,7 @@ REGISTRY_CONNECTIONS = 2  # keep_registry runs one command at a time
 
 class SocketWorker(Worker):
     kind = "socket"
+    thread_prefix = "pmq-store"
 
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         super().__init__(config, index, status_fd, ppid)
@@ -68,7 +67,6 @@ class SocketWorker(Worker):
         self.table = ConnectionTable()
         self.handlers: dict[str, Handler] = {}
         self.background: list[asyncio.Task[Any]] = []
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-store")
         self.beat_every = max(0.5, min(5.0, config.heartbeat.interval / 3))
         self.last_beat = time.time()  # the last beat that found our route entries
         self.last_refresh = time.time()  # the last refresh of our users' entries' TTL
@@ -214,10 +212,6 @@ class SocketWorker(Worker):
     def redis_lost(self, whole_at: float) -> None:
         """Redis lost data it held at ``whole_at``; the journal queued it again for storage."""
         self.loss_catch_up.start(whole_at)
-
-    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        """Run blocking store work on this worker's thread pool, never on the loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.in_thread(self.store.unacked, int(uid), after, limit)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -32,8 +30,6 @@ from pmq.workers.base import BootError, Worker
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 QUEUE_WATCH_SECONDS = 2.0
 # Seconds of the graceful deadline kept for closing clients after the writer's drain.
 CLOSE_MARGIN = 1.0
@@ -41,13 +37,11 @@ CLOSE_MARGIN = 1.0
 
 class TaskWorker(Worker):
     kind = "task"
+    thread_prefix = "pmq-task"
 
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         super().__init__(config, index, status_fd, ppid)
         self.keys = Keys(config.redis.prefix, config.redis.buckets)
-        # One thread per job that calls the store (writer, sweeper, ...), so a slow retention
-        # delete never holds up the writer.
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pmq-task")
         self.jobs: list[asyncio.Task[Any]] = []
         self.queue_depths: dict[str, int] = {}
         self.writer: StorageWriter | None = None
@@ -110,10 +104,6 @@ class TaskWorker(Worker):
             self.supervise("redis-recovery", self.recovery.run),
             self.sweeper_job,
         ]
-
-    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        """Run blocking store work on this worker's thread pool, never on the loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     async def watch_queues(self) -> None:
         """Publish the queues' depths (pmqctl status, /metrics) every few seconds."""

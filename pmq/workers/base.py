@@ -5,6 +5,7 @@ heartbeat event to its status pipe every second, and it leaves by itself when it
 changes (the master died). Subclasses implement :meth:`start`, :meth:`shutdown` and
 optionally :meth:`reload` and :meth:`stats`, and run every forever-loop of theirs through
 :meth:`Worker.supervise`, so that no loop ever dies unseen while the worker keeps serving.
+Blocking calls (the SQL store's) go through :meth:`Worker.in_thread`, never on the loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import setproctitle
 import uvloop
@@ -30,6 +32,7 @@ from pmq.workers.channel import send_event
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 HEARTBEAT_SECONDS = 1.0
 PARENT_CHECK_SECONDS = 0.25
 ORPHAN_DEADLINE = 1.5  # seconds an orphan may spend cleaning up before it is gone
@@ -41,6 +44,9 @@ ORPHAN_DEADLINE = 1.5  # seconds an orphan may spend cleaning up before it is go
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError, StorageError)
 RESTART_FIRST = 0.2  # seconds before a failed loop starts again, doubling up to a cap
 RESTART_MAX = 5.0
+# Blocking calls at once: one per job that calls the store (the writer, the sweeper, a
+# replay...), so a slow retention delete never holds up the writer.
+THREADS = 4
 
 Loop = Callable[[], Awaitable[object]]
 
@@ -83,6 +89,7 @@ async def supervise(
 
 class Worker(abc.ABC):
     kind: str = "worker"
+    thread_prefix: str = "pmq-worker"  # in_thread's threads are named after it
 
     def __init__(self, config: Config, index: int, status_fd: int, ppid: int) -> None:
         self.config = config
@@ -96,6 +103,9 @@ class Worker(abc.ABC):
         self.stopping: asyncio.Event | None = None
         self.fast_stop = False
         self.exit_code = WorkerExit.OK
+        # Threads start on first use, in the worker (after fork); a subclass's shutdown()
+        # shuts the pool down before it closes its store.
+        self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix=self.thread_prefix)
 
     # Life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -162,6 +172,11 @@ class Worker(abc.ABC):
         """Start ``loop()`` as a task under :func:`supervise`; cancel the task to stop it.
         A loop that dies of an unexpected error takes the worker down (:meth:`loop_died`)."""
         return asyncio.create_task(supervise(name, loop, self.loop_died, cap), name=name)
+
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` run on this worker's thread pool, never on the loop: for blocking
+        work, the SQL store's calls above all."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
 
     def loop_died(self, name: str, exc: Exception) -> None:
         """Log the dead loop with its traceback and stop fast with a non-zero exit code: the
