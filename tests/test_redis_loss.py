@@ -357,7 +357,10 @@ def test_redis_emptied_before_storage_caught_up_loses_no_accepted_message(
         assert code == 202, reply
         broadcast = reply["data"]["id"]
         restart(own_redis)  # empty: the storage queue goes with the rest
-        wait_for(lambda: "queued again" in node.log(), 20, "the journal to queue them again")
+    # A journal that saw epoch 1 queues them again at once; one that had not seen it yet
+    # (the node started within the second before) once the recovery's epoch 2 is set,
+    # which waits for storage.
+    wait_for(lambda: "queued again" in node.log(), 30, "the journal to queue them again")
     wait_for(lambda: set(map(int, ids)) <= set(sqlite_rows(node)), 30, "every one stored")
     wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
     assert replayed_and_pulled(node, 7, 20) == (ids[:20], ids[:20])
