@@ -1,4 +1,5 @@
-"""Test helpers: free ports, deadlines, and real PMQ nodes as subprocesses.
+"""Test helpers: free ports, waiting on a condition (:func:`wait_for` and its async twin),
+and real PMQ nodes as subprocesses.
 
 A :class:`Node` writes its own config (free ports, a unique node name, a private Redis key
 prefix, SQLite in tmp_path), starts ``python -m pmq.ctl start`` for real, and waits on the
@@ -12,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import http.client
+import inspect
 import json
 import os
 import secrets
@@ -47,8 +49,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+POLL_SECONDS = 0.02  # between two calls of a waited-for condition
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns a truthy value; fail the test at the deadline."""
+    """Poll ``condition`` until it returns a truthy value and return that value; fail the
+    test ``timeout`` seconds on, naming ``what`` was awaited. The one way tests wait."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -56,7 +62,30 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(POLL_SECONDS)
+
+
+async def wait_for_async(
+    condition: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    *,
+    interval: float = POLL_SECONDS,
+) -> Any:
+    """:func:`wait_for` on an event loop: ``condition`` may also return an awaitable (an
+    ``async def`` or a Redis call), whose result is what counts; the loop runs between
+    polls. ``interval=0`` polls at each turn of the loop, for a condition that changes
+    without I/O (a handler run in memory) and must not cost a real pause per wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def toml_value(value: Any) -> str:
@@ -382,6 +411,7 @@ class UserCentre:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.scripted: dict[str, list[tuple[int, bytes, float]]] = {}
+        self.gates: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
         centre = self
 
@@ -409,11 +439,19 @@ class UserCentre:
         with self.lock:
             self.scripted.setdefault(token, []).extend(answers)
 
+    def gate(self, token: str) -> threading.Event:
+        """Hold every answer for ``token`` until the returned event is set (or 30 s pass)."""
+        with self.lock:
+            return self.gates.setdefault(token, threading.Event())
+
     def respond(self, token: str) -> tuple[int, bytes]:
         with self.lock:
             self.calls[token] = self.calls.get(token, 0) + 1
             queued = self.scripted.get(token)
             status, body, delay = queued.pop(0) if queued else (*self.answer(token), 0.0)
+            gate = self.gates.get(token)
+        if gate is not None:
+            gate.wait(30)
         if delay:
             time.sleep(delay)
         return status, body

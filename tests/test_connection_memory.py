@@ -25,6 +25,7 @@ from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.heartbeat import WatchedConnection
 from pmq.workers.heap import freeze_survivors, reclaim
+from tests.helpers import wait_for_async
 
 
 class Cycle:
@@ -151,14 +152,16 @@ async def churn(connections: int, drop: bool = False, action: str = "ping") -> i
     collection then finds in cycles."""
     gateway, table, port, opened = await start_gateway()
     await use(port, 1, drop, action)  # one-time objects (caches, the server's) come first
-    await wait_until(lambda: len(opened) == 1 and not len(table))
+    await wait_for_async(lambda: len(opened) == 1 and not len(table), 5, "the first to end")
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     opened.clear()
     for uid in range(2, connections + 2):
         await use(port, uid, drop, action)
-    await wait_until(lambda: len(opened) == connections and not len(table))
+    await wait_for_async(
+        lambda: len(opened) == connections and not len(table), 5, "every connection to end"
+    )
     assert len(opened) == connections
     opened.clear()
     found = gc.collect()
@@ -170,12 +173,6 @@ async def stop(gateway: Gateway) -> None:
     assert gateway.server is not None
     gateway.close()
     await gateway.server.wait_closed()
-
-
-async def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def test_closed_connections_leave_no_cycles(collector: None) -> None:
@@ -197,13 +194,15 @@ async def protocols_left(connections: int, drop: bool = False) -> int:
     abandoned) connections while the collector is off: those only a collection would free."""
     gateway, table, port, opened = await start_gateway()
     await use(port, 1, drop)
-    await wait_until(lambda: len(opened) == 1 and not len(table))
+    await wait_for_async(lambda: len(opened) == 1 and not len(table), 5, "the first to end")
     gc.collect()
     gc.disable()
     opened.clear()
     for uid in range(2, connections + 2):
         await use(port, uid, drop)
-    await wait_until(lambda: len(opened) == connections and not len(table))
+    await wait_for_async(
+        lambda: len(opened) == connections and not len(table), 5, "every connection to end"
+    )
     opened.clear()
     left = sum(1 for o in gc.get_objects() if type(o) is ServerProtocol)
     await stop(gateway)

@@ -26,7 +26,7 @@ from pmq.keys import Keys
 from pmq.tasks import deadletter
 from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.writer import StorageWriter
-from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for
+from tests.helpers import REDIS_URL, MysqlDatabase, Node, TcpProxy, wait_for, wait_for_async
 from tests.test_metrics import scrape, value
 from tests.test_tasks import (
     caught_up,
@@ -35,7 +35,6 @@ from tests.test_tasks import (
     msg_op,
     new_writer,
     running,
-    until,
 )
 
 SHARDS = 4
@@ -78,7 +77,9 @@ def test_a_poison_item_is_dead_lettered_and_the_rest_of_its_queue_written(
             await r.rpush(keys.store_queue(), *ops)
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(caught_up(r, keys, store, 1200), "1,200 good rows, queue empty")
+                await wait_for_async(
+                    caught_up(r, keys, store, 1200), 20, "1,200 good rows, queue empty"
+                )
             return writer
 
     try:
@@ -134,7 +135,7 @@ def test_an_outage_is_retried_whole_and_only_the_poison_is_dead_lettered(
                 holder = hold_sqlite_lock(path)
             await r.rpush(keys.store_queue(), *ops)
             async with running(writer):
-                await until(lambda: writer.errors >= 2, "two failed attempts", timeout=30)
+                await wait_for_async(lambda: writer.errors >= 2, 30, "two failed attempts")
                 assert writer.dead == 0 and not await r.exists(keys.store_dead())
                 assert await r.llen(keys.store_taken(writer.owner)) == len(ops)  # held whole
                 if proxy:
@@ -142,7 +143,9 @@ def test_an_outage_is_retried_whole_and_only_the_poison_is_dead_lettered(
                 else:
                     assert holder is not None
                     holder.execute("ROLLBACK")
-                await until(caught_up(r, keys, store, 300), "300 rows after the outage", 30)
+                await wait_for_async(
+                    caught_up(r, keys, store, 300), 30, "300 rows after the outage"
+                )
                 assert writer.dead == 1
 
     try:

@@ -14,7 +14,14 @@ import uvloop
 from pmq.keys import Keys
 from pmq.routing import DEPARTURE_BATCH, Routes
 from pmq.workers.base import supervise
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer, TcpProxy, counting_pipelines
+from tests.helpers import (
+    REDIS_URL,
+    NoDelivery,
+    RedisServer,
+    TcpProxy,
+    counting_pipelines,
+    wait_for_async,
+)
 
 WORKER = "node1:socket1:100"
 
@@ -46,10 +53,9 @@ async def left_behind_directly(url: str, users: int) -> int:
         await routes.redis.aclose()
 
 
-async def until_gone(routes: Routes, users: int, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while await left_behind(routes, users):
-            await asyncio.sleep(0.05)
+async def gone(routes: Routes, users: int) -> bool:
+    """Whether none of ``users``' registry entries is left."""
+    return not await left_behind(routes, users)
 
 
 def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:
@@ -64,7 +70,7 @@ def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:
         remover = asyncio.create_task(routes.remove_departed())
         for uid in range(1, users + 1):
             routes.leave(str(uid), f"c{uid}")
-        await until_gone(routes, users, 10)
+        await wait_for_async(lambda: gone(routes, users), 10, "every departure removed")
         remover.cancel()
         await client.aclose()
         return len(made)
@@ -93,14 +99,15 @@ def test_departures_wait_out_a_redis_outage(
         proxy.cut()
         for uid in range(1, users + 1):
             routes.leave(str(uid), f"c{uid}")
-        async with asyncio.timeout(20):  # the remover fails against the cut, and restarts
-            while caplog.text.count("loop departures failed") < 2:
-                await asyncio.sleep(0.05)
+        await wait_for_async(  # the remover fails against the cut, and restarts
+            lambda: caplog.text.count("loop departures failed") >= 2, 20, "two failed runs"
+        )
         assert not died
         assert not remover.done()
         assert await left_behind_directly(own.url, users) == 2 * users  # nothing removed
         proxy.restore()
-        await until_gone(routes, users, 20)  # the departures were kept, not dropped
+        # The departures were kept, not dropped.
+        await wait_for_async(lambda: gone(routes, users), 20, "every departure removed")
         remover.cancel()
         await client.aclose()
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from pmq.reactor import http as pmq_http
 from pmq.reactor.http import HttpRequest, HttpResponse, HttpServer, Router, json_response
-from tests.helpers import Node
+from tests.helpers import Node, wait_for_async
 from tests.test_fuzz_kit import budget, fuzz_node, tally, unharmed
 
 # In process: one connection, its reads cut at random --------------------------------------
@@ -147,10 +147,9 @@ async def serve(stream: bytes, cuts: list[int]) -> tuple[bytes, bool]:
         for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
             conn.data_received(stream[start:end])
             await asyncio.sleep(0)
-        deadline = time.monotonic() + 5
-        while conn.task is not None or conn.queue:
-            assert time.monotonic() < deadline, "requests left unanswered"
-            await asyncio.sleep(0)
+        await wait_for_async(
+            lambda: conn.task is None and not conn.queue, 5, "every request answered", interval=0
+        )
         return bytes(transport.written), transport.ended
     finally:
         conn.connection_lost(None)

@@ -26,6 +26,7 @@ from pmq.reactor.http import (
     json_response,
     start_http_server,
 )
+from tests.helpers import wait_for_async
 
 DEADLINE = 5.0
 KEY = "s3cret"
@@ -47,15 +48,6 @@ def each_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(asyncio.wait_for(test(), 4 * DEADLINE))
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Yield to the loop until ``condition()`` holds, failing after DEADLINE seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0)
 
 
 class Response:
@@ -427,14 +419,16 @@ def test_pipelined_requests_are_answered_in_order() -> None:
         await client.send(
             "".join(get.format(p) for p in ("/slow", "/fast/1", "/x", "/fast/2")).encode()
         )
-        await wait_until(lambda: server.in_flight == 4 and bool(started))
+        await wait_for_async(
+            lambda: server.in_flight == 4 and bool(started), DEADLINE, "four in flight, one started"
+        )
         assert started == ["slow"]  # the rest wait their turn
         release.set()
         replies = [await client.response() for _ in range(4)]
         assert [r.status for r in replies] == [200, 200, 404, 200]
         assert [r.json()["data"].get("n") for r in replies] == ["slow", "1", None, "2"]
         assert started == ["slow", "1", "2"]
-        await wait_until(lambda: server.in_flight == 0)
+        await wait_for_async(lambda: server.in_flight == 0, DEADLINE, "no request in flight")
         client.close()
         await server.drain(DEADLINE)
 
@@ -451,7 +445,7 @@ def test_many_pipelined_requests_in_one_write() -> None:
         for i in range(count):
             reply = await client.response()
             assert reply.json()["data"]["uid"] == str(i)
-        await wait_until(lambda: server.in_flight == 0)
+        await wait_for_async(lambda: server.in_flight == 0, DEADLINE, "no request in flight")
         client.close()
         await server.drain(DEADLINE)
 
@@ -517,7 +511,11 @@ def test_drain_waits_for_in_flight_request() -> None:
         server = await serve(router)
         busy, idle = await Client.connect(server), await Client.connect(server)
         await busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        await wait_until(lambda: server.in_flight == 1 and len(server.connections) == 2)
+        await wait_for_async(
+            lambda: server.in_flight == 1 and len(server.connections) == 2,
+            DEADLINE,
+            "one in flight, two connections",
+        )
         drain = asyncio.create_task(server.drain(DEADLINE))
         assert await idle.closed()  # idle keep-alive connections go at once
         assert not drain.done()
@@ -549,7 +547,7 @@ def test_drain_deadline_cancels_and_counts() -> None:
         server = await serve(router)
         client = await Client.connect(server)
         await client.send(b"GET /stuck HTTP/1.1\r\nHost: t\r\n\r\n")
-        await wait_until(lambda: server.in_flight == 1)
+        await wait_for_async(lambda: server.in_flight == 1, DEADLINE, "one request in flight")
         assert await server.drain(0.05) == 1
         assert cancelled.is_set()
         assert server.in_flight == 0
@@ -694,7 +692,7 @@ def test_408_waits_for_the_replies_owed_before_it() -> None:
         server = await serve(router, request_timeout=TIMEOUT)
         client = await Client.connect(server)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /heal")  # and stall
-        await wait_until(lambda: server.timed_out == 1)
+        await wait_for_async(lambda: server.timed_out == 1, DEADLINE, "a timed-out request")
         release.set()
         first, second = await client.response(), await client.response()
         assert (first.status, first.headers["connection"]) == (200, "keep-alive")
@@ -736,7 +734,7 @@ def test_connections_over_max_connections_are_answered_503() -> None:
         assert (server.served, server.refused) == (2, 1)
         assert (await first.request("GET", "/healthz")).status == 200  # served ones carry on
         second.close()
-        await wait_until(lambda: server.served == 1)
+        await wait_for_async(lambda: server.served == 1, DEADLINE, "one connection served")
         third = await Client.connect(server)
         assert (await third.request("GET", "/healthz")).status == 200
         first.close()

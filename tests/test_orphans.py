@@ -19,9 +19,17 @@ import redis
 from pmq.keys import Keys
 from pmq.tasks.fanout import BroadcastFanout
 from pmq.tasks.owners import OwnerLease, legacy_owners
-from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, wait_for, ws_client
+from tests.helpers import (
+    Ingest,
+    MysqlDatabase,
+    Node,
+    TcpProxy,
+    wait_for,
+    wait_for_async,
+    ws_client,
+)
 from tests.test_redis_loss import sqlite_rows
-from tests.test_tasks import connect, msg_op, until
+from tests.test_tasks import connect, msg_op
 
 SHARDS = 4
 
@@ -66,7 +74,7 @@ def test_a_live_owner_keeps_its_list_until_it_stops_renewing(keys: Keys) -> None
                 assert await other.reclaim() == 0
                 await asyncio.sleep(0.5)
             assert await r.llen(keys.store_taken("busy:1", "b0")) == 50
-            await until(other.reclaim, "the take-over once busy:1 stopped renewing", 5)
+            await wait_for_async(other.reclaim, 5, "the take-over once busy:1 stopped renewing")
             assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
             assert not await owner.renew()  # it learns that its lease had lapsed
 
@@ -89,7 +97,7 @@ def test_a_slot_named_list_is_adopted_with_one_lease_then_taken_over(keys: Keys)
             assert await live.adopt(legacy) == 0  # registered once, its lease not extended
             assert await r.zrange(keys.store_owners("b0"), 0, -1) == [b"old-node:2"]
             assert await live.reclaim() == 0  # within its lease
-            await until(live.reclaim, "the take-over once the lease expired", 5)
+            await wait_for_async(live.reclaim, 5, "the take-over once the lease expired")
             assert await r.lrange(keys.store_queue("b0"), 0, -1) == ops
             assert not await r.exists(keys.store_owners("b0"), keys.broadcast_owners())
 
@@ -112,7 +120,7 @@ def test_a_broadcast_taken_by_a_dead_worker_is_published_by_a_live_one(keys: Key
             fanout = BroadcastFanout(r, keys, owners)
             tasks = [asyncio.create_task(owners.run()), asyncio.create_task(fanout.run())]
             try:
-                await until(lambda: fanout.published == 1, "the broadcast published")
+                await wait_for_async(lambda: fanout.published == 1, 20, "the broadcast published")
                 for _ in range(10):  # the subscription's confirmation comes first
                     heard = await pubsub.get_sharded_message(True, timeout=1)
                     if heard is not None:

@@ -25,7 +25,16 @@ from pmq.batching import Batcher
 from pmq.durability import Confirm, NotDurable
 from pmq.keys import Keys
 from pmq.redispipe import Endpoint, Pipe
-from tests.helpers import Ingest, Node, RedisServer, TcpProxy, WsClient, wait_for, ws_client
+from tests.helpers import (
+    Ingest,
+    Node,
+    RedisServer,
+    TcpProxy,
+    WsClient,
+    wait_for,
+    wait_for_async,
+    ws_client,
+)
 
 WAITAOF_SERVER = str(get_binary_path())
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
@@ -211,10 +220,11 @@ def test_one_waitaof_per_batch(servers) -> None:
 
 async def waitaof_blocks(client: aioredis.Redis) -> None:
     """Return once a client of ``client``'s server is blocked (in WAITAOF)."""
-    deadline = time.monotonic() + 10
-    while int((await client.info("clients"))["blocked_clients"]) < 1:
-        assert time.monotonic() < deadline, "no WAITAOF blocked"
-        await asyncio.sleep(0.01)
+
+    async def blocked() -> bool:
+        return int((await client.info("clients"))["blocked_clients"]) >= 1
+
+    await wait_for_async(blocked, 10, "a WAITAOF to block")
 
 
 def test_a_waitaof_that_times_out_stalls_neither_later_writes_nor_relays(servers) -> None:

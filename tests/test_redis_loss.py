@@ -39,6 +39,7 @@ from tests.helpers import (
     NoDelivery,
     RedisServer,
     wait_for,
+    wait_for_async,
     ws_client,
 )
 
@@ -203,8 +204,11 @@ def test_the_registry_beats_while_every_pooled_connection_is_busy(redis_prefix: 
         registry = aioredis.Redis.from_url(REDIS_URL)
         routes = Routes(busy, keys, "w1", 5, NoDelivery(), registry=registry)
         held = asyncio.create_task(busy.blpop([f"{redis_prefix}never"], 0))
-        while not any(c.get("cmd") == "blpop" for c in await registry.client_list()):
-            await asyncio.sleep(0.01)  # the one pooled connection is taken
+
+        async def taken() -> bool:  # the one pooled connection
+            return any(c.get("cmd") == "blpop" for c in await registry.client_list())
+
+        await wait_for_async(taken, 10, "the pooled connection to be taken")
         await routes.restore([("7", "c1", ())])
         assert await routes.beat()  # it found its entries
         assert await routes.refresh(["7", "8"]) == {"8"}  # 8's entries are gone (expired)

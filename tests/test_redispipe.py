@@ -21,15 +21,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pmq import redispipe
-from tests.helpers import REDIS_URL, RedisServer
-
-
-async def until(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+from tests.helpers import REDIS_URL, RedisServer, wait_for_async
 
 
 def endpoint(url: str) -> redispipe.Endpoint:
@@ -194,7 +186,7 @@ def test_subscription_handles_every_message_in_order_and_serves_the_loop_meanwhi
             for i in range(count):
                 pipe.execute_command("SPUBLISH", channel, str(i))
             await pipe.execute()
-            await until(lambda: len(seen) == count, f"{count} messages")
+            await wait_for_async(lambda: len(seen) == count, 10, f"{count} messages")
         finally:
             ticking.cancel()
             reading.cancel()
@@ -228,7 +220,7 @@ def test_subscription_raises_on_a_restart_and_recovers(tmp_path: Path) -> None:
             reading = asyncio.create_task(subscription.dispatch())
             async with aioredis.Redis.from_url(server.url) as publisher:
                 assert await publisher.execute_command("SPUBLISH", "ch", "again") == 1
-            await until(lambda: seen, "the message after the restart")
+            await wait_for_async(lambda: seen, 10, "the message after the restart")
         finally:
             reading.cancel()
             await subscription.close()

@@ -31,9 +31,8 @@ from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.messaging import publish
 from pmq.routing import Routes
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer, wait_for
+from tests.helpers import REDIS_URL, NoDelivery, RedisServer, wait_for, wait_for_async
 from tests.test_redis_cluster import RedisClusterServers
-from tests.test_redispipe import until
 
 INCR = "return redis.call('INCR', KEYS[1])"
 
@@ -213,7 +212,7 @@ def test_a_publish_whose_relay_is_cut_is_accepted_once_and_not_raised(redis_pref
             await relay_batch.call("PING")
             cutter.arm()
             _, reached = await publish(inbox, routes, ["42"], "notice", None, {"n": 1})
-            await until(lambda: got, "the relay")
+            await wait_for_async(lambda: got, 10, "the relay")
             pending = [m["id"] for m in await inbox.pending("42", None, 0, 10)]
             return cutter.cuts, reached, pending, len(got)
         finally:
@@ -242,19 +241,6 @@ def announce(servers: RedisClusterServers, owner: int, port: int) -> None:
     with contextlib.closing(redis.Redis(port=owner)) as node:
         node.config_set("cluster-announce-port", port)
     wait_for(lambda: all(port in announced_ports(p) for p in servers.ports), 20, "gossip")
-
-
-async def succeeds(call: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
-    """The first result of ``call`` that is not a connection error (one that is a redirect
-    or a failed topology refresh is); fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except RedisConnectionError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout}s waiting for {what}")
-            await asyncio.sleep(0.05)
 
 
 @pytest.mark.skipif(shutil.which("redis-cli") is None, reason="a Redis Cluster needs redis-cli")
@@ -302,7 +288,17 @@ def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_pat
             # The master moves back to its own port and the proxy's address goes dead.
             await cutter.close()
             await asyncio.to_thread(announce, servers, owner, owner)
-            seen.append(await succeeds(lambda: client.get(key), "the master at its new address"))
+
+            async def found_again() -> list[Any] | None:
+                """[the reply], or None for a connection error (a redirect or a failed
+                topology refresh) while the client looks for the master."""
+                try:
+                    return [await client.get(key)]
+                except RedisConnectionError:
+                    return None
+
+            [found] = await wait_for_async(found_again, 20, "the master at its new address")
+            seen.append(found)
             seen.append(await client.eval(INCR, 1, key))
             return seen
         finally:

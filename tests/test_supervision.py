@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from pmq.errors import StorageError, WorkerExit
 from pmq.keys import Keys
 from pmq.workers.base import supervise
-from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
+from tests.helpers import REDIS_URL, Ingest, Node, wait_for, wait_for_async, ws_client
 
 
 class Flaky:
@@ -91,8 +91,7 @@ def test_cancelling_stops_the_loop_even_during_its_pause() -> None:
     async def scenario() -> int:
         loop = Flaky(*(OSError("reset") for _ in range(100)))
         task = asyncio.create_task(supervise("flaky", loop.run, lambda *_: None))
-        while loop.runs < 1:
-            await asyncio.sleep(0.01)
+        await wait_for_async(lambda: loop.runs >= 1, 10, "the first run")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

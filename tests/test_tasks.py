@@ -8,7 +8,6 @@ conditions are polled with deadlines, never slept for.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 import time
@@ -35,7 +34,15 @@ from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
-from tests.helpers import REDIS_URL, MysqlDatabase, Node, NoDelivery, TcpProxy, wait_for
+from tests.helpers import (
+    REDIS_URL,
+    MysqlDatabase,
+    Node,
+    NoDelivery,
+    TcpProxy,
+    wait_for,
+    wait_for_async,
+)
 
 SHARDS = 4
 OWNER = "test-node:1"
@@ -118,21 +125,6 @@ async def connect() -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
-    """Poll ``condition`` (a function returning a value or an awaitable of one) until it is
-    truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 LEASE = 1.0  # seconds: a writer of these tests is taken over this soon after it stops
 
 
@@ -189,8 +181,10 @@ def test_writer_stores_1000_queued_messages(store: Store, keys: Keys) -> None:
             await r.rpush(keys.store_queue(), *[op for _, op in ops])
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(caught_up(r, keys, store, 1000), "1,000 rows in the store")
-                await until(lambda: writer.batches == 2, "the second batch to be counted")
+                await wait_for_async(caught_up(r, keys, store, 1000), 20, "1,000 rows in the store")
+                await wait_for_async(
+                    lambda: writer.batches == 2, 20, "the second batch to be counted"
+                )
             assert (writer.written, writer.batches, writer.errors) == (1000, 2, 0)
             assert writer.stats() == {
                 "written": 1000, "acked": 0, "errors": 0, "dead": 0, "reclaimed": 0
@@ -216,10 +210,12 @@ def test_writer_lingers_after_a_small_batch_so_a_stream_is_written_in_few(
             owners = OwnerLease(r, keys, OWNER, LEASE)
             writer = StorageWriter(r, keys, sqlite_store, owners, asyncio.to_thread, linger=2.0)
             async with running(writer):
-                await until(lambda: writer.batches == 1, "the first, one-item batch")
+                await wait_for_async(lambda: writer.batches == 1, 20, "the first, one-item batch")
                 for op in ops[1:]:  # one at a time, as publishes arrive
                     await r.rpush(keys.store_queue(), op)
-                await until(caught_up(r, keys, sqlite_store, 51), "51 rows in the store")
+                await wait_for_async(
+                    caught_up(r, keys, sqlite_store, 51), 20, "51 rows in the store"
+                )
             assert (writer.written, writer.batches) == (51, 2)
 
     asyncio.run(scenario())
@@ -236,10 +232,10 @@ def test_writer_applies_acks_after_the_messages_of_their_batch(store: Store, key
             await inbox.ack("7", [seven[0], seven[2]])  # queued behind the messages
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(caught_up(r, keys, store, 4), "4 rows")
-                await until(lambda: writer.acked == 2, "2 acks")
+                await wait_for_async(caught_up(r, keys, store, 4), 20, "4 rows")
+                await wait_for_async(lambda: writer.acked == 2, 20, "2 acks")
                 await inbox.ack("8", eight)  # a later batch
-                await until(lambda: writer.acked == 3, "3 acks")
+                await wait_for_async(lambda: writer.acked == 3, 20, "3 acks")
             return seven
 
     seven = asyncio.run(scenario())
@@ -260,11 +256,11 @@ def test_ack_reaching_the_store_before_its_message_is_retried(
             await r.rpush(keys.store_queue(), ack_op(5, [early]), ack_op(5, [never]))
             writer = new_writer(r, keys, sqlite_store)
             async with running(writer):
-                await until(lambda: writer.batches == 1, "the ack batch")
+                await wait_for_async(lambda: writer.batches == 1, 20, "the ack batch")
                 # Another writer's batch, holding the message, commits after the ack ran.
                 await asyncio.to_thread(sqlite_store.write_messages, [stored(early, 5)])
-                await until(lambda: writer.acked == 1, "the retried ack")
-                await until(lambda: writer.deferred == 0, "giving up on never")
+                await wait_for_async(lambda: writer.acked == 1, 20, "the retried ack")
+                await wait_for_async(lambda: writer.deferred == 0, 20, "giving up on never")
             assert writer.acked == 1
 
     asyncio.run(scenario())
@@ -283,8 +279,10 @@ def test_taken_list_of_a_killed_predecessor_is_written_once(store: Store, keys: 
             await r.rpush(keys.store_queue(), *queued)
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(caught_up(r, keys, store, 500, "dead-node:2"), "500 rows")
-                await until(caught_up(r, keys, store, 500), "the writer's own list empty")
+                await wait_for_async(caught_up(r, keys, store, 500, "dead-node:2"), 20, "500 rows")
+                await wait_for_async(
+                    caught_up(r, keys, store, 500), 20, "the writer's own list empty"
+                )
             assert await r.zscore(keys.store_owners(), "dead-node:2") is None  # unregistered
             return writer
 
@@ -315,7 +313,7 @@ def test_malformed_items_are_dead_lettered_and_the_rest_written(
             await r.rpush(keys.store_queue(), first_op, *bad, last_op)
             writer = new_writer(r, keys, sqlite_store)
             async with running(writer):
-                await until(caught_up(r, keys, sqlite_store, 2), "the two good rows")
+                await wait_for_async(caught_up(r, keys, sqlite_store, 2), 20, "the two good rows")
             return writer, await r.lrange(keys.store_dead(), 0, -1)
 
     writer, dead = asyncio.run(scenario())
@@ -343,14 +341,16 @@ def test_storage_outage_holds_the_queue_and_loses_nothing(
             writer = new_writer(r, keys, store)
             async with running(writer):
                 await r.rpush(keys.store_queue(), warm_op)  # the pool now holds a connection
-                await until(caught_up(r, keys, store, 1), "the first row")
+                await wait_for_async(caught_up(r, keys, store, 1), 20, "the first row")
                 await asyncio.to_thread(proxy.cut)
                 await r.rpush(keys.store_queue(), *[op for _, op in ops])
-                await until(lambda: writer.errors >= 3, "failed retries")
+                await wait_for_async(lambda: writer.errors >= 3, 20, "failed retries")
                 assert await r.llen(keys.store_taken(OWNER)) == 500  # the batch being retried
                 assert await r.llen(keys.store_queue()) == 500  # the rest waits
                 await asyncio.to_thread(proxy.restore)
-                await until(caught_up(r, keys, store, 1001), "1,001 rows after the outage")
+                await wait_for_async(
+                    caught_up(r, keys, store, 1001), 20, "1,001 rows after the outage"
+                )
             return writer
 
     try:
@@ -381,15 +381,15 @@ def test_stopping_during_an_outage_keeps_or_hands_back_the_batch(
             # A fast stop (or kill -9) mid-batch: the batch stays taken until its lease expires.
             writer = new_writer(r, keys, store)
             async with running(writer):
-                await until(lambda: writer.errors >= 1, "a failed write")
+                await wait_for_async(lambda: writer.errors >= 1, 20, "a failed write")
             assert await r.lrange(taken, 0, -1) == ops[:500]
             # Another writer takes it over then; stopped gracefully while the store is still
             # down, it puts every item back on the queue.
             successor = new_writer(r, keys, store, owner="successor:1")
             task = asyncio.create_task(successor.run())
             lease = asyncio.create_task(successor.owners.run())
-            await until(lambda: successor.owners.reclaimed == 500, "the take-over")
-            await until(lambda: successor.errors >= 1, "the successor's try")
+            await wait_for_async(lambda: successor.owners.reclaimed == 500, 20, "the take-over")
+            await wait_for_async(lambda: successor.errors >= 1, 20, "the successor's try")
             assert await successor.drain(timeout=0.3) == 0
             assert task.done()
             assert lease.done()  # the drain ended the renewals before leaving the registry
@@ -400,7 +400,9 @@ def test_stopping_during_an_outage_keeps_or_hands_back_the_batch(
             await asyncio.to_thread(proxy.restore)
             other = new_writer(r, keys, store, owner="other-node:1")
             async with running(other):
-                await until(caught_up(r, keys, store, 1000, "other-node:1"), "1,000 rows")
+                await wait_for_async(
+                    caught_up(r, keys, store, 1000, "other-node:1"), 20, "1,000 rows"
+                )
             assert await other.drain(timeout=1) == 0
 
     try:
@@ -425,7 +427,9 @@ def test_drain_finishes_the_batch_in_progress(sqlite_store: Store, keys: Keys) -
             await r.rpush(keys.store_queue(), *ops)
             writer = StorageWriter(r, keys, sqlite_store, OwnerLease(r, keys, OWNER, LEASE), gated)
             task = asyncio.create_task(writer.run())
-            await until(lambda: r.llen(keys.store_taken(OWNER)), "the batch to be taken")
+            await wait_for_async(
+                lambda: r.llen(keys.store_taken(OWNER)), 20, "the batch to be taken"
+            )
             drain = asyncio.create_task(writer.drain(timeout=10))
             await asyncio.sleep(0.1)
             assert not drain.done() and not task.done()  # waiting for the batch in progress
@@ -572,7 +576,7 @@ def test_one_sweeper_of_the_cluster_holds_the_lock(sqlite_store: Store, keys: Ke
             task = asyncio.create_task(other.run())
             try:
                 other.interval = 0.05
-                await until(lambda: other.sweeps >= 3, "sweeps on a timer")
+                await wait_for_async(lambda: other.sweeps >= 3, 20, "sweeps on a timer")
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -769,7 +773,7 @@ def test_writer_takes_from_every_bucket_and_the_chat_queue(
                 return not await r.exists(*lists) and store.count_messages() == 160
 
             async with running(writer):
-                await until(done, "160 rows and every queue and taken list empty")
+                await wait_for_async(done, 20, "160 rows and every queue and taken list empty")
             assert writer.written == 160
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import text_frame
 from pmq.reactor.unread import UnreadPusher
 from pmq.unread import Unread
+from tests.helpers import wait_for_async
 
 INTERVAL = 0.3
 
@@ -62,13 +63,6 @@ class FakeUnread(Unread):
         return {g: TIMES.get(g, []) for g in groups}
 
 
-async def until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 def test_badges_wait_for_a_fan_out_and_one_interval_after_it() -> None:
     table = FakeTable("7", "8")
     pusher = UnreadPusher(INTERVAL, table, FakeUnread())  # type: ignore[arg-type]
@@ -78,13 +72,14 @@ def test_badges_wait_for_a_fan_out_and_one_interval_after_it() -> None:
         try:
             began = time.monotonic()
             pusher.changed("7")
-            await until(lambda: table.sent)  # no fan-out: within about an interval
+            # No fan-out: within about an interval.
+            await wait_for_async(lambda: table.sent, 5, "the first badge")
             first = table.sent[0][1] - began
             with pusher.held():  # a fan-out lasting three intervals
                 pusher.changed("8")
                 await asyncio.sleep(3 * INTERVAL)
             released = time.monotonic()
-            await until(lambda: len(table.sent) == 2)
+            await wait_for_async(lambda: len(table.sent) == 2, 5, "the second badge")
             return first, released, table.sent[1][1]
         finally:
             running.cancel()
