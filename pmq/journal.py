@@ -8,9 +8,10 @@ FLUSHALL), the queue would go with everything else and the message be lost, what
 
 So the worker that queued an operation also keeps it, in memory, for KEEP_SECONDS. Once a
 second it reads the Redis marks of its buckets (pmq.epochs): a bucket whose epoch it saw
-vanish or change has lost data, and so has one whose first epoch seen is a recovery's, and the worker queues again every operation it kept for
-that bucket, together with the cold flag of each user concerned, so the inbox reads storage
-for them once the writer has written the operations back. Writes are idempotent by id
+vanish or change has lost data, and so has one whose first epoch seen is a recovery's
+(above 1). The worker then queues again every operation it kept for that bucket, together
+with the cold flag of each user concerned, so the inbox reads storage for them once the
+writer has written the operations back. Writes are idempotent by id
 (a row that is already stored is left as it is, acked or not), so queueing again what had
 reached storage, or what the emptied Redis never lost, writes nothing twice. The shared
 queues (broadcasts, chat) have no mark of their own: their operations are queued again when
