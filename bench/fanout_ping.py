@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 from websockets.sync.client import ClientConnection, connect
 
+from bench.chaos_rig import wait_until
 from bench.common import Target, emit, load_average, log, node_status, percentiles
 from bench.run_node import free_port
 from bench.soak import commit, start_node, start_redis, stop_process
@@ -75,14 +76,6 @@ def socket_workers(target: Target) -> list[dict[str, Any]]:
     return [w for w in status["workers"] if w["kind"] == "socket" and not w["retiring"]]
 
 
-def wait_until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + LIMIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {LIMIT:g} s")
-        time.sleep(0.1)
-
-
 def broadcast(target: Target, body: dict[str, Any], key: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", target.ingest_port, timeout=LIMIT)
     try:
@@ -113,6 +106,7 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     try:
         wait_until(
             lambda: sum(w.get("connections", 0) for w in socket_workers(target)) == args.clients,
+            LIMIT,
             "connections reported",
         )
         token = mint_token(target.secret, 9999, ttl=3600)
@@ -128,6 +122,7 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         wait_until(
             lambda: sum(w.get("broadcast_deliveries", 0) for w in socket_workers(target))
             >= wanted,
+            LIMIT,
             "delivery of every broadcast",
         )
         stalls = [w["fanout_max_stall_ms"] for w in socket_workers(target)]
