@@ -44,8 +44,8 @@ from pmq.keys import Keys
 from pmq.kicks import Kicks, issued_before, now_ms
 from pmq.locks import Lock
 from pmq.log import Throttled
-from pmq.protocol import Role, is_uid
 from pmq.store import sqlite_path
+from pmq.wire.client import Role, is_uid
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = Throttled(log)

@@ -28,6 +28,7 @@ from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import SHARED, StoreJournal
 from pmq.keys import BROADCAST_TAG, Keys, key_template
+from pmq.wire.client import Message
 
 ALL = "all"
 
@@ -139,17 +140,7 @@ class Broadcasts:
         """Keep and queue one broadcast; a repeat of its key within the window is a duplicate."""
         message_id = self.ids.next()
         now = int(time.time() * 1000)
-        wire = orjson.dumps(
-            {
-                "id": str(message_id),
-                "kind": kind,
-                "from": None,
-                "to": None,
-                "group": group,
-                "body": body,
-                "ts": now,
-            }
-        )
+        wire = Message(message_id, kind, None, None, body, now, group).encode()
         item = b'{"group":' + orjson.dumps(group) + b',"msg":' + wire + b"}"
         storage_op = b'{"op":"broadcast",' + item[1:]  # the storage writer's (pmq.tasks.writer)
         keys = [

@@ -38,8 +38,8 @@ from pmq.journal import SHARED
 from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.locks import Lock
 from pmq.messaging import publish
-from pmq.protocol import Code, FrameType, Kind, encode_event
 from pmq.routing import Routes
+from pmq.wire.client import Code, FrameType, Kind, encode_event
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
 DRAIN_MAX = 100  # queued sessions assigned per script call

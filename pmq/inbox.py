@@ -39,7 +39,7 @@ from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.locks import delete_if
-from pmq.protocol import Kind
+from pmq.wire.client import Message
 
 PUBLISH_DEDUPE_SECONDS = 86400
 
@@ -124,34 +124,6 @@ if #queued > 0 then
 end
 return {removed, cold}
 """
-
-
-class Message(NamedTuple):
-    """A unicast message as clients see it (SPEC 3 push frame ``msg``). A named tuple: a
-    publish makes one per recipient, and a frozen dataclass's __init__ sets every field
-    through object.__setattr__."""
-
-    id: int
-    kind: str
-    sender: str | None
-    to: str
-    body: Any
-    ts: int
-
-    def wire(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "kind": self.kind,
-            "from": self.sender,
-            "to": self.to,
-            "body": self.body,
-            "ts": self.ts,
-        }
-
-    @property
-    def counts_unread(self) -> bool:
-        """A comment on one's own content counts nothing (SPEC 4)."""
-        return not (self.kind == Kind.COMMENT and self.sender == self.to)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -263,7 +235,7 @@ class Inbox:
                 repeated += _repeated([messages[i] for i in indexes], wires, conns)
                 continue
             duplicate = False
-            new_recipients += [messages[i].to for i in indexes]
+            new_recipients += [recipients[i] for i in indexes]
             encoded += wires
             connections += conns
             unread += states
@@ -287,18 +259,19 @@ class Inbox:
         encoded = []
         ops = []
         for m in messages:
-            wire = orjson.dumps(m.wire())
+            wire = m.encode()
             encoded.append(wire)
             op = b'{"op":"msg","msg":' + wire + b"}"
             ops.append(op)
-            keys += self.keys.publish_keys(m.to)
+            to = cast(str, m.to)  # a unicast message always names its recipient
+            keys += self.keys.publish_keys(to)
             args += [
                 m.id,
                 # Scored by the id's own time, not m.ts: ids made over several milliseconds
                 # (a large multicast, another worker) must never score below an older id's
                 # time, or hot()'s range from timestamp_ms(after) would skip them.
                 timestamp_ms(m.id),
-                m.to,
+                to,
                 wire,
                 m.kind if m.counts_unread else "",
                 op,
@@ -424,7 +397,7 @@ def _repeated(
     """A repeat's (recipient, wire JSON, connections) of the first messages still unacked
     (a wire of b'' was acked: it went to its user)."""
     return [
-        (m.to, wire, live)
+        (cast(str, m.to), wire, live)
         for m, wire, live in zip(messages, wires, conns, strict=False)
         if wire and live
     ]

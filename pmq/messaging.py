@@ -10,15 +10,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.inbox import Accepted, Inbox
-from pmq.protocol import ID_PREFIX as ID_PREFIX  # re-exported: the push frame's format
-from pmq.protocol import PUSH_PREFIX
-from pmq.protocol import message_id_of as message_id_of
 from pmq.routing import Routes
+from pmq.wire.client import push_frame
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +26,6 @@ def counters(kind: str) -> tuple[Any, Any]:
         metrics.buffered(metrics.MESSAGES_ACCEPTED.labels(kind)),
         metrics.buffered(metrics.MESSAGES_DELIVERED.labels(kind)),
     )
-
-
-def push_frame(message_json: bytes) -> bytes:
-    """The push frame around an already encoded message (encoded once for every socket)."""
-    return PUSH_PREFIX + message_json + b"}"
-
-
-def push_of(message: dict[str, Any]) -> tuple[bytes, int]:
-    """The push frame of a message as clients see it, and its id."""
-    return push_frame(orjson.dumps(message)), int(message["id"])
 
 
 async def publish(

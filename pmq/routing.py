@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from pmq import metrics
 from pmq.batching import Batcher
 from pmq.keys import Keys
-from pmq.protocol import message_id_of
+from pmq.wire.client import message_id_of
 
 log = logging.getLogger(__name__)
 DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)

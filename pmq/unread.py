@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from pmq.broadcast import groups_of
 from pmq.keys import Keys
-from pmq.protocol import UNREAD_KINDS, Kind
+from pmq.wire.client import UNREAD_KINDS, Kind
 
 # KEYS: per user, the unread hash then the last-read hash. Returns per user a list: the
 # unread hash's field/value pairs, then the time of the user's last clear of system (or 0).

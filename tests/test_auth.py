@@ -35,8 +35,8 @@ from pmq.config import AuthConfig, Config, StorageConfig
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
 from pmq.kicks import Kicks, issued_before
-from pmq.protocol import Role
-from tests.helpers import GOOD_ANSWER, UserCentre, wait_for
+from pmq.wire.client import Role
+from tests.helpers import GOOD_ANSWER, UserCentre, wait_for, wait_for_async
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SECRET = "test-secret-" + "x" * 40
@@ -446,8 +446,8 @@ def test_http_cancelled_waiter_does_not_cancel_the_others(centre: UserCentre) ->
     async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> Identity:
         first = asyncio.create_task(auth.authenticate("good-slow"))
         second = asyncio.create_task(auth.authenticate("good-slow"))
-        await asyncio.sleep(0.05)
-        first.cancel()
+        await wait_for_async(lambda: centre.calls.get("good-slow"), 5, "the lookup")
+        first.cancel()  # both wait on the one lookup by now
         return await second
 
     assert with_http_auth(centre.url, scenario).uid == "123"
@@ -522,7 +522,7 @@ def test_http_answer_in_flight_at_a_kick_is_not_cached(centre: UserCentre) -> No
     async def scenario(auth: HttpAuthenticator, redis: Redis, keys: Keys) -> None:
         centre.script("good-racing", (200, json.dumps(GOOD).encode(), 0.5))
         asking = asyncio.create_task(auth.authenticate("good-racing"))
-        await asyncio.to_thread(wait_for, lambda: centre.calls.get("good-racing"), 5, "a call")
+        await wait_for_async(lambda: centre.calls.get("good-racing"), 5, "a call")
         await auth.revoke("123")
         assert (await asking).uid == "123"
         assert await redis.exists(cache_key(keys, "good-racing")) == 0

@@ -15,9 +15,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from pmq.auth import Identity
 from pmq.keys import Keys
-from pmq.messaging import ID_PREFIX
 from pmq.reactor import fanout
 from pmq.reactor.connections import Client, ConnectionTable
+from pmq.wire.client import ID_PREFIX
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 from tests.test_relay_gap import Socket
 

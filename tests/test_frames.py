@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 from websockets.frames import Frame, Opcode
 
-from pmq.messaging import message_id_of, push_of
-from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import first_frame_size, text_frame
+from pmq.wire.client import FrameType, encode_event, message_id_of, push_of
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70000])

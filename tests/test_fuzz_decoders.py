@@ -16,14 +16,11 @@ import redis.asyncio as aioredis
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pmq import protocol
 from pmq.broadcast import encode_fanout
 from pmq.errors import ActionError
 from pmq.handlers import cs, msg, unread
 from pmq.handlers.base import int_field
 from pmq.keys import Keys
-from pmq.messaging import message_id_of
-from pmq.protocol import Code, ProtocolError
 from pmq.reactor import ingest
 from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.fanout import Fanout
@@ -40,6 +37,15 @@ from pmq.routing import (
     message_payload,
 )
 from pmq.tasks.queueops import parse_batch
+from pmq.wire.client import (
+    ACTION_PATTERN,
+    MAX_REQUEST_ID,
+    Code,
+    ProtocolError,
+    message_id_of,
+    parse_request,
+    push_frame,
+)
 from tests.helpers import REDIS_URL
 from tests.test_fuzz_kit import JSON, SCALARS, budget, json_object_with, tally
 
@@ -218,7 +224,7 @@ def test_relay_messages_as_sent_are_delivered(routes: Routes) -> None:
     """The other side of the property: what PMQ itself sends is not dropped."""
     delivery = routes.local
     assert isinstance(delivery, StrictDelivery)
-    frame = protocol.encode_push({"id": "42", "kind": "comment"})
+    frame = push_frame(b'{"id":"42","kind":"comment"}')
     payload = message_payload(frame, [b"comment", b"3", b"1700000000000"])
     routes.on_message({"channel": b"ch", "data": encode_relay(OP_MESSAGE, "7", payload, 1.0)})
     routes.on_message({"channel": b"ch", "data": encode_relay(OP_PUSH, "7", frame, 1.0)})
@@ -258,7 +264,7 @@ def test_broadcast_messages_are_queued_readable_or_dropped(data: bytes) -> None:
 
 def test_broadcast_as_published_is_queued() -> None:
     fanout = Fanout(ConnectionTable(), unread=None)  # type: ignore[arg-type]
-    frame = protocol.encode_push({"id": "42", "kind": "system"})
+    frame = push_frame(b'{"id":"42","kind":"system"}')
     fanout.on_message({"channel": b"ch", "data": encode_fanout("all", frame)})
     assert fanout.queue.get_nowait() == ("all", frame)
 
@@ -290,14 +296,14 @@ FRAME = st.one_of(
 def test_client_frames_parse_or_say_what_is_wrong(frame: str | bytes) -> None:
     tally("client envelope: parse_request")
     try:
-        request = protocol.parse_request(frame)
+        request = parse_request(frame)
     except ProtocolError as exc:
         assert exc.code == Code.BAD_REQUEST and exc.msg
         assert exc.request_id is None or isinstance(exc.request_id, str)
         return
-    assert protocol.ACTION_PATTERN.fullmatch(request.action)
+    assert ACTION_PATTERN.fullmatch(request.action)
     assert isinstance(request.data, dict)
-    assert request.id is None or len(request.id) <= protocol.MAX_REQUEST_ID
+    assert request.id is None or len(request.id) <= MAX_REQUEST_ID
 
 
 # Every check a handler makes on its data before it touches Redis.

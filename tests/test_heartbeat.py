@@ -11,9 +11,9 @@ from typing import Any
 from websockets.protocol import State
 
 from pmq.auth import Identity
-from pmq.protocol import CloseCode
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.heartbeat import CLOSE_SECONDS, Heartbeat
+from pmq.wire.client import CloseCode
 
 
 class FakeProtocol:

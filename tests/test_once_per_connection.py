@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from pmq.broadcast import encode_fanout
 from pmq.keys import Keys
-from pmq.messaging import push_of
+from pmq.wire.client import push_of
 from tests.helpers import REDIS_URL, Node
 
 STEPS = 80  # each: a broadcast, a multicast to every user and a new connection, at once

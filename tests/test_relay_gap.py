@@ -23,13 +23,13 @@ from pmq.broadcast import Broadcasts
 from pmq.ids import IdGenerator, first_id_at
 from pmq.inbox import Inbox
 from pmq.keys import Keys
-from pmq.messaging import push_of
 from pmq.reactor import catchup
 from pmq.reactor.catchup import CatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.unread import UnreadPusher
 from pmq.unread import Unread
+from pmq.wire.client import push_of
 from tests.helpers import REDIS_URL, Ingest, Node, RedisServer, WsClient, wait_for, ws_client
 
 USERS = ("7", "8")

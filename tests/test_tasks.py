@@ -25,7 +25,7 @@ from pmq.broadcast import Broadcasts
 from pmq.chat import Chat
 from pmq.config import CsConfig, StorageConfig
 from pmq.ids import IdGenerator
-from pmq.inbox import Inbox, Message
+from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.routing import Routes
 from pmq.store import Store, StoredMessage, open_store
@@ -34,6 +34,7 @@ from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
+from pmq.wire.client import Message
 from tests.helpers import (
     REDIS_URL,
     MysqlDatabase,

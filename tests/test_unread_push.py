@@ -9,10 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import text_frame
 from pmq.reactor.unread import UnreadPusher
 from pmq.unread import Unread
+from pmq.wire.client import FrameType, encode_event
 from tests.helpers import wait_for_async
 
 INTERVAL = 0.3

@@ -21,9 +21,9 @@ from pmq.config import Config
 from pmq.errors import ActionError
 from pmq.inbox import Inbox
 from pmq.keys import Keys
-from pmq.protocol import Code
 from pmq.routing import Routes
 from pmq.unread import Unread
+from pmq.wire.client import Code
 
 
 class App(Protocol):

@@ -11,14 +11,13 @@ from urllib.parse import urlsplit
 
 from pmq.errors import ActionError
 from pmq.handlers.base import App, Caller, Handler, bad_request, int_field
-from pmq.protocol import Code, Role, is_uid
+from pmq.wire.client import MAX_ID, Code, Role, is_uid
 
 MAX_TEXT = 4000  # characters
 MAX_URL = 2048
 MAX_DIMENSION = 100_000  # pixels
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
-MAX_ID = 2**63 - 1
 IMAGE_FIELDS = frozenset({"url", "width", "height"})
 
 

@@ -6,11 +6,10 @@ from typing import Any
 
 from pmq import metrics
 from pmq.handlers.base import App, Caller, Handler, bad_request, int_field
-from pmq.protocol import Kind
+from pmq.wire.client import MAX_ID, Kind, is_uid
 
 MAX_ACK = 1000
 MAX_PULL = 200
-MAX_ID = 2**63 - 1
 
 
 def message_ids(data: dict[str, Any]) -> list[int]:
@@ -21,11 +20,9 @@ def message_ids(data: dict[str, Any]) -> list[int]:
         raise bad_request(f"ids: at most {MAX_ACK} per request")
     parsed = []
     for value in ids:
-        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_ID:
+        if not is_uid(value):  # message ids take the same shape as uids
             raise bad_request("ids: every id must be a message id (a string of digits)")
-        parsed.append(value)
+        parsed.append(int(value))
     return parsed
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pmq import protocol
 from pmq.handlers.base import App, Caller, Handler, bad_request
+from pmq.wire.client import is_kind
 
 MAX_CLEAR_KINDS = 32  # kinds one unread.clear names; a client with more clears all
 
@@ -25,7 +25,7 @@ def kinds_field(data: dict[str, Any]) -> list[str] | None:
         raise bad_request(
             f"kinds: at most {MAX_CLEAR_KINDS} per request (leave kinds out to clear all)"
         )
-    if not all(protocol.is_kind(k) for k in kinds):
+    if not all(is_kind(k) for k in kinds):
         raise bad_request('kinds: must be a list of kinds like "comment"')
     return list(dict.fromkeys(kinds))
 

@@ -44,10 +44,10 @@ from pmq.broadcast import Broadcasts
 from pmq.errors import StorageError
 from pmq.ids import first_id_at
 from pmq.inbox import Inbox
-from pmq.messaging import push_of
 from pmq.reactor.connections import Client, ConnectionTable, PushIndex
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.replay import PAGE
+from pmq.wire.client import push_of
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from websockets.protocol import State
 
 from pmq.auth import Identity
 from pmq.ids import first_id_at
-from pmq.messaging import message_id_of
-from pmq.protocol import CloseCode
+from pmq.wire.client import CloseCode, message_id_of
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from pmq import metrics
 from pmq.broadcast import ALL, decode_fanout
-from pmq.messaging import message_id_of
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.reactor.unread import UnreadPusher
+from pmq.wire.client import message_id_of
 
 log = logging.getLogger(__name__)
 

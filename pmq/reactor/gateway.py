@@ -23,14 +23,14 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from pmq import protocol
 from pmq.auth import Authenticator, Identity
 from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
 from pmq.log import Throttled
-from pmq.protocol import Code, ProtocolError
 from pmq.reactor.connections import Client, ConnectionTable, new_conn_id
 from pmq.reactor.heartbeat import WatchedConnection
+from pmq.wire import client as wire
+from pmq.wire.client import Code, ProtocolError, encode_reply, parse_request
 
 log = logging.getLogger(__name__)
 UNAVAILABLE = Throttled(log)
@@ -248,42 +248,40 @@ class Gateway:
         # the id the 429 names.
         allowed = client.allow_request()
         try:
-            request = protocol.parse_request(frame)
+            request = parse_request(frame)
         except ProtocolError as exc:
             code, msg = (exc.code, exc.msg) if allowed else (Code.RATE_LIMITED, RATE_LIMITED)
-            client.send(protocol.encode_reply(exc.request_id, code, msg))
+            client.send(encode_reply(exc.request_id, code, msg))
             return
         if not allowed:
-            client.send(protocol.encode_reply(request.id, Code.RATE_LIMITED, RATE_LIMITED))
+            client.send(encode_reply(request.id, Code.RATE_LIMITED, RATE_LIMITED))
             return
         client.send(await self.call(client, request))
 
-    async def call(self, client: Client, request: protocol.Request) -> bytes:
+    async def call(self, client: Client, request: wire.Request) -> bytes:
         handler = self.handlers().get(request.action)
         if handler is None:
-            return protocol.encode_reply(
-                request.id, Code.NOT_FOUND, f"unknown action {request.action!r}"
-            )
+            return encode_reply(request.id, Code.NOT_FOUND, f"unknown action {request.action!r}")
         try:
             data: dict[str, Any] = await handler(
                 self.app, Caller(client.identity, client.conn_id), request.data
             )
         except ActionError as exc:
             forget_tracebacks(exc)
-            return protocol.encode_reply(request.id, exc.code, exc.msg)
+            return encode_reply(request.id, exc.code, exc.msg)
         except (RedisError, OSError, StorageError) as exc:
             # Redis or storage away (or no pooled connection free in time): the client
             # retries later, as after any 503; nothing in PMQ is broken.
             UNAVAILABLE.warning("action %s answered 503: %s", request.action, exc)
             forget_tracebacks(exc)
-            return protocol.encode_reply(request.id, Code.UNAVAILABLE, "unavailable, retry")
+            return encode_reply(request.id, Code.UNAVAILABLE, "unavailable, retry")
         except Exception as exc:
             log.exception(
                 "action %s failed conn=%s uid=%s", request.action, client.conn_id, client.uid
             )
             forget_tracebacks(exc)
-            return protocol.encode_reply(request.id, Code.SERVER_ERROR, "internal error")
-        return protocol.encode_reply(request.id, Code.OK, data=data)
+            return encode_reply(request.id, Code.SERVER_ERROR, "internal error")
+        return encode_reply(request.id, Code.OK, data=data)
 
     def close(self) -> None:
         """Stop accepting new connections (idempotent); open ones stay."""

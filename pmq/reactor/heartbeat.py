@@ -18,8 +18,8 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
-from pmq.protocol import CloseCode
 from pmq.reactor.connections import ConnectionTable
+from pmq.wire.client import CloseCode
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote
 import httptools
 import orjson
 
-from pmq.protocol import MESSAGES
+from pmq.wire.client import MESSAGES
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
-from pmq import metrics, protocol
+from pmq import metrics
 from pmq.auth import Authenticator
 from pmq.broadcast import ALL
 from pmq.errors import StorageError
@@ -23,6 +23,7 @@ from pmq.log import Throttled
 from pmq.messaging import publish
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.store import Store
+from pmq.wire.client import Kind, is_kind, is_uid
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = Throttled(log)
@@ -43,7 +44,7 @@ GROUP = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 def check_uid(value: object, field: str = "uid") -> str:
     """A uid as its canonical decimal string; 400 naming ``field`` otherwise."""
-    if not protocol.is_uid(value):
+    if not is_uid(value):
         raise HttpError(400, f"{field}: must be a user id (a positive integer)")
     return str(int(value))  # type: ignore[call-overload]
 
@@ -65,7 +66,7 @@ def message_fields(body: dict[str, Any]) -> tuple[list[str], str, str | None, An
     else:
         recipients = [check_uid(to, "to")]
     kind = body.get("kind")
-    if not protocol.is_kind(kind):
+    if not is_kind(kind):
         raise HttpError(400, 'kind: must match [a-z_]{1,32}, e.g. "comment"')
     sender = body.get("from")
     sender = None if sender is None else check_uid(sender, "from")
@@ -86,8 +87,8 @@ def broadcast_fields(body: dict[str, Any]) -> tuple[str, str, Any, str | None]:
     group = body.get("group")
     if not isinstance(group, str) or not GROUP.fullmatch(group):
         raise HttpError(400, 'group: "all" or a group name (1-64 of A-Z a-z 0-9 _ . : -)')
-    kind = body.get("kind", protocol.Kind.SYSTEM)
-    if not protocol.is_kind(kind):
+    kind = body.get("kind", Kind.SYSTEM)
+    if not is_kind(kind):
         raise HttpError(400, 'kind: must match [a-z_]{1,32}, e.g. "system"')
     if not isinstance(body.get("body"), dict):
         raise HttpError(400, "body: must be a JSON object")
@@ -146,7 +147,7 @@ def build_router(app: IngestApp) -> Router:
         if not isinstance(msg, dict):
             raise HttpError(400, "msg: must be a JSON object")
         sender = check_uid(msg.get("comment_uid"), "msg.comment_uid")
-        return await accept([uid], protocol.Kind.COMMENT, sender, msg, None)
+        return await accept([uid], Kind.COMMENT, sender, msg, None)
 
     async def kick(request: HttpRequest, uid: str) -> HttpResponse:
         uid = check_uid(uid)
@@ -180,7 +181,7 @@ def build_router(app: IngestApp) -> Router:
             raise HttpError(400, "msg: must be JSON") from None
         if not isinstance(msg, dict):
             raise HttpError(400, "msg: must be a JSON object")
-        return await announce(ALL, protocol.Kind.SYSTEM, msg, None)
+        return await announce(ALL, Kind.SYSTEM, msg, None)
 
     async def prometheus(request: HttpRequest) -> HttpResponse:
         body, content_type = metrics.render()

@@ -15,10 +15,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from redis.exceptions import RedisError
 
-from pmq import metrics, protocol, redisconn
+from pmq import metrics, redisconn
 from pmq.auth import Authenticator, make_authenticator
 from pmq.batching import Batcher
 from pmq.broadcast import Broadcasts
@@ -43,8 +42,9 @@ from pmq.reactor.replay import LOOK as REPLAY_LOOK
 from pmq.reactor.replay import LateReplays, replay
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes, oldest_beyond
-from pmq.store import Store, StoredMessage, open_store
+from pmq.store import Store, open_store
 from pmq.unread import Unread
+from pmq.wire.client import CloseCode, Kind, Role, encode_hello, stored_message
 from pmq.workers.base import BootError, Worker
 from pmq.workers.heap import keep_heap_frozen
 
@@ -215,7 +215,7 @@ class SocketWorker(Worker):
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.in_thread(self.store.unacked, int(uid), after, limit)
-        return [stored_message(r) for r in rows]
+        return [stored_message(r.id, r.kind, r.from_uid, r.uid, r.body, r.ts) for r in rows]
 
     async def stored_since(
         self, uids: Sequence[str], after: int
@@ -224,7 +224,9 @@ class SocketWorker(Worker):
         numbered = [int(uid) for uid in uids if uid.isdigit()]  # storage's users are numbers
         found: dict[str, list[dict[str, Any]]] = {}
         for r in await self.in_thread(self.store.unacked_of, numbered, after):
-            found.setdefault(str(r.uid), []).append(stored_message(r))
+            found.setdefault(str(r.uid), []).append(
+                stored_message(r.id, r.kind, r.from_uid, r.uid, r.body, r.ts)
+            )
         return found
 
     # pmq.chat.Archive: chat history that is no longer (or never was) in Redis ----------
@@ -236,17 +238,8 @@ class SocketWorker(Worker):
 
     async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.in_thread(self.store.cs_messages, session_id, before, limit)
-        return [
-            {
-                "id": str(r.id),
-                "kind": protocol.Kind.CS.value,
-                "from": str(r.from_uid),
-                "to": str(r.to_uid),
-                "body": orjson.loads(r.body),
-                "ts": r.ts,
-            }
-            for r in rows
-        ]
+        cs = Kind.CS.value
+        return [stored_message(r.id, cs, r.from_uid, r.to_uid, r.body, r.ts) for r in rows]
 
     # LocalDelivery: what relayed operations do to our connections -----------------------
     def push(self, uid: str, frame: bytes) -> int:
@@ -287,7 +280,7 @@ class SocketWorker(Worker):
         look = looked(replies)
         broadcast_ids = replayable(replies)
         await self.unread_pusher.watch(groups)  # a round trip only for a group new here
-        client.write(protocol.encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
+        client.write(encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
         broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
         complete = await replay(
             client, self.inbox, self.cold_messages, look, broadcasts, self.config.inbox.replay_max
@@ -295,12 +288,12 @@ class SocketWorker(Worker):
         client.release()
         if not complete:  # storage did not answer: what it holds comes when it does
             self.late_replays.start(client)
-        if client.identity.role is protocol.Role.AGENT:
+        if client.identity.role is Role.AGENT:
             await self.chat.agent_online(client.uid)  # may hand it queued sessions
 
     async def on_close(self, client: Client) -> None:
         self.late_replays.stop(client)
-        if client.identity.role is protocol.Role.AGENT:  # its online check reads the registry
+        if client.identity.role is Role.AGENT:  # its online check reads the registry
             await self.routes.unregister(client.uid, client.conn_id)
             await self.chat.agent_offline(client.uid)
         else:
@@ -400,25 +393,13 @@ class SocketWorker(Worker):
         if not len(self.table):
             return
         count = len(self.table)
-        self.gateway.close_all(protocol.CloseCode.GOING_AWAY, "server shutting down")
+        self.gateway.close_all(CloseCode.GOING_AWAY, "server shutting down")
         deadline = time.monotonic() + timeout
         while len(self.table) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         log.info("%s closed %d connections (%d left)", self.title, count, len(self.table))
         for client in self.table:
             client.ws.transport.abort()
-
-
-def stored_message(row: StoredMessage) -> dict[str, Any]:
-    """A stored unicast message as clients see it."""
-    return {
-        "id": str(row.id),
-        "kind": row.kind,
-        "from": None if row.from_uid is None else str(row.from_uid),
-        "to": str(row.uid),
-        "body": orjson.loads(row.body),
-        "ts": row.ts,
-    }
 
 
 def run(config: Config, index: int, status_fd: int, ppid: int) -> int:

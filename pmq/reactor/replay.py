@@ -25,9 +25,8 @@ from websockets.protocol import State
 
 from pmq.errors import StorageError
 from pmq.inbox import ColdReader, Inbox, Look
-from pmq.messaging import push_of
-from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import Client
+from pmq.wire.client import FrameType, encode_event, push_of
 
 log = logging.getLogger(__name__)
 

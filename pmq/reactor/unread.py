@@ -27,10 +27,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 from pmq.broadcast import groups_of
-from pmq.messaging import message_id_of
-from pmq.protocol import FrameType, encode_event
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.unread import Unread, counts_of
+from pmq.wire.client import FrameType, encode_event, message_id_of
 
 CHUNK = 500
 HOLD_POLL_SECONDS = 0.02

@@ -24,6 +24,7 @@ from pmq.broadcast import encode_fanout
 from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
 from pmq.tasks.owners import OwnerLease
+from pmq.wire.client import push_frame
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class BroadcastFanout:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.error("dropped a malformed broadcast: %r", item[:200])
             return
-        frame = b'{"type":"push","msg":' + orjson.dumps(message) + b"}"
+        frame = push_frame(orjson.dumps(message))
         receivers = await self.redis.spublish(
             self.keys.broadcast_channel(), encode_fanout(group, frame)
         )

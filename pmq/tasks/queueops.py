@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from pmq.protocol import is_kind, is_uid
 from pmq.store import StoredMessage
 from pmq.store.base import LastRead, StoredBroadcast, StoredCsMessage, StoredCsSession
+from pmq.wire.client import is_kind, is_uid
 
 Ack = tuple[int, list[int]]
 

@@ -31,10 +31,10 @@ from pmq.broadcast import BroadcastTrim
 from pmq.chat import ChatTrim
 from pmq.keys import Keys
 from pmq.locks import Lock
-from pmq.protocol import is_uid
 from pmq.store import Store
 from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread
+from pmq.wire.client import is_uid
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,10 @@
 """The client wire format, sans I/O: frames in as bytes or text, values out, and back.
 
 Nothing here touches a socket. The gateway calls :func:`parse_request` on every text frame
-and the ``encode_*`` functions to build what it sends; every frame is one JSON object.
+and the ``encode_*`` functions to build what it sends; every frame is one JSON object. A
+message as clients see it is a :class:`Message`, encoded once per message
+(:meth:`Message.encode`) and wrapped in its push frame by :func:`push_frame` for every
+socket (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -9,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 KIND_PATTERN = re.compile(r"[a-z_]{1,32}")
 ACTION_PATTERN = re.compile(r"[a-z][a-z_.]{0,63}")
 MAX_REQUEST_ID = 64  # characters
+MAX_ID = 2**63 - 1  # the largest uid or message id (a signed 64-bit integer)
 
 
 class Code(enum.IntEnum):
@@ -172,9 +176,73 @@ def message_id_of(payload: bytes) -> int:
     return int(payload[start : payload.index(b'"', start)])
 
 
-def encode_push(message: dict[str, Any]) -> bytes:
-    """A push frame around a message dict (id, kind, from, to, body, ts)."""
-    return dumps({"type": FrameType.PUSH, "msg": message})
+def push_frame(message_json: bytes) -> bytes:
+    """The push frame around a message's JSON (:meth:`Message.encode`, or a message as
+    stored): the message is encoded once, the frame made for every socket."""
+    return PUSH_PREFIX + message_json + b"}"
+
+
+def push_of(message: dict[str, Any]) -> tuple[bytes, int]:
+    """The push frame of a message read back as a JSON object, and its id."""
+    return push_frame(orjson.dumps(message)), int(message["id"])
+
+
+class Message(NamedTuple):
+    """A message as clients see it, the ``msg`` of a push frame (docs/protocol.md). A named
+    tuple: a publish makes one per recipient, and a frozen dataclass's __init__ sets every
+    field through object.__setattr__. A broadcast has no ``to`` and names its ``group``."""
+
+    id: int
+    kind: str
+    sender: str | None
+    to: str | None
+    body: Any
+    ts: int
+    group: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The message as a JSON object; its id comes first (:func:`message_id_of`)."""
+        if self.group is None:
+            return {
+                "id": str(self.id),
+                "kind": self.kind,
+                "from": self.sender,
+                "to": self.to,
+                "body": self.body,
+                "ts": self.ts,
+            }
+        return {
+            "id": str(self.id),
+            "kind": self.kind,
+            "from": self.sender,
+            "to": self.to,
+            "group": self.group,
+            "body": self.body,
+            "ts": self.ts,
+        }
+
+    def encode(self) -> bytes:
+        """The message's JSON, to wrap with :func:`push_frame` and to store."""
+        return orjson.dumps(self.wire())
+
+    @property
+    def counts_unread(self) -> bool:
+        """A comment on one's own content counts nothing."""
+        return not (self.kind == Kind.COMMENT and self.sender == self.to)
+
+
+def stored_message(
+    message_id: int, kind: str, sender: int | None, to: int, body_json: str, ts: int
+) -> dict[str, Any]:
+    """A message kept in storage (ids as integers, the body as JSON text) as clients see it."""
+    return Message(
+        message_id,
+        kind,
+        None if sender is None else str(sender),
+        str(to),
+        orjson.loads(body_json),
+        ts,
+    ).wire()
 
 
 def encode_event(frame_type: FrameType, **fields: Any) -> bytes:
@@ -191,7 +259,7 @@ def is_uid(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return 0 < value < 2**63
+        return 0 < value <= MAX_ID
     # isascii: str.isdigit() also accepts "²" and "١٢٣"; length first: int() of a huge
     # string is slow and raises past 4300 digits.
     return (
@@ -199,5 +267,5 @@ def is_uid(value: object) -> bool:
         and len(value) < 20
         and value.isascii()
         and value.isdigit()
-        and 0 < int(value) < 2**63
+        and 0 < int(value) <= MAX_ID
     )

@@ -1,24 +1,32 @@
-"""Pure unit tests of pmq/protocol.py: frames in, values out, and back."""
+"""Pure unit tests of pmq/wire/client.py: frames in, values out, and back."""
 
 from __future__ import annotations
 
 import json
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pmq import protocol
-from pmq.protocol import (
+from pmq.wire import client as protocol
+from pmq.wire.client import (
+    MAX_ID,
     Code,
     FrameType,
+    Message,
     ProtocolError,
     Request,
     encode_event,
     encode_hello,
-    encode_push,
     encode_reply,
     is_kind,
     is_uid,
+    message_id_of,
     parse_request,
+    push_frame,
+    push_of,
+    stored_message,
 )
 
 
@@ -162,16 +170,71 @@ def test_encode_reply_unknown_code_raises() -> None:
         encode_reply("x", 418)
 
 
-def test_encode_push() -> None:
-    message = {
-        "id": "123456789",
-        "kind": "comment",
-        "from": "42",
-        "to": "7",
-        "body": {"text": "hi"},
-        "ts": 1700000000000,
+def test_push_frame_around_a_message() -> None:
+    message = Message(123456789, "comment", "42", "7", {"text": "hi"}, 1700000000000)
+    assert json.loads(push_frame(message.encode())) == {
+        "type": "push",
+        "msg": {
+            "id": "123456789",
+            "kind": "comment",
+            "from": "42",
+            "to": "7",
+            "body": {"text": "hi"},
+            "ts": 1700000000000,
+        },
     }
-    assert json.loads(encode_push(message)) == {"type": "push", "msg": message}
+
+
+def test_a_broadcast_names_its_group_and_no_recipient() -> None:
+    wire = Message(5, "system", None, None, "hi", 9, "all").encode()
+    assert wire == (
+        b'{"id":"5","kind":"system","from":null,"to":null,"group":"all","body":"hi","ts":9}'
+    )
+
+
+def test_a_comment_on_ones_own_content_counts_nothing() -> None:
+    assert not Message(1, "comment", "7", "7", {}, 1).counts_unread
+    assert Message(1, "comment", "8", "7", {}, 1).counts_unread
+    assert Message(1, "notice", "7", "7", {}, 1).counts_unread
+
+
+def test_a_stored_message_as_clients_see_it() -> None:
+    assert stored_message(5, "notice", None, 7, '{"a":1}', 9) == {
+        "id": "5", "kind": "notice", "from": None, "to": "7", "body": {"a": 1}, "ts": 9
+    }
+    assert stored_message(5, "cs", 8, 7, "[]", 9)["from"] == "8"
+
+
+uids = st.integers(1, MAX_ID).map(str)
+bodies = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+messages = st.builds(
+    Message,
+    st.integers(1, MAX_ID),
+    st.sampled_from(["comment", "notice", "letter", "system", "cs", "a_kind"]),
+    st.none() | uids,
+    st.none() | uids,
+    bodies,
+    st.integers(0, 2**53),
+    st.none() | st.text(min_size=1),
+)
+
+
+@given(messages)
+def test_a_message_round_trips_through_its_push_frame(message: Message) -> None:
+    frame = push_frame(message.encode())
+    assert message_id_of(frame) == message.id
+    parsed = orjson.loads(frame)
+    assert parsed["type"] == FrameType.PUSH and parsed["msg"] == message.wire()
+    assert push_of(parsed["msg"]) == (frame, message.id)
+    back = parsed["msg"]
+    assert Message(
+        int(back["id"]), back["kind"], back["from"], back["to"], back["body"], back["ts"],
+        back.get("group"),
+    ) == message
 
 
 def test_encode_hello_whole_heartbeat_is_int() -> None:
@@ -191,7 +254,7 @@ def test_encode_event() -> None:
 
 def test_frames_are_bytes() -> None:
     assert isinstance(encode_reply("c"), bytes)
-    assert isinstance(encode_push({}), bytes)
+    assert isinstance(push_frame(b"{}"), bytes)
     assert isinstance(encode_hello("c", "1", 25), bytes)
 
 
