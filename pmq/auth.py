@@ -37,7 +37,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pmq import metrics
-from pmq.batching import Batcher
 from pmq.config import AuthConfig, Config
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
@@ -482,11 +481,11 @@ class HttpAuthenticator:
 
 
 def make_authenticator(
-    config: Config, redis: Redis, keys: Keys, batch: Batcher | None = None
+    config: Config, redis: Redis, keys: Keys, kicks: Kicks | None = None
 ) -> JwtAuthenticator | HttpAuthenticator:
-    """The authenticator ``auth.mode`` names; ConfigError if it cannot be made. Kicks are
-    read through ``batch`` when given (the worker's hot-path pipeline)."""
-    kicks = Kicks(redis, keys, config.auth.revoke_seconds, batch)
+    """The authenticator ``auth.mode`` names, reading and recording kicks with ``kicks``
+    (by default its own, on ``redis``); ConfigError if it cannot be made."""
+    kicks = kicks or Kicks(redis, keys, config.auth.revoke_seconds)
     if config.auth.mode == "jwt":
         return JwtAuthenticator(resolve_jwt_secret(config), config.auth, kicks)
     if config.auth.mode == "http":

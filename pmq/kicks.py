@@ -16,6 +16,8 @@ clock skew between its host and PMQ's); a client that reconnects with back-off g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -68,3 +70,23 @@ class Kicks:
         key = self.keys.kicked(uid)
         raw = await (self.batch.call("GET", key) if self.batch else self.redis.get(key))
         return None if raw is None else int(raw)
+
+    def kicked_since_on(
+        self, pipe: Any, uid: str, checked_ms: int
+    ) -> Callable[[Iterator[Any]], bool]:
+        """Queue on ``pipe`` the read of whether ``uid`` was kicked at or after
+        ``checked_ms``; the returned reader takes the pipeline's replies in order.
+
+        A connection registers after its handshake checked the kicks. A kick between the
+        two would miss it both ways (the check saw no kick, the kick's close did not see
+        the connection), so the registration reads the kick time in its own round trip:
+        a kick before it is seen here, a kick after it finds the connection registered."""
+        if not self.enabled:
+            return lambda replies: False
+        pipe.get(self.keys.kicked(uid))
+
+        def read(replies: Iterator[Any]) -> bool:
+            raw = next(replies)
+            return raw is not None and int(raw) >= checked_ms
+
+        return read

@@ -411,6 +411,7 @@ class UserCentre:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.scripted: dict[str, list[tuple[int, bytes, float]]] = {}
+        self.gates: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
         centre = self
 
@@ -438,11 +439,19 @@ class UserCentre:
         with self.lock:
             self.scripted.setdefault(token, []).extend(answers)
 
+    def gate(self, token: str) -> threading.Event:
+        """Hold every answer for ``token`` until the returned event is set (or 30 s pass)."""
+        with self.lock:
+            return self.gates.setdefault(token, threading.Event())
+
     def respond(self, token: str) -> tuple[int, bytes]:
         with self.lock:
             self.calls[token] = self.calls.get(token, 0) + 1
             queued = self.scripted.get(token)
             status, body, delay = queued.pop(0) if queued else (*self.answer(token), 0.0)
+            gate = self.gates.get(token)
+        if gate is not None:
+            gate.wait(30)
         if delay:
             time.sleep(delay)
         return status, body

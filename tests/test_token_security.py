@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,6 +48,11 @@ def opened(node: Node, token: str, source_port: int = 0) -> Iterator[ClientConne
     with connect(url, sock=socket_to(node, source_port), open_timeout=10) as ws:
         assert '"hello"' in str(ws.recv(timeout=5))
         yield ws
+
+
+def connect_to(node: Node, token: str) -> ClientConnection:
+    """A connection with ``token``, nothing read from it yet."""
+    return connect(f"{node.ws_url}?token={token}", open_timeout=10)
 
 
 def handshake(node: Node, token: str, source_port: int = 0) -> int:
@@ -175,6 +181,32 @@ def test_kick_drops_the_cached_user_centre_answers(
     assert handshake(node, "good-phone") == 401
     assert handshake(node, "good-laptop") == 101
     assert centre.calls == {"good-phone": 2, "good-laptop": 2}
+
+
+def test_a_kick_during_a_handshake_closes_the_connection_it_opens(
+    make_node: Callable[..., Node], centre: UserCentre
+) -> None:
+    # The handshake asked the user centre before the kick and has its answer after it: the
+    # token passed, and the kick's close found no connection of the user yet. The
+    # registration sees the kick (pmq.kicks) and closes the connection with 4001.
+    node = http_node(make_node, centre)
+    answer = centre.gate("good-late")
+    outcome: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            with connect_to(node, "good-late") as ws:
+                outcome["closed"] = closed_with(ws)
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    client = threading.Thread(target=connect)
+    client.start()
+    wait_for(lambda: centre.calls.get("good-late") == 1, 10, "the handshake to ask the centre")
+    assert kick(node, "123") == 0  # no connection of the user yet
+    answer.set()
+    client.join(30)
+    assert outcome == {"closed": 4001}
 
 
 def test_user_centre_without_a_verdict_is_503_and_not_cached(

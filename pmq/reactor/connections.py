@@ -87,14 +87,21 @@ class Client:
     """One WebSocket connection of an authenticated user."""
 
     __slots__ = (
-        "conn_id", "held", "identity", "max_pending", "opened", "rate", "replayed",
+        "checked_ms", "conn_id", "held", "identity", "max_pending", "opened", "rate", "replayed",
         "replayed_until", "sent", "tokens", "updated", "ws",
     )
 
     def __init__(
-        self, ws: ServerConnection, conn_id: str, identity: Identity, max_pending: int, rate: int
+        self,
+        ws: ServerConnection,
+        conn_id: str,
+        identity: Identity,
+        max_pending: int,
+        rate: int,
+        checked_ms: int = 0,
     ) -> None:
         self.ws = ws
+        self.checked_ms = checked_ms  # when the handshake checked the kicks (unix ms)
         self.conn_id = conn_id
         self.identity = identity
         self.max_pending = max_pending

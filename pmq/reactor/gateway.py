@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 from pmq.auth import Authenticator, Identity
 from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
+from pmq.kicks import now_ms
 from pmq.log import Throttled
 from pmq.reactor.connections import Client, ConnectionTable, new_conn_id
 from pmq.reactor.heartbeat import WatchedConnection
@@ -213,18 +214,20 @@ class Gateway:
         token = token_of(request)
         if not token:
             return plain_response(http.HTTPStatus.UNAUTHORIZED, "missing token")
+        checked_ms = now_ms()  # a kick from now on may have passed the check unseen
         try:
             identity = await self.authenticator.authenticate(token)
         except AuthError as exc:
             return plain_response(http.HTTPStatus(exc.status), exc.reason)
-        connection.pmq_identity = identity  # type: ignore[attr-defined]
+        connection.pmq_identity = (identity, checked_ms)  # type: ignore[attr-defined]
         return None
 
     async def serve_connection(self, ws: ServerConnection) -> None:
-        identity: Identity = ws.pmq_identity  # type: ignore[attr-defined]
+        identity: Identity
+        identity, checked_ms = ws.pmq_identity  # type: ignore[attr-defined]
         forget_handshake(ws)
         config = self.app.config.server
-        client = Client(ws, new_conn_id(), identity, config.max_pending, config.rate)
+        client = Client(ws, new_conn_id(), identity, config.max_pending, config.rate, checked_ms)
         self.table.add(client)
         try:
             await self.on_open(client)

@@ -30,6 +30,7 @@ from pmq.ids import GeneratorLease, IdGenerator
 from pmq.inbox import Inbox
 from pmq.journal import StoreJournal
 from pmq.keys import Keys
+from pmq.kicks import Kicks
 from pmq.reactor.catchup import CatchUp, Gap, LossCatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
@@ -133,8 +134,10 @@ class SocketWorker(Worker):
         )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
+        # Read at every handshake (through the hot-path pipeline) and at every registration.
+        self.kicks = Kicks(self.redis, self.keys, config.auth.revoke_seconds, self.batch)
         self.authenticator: Authenticator = make_authenticator(
-            config, self.redis, self.keys, self.batch
+            config, self.redis, self.keys, self.kicks
         )
         self.handlers = load_handlers()
         catch_up = CatchUp(
@@ -273,12 +276,17 @@ class SocketWorker(Worker):
         counted = self.routes.connections_on(pipe, uid)
         looked = self.inbox.look_on(pipe, uid, limit=REPLAY_LOOK)
         replayable = self.broadcasts.replay_on(pipe, uid, groups)
+        kicked = self.kicks.kicked_since_on(pipe, uid, client.checked_ms)
         replies = iter(await pipe.execute())
         registered(replies)
-        most = self.config.server.max_connections_per_user
-        await self.routes.evict(uid, oldest_beyond(counted(replies), most, client.conn_id))
+        connections = counted(replies)
         look = looked(replies)
         broadcast_ids = replayable(replies)
+        if kicked(replies):  # between its handshake's check and now (Kicks.kicked_since_on)
+            client.close(CloseCode.KICKED, "kicked")
+            return
+        most = self.config.server.max_connections_per_user
+        await self.routes.evict(uid, oldest_beyond(connections, most, client.conn_id))
         await self.unread_pusher.watch(groups)  # a round trip only for a group new here
         client.write(encode_hello(client.conn_id, uid, self.config.heartbeat.interval))
         broadcasts = deque(await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ())
