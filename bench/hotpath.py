@@ -40,12 +40,15 @@ from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.http import HttpServer, _Connection
 from pmq.reactor.ingest import build_router
 from pmq.reactor.unread import UnreadPusher
-from pmq.routing import OP_MESSAGE, Routes, encode_relay, message_payload
+from pmq.routing import Routes
 from pmq.unread import Unread
+from pmq.wire import relay as wire_relay
+from pmq.wire.relay import Op, UnreadState
 
 USERS = 10_000
 HERE, THERE = "w1", "w2"  # this worker, and the one holding the even uids
-UNREAD_STATE = [b"notice", b"3", b"0"]  # what the script reads back: one kind, no clear
+STATE_REPLY = [b"notice", b"3", b"0"]  # what the script reads back: one kind, no clear
+UNREAD_STATE = UnreadState.of_reply(STATE_REPLY)
 
 
 class CountingTransport:
@@ -86,7 +89,7 @@ class ScriptedRedis:
     async def script(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         uid = args[6]  # the first message's recipient (PUBLISH's ARGV layout)
         worker = HERE if int(uid) % 2 else THERE
-        return [1, [b"c" + uid.encode(), worker.encode()], UNREAD_STATE]
+        return [1, [b"c" + uid.encode(), worker.encode()], STATE_REPLY]
 
     async def call(self, *args: Any) -> Any:
         return 1
@@ -159,8 +162,9 @@ async def main(count: int) -> dict[str, Any]:
     per_request = await best_of(5, count, lambda: serve(sample), worker)
 
     frame = b'{"type":"push","msg":{"id":"1","kind":"notice","from":null,"to":"5","body":{}}}'
+    payload = wire_relay.encode_message(frame, UNREAD_STATE)
     relays = [
-        {"data": encode_relay(OP_MESSAGE, str(uid), message_payload(frame, UNREAD_STATE), 0.0)}
+        {"data": wire_relay.encode(Op.MESSAGE, str(uid), payload, 0.0)}
         for uid in range(1, count + 1)
     ]
 

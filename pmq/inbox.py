@@ -40,6 +40,7 @@ from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.locks import delete_if
 from pmq.wire.client import Message
+from pmq.wire.relay import UnreadState
 
 PUBLISH_DEDUPE_SECONDS = 86400
 
@@ -48,7 +49,8 @@ PUBLISH_DEDUPE_SECONDS = 86400
 #       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
 # Returns {1, conns_1, unread_1, ...} for new messages: per message the user's connections,
 # then (when it counts and the user is online) the user's unread hash as field/value pairs
-# followed by the time of their last clear of system, for the badge. For a repeated
+# followed by the time of their last clear of system, for the badge (a
+# pmq.wire.relay.UnreadState). For a repeated
 # idempotency key: {0, ids_json, wire_1, conns_1, ...}, per first message its wire JSON
 # ('' once acked) and the user's connections, so that the repeat pushes what the first
 # publisher may never have pushed (it died between this script and its push).
@@ -136,9 +138,9 @@ class Accepted:
     recipients: list[str]  # of the new messages, aligned with encoded and connections
     encoded: list[bytes]  # each new message's wire JSON, to wrap in a push frame
     connections: list[dict[str, str]]  # conn id -> worker id, per new message
-    # per new message that counts, to a user online: the user's unread hash as field/value
-    # pairs, then the time (ms) of their last clear of system; else None
-    unread: list[list[bytes] | None]
+    # per new message that counts, to a user online: the user's unread counters as the
+    # publish read them; else None
+    unread: list[UnreadState | None]
     # per repeated message still unacked: (recipient, wire JSON, live connections), for
     # pmq.messaging to push again where it was not pushed
     repeated: list[tuple[str, bytes, dict[str, str]]] = dataclasses.field(default_factory=list)
@@ -224,7 +226,7 @@ class Inbox:
         new_recipients: list[str] = []
         encoded = []
         connections: list[dict[str, str]] = []
-        unread: list[list[bytes] | None] = []
+        unread: list[UnreadState | None] = []
         repeated: list[tuple[str, bytes, dict[str, str]]] = []
         for indexes, (previous, wires, conns, states) in zip(
             parts.values(), results, strict=True
@@ -243,7 +245,7 @@ class Inbox:
 
     async def _publish_part(
         self, bucket: int, messages: list[Message], dedupe_key: str | None
-    ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]], list[list[bytes] | None]]:
+    ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]], list[UnreadState | None]]:
         """One PUBLISH call for messages to users of one bucket: (the first ids when the
         key was seen before, else None; the wire JSONs; the connections per message; the
         unread state per message, None when it counts nothing)."""
@@ -285,7 +287,8 @@ class Inbox:
             for m, op in zip(messages, ops, strict=True):
                 self.journal.note(bucket, keys[1], m.to, op)
         conns = [_pairs(flat) for flat in result[1::2]]
-        return None, encoded, conns, [flat or None for flat in result[2::2]]
+        states = [UnreadState.of_reply(flat) if flat else None for flat in result[2::2]]
+        return None, encoded, conns, states
 
     def _bucket_keys(self, bucket: int) -> tuple[str, str, str]:
         """The bucket's keys a publish names first, made once: dedupe (unused without a

@@ -26,7 +26,9 @@ import redis.asyncio as aioredis
 from pmq import metrics
 from pmq.batching import Batcher
 from pmq.keys import Keys
+from pmq.wire import relay
 from pmq.wire.client import message_id_of
+from pmq.wire.relay import Op, UnknownOp, UnreadState
 
 log = logging.getLogger(__name__)
 DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)
@@ -35,55 +37,16 @@ GROUPS_TTL = 30 * 86400
 DEPARTURE_BATCH = 1000  # closed connections removed from the registry per round trip
 MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to their TTL
 
-# A relayed frame is "<op> <uid>\n<payload>"; the ops are LocalDelivery's methods.
-OP_PUSH = "push"  # payload: a frame for every connection of the user
-# The same, and the user's unread counters changed; the payload is message_payload(). A new
-# op name, so a node of an earlier version drops it (with a warning) rather than pushing
-# the state line to its clients; the message waits in the inbox for their reconnect.
-OP_MESSAGE = "message"
-OP_MESSAGE_BARE = "msg"  # the same from such a node: a bare frame, the counters to be read
-# payload: a push frame of a message a repeated publish found unacked; pushed to the
-# connections that have not had it (a node of an earlier version drops it, with a warning)
-OP_AGAIN = "again"
-OP_UNREAD = "unread"  # only the counters changed (e.g. cleared on another device)
-OP_KICK = "kick"  # payload: the reason; close every connection with 4001
-# payload: conn ids, space-separated; close those with 4008 (server.max_connections_per_user).
-# A node of an earlier version drops it with a warning: the connection stays, over the bound.
-OP_EVICT = "evict"
-
-
 class LocalDelivery(Protocol):
-    """What a socket worker does with frames for its own connections."""
+    """What a socket worker does with frames for its own connections (the relay's ops,
+    pmq.wire.relay.Op)."""
 
     def push(self, uid: str, frame: bytes) -> int: ...
-    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int: ...
+    def push_message(self, uid: str, frame: bytes, unread: UnreadState) -> int: ...
     def unread_changed(self, uid: str) -> None: ...
     def push_again(self, uid: str, frame: bytes) -> int: ...
     def kick(self, uid: str, reason: str) -> int: ...
     def evict(self, uid: str, conn_ids: list[str]) -> int: ...
-
-
-def message_payload(frame: bytes, unread: Sequence[bytes]) -> bytes:
-    """An OP_MESSAGE payload: the user's unread state as the publish read it (their unread
-    hash's field/value pairs, then their last clear of system), so the worker holding them
-    can send the badge with the push without asking Redis, then the push frame."""
-    return orjson.dumps([v.decode() for v in unread]) + b"\n" + frame
-
-
-def split_message(payload: bytes) -> tuple[bytes, list[str]]:
-    """(frame, unread state) of an OP_MESSAGE payload; ValueError when the state is not what
-    message_payload() makes (strings: field/count pairs, then the last clear, a number)."""
-    state, _, frame = payload.partition(b"\n")
-    unread = orjson.loads(state)
-    if (
-        not isinstance(unread, list)
-        or len(unread) % 2 != 1
-        or not all(isinstance(value, str) for value in unread)
-    ):
-        raise ValueError("not an unread state")
-    for number in (*unread[1::2], unread[-1]):
-        int(number)  # ValueError if not a number
-    return frame, unread
 
 
 # Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds. Returns the
@@ -109,17 +72,6 @@ for i = 1, #KEYS do
 end
 return removed
 """
-
-def encode_relay(op: str, uid: str, payload: bytes, sent: float) -> bytes:
-    """``sent`` (unix seconds) travels along so the receiver can time the delivery."""
-    return f"{op} {uid} {sent:.6f}\n".encode() + payload
-
-
-def decode_relay(message: bytes) -> tuple[str, str, float, bytes]:
-    head, _, payload = message.partition(b"\n")
-    op, uid, sent = head.decode().split(" ")
-    return op, uid, float(sent), payload
-
 
 def oldest_beyond(conns: dict[str, str], most: int, keep: str) -> dict[str, str]:
     """The oldest of ``conns`` (conn id -> worker id) past the newest ``most``, never
@@ -211,7 +163,7 @@ class Routes:
         if not conns:
             return 0
         await self.redis.hdel(self.keys.user_conns(uid), *conns)
-        return await self.send([(OP_EVICT, uid, conns, " ".join(conns).encode())])
+        return await self.send([(Op.EVICT, uid, conns, " ".join(conns).encode())])
 
     async def unregister(self, uid: str, conn_id: str) -> None:
         """Remove a closed connection now (leave() queues it instead)."""
@@ -350,19 +302,19 @@ class Routes:
             if (wid := raw.decode()) not in self.stale_workers
         }
 
-    async def deliver(self, uid: str, frame: bytes, op: str = OP_PUSH) -> int:
+    async def deliver(self, uid: str, frame: bytes, op: Op = Op.PUSH) -> int:
         """Push ``frame`` to every connection of ``uid``; returns how many it went to."""
         return await self.send([(op, uid, await self.connections(uid), frame)])
 
     async def kick(self, uid: str, reason: str) -> int:
         """Close every connection of ``uid`` on every node (close code 4001)."""
-        return await self.send([(OP_KICK, uid, await self.connections(uid), reason.encode())])
+        return await self.send([(Op.KICK, uid, await self.connections(uid), reason.encode())])
 
     async def notify_unread(self, uid: str) -> None:
         """Tell every worker holding ``uid`` that the counters changed."""
-        await self.send([(OP_UNREAD, uid, await self.connections(uid), b"")])
+        await self.send([(Op.UNREAD, uid, await self.connections(uid), b"")])
 
-    async def send(self, items: Sequence[tuple[str, str, dict[str, str], bytes]]) -> int:
+    async def send(self, items: Sequence[tuple[Op, str, dict[str, str], bytes]]) -> int:
         """Apply (op, uid, connections, payload) items: ours at once, others' through one
         SPUBLISH per worker and item, sent with the others of this loop iteration (one
         pipeline, pmq.batching). Returns connections reached."""
@@ -374,18 +326,18 @@ class Routes:
                 if wid == self.worker_id:
                     reached += self.on_relay(op, uid, payload, sent)
                 else:
-                    remote.append((wid, encode_relay(op, uid, payload, sent), count))
+                    remote.append((wid, relay.encode(op, uid, payload, sent), count))
         if remote:
             reached += await self._relay(remote)
         return reached
 
     async def push_messages(
-        self, pushes: Sequence[tuple[str, dict[str, str], bytes, Sequence[bytes] | None]]
+        self, pushes: Sequence[tuple[str, dict[str, str], bytes, UnreadState | None]]
     ) -> int:
         """send() for new messages: (uid, connections, push frame, the user's unread state as
         the publish read it, or None when the message counts nothing). Ours get the frame,
         and the badge from that state, without encoding it for a relay; other workers get
-        OP_MESSAGE (OP_PUSH when nothing counts). Returns connections reached."""
+        Op.MESSAGE (Op.PUSH when nothing counts). Returns connections reached."""
         reached = 0
         sent = time.time()
         remote: list[tuple[str, bytes, int]] = []
@@ -394,17 +346,17 @@ class Routes:
                 if wid == self.worker_id:
                     reached += self._push_here(uid, frame, state, sent)
                 elif state is None:
-                    remote.append((wid, encode_relay(OP_PUSH, uid, frame, sent), count))
+                    remote.append((wid, relay.encode(Op.PUSH, uid, frame, sent), count))
                 else:
-                    payload = message_payload(frame, state)
-                    remote.append((wid, encode_relay(OP_MESSAGE, uid, payload, sent), count))
+                    payload = relay.encode_message(frame, state)
+                    remote.append((wid, relay.encode(Op.MESSAGE, uid, payload, sent), count))
         if remote:
             reached += await self._relay(remote)
         return reached
 
     async def push_again(self, pushes: Sequence[tuple[str, dict[str, str], bytes]]) -> int:
-        """send() of OP_AGAIN: (uid, connections, push frame) of repeated messages."""
-        return await self.send([(OP_AGAIN, uid, conns, frame) for uid, conns, frame in pushes])
+        """send() of Op.AGAIN: (uid, connections, push frame) of repeated messages."""
+        return await self.send([(Op.AGAIN, uid, conns, frame) for uid, conns, frame in pushes])
 
     def _workers(self, conns: dict[str, str]) -> dict[str, int]:
         """worker id -> how many of ``conns`` it holds. Workers that missed their beats are
@@ -425,9 +377,7 @@ class Routes:
         receivers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
 
-    def _push_here(
-        self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None, sent: float
-    ) -> int:
+    def _push_here(self, uid: str, frame: bytes, unread: UnreadState | None, sent: float) -> int:
         """A push to our connections of ``uid``: with the badge from ``unread`` (the state
         a publish read), or a bare frame when None."""
         if unread is None:
@@ -438,44 +388,42 @@ class Routes:
             DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
         return pushed
 
-    def on_relay(self, op: str, uid: str, payload: bytes, sent: float) -> int:
+    def on_relay(self, op: Op, uid: str, payload: bytes, sent: float) -> int:
         """Apply an operation of send() to this worker's connections, a relayed one or our
-        own (OP_MESSAGE only comes relayed: on_message splits it)."""
-        if op == OP_PUSH:
+        own (Op.MESSAGE only comes relayed: on_message splits it)."""
+        if op is Op.PUSH:
             return self._push_here(uid, payload, None, sent)
-        if op == OP_MESSAGE_BARE:  # counters changed, their state not sent: read them later
-            pushed = self.local.push_message(uid, payload, None)
-            if pushed:
-                DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
-            return pushed
-        if op == OP_UNREAD:
+        if op is Op.UNREAD:
             self.local.unread_changed(uid)
             return 0
-        if op == OP_AGAIN:
+        if op is Op.AGAIN:
             return self.local.push_again(uid, payload)
-        if op == OP_KICK:
+        if op is Op.KICK:
             return self.local.kick(uid, payload.decode())
-        if op == OP_EVICT:
+        if op is Op.EVICT:
             return self.local.evict(uid, payload.decode().split())
-        log.warning("unknown relay op %r for uid %s", op, uid)
+        log.warning("relay op %s for uid %s not applied here", op, uid)
         return 0
 
     def on_message(self, message: dict[str, Any]) -> None:
         """pub/sub callback for this worker's channel."""
         try:
-            op, uid, sent, payload = decode_relay(message["data"])
-            if op == OP_MESSAGE:
-                frame, unread = split_message(payload)
+            op, uid, sent, payload = relay.decode(message["data"])
+            if op is Op.MESSAGE:
+                frame, unread = relay.decode_message(payload)
             # Read now what delivery reads, so that it never meets what it cannot: the
             # text of a kick's reason or an evict's ids, the message id of a push frame.
-            if op in (OP_KICK, OP_EVICT):
+            if op is Op.KICK or op is Op.EVICT:
                 payload.decode()
             else:
-                message_id_of(frame if op == OP_MESSAGE else payload)
+                message_id_of(frame if op is Op.MESSAGE else payload)
+        except UnknownOp as exc:  # a newer node's: nothing here knows what it asks
+            log.warning("unknown relay op %r for uid %s", exc.op, exc.uid)
+            return
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed relay message")
             return
-        if op == OP_MESSAGE:  # parsed above, so a fault in delivery is not called malformed
+        if op is Op.MESSAGE:  # parsed above, so a fault in delivery is not called malformed
             self._push_here(uid, frame, unread, sent)
         else:
             self.on_relay(op, uid, payload, sent)

@@ -24,9 +24,11 @@ import redis.asyncio as aioredis
 from pmq.broadcast import groups_of
 from pmq.keys import Keys
 from pmq.wire.client import UNREAD_KINDS, Kind
+from pmq.wire.relay import UnreadState
 
 # KEYS: per user, the unread hash then the last-read hash. Returns per user a list: the
-# unread hash's field/value pairs, then the time of the user's last clear of system (or 0).
+# unread hash's field/value pairs, then the time of the user's last clear of system (or 0),
+# as pmq.wire.relay.UnreadState.of_reply() reads it.
 COUNTERS = """
 local result = {}
 for i = 1, #KEYS, 2 do
@@ -83,8 +85,9 @@ class Unread:
         result: list[dict[str, int]] = [{}] * len(users)
         for part, reply in zip(parts, scripts, strict=True):
             for i, flat in zip(part, reply, strict=True):
-                system = self.system_count(int(flat[-1]), reached[i], times)
-                result[i] = counts_of(flat[:-1], system)
+                state = UnreadState.of_reply(flat)
+                system = self.system_count(state.last_clear, reached[i], times)
+                result[i] = counts_of(state.counts, system)
         return result
 
     async def timelines(self, groups: Sequence[str]) -> dict[str, list[float]]:

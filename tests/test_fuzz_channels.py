@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pmq.keys import Keys
-from pmq.routing import OP_EVICT, OP_KICK, OP_MESSAGE, OP_MESSAGE_BARE, OP_PUSH, OP_UNREAD
+from pmq.wire.relay import Op
 from tests.helpers import REDIS_URL, Node, wait_for
 from tests.test_fuzz_kit import RawWebSocket, budget, fuzz_node, tally, unharmed
 
@@ -46,13 +46,13 @@ def relay(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=100))
     sent = draw(st.sampled_from([b"1.5", b"nan", b"inf", b"-1", b"x", b""]))
     if how == 1:
-        op = draw(st.sampled_from([OP_PUSH, OP_MESSAGE_BARE, OP_UNREAD]).map(str.encode)
+        op = draw(st.sampled_from([Op.PUSH, Op.UNREAD, "msg"]).map(str.encode)
                   | st.binary(max_size=6))
         return op + b" %d " % USER + sent + b"\n" + draw(FRAME)
     if how == 2:
         payload = draw(STATE) + b"\n" + draw(FRAME)
-        return OP_MESSAGE.encode() + b" %d " % USER + sent + b"\n" + payload
-    op = draw(st.sampled_from([OP_KICK, OP_EVICT])).encode()
+        return Op.MESSAGE.encode() + b" %d " % USER + sent + b"\n" + payload
+    op = draw(st.sampled_from([Op.KICK, Op.EVICT])).encode()
     return op + b" %d " % OTHER + sent + b"\n" + draw(st.binary(max_size=30))
 
 

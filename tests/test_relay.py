@@ -6,17 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from pmq.keys import Keys
-from pmq.routing import (
-    OP_MESSAGE,
-    OP_MESSAGE_BARE,
-    Routes,
-    decode_relay,
-    encode_relay,
-    message_payload,
-)
+from pmq.routing import Routes
+from pmq.wire.relay import Op, UnreadState, decode, encode, encode_message
 from tests.helpers import REDIS_URL
 
 FRAME = b'{"type":"push","msg":{"id":"1"}}'
@@ -32,7 +27,7 @@ class Recorder:
         self.calls.append(("push", uid, frame))
         return 1
 
-    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
+    def push_message(self, uid: str, frame: bytes, unread: UnreadState) -> int:
         self.calls.append(("message", uid, frame, unread))
         return 1
 
@@ -50,20 +45,21 @@ def routes() -> tuple[Routes, Recorder]:
 
 def test_a_message_brings_the_unread_state_the_publish_read() -> None:
     r, local = routes()
-    payload = message_payload(FRAME, [b"comment", b"3", b"1700000000000"])
-    r.on_message({"data": encode_relay(OP_MESSAGE, "7", payload, 0.0)})
-    assert local.calls == [("message", "7", FRAME, ["comment", "3", "1700000000000"])]
+    payload = encode_message(FRAME, UnreadState([b"comment", b"3"], 1700000000000))
+    r.on_message({"data": encode(Op.MESSAGE, "7", payload, 0.0)})
+    assert local.calls == [("message", "7", FRAME, (["comment", "3"], 1700000000000))]
 
 
-def test_a_bare_message_of_an_earlier_version_is_pushed_without_state() -> None:
+def test_an_unknown_op_is_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     r, local = routes()
-    r.on_message({"data": encode_relay(OP_MESSAGE_BARE, "7", FRAME, 0.0)})
-    assert local.calls == [("message", "7", FRAME, None)]
+    r.on_message({"data": b"msg 7 0.000000\n" + FRAME})  # an earlier version's bare message
+    assert local.calls == []
+    assert "unknown relay op 'msg' for uid 7" in caplog.text
 
 
 def test_a_malformed_relay_is_dropped() -> None:
     r, local = routes()
-    r.on_message({"data": encode_relay(OP_MESSAGE, "7", b"[not json\n" + FRAME, 0.0)})
+    r.on_message({"data": encode(Op.MESSAGE, "7", b"[not json\n" + FRAME, 0.0)})
     r.on_message({"data": b"no header line"})
     assert local.calls == []
 
@@ -88,14 +84,14 @@ def test_a_new_message_goes_only_to_the_workers_holding_the_user() -> None:
     channels = Channels()
     keys = Keys("pmqtest:")
     r = Routes(aioredis.Redis.from_url(REDIS_URL), keys, "w1", 25, local, channels)  # type: ignore[arg-type]
-    state = [b"notice", b"2", b"0"]
+    state = UnreadState([b"notice", b"2"], 0)
     conns = {"c1": "w1", "c2": "w3", "c3": "w3"}
     reached = asyncio.run(r.push_messages([("7", conns, FRAME, state), ("8", {}, FRAME, None)]))
     assert reached == 3  # one here, two on w3
     assert local.calls == [("message", "7", FRAME, state)]
     assert [channel for channel, _ in channels.published] == [keys.worker_channel("w3")]
-    op, uid, _, payload = decode_relay(channels.published[0][1])
-    assert (op, uid, payload) == (OP_MESSAGE, "7", message_payload(FRAME, state))
+    op, uid, _, payload = decode(channels.published[0][1])
+    assert (op, uid, payload) == (Op.MESSAGE, "7", encode_message(FRAME, state))
 
 
 def test_a_worker_that_missed_its_beats_still_gets_its_users_messages() -> None:

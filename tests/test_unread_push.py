@@ -13,6 +13,7 @@ from pmq.reactor.connections import text_frame
 from pmq.reactor.unread import UnreadPusher
 from pmq.unread import Unread
 from pmq.wire.client import FrameType, encode_event
+from pmq.wire.relay import UnreadState
 from tests.helpers import wait_for_async
 
 INTERVAL = 0.3
@@ -94,12 +95,14 @@ def test_a_new_message_brings_its_badge_along_once_an_interval() -> None:
     table = FakeTable("7")
     pusher = UnreadPusher(INTERVAL, table, FakeUnread())  # type: ignore[arg-type]
     frame = b'{"type":"push","msg":{}}'
-    last_clear = str(NOW_MS - 6000)  # the user cleared system after the first broadcast
+    last_clear = NOW_MS - 6000  # the user cleared system after the first broadcast
 
     async def scenario() -> None:
         await pusher.watch(["author"])  # the first user here: the times are read
-        assert pusher.push_message("7", frame, ["comment", "2", "letter", "1", last_clear]) == 1
-        assert pusher.push_message("7", frame, ["comment", "3", "letter", "1", last_clear]) == 1
+        state = UnreadState(["comment", "2", "letter", "1"], last_clear)
+        assert pusher.push_message("7", frame, state) == 1
+        state = UnreadState(["comment", "3", "letter", "1"], last_clear)
+        assert pusher.push_message("7", frame, state) == 1
 
     asyncio.run(scenario())
     badge = encode_event(

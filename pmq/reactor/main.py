@@ -46,6 +46,7 @@ from pmq.routing import Routes, oldest_beyond
 from pmq.store import Store, open_store
 from pmq.unread import Unread
 from pmq.wire.client import CloseCode, Kind, Role, encode_hello, stored_message
+from pmq.wire.relay import UnreadState
 from pmq.workers.base import BootError, Worker
 from pmq.workers.heap import keep_heap_frozen
 
@@ -248,7 +249,7 @@ class SocketWorker(Worker):
     def push(self, uid: str, frame: bytes) -> int:
         return self.table.send_to_user(uid, frame)
 
-    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int:
+    def push_message(self, uid: str, frame: bytes, unread: UnreadState) -> int:
         return self.unread_pusher.push_message(uid, frame, unread)
 
     def unread_changed(self, uid: str) -> None:

@@ -2,7 +2,7 @@
 per ``unread.push_interval``.
 
 A new message brings its user's counters along (the publish script read them; see
-pmq.routing's OP_MESSAGE), so a user who had no badge this interval gets it at once, in
+pmq.wire.relay's Op.MESSAGE), so a user who had no badge this interval gets it at once, in
 the same write as the push: one system call for both and no Redis read. Any other change,
 or one inside the interval, only marks the user dirty; one loop per worker, every interval,
 reads the counters of the dirty users whose interval has passed in one pipelined round trip
@@ -30,6 +30,7 @@ from pmq.broadcast import groups_of
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.unread import Unread, counts_of
 from pmq.wire.client import FrameType, encode_event, message_id_of
+from pmq.wire.relay import UnreadState
 
 CHUNK = 500
 HOLD_POLL_SECONDS = 0.02
@@ -66,7 +67,7 @@ class UnreadPusher:
             if first:  # the worker's first user: every time kept was read just now
                 self.fresh = not self.holding
 
-    def push_message(self, uid: str, frame: bytes, unread: Sequence[bytes | str] | None) -> int:
+    def push_message(self, uid: str, frame: bytes, unread: UnreadState | None) -> int:
         """Push a new message's ``frame`` to the user's connections here, with its badge
         when one may go now (``unread``: the state the publish read), else mark it dirty.
         Returns how many connections took it."""
@@ -80,7 +81,7 @@ class UnreadPusher:
             uid, text_frame(frame) + text_frame(badge), message_id_of(frame)
         )
 
-    def _badge(self, uid: str, unread: Sequence[bytes | str] | None) -> bytes | None:
+    def _badge(self, uid: str, unread: UnreadState | None) -> bytes | None:
         if unread is None or not self.fresh or self.holding:
             return None
         if time.monotonic() - self.pushed.get(uid, -self.interval) < self.interval:
@@ -91,8 +92,8 @@ class UnreadPusher:
         groups = reach(client.identity.groups)
         if any(g not in self.times for g in groups):
             return None
-        system = self.unread.system_count(int(unread[-1]), groups, self.times)
-        return encode_event(FrameType.UNREAD, data=counts_of(unread[:-1], system))
+        system = self.unread.system_count(unread.last_clear, groups, self.times)
+        return encode_event(FrameType.UNREAD, data=counts_of(unread.counts, system))
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

@@ -1,0 +1,104 @@
+"""The relay between socket workers, sans I/O: what one worker publishes on another's channel.
+
+A worker that must reach a connection held by another worker publishes, on that worker's
+sharded channel (pmq.keys.Keys.worker_channel), one relay message per user:
+``"<op> <uid> <sent>\\n<payload>"``, where ``op`` is an :class:`Op`, ``sent`` the unix time
+it left (so the receiver can time the delivery) and the payload what the op says. A new
+message's payload (:data:`Op.MESSAGE`) carries the user's :class:`UnreadState` as the
+publish read it, so the worker holding the user sends the badge with the push without
+asking Redis (docs/protocol.md, "Live unread frames").
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import orjson
+
+
+class Op(enum.StrEnum):
+    """What a relay message asks of the worker holding the user's connections."""
+
+    PUSH = "push"  # payload: a frame for every connection of the user
+    # The same, and the user's unread counters changed; the payload is encode_message()'s.
+    # A node of an earlier version drops it (with a warning) rather than pushing the state
+    # line to its clients; the message waits in the inbox for their reconnect.
+    MESSAGE = "message"
+    # payload: a push frame of a message a repeated publish found unacked; pushed to the
+    # connections that have not had it (a node of an earlier version drops it, with a warning)
+    AGAIN = "again"
+    UNREAD = "unread"  # no payload: only the counters changed (e.g. cleared on another device)
+    KICK = "kick"  # payload: the reason; close every connection with 4001
+    # payload: conn ids, space-separated; close those with 4008 (server.max_connections_per_user).
+    # A node of an earlier version drops it with a warning: the connection stays, over the bound.
+    EVICT = "evict"
+
+
+_OPS = {op.value: op for op in Op}  # a dict lookup: Op(name) costs a microsecond a relay
+
+
+class UnknownOp(ValueError):
+    """A relay message whose op this version does not know (a newer node sent it)."""
+
+    def __init__(self, op: str, uid: str) -> None:
+        super().__init__(f"unknown relay op {op!r}")
+        self.op = op
+        self.uid = uid
+
+
+class UnreadState(NamedTuple):
+    """A user's unread counters as a publish read them, for the badge sent with the push:
+    ``counts`` are the unread hash's field/value pairs (bytes as Redis answered, or text once
+    relayed), ``last_clear`` the time (unix ms) of the user's last clear of ``system``, 0
+    for never (``system`` is counted from the broadcasts since, pmq.unread)."""
+
+    counts: Sequence[bytes | str]
+    last_clear: int
+
+    @classmethod
+    def of_reply(cls, flat: Sequence[bytes | str]) -> UnreadState:
+        """The state from a script's reply: the pairs, then the last clear (pmq.inbox's
+        PUBLISH and pmq.unread's COUNTERS answer it so)."""
+        return cls(flat[:-1], int(flat[-1]))
+
+
+def encode(op: Op, uid: str, payload: bytes, sent: float) -> bytes:
+    """One relay message; ``sent`` is the unix time it leaves, in seconds."""
+    return f"{op} {uid} {sent:.6f}\n".encode() + payload
+
+
+def decode(message: bytes) -> tuple[Op, str, float, bytes]:
+    """(op, uid, sent, payload) of what encode() made. ValueError (UnicodeDecodeError among
+    them) when the header is not one; UnknownOp, a ValueError, for an op not in :class:`Op`."""
+    head, _, payload = message.partition(b"\n")
+    name, uid, sent = head.decode().split(" ")
+    op = _OPS.get(name)
+    if op is None:
+        raise UnknownOp(name, uid)
+    return op, uid, float(sent), payload
+
+
+def encode_message(frame: bytes, state: UnreadState) -> bytes:
+    """An :data:`Op.MESSAGE` payload: the state as one JSON line of strings (the pairs, then
+    the last clear), then the push frame."""
+    strings = [v if isinstance(v, str) else v.decode() for v in state.counts]
+    strings.append(str(state.last_clear))
+    return orjson.dumps(strings) + b"\n" + frame
+
+
+def decode_message(payload: bytes) -> tuple[bytes, UnreadState]:
+    """(frame, state) of an :data:`Op.MESSAGE` payload; ValueError when the state line is not
+    what encode_message() makes (strings: field/count pairs, then the last clear, numbers)."""
+    line, _, frame = payload.partition(b"\n")
+    strings = orjson.loads(line)  # orjson.JSONDecodeError is a ValueError
+    if (
+        not isinstance(strings, list)
+        or len(strings) % 2 != 1
+        or not all(isinstance(value, str) for value in strings)
+    ):
+        raise ValueError("not an unread state")
+    for number in strings[1::2]:
+        int(number)  # ValueError if not a number
+    return frame, UnreadState(strings[:-1], int(strings[-1]))
