@@ -28,6 +28,7 @@ from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import SHARED, StoreJournal
 from pmq.keys import BROADCAST_TAG, Keys, key_template
+from pmq.wire import storeops
 from pmq.wire.client import Message
 
 ALL = "all"
@@ -142,7 +143,7 @@ class Broadcasts:
         now = int(time.time() * 1000)
         wire = Message(message_id, kind, None, None, body, now, group).encode()
         item = b'{"group":' + orjson.dumps(group) + b',"msg":' + wire + b"}"
-        storage_op = b'{"op":"broadcast",' + item[1:]  # the storage writer's (pmq.tasks.writer)
+        storage_op = storeops.encode_broadcast(group, wire)
         keys = [
             self.keys.broadcast_dedupe(dedupe_key(key, group, kind, body)),
             self.keys.broadcasts(group),

@@ -39,6 +39,7 @@ from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.locks import Lock
 from pmq.messaging import publish
 from pmq.routing import Routes
+from pmq.wire import storeops
 from pmq.wire.client import Code, FrameType, Kind, encode_event
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
@@ -221,8 +222,9 @@ class Chat:
     async def _close_one(self, session_id: str, by: str, reason: str, cutoff: int | None) -> bool:
         """Close and notify; False when the idle closer (``cutoff`` set) found the session
         active again or closed by someone else; ActionError when a party's close is refused."""
+        op = storeops.encode_cs_session(session_id, reason)  # the script fills in the rest
         result = await self._run(
-            self._close, session_id, by, reason, "" if cutoff is None else cutoff, self.ttl
+            self._close, session_id, by, reason, "" if cutoff is None else cutoff, self.ttl, op
         )
         code = int(result[0])
         if cutoff is not None and code in (304, 404, 409):
@@ -279,7 +281,7 @@ class Chat:
         body = {"session_id": session_id, **content}
         accepted, _ = await publish(self.inbox, self.routes, [peer], Kind.CS, sender, body)
         message_id, wire = accepted.ids[0], accepted.encoded[0]
-        op = b'{"op":"cs","session_id":"' + session_id.encode() + b'","msg":' + wire + b"}"
+        op = storeops.encode_cs_message(session_id, wire)
         await self._run(
             self._record,
             session_id,

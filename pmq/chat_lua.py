@@ -122,7 +122,9 @@ return out
 """
 )
 
-# ARGV: 4 sid, 5 by ('' = the idle closer), 6 reason, 7 idle cutoff ms ('' = none), 8 ttl.
+# ARGV: 4 sid, 5 by ('' = the idle closer), 6 reason, 7 idle cutoff ms ('' = none), 8 ttl,
+# 9 the storage op of the closed session (pmq.wire.storeops.encode_cs_session), whose
+# user, agent, opening and closing times and last message id this script fills in.
 # Returns {200, user, agent|''}, {404}, {403}, {409} closed already, or {304} when the
 # session saw activity after the cutoff (not idle any more).
 CLOSE = (
@@ -151,8 +153,9 @@ if s[3] == 'open' then
 else
     redis.call('LREM', KEYS[4], 0, sid)
 end
-redis.call('RPUSH', KEYS[5], cjson.encode({op = 'cs_session', id = sid, uid = s[1],
-    agent = s[2], opened = s[5], closed = NOW, last_msg_id = s[6] or '', reason = ARGV[6]}))
+local op = cjson.decode(ARGV[9])
+op.uid, op.agent, op.opened, op.closed, op.last_msg_id = s[1], s[2], s[5], NOW, s[6] or ''
+redis.call('RPUSH', KEYS[5], cjson.encode(op))
 return {200, s[1], s[2]}
 """
 )

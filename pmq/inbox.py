@@ -39,6 +39,7 @@ from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.locks import delete_if
+from pmq.wire import storeops
 from pmq.wire.client import Message
 from pmq.wire.relay import UnreadState
 
@@ -99,21 +100,23 @@ end
 return result
 """
 
-# KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV: uid, ids... Removes what is
-# hot and queues the storage ack of those (their rows may not be written yet). The others
-# are queued too when storage may hold unacked messages of the user (flagged cold, or the
-# bucket not known complete): the writer acks them there, so a socket worker never writes
+# KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV[1]: the storage op acking
+# every id asked (pmq.wire.storeops.encode_ack). Removes what is hot and queues the storage
+# ack of those (their rows may not be written yet): the same op, keeping those ids. The
+# others are queued too when storage may hold unacked messages of the user (flagged cold, or
+# the bucket not known complete): the writer acks them there, so a socket worker never writes
 # storage for an ack. Returns {the hot ids, how many others were queued}.
 ACK = """
+local op = cjson.decode(ARGV[1])
 local removed, others = {}, {}
-for i = 2, #ARGV do
-    if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
-        removed[#removed + 1] = ARGV[i]
+for _, id in ipairs(op.ids) do
+    if redis.call('ZREM', KEYS[1], id) == 1 then
+        removed[#removed + 1] = id
     else
-        others[#others + 1] = ARGV[i]
+        others[#others + 1] = id
     end
 end
-redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+redis.call('HDEL', KEYS[2], unpack(op.ids))
 local queued = {unpack(removed)}
 local cold = 0
 if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
@@ -122,7 +125,8 @@ if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
     cold = #others
 end
 if #queued > 0 then
-    redis.call('RPUSH', KEYS[3], cjson.encode({op = 'ack', uid = ARGV[1], ids = queued}))
+    op.ids = queued
+    redis.call('RPUSH', KEYS[3], cjson.encode(op))
 end
 return {removed, cold}
 """
@@ -263,7 +267,7 @@ class Inbox:
         for m in messages:
             wire = m.encode()
             encoded.append(wire)
-            op = b'{"op":"msg","msg":' + wire + b"}"
+            op = storeops.encode_message(wire)
             ops.append(op)
             to = cast(str, m.to)  # a unicast message always names its recipient
             keys += self.keys.publish_keys(to)
@@ -314,7 +318,7 @@ class Inbox:
         queue = self.keys.store_queue(self.keys.user_tag(uid))
         mark = self.keys.redis_mark(self.keys.bucket(uid))
         keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark]
-        removed, cold = await self._ack(keys=keys, args=[uid, *map(str, ids)])
+        removed, cold = await self._ack(keys=keys, args=[storeops.encode_ack(uid, ids)])
         return Acked({int(i) for i in removed}, int(cold))
 
     def look_on(

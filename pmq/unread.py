@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-import orjson
 import redis.asyncio as aioredis
 
 from pmq.broadcast import groups_of
 from pmq.keys import Keys
+from pmq.wire import storeops
 from pmq.wire.client import UNREAD_KINDS, Kind
 from pmq.wire.relay import UnreadState
 
@@ -131,9 +131,9 @@ class Unread:
             kinds = sorted(set(UNREAD_KINDS) | set(present))
         now = int(time.time() * 1000)
         system = Kind.SYSTEM in kinds
-        op = {"op": "last_read", "uid": uid, "kind": Kind.SYSTEM.value, "ts": now}
+        op = storeops.encode_last_read(uid, Kind.SYSTEM.value, now)
         keys = [key, self.keys.last_read(uid), self.keys.store_queue(self.keys.user_tag(uid))]
-        args = ["1" if system else "0", now, self.retention_ms // 1000, orjson.dumps(op)]
+        args = ["1" if system else "0", now, self.retention_ms // 1000, op]
         await self._clear(keys=keys, args=[*args, *kinds])
         return list(kinds)
 

@@ -34,6 +34,7 @@ from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
+from pmq.wire import storeops
 from pmq.wire.client import Message
 from tests.helpers import (
     REDIS_URL,
@@ -105,11 +106,11 @@ def msg_op(to: int, sender: int | None = 42, ts: int | None = None) -> tuple[int
         {"n": message_id, "text": "héllo"},
         now_ms() if ts is None else ts,
     )
-    return message_id, b'{"op":"msg","msg":' + orjson.dumps(message.wire()) + b"}"
+    return message_id, storeops.encode_message(message.encode())
 
 
 def ack_op(uid: int, ids: list[int]) -> bytes:
-    return orjson.dumps({"op": "ack", "uid": str(uid), "ids": [str(i) for i in ids]})
+    return storeops.encode_ack(str(uid), ids)
 
 
 def stored(message_id: int, uid: int, ts: int | None = None) -> StoredMessage:

@@ -36,7 +36,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from pmq import metrics
@@ -47,6 +46,7 @@ from pmq.store import Store
 from pmq.tasks import deadletter
 from pmq.tasks.owners import NOW, OwnerLease
 from pmq.tasks.queueops import Batch, parse_batch
+from pmq.wire import storeops
 
 if TYPE_CHECKING:  # recovery imports this module
     from pmq.tasks.recovery import BatchGuard
@@ -208,7 +208,7 @@ class StorageWriter:
         if returned:
             log.warning("storage writer: put %d unwritten items back on the queue", returned)
         for d in self._deferred:
-            op = orjson.dumps({"op": "ack", "uid": str(d.uid), "ids": [str(i) for i in d.ids]})
+            op = storeops.encode_ack(str(d.uid), d.ids)
             await self.redis.rpush(self.keys.store_queue(self.keys.user_tag(str(d.uid))), op)
         self._deferred.clear()
         left = 0
