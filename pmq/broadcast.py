@@ -28,7 +28,7 @@ from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import SHARED, StoreJournal
 from pmq.keys import BROADCAST_TAG, Keys, key_template
-from pmq.wire import storeops
+from pmq.wire import relay, storeops
 from pmq.wire.client import Message
 
 ALL = "all"
@@ -94,20 +94,6 @@ def dedupe_key(explicit: str | None, group: str, kind: str, body: Any) -> str:
     return "body:" + hashlib.sha256(canonical).hexdigest()
 
 
-def encode_fanout(group: str, frame: bytes) -> bytes:
-    """What the broadcast channel carries: the group, a newline, the push frame."""
-    return group.encode() + b"\n" + frame
-
-
-def decode_fanout(message: bytes) -> tuple[str, bytes]:
-    """The group and push frame of what encode_fanout() made; ValueError (or its subclass
-    UnicodeDecodeError) for anything else."""
-    group, newline, frame = message.partition(b"\n")
-    if not newline:
-        raise ValueError("a broadcast channel message without its group line")
-    return group.decode(), frame
-
-
 def groups_of(groups: Iterable[str]) -> list[str]:
     """The groups whose broadcasts reach a user: theirs and "all"."""
     return [ALL, *sorted(set(groups) - {ALL})]
@@ -142,7 +128,7 @@ class Broadcasts:
         message_id = self.ids.next()
         now = int(time.time() * 1000)
         wire = Message(message_id, kind, None, None, body, now, group).encode()
-        item = b'{"group":' + orjson.dumps(group) + b',"msg":' + wire + b"}"
+        item = relay.encode_broadcast_item(group, wire)
         storage_op = storeops.encode_broadcast(group, wire)
         keys = [
             self.keys.broadcast_dedupe(dedupe_key(key, group, kind, body)),

@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pmq.broadcast import encode_fanout
 from pmq.errors import ActionError
 from pmq.handlers import cs, msg, unread
 from pmq.handlers.base import int_field
@@ -36,7 +35,7 @@ from pmq.wire.client import (
     parse_request,
     push_frame,
 )
-from pmq.wire.relay import Op, UnreadState, encode_message
+from pmq.wire.relay import Op, UnreadState, encode_broadcast, encode_message
 from pmq.wire.relay import encode as encode_relay
 from tests.helpers import REDIS_URL
 from tests.test_fuzz_kit import JSON, SCALARS, budget, json_object_with, tally
@@ -257,7 +256,7 @@ def test_broadcast_messages_are_queued_readable_or_dropped(data: bytes) -> None:
 def test_broadcast_as_published_is_queued() -> None:
     fanout = Fanout(ConnectionTable(), unread=None)  # type: ignore[arg-type]
     frame = push_frame(b'{"id":"42","kind":"system"}')
-    fanout.on_message({"channel": b"ch", "data": encode_fanout("all", frame)})
+    fanout.on_message({"channel": b"ch", "data": encode_broadcast("all", frame)})
     assert fanout.queue.get_nowait() == ("all", frame)
 
 

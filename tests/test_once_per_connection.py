@@ -14,9 +14,9 @@ import httpx
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
-from pmq.broadcast import encode_fanout
 from pmq.keys import Keys
 from pmq.wire.client import push_of
+from pmq.wire.relay import encode_broadcast
 from tests.helpers import REDIS_URL, Node
 
 STEPS = 80  # each: a broadcast, a multicast to every user and a new connection, at once
@@ -112,7 +112,7 @@ def test_a_broadcast_published_twice_on_the_channel_is_written_once(
             async with aioredis.Redis.from_url(REDIS_URL) as redis:
                 for _ in range(2):
                     await redis.execute_command(
-                        "SPUBLISH", channel, encode_fanout("all", push_of(message)[0])
+                        "SPUBLISH", channel, encode_broadcast("all", push_of(message)[0])
                     )
             async with httpx.AsyncClient(base_url=node.ingest_url, timeout=10) as http:
                 await post(http, "/api/v1/broadcast", {"group": "all", "body": {"last": True}})

@@ -6,13 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pmq.wire.client import MAX_ID, Message
 from pmq.wire.relay import (
     Op,
     UnknownOp,
     UnreadState,
     decode,
+    decode_broadcast,
+    decode_broadcast_item,
     decode_message,
     encode,
+    encode_broadcast,
+    encode_broadcast_item,
     encode_message,
 )
 
@@ -82,3 +87,38 @@ def test_a_malformed_header_is_a_value_error(message: bytes) -> None:
 def test_a_malformed_state_is_a_value_error(payload: bytes) -> None:
     with pytest.raises(ValueError):
         decode_message(payload)
+
+
+GROUPS = st.text(min_size=1).filter(lambda g: "\n" not in g)
+
+
+@given(GROUPS, st.integers(1, MAX_ID), st.text(), st.integers(0, 2**53))
+def test_a_broadcast_queue_item_round_trips(group: str, id_: int, body: str, ts: int) -> None:
+    message = Message(id_, "system", None, None, body, ts, group)
+    item = encode_broadcast_item(group, message.encode())
+    assert decode_broadcast_item(item) == (group, message.wire())
+
+
+@given(GROUPS, st.binary(max_size=100))
+def test_a_broadcast_channel_message_round_trips(group: str, frame: bytes) -> None:
+    assert decode_broadcast(encode_broadcast(group, frame)) == (group, frame)
+
+
+def test_the_bytes_of_the_broadcast_formats() -> None:
+    assert encode_broadcast("all", FRAME) == b"all\n" + FRAME
+    assert encode_broadcast_item("all", b'{"id":"1"}') == b'{"group":"all","msg":{"id":"1"}}'
+
+
+@pytest.mark.parametrize(
+    "item",
+    [b"[", b"[1]", b'{"group": "all"}', b'{"group": "all", "msg": []}',
+     b'{"group": 1, "msg": {"id": "1"}}', b'{"group": "all", "msg": {"id": "x"}}'],
+)
+def test_a_malformed_broadcast_item_is_a_value_error(item: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_broadcast_item(item)
+
+
+def test_a_broadcast_channel_message_needs_its_group_line() -> None:
+    with pytest.raises(ValueError):
+        decode_broadcast(b"all")

@@ -21,9 +21,10 @@ import time
 from typing import Any
 
 from pmq import metrics
-from pmq.broadcast import ALL, decode_fanout
+from pmq.broadcast import ALL
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.reactor.unread import UnreadPusher
+from pmq.wire import relay
 from pmq.wire.client import message_id_of
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Fanout:
         """pub/sub callback: queue the broadcast; run() delivers them one at a time. A
         malformed one (anything can publish on the channel) is logged and dropped here."""
         try:
-            group, frame = decode_fanout(message["data"])
+            group, frame = relay.decode_broadcast(message["data"])
             # Parsed here so that deliver() never meets a frame it cannot read: a fault
             # there ends the fan-out loop, and with it every socket worker at once.
             message_id_of(frame)

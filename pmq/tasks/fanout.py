@@ -20,10 +20,10 @@ from typing import cast
 import orjson
 import redis.asyncio as aioredis
 
-from pmq.broadcast import encode_fanout
 from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
 from pmq.tasks.owners import OwnerLease
+from pmq.wire import relay
 from pmq.wire.client import push_frame
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,14 @@ class BroadcastFanout:
     async def handle(self, item: bytes) -> None:
         """Publish one queued broadcast to every socket worker (a malformed one is dropped)."""
         try:
-            parsed = orjson.loads(item)
-            group, message = parsed["group"], parsed["msg"]
-            message_id = int(message["id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            group, message = relay.decode_broadcast_item(item)
+        except ValueError:
             log.error("dropped a malformed broadcast: %r", item[:200])
             return
+        message_id = int(message["id"])
         frame = push_frame(orjson.dumps(message))
         receivers = await self.redis.spublish(
-            self.keys.broadcast_channel(), encode_fanout(group, frame)
+            self.keys.broadcast_channel(), relay.encode_broadcast(group, frame)
         )
         self.published += 1
         log.info("broadcast %s to %r published to %d socket workers", message_id, group, receivers)

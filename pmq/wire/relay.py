@@ -7,13 +7,18 @@ it left (so the receiver can time the delivery) and the payload what the op says
 message's payload (:data:`Op.MESSAGE`) carries the user's :class:`UnreadState` as the
 publish read it, so the worker holding the user sends the badge with the push without
 asking Redis (docs/protocol.md, "Live unread frames").
+
+A broadcast goes the other way round: the socket worker that accepts it queues a
+:func:`encode_broadcast_item` for the task workers, and the one that takes it publishes
+:func:`encode_broadcast`, its group and push frame, on the broadcast channel every socket
+worker reads (docs/protocol.md, "Broadcasts").
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -102,3 +107,36 @@ def decode_message(payload: bytes) -> tuple[bytes, UnreadState]:
     for number in strings[1::2]:
         int(number)  # ValueError if not a number
     return frame, UnreadState(strings[:-1], int(strings[-1]))
+
+
+def encode_broadcast_item(group: str, message_json: bytes) -> bytes:
+    """The broadcast queue's item: the group and the broadcast's JSON (Message.encode())."""
+    return b'{"group":' + orjson.dumps(group) + b',"msg":' + message_json + b"}"
+
+
+def decode_broadcast_item(item: bytes) -> tuple[str, dict[str, Any]]:
+    """(group, message) of what encode_broadcast_item() made; ValueError for anything else,
+    a message without a numeric id included."""
+    try:
+        parsed = orjson.loads(item)
+        group, message = parsed["group"], parsed["msg"]
+        int(message["id"])
+    except (KeyError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise ValueError(f"not a broadcast queue item: {exc}") from None
+    if not isinstance(group, str) or not isinstance(message, dict):
+        raise ValueError("not a broadcast queue item")
+    return group, message
+
+
+def encode_broadcast(group: str, frame: bytes) -> bytes:
+    """What the broadcast channel carries: the group, a newline, the push frame."""
+    return group.encode() + b"\n" + frame
+
+
+def decode_broadcast(message: bytes) -> tuple[str, bytes]:
+    """The group and push frame of what encode_broadcast() made; ValueError (or its subclass
+    UnicodeDecodeError) for anything else."""
+    group, newline, frame = message.partition(b"\n")
+    if not newline:
+        raise ValueError("a broadcast channel message without its group line")
+    return group.decode(), frame
