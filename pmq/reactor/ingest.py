@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from redis.exceptions import RedisError
@@ -27,14 +28,17 @@ from pmq.wire.client import Kind, is_kind, is_uid
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = Throttled(log)
+T = TypeVar("T")
 
 
 class IngestApp(App, Protocol):
+    """What the routes need of the socket worker; ``in_thread`` is the worker base's."""
+
     @property
     def store(self) -> Store: ...
     @property
     def authenticator(self) -> Authenticator: ...
-    async def in_thread(self, func: Any, *args: Any) -> Any: ...
+    async def in_thread(self, func: Callable[..., T], *args: Any) -> T: ...
 
 
 MAX_RECIPIENTS = 1000
