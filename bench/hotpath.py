@@ -9,9 +9,9 @@ runs the real code of the path in one process, with nothing else to wait for:
 - request: the bytes of ``POST /api/v1/messages`` fed to the ingest server's connection
   (pmq.reactor.http), its handler (pmq.reactor.ingest), the publish (pmq.messaging, the
   inbox's key and argument building), the PUBLISH script's reply made up in Python, then
-  for half the users a push to their connection here (pmq.routing, the unread badge of
-  pmq.reactor.unread, pmq.reactor.connections) and for the other half a relay to another
-  worker, and the HTTP reply;
+  for half the users a push to their connection here (pmq.routing, pmq.reactor.relay, the
+  unread badge of pmq.reactor.unread, pmq.reactor.connections) and for the other half a
+  relay to another worker, and the HTTP reply;
 - relay: a relayed message as the worker holding the user receives it, to the push.
 
 Transports only count writes. Reported (JSON): CPU microseconds per request and per relay,
@@ -39,6 +39,7 @@ from pmq.keys import Keys
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.http import HttpServer, _Connection
 from pmq.reactor.ingest import build_router
+from pmq.reactor.relay import Relay
 from pmq.reactor.unread import UnreadPusher
 from pmq.routing import Routes
 from pmq.unread import Unread
@@ -108,21 +109,11 @@ class Worker:
         self.pusher = UnreadPusher(1.0, self.table, Unread(redis, keys, 604_800))
         self.pusher.times, self.pusher.fresh = {"all": []}, True  # broadcast times known
         batch: Any = ScriptedRedis()
-        self.routes = Routes(redis, keys, HERE, 25, self, batch)
+        self.routes = Routes(redis, keys, HERE, 25, batch)
+        self.relay = Relay(self.table, self.pusher)
+        self.routes.subscribe(self.relay.deliver)
         self.inbox = Inbox(redis, keys, IdGenerator(1), 86_400, 604_800, batch)
         self.redis = redis
-
-    # LocalDelivery
-    def push(self, uid: str, frame: bytes) -> int:
-        return self.table.send_to_user(uid, frame)
-
-    def push_message(self, uid: str, frame: bytes, unread: Any) -> int:
-        return self.pusher.push_message(uid, frame, unread)
-
-    def unread_changed(self, uid: str) -> None: ...
-
-    def kick(self, uid: str, reason: str) -> int:
-        return 0
 
 
 def requests(count: int) -> list[bytes]:
@@ -170,7 +161,7 @@ async def main(count: int) -> dict[str, Any]:
 
     async def relay() -> None:
         for message in relays:
-            worker.routes.on_message(message)
+            worker.relay.on_message(message)
 
     per_relay = await best_of(5, count, relay, worker)
     return {

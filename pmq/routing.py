@@ -6,10 +6,11 @@ a TTL of 3 x ``heartbeat.interval`` that the worker's heartbeat refreshes, so th
 worker that died without cleaning up expire by themselves; survivors also sweep dead workers'
 entries, and readers skip entries whose worker stopped beating.
 
-:meth:`Routes.deliver` gets a frame to every connection of a user: local connections are
-written directly (never awaiting a slow client), others get it through their worker's
-sharded pub/sub channel, one SPUBLISH per worker (on a Redis Cluster it goes to the one
-shard owning the channel).
+:meth:`Routes.deliver` gets a frame to every connection of a user: other workers get it
+through their sharded pub/sub channel, one SPUBLISH per worker (on a Redis Cluster it goes
+to the one shard owning the channel), and this worker's connections through its own
+channel in process (:data:`Here`), as values, with nothing encoded. What a relay op does to
+the sockets is the reactor's (pmq.reactor.relay): nothing here calls up.
 """
 
 from __future__ import annotations
@@ -18,35 +19,32 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 
-from pmq import metrics
 from pmq.batching import Batcher
 from pmq.keys import Keys
 from pmq.wire import relay
-from pmq.wire.client import message_id_of
-from pmq.wire.relay import Op, UnknownOp, UnreadState
+from pmq.wire.relay import Op, UnreadState
 
 log = logging.getLogger(__name__)
-DELIVERY_SECONDS = metrics.buffered(metrics.DELIVERY_SECONDS)
 
 GROUPS_TTL = 30 * 86400
 DEPARTURE_BATCH = 1000  # closed connections removed from the registry per round trip
 MAX_DEPARTURES = 200_000  # queued while Redis is away; older ones are left to their TTL
 
-class LocalDelivery(Protocol):
-    """What a socket worker does with frames for its own connections (the relay's ops,
-    pmq.wire.relay.Op)."""
+# This worker's own channel, in process: (op, uid, payload, sent, state) -> connections
+# reached. The payload is what the op says (pmq.wire.relay.Op), except that Op.MESSAGE comes
+# apart: the payload is the push frame, ``state`` the unread state the publish read (None
+# for every other op). The worker's relay consumer subscribes to it (Routes.subscribe).
+Here = Callable[[Op, str, bytes, float, UnreadState | None], int]
 
-    def push(self, uid: str, frame: bytes) -> int: ...
-    def push_message(self, uid: str, frame: bytes, unread: UnreadState) -> int: ...
-    def unread_changed(self, uid: str) -> None: ...
-    def push_again(self, uid: str, frame: bytes) -> int: ...
-    def kick(self, uid: str, reason: str) -> int: ...
-    def evict(self, uid: str, conn_ids: list[str]) -> int: ...
+
+def nobody_here(op: Op, uid: str, payload: bytes, sent: float, state: UnreadState | None) -> int:
+    """The channel of a worker that holds no connections (tools, tests): reaches nobody."""
+    return 0
 
 
 # Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds. Returns the
@@ -104,7 +102,6 @@ class Routes:
         keys: Keys,
         worker_id: str,
         heartbeat_interval: float,
-        local: LocalDelivery,
         batch: Batcher | None = None,
         registry: aioredis.Redis | None = None,
     ) -> None:
@@ -117,7 +114,7 @@ class Routes:
         self.worker_id = worker_id
         self.ttl = max(3, int(3 * heartbeat_interval))
         self.stale_ms = int(2 * heartbeat_interval * 1000)
-        self.local = local
+        self.here: Here = nobody_here
         # Workers that stopped beating: their entries are skipped until a sweep removes them.
         # (Not a set of live ones: a worker that just started must be reachable at once.)
         self.stale_workers: set[str] = set()
@@ -126,6 +123,10 @@ class Routes:
         self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
         self.departed = asyncio.Event()
         self.batch = batch or Batcher(redis)  # relays, sent with the worker's publishes
+
+    def subscribe(self, here: Here) -> None:
+        """Hand what this worker publishes for its own connections to ``here``."""
+        self.here = here
 
     # Registry writes ----------------------------------------------------------------
     async def register(self, uid: str, conn_id: str, groups: Sequence[str] = ()) -> None:
@@ -324,7 +325,7 @@ class Routes:
         for op, uid, conns, payload in items:
             for wid, count in self._workers(conns).items():
                 if wid == self.worker_id:
-                    reached += self.on_relay(op, uid, payload, sent)
+                    reached += self.here(op, uid, payload, sent, None)
                 else:
                     remote.append((wid, relay.encode(op, uid, payload, sent), count))
         if remote:
@@ -344,7 +345,8 @@ class Routes:
         for uid, conns, frame, state in pushes:
             for wid, count in self._workers(conns).items():
                 if wid == self.worker_id:
-                    reached += self._push_here(uid, frame, state, sent)
+                    op = Op.PUSH if state is None else Op.MESSAGE
+                    reached += self.here(op, uid, frame, sent, state)
                 elif state is None:
                     remote.append((wid, relay.encode(Op.PUSH, uid, frame, sent), count))
                 else:
@@ -376,54 +378,3 @@ class Routes:
         # a unicast relays at most once: no gather (a task per call) for one
         receivers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(count for (_, _, count), n in zip(remote, receivers, strict=True) if n)
-
-    def _push_here(self, uid: str, frame: bytes, unread: UnreadState | None, sent: float) -> int:
-        """A push to our connections of ``uid``: with the badge from ``unread`` (the state
-        a publish read), or a bare frame when None."""
-        if unread is None:
-            pushed = self.local.push(uid, frame)
-        else:
-            pushed = self.local.push_message(uid, frame, unread)
-        if pushed:
-            DELIVERY_SECONDS.observe(max(0.0, time.time() - sent))
-        return pushed
-
-    def on_relay(self, op: Op, uid: str, payload: bytes, sent: float) -> int:
-        """Apply an operation of send() to this worker's connections, a relayed one or our
-        own (Op.MESSAGE only comes relayed: on_message splits it)."""
-        if op is Op.PUSH:
-            return self._push_here(uid, payload, None, sent)
-        if op is Op.UNREAD:
-            self.local.unread_changed(uid)
-            return 0
-        if op is Op.AGAIN:
-            return self.local.push_again(uid, payload)
-        if op is Op.KICK:
-            return self.local.kick(uid, payload.decode())
-        if op is Op.EVICT:
-            return self.local.evict(uid, payload.decode().split())
-        log.warning("relay op %s for uid %s not applied here", op, uid)
-        return 0
-
-    def on_message(self, message: dict[str, Any]) -> None:
-        """pub/sub callback for this worker's channel."""
-        try:
-            op, uid, sent, payload = relay.decode(message["data"])
-            if op is Op.MESSAGE:
-                frame, unread = relay.decode_message(payload)
-            # Read now what delivery reads, so that it never meets what it cannot: the
-            # text of a kick's reason or an evict's ids, the message id of a push frame.
-            if op is Op.KICK or op is Op.EVICT:
-                payload.decode()
-            else:
-                message_id_of(frame if op is Op.MESSAGE else payload)
-        except UnknownOp as exc:  # a newer node's: nothing here knows what it asks
-            log.warning("unknown relay op %r for uid %s", exc.op, exc.uid)
-            return
-        except (KeyError, ValueError, UnicodeDecodeError):
-            log.warning("dropped a malformed relay message")
-            return
-        if op is Op.MESSAGE:  # parsed above, so a fault in delivery is not called malformed
-            self._push_here(uid, frame, unread, sent)
-        else:
-            self.on_relay(op, uid, payload, sent)

@@ -611,22 +611,6 @@ class MysqlDatabase:
         self.conn.close()
 
 
-class NoDelivery:
-    """A LocalDelivery (pmq.routing) for Routes in tests that hold no connections."""
-
-    def push(self, uid: str, frame: bytes) -> int:
-        return 0
-
-    def push_message(self, uid: str, frame: bytes, unread: list[str] | None) -> int:
-        return 0
-
-    def unread_changed(self, uid: str) -> None:
-        pass
-
-    def kick(self, uid: str, reason: str) -> int:
-        return 0
-
-
 def counting_pipelines(client: Any) -> list[int]:
     """Count the pipelines made on ``client`` from now on (one round trip each)."""
     made: list[int] = []

@@ -16,7 +16,6 @@ from pmq.routing import DEPARTURE_BATCH, Routes
 from pmq.workers.base import supervise
 from tests.helpers import (
     REDIS_URL,
-    NoDelivery,
     RedisServer,
     TcpProxy,
     counting_pipelines,
@@ -46,7 +45,7 @@ async def left_behind(routes: Routes, users: int) -> int:
 
 async def left_behind_directly(url: str, users: int) -> int:
     """left_behind() read straight from the Redis at ``url``, past any proxy."""
-    routes = Routes(aioredis.Redis.from_url(url), Keys("pmqtest:"), WORKER, 25, NoDelivery())
+    routes = Routes(aioredis.Redis.from_url(url), Keys("pmqtest:"), WORKER, 25)
     try:
         return await left_behind(routes, users)
     finally:
@@ -63,7 +62,7 @@ def test_a_mass_disconnect_is_a_few_round_trips(redis_prefix: str) -> None:
 
     async def scenario() -> int:
         client = aioredis.Redis.from_url(REDIS_URL)
-        routes = Routes(client, Keys(redis_prefix), WORKER, 25, NoDelivery())
+        routes = Routes(client, Keys(redis_prefix), WORKER, 25)
         await registered(routes, users)
         assert await left_behind(routes, users) == 2 * users
         made = counting_pipelines(client)
@@ -90,7 +89,7 @@ def test_departures_wait_out_a_redis_outage(
 
     async def scenario() -> None:
         client = aioredis.Redis(host="127.0.0.1", port=proxy.port)
-        routes = Routes(client, Keys("pmqtest:"), WORKER, 25, NoDelivery())
+        routes = Routes(client, Keys("pmqtest:"), WORKER, 25)
         await registered(routes, users)
         died: list[Exception] = []
         remover = asyncio.create_task(

@@ -12,19 +12,17 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pmq.errors import ActionError
 from pmq.handlers import cs, msg, unread
 from pmq.handlers.base import int_field
-from pmq.keys import Keys
 from pmq.reactor import ingest
 from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.http import HttpError
-from pmq.routing import Routes
+from pmq.reactor.relay import Relay
 from pmq.tasks.queueops import parse_batch
 from pmq.wire.client import (
     ACTION_PATTERN,
@@ -37,7 +35,6 @@ from pmq.wire.client import (
 )
 from pmq.wire.relay import Op, UnreadState, encode_broadcast, encode_message
 from pmq.wire.relay import encode as encode_relay
-from tests.helpers import REDIS_URL
 from tests.test_fuzz_kit import JSON, SCALARS, budget, json_object_with, tally
 
 # Storage-queue items ---------------------------------------------------------------------
@@ -118,13 +115,14 @@ def test_storage_items_are_parsed_or_named_malformed(items: list[tuple[bytes, bo
 
 
 class StrictDelivery:
-    """A LocalDelivery that holds decoded relays to the types the real one relies on
-    (pmq.reactor.main, pmq.reactor.unread): what reaches it must be usable as it is."""
+    """The connection table and unread pusher of a Relay (pmq.reactor.relay), holding
+    decoded relays to the types the real ones rely on (pmq.reactor.connections,
+    pmq.reactor.unread): what reaches them must be usable as it is."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def push(self, uid: str, frame: bytes) -> int:
+    def send_to_user(self, uid: str, frame: bytes) -> int:
         assert isinstance(uid, str) and isinstance(frame, bytes)
         message_id_of(frame)  # ConnectionTable.send_to_user reads it
         self.calls.append(("push", frame))
@@ -147,10 +145,10 @@ class StrictDelivery:
         self.calls.append(("message", frame))
         return 0
 
-    def unread_changed(self, uid: str) -> None:
+    def changed(self, uid: str) -> None:
         assert isinstance(uid, str)
 
-    def kick(self, uid: str, reason: str) -> int:
+    def kick_user(self, uid: str, reason: str) -> int:
         assert isinstance(uid, str) and isinstance(reason, str)
         return 0
 
@@ -160,9 +158,9 @@ class StrictDelivery:
 
 
 @pytest.fixture
-def routes() -> Routes:
-    client = aioredis.Redis.from_url(REDIS_URL)  # never connected: on_message needs no I/O
-    return Routes(client, Keys("pmqfuzz:"), "w-fuzz", 2.0, StrictDelivery())
+def relay() -> Relay:
+    delivery: Any = StrictDelivery()
+    return Relay(delivery, delivery)
 
 
 RELAY_OPS = st.sampled_from([*Op, "msg"])  # "msg": an op of an earlier version, unknown now
@@ -199,26 +197,26 @@ RELAY = st.one_of(
 @example(encode_relay(Op.MESSAGE, "7", b'["0"]\n{"type":"push","msg":{"id":"', 1.0))
 @example(encode_relay(Op.PUSH, "7", b'{"type":"push","msg":{"id":"12x"}}', 1.0))
 def test_relay_messages_are_delivered_or_dropped(
-    routes: Routes, caplog: pytest.LogCaptureFixture, data: bytes
+    relay: Relay, caplog: pytest.LogCaptureFixture, data: bytes
 ) -> None:
     """Whatever arrives on a worker's channel is handed on in the shape delivery needs, or
     dropped with a warning: never an exception out of the pub/sub handler (which redispipe
     logs as an ERROR with its traceback)."""
-    tally("relay channel: Routes.on_message")
+    tally("relay channel: Relay.on_message")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        routes.on_message({"channel": b"ch", "data": data})
+        relay.on_message({"channel": b"ch", "data": data})
     assert all(r.levelno == logging.WARNING for r in caplog.records), caplog.text
 
 
-def test_relay_messages_as_sent_are_delivered(routes: Routes) -> None:
+def test_relay_messages_as_sent_are_delivered(relay: Relay) -> None:
     """The other side of the property: what PMQ itself sends is not dropped."""
-    delivery = routes.local
+    delivery = relay.table
     assert isinstance(delivery, StrictDelivery)
     frame = push_frame(b'{"id":"42","kind":"comment"}')
     payload = encode_message(frame, UnreadState([b"comment", b"3"], 1700000000000))
-    routes.on_message({"channel": b"ch", "data": encode_relay(Op.MESSAGE, "7", payload, 1.0)})
-    routes.on_message({"channel": b"ch", "data": encode_relay(Op.PUSH, "7", frame, 1.0)})
+    relay.on_message({"channel": b"ch", "data": encode_relay(Op.MESSAGE, "7", payload, 1.0)})
+    relay.on_message({"channel": b"ch", "data": encode_relay(Op.PUSH, "7", frame, 1.0)})
     assert delivery.calls == [("message", frame), ("push", frame)]
 
 

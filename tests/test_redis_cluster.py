@@ -50,7 +50,6 @@ from tests.helpers import (
     REDIS_URL,
     Ingest,
     Node,
-    NoDelivery,
     WsClient,
     free_port,
     wait_for,
@@ -362,7 +361,7 @@ def test_every_script_call_stays_in_one_slot(redis_prefix: str, tmp_path: Path) 
         client.scripts = []
         try:
             ids = IdGenerator(7)
-            routes = Routes(client, keys, "w1", 1.0, NoDelivery())
+            routes = Routes(client, keys, "w1", 1.0)
             inbox = Inbox(client, keys, ids, 86400, 3600)
             users = [str(u) for u in range(100, 120)]
             for uid in users:

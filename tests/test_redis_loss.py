@@ -36,7 +36,6 @@ from tests.helpers import (
     Ingest,
     MysqlDatabase,
     Node,
-    NoDelivery,
     RedisServer,
     wait_for,
     wait_for_async,
@@ -202,7 +201,7 @@ def test_the_registry_beats_while_every_pooled_connection_is_busy(redis_prefix: 
         pool = aioredis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=1, timeout=2)
         busy = aioredis.Redis(connection_pool=pool)
         registry = aioredis.Redis.from_url(REDIS_URL)
-        routes = Routes(busy, keys, "w1", 5, NoDelivery(), registry=registry)
+        routes = Routes(busy, keys, "w1", 5, registry=registry)
         held = asyncio.create_task(busy.blpop([f"{redis_prefix}never"], 0))
 
         async def taken() -> bool:  # the one pooled connection

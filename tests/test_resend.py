@@ -31,7 +31,7 @@ from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.messaging import publish
 from pmq.routing import Routes
-from tests.helpers import REDIS_URL, NoDelivery, RedisServer, wait_for, wait_for_async
+from tests.helpers import REDIS_URL, RedisServer, wait_for, wait_for_async
 from tests.test_redis_cluster import RedisClusterServers
 
 INCR = "return redis.call('INCR', KEYS[1])"
@@ -202,13 +202,13 @@ def test_a_publish_whose_relay_is_cut_is_accepted_once_and_not_raised(redis_pref
         port = await cutter.start()
         client = aioredis.Redis.from_url(REDIS_URL)
         relay_batch = Batcher(aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0"))
-        routes = Routes(client, keys, "w1", 25, NoDelivery(), relay_batch)
+        routes = Routes(client, keys, "w1", 25, relay_batch)
         inbox = Inbox(client, keys, IdGenerator(1), 60, 3600)
         got: list[dict[str, Any]] = []
         listener = redispipe.Subscription(client, keys.worker_channel("w2"), got.append)
         await listener.start()
         try:
-            await Routes(client, keys, "w2", 25, NoDelivery()).register("42", "c1")
+            await Routes(client, keys, "w2", 25).register("42", "c1")
             await relay_batch.call("PING")
             cutter.arm()
             _, reached = await publish(inbox, routes, ["42"], "notice", None, {"n": 1})

@@ -40,7 +40,6 @@ from tests.helpers import (
     REDIS_URL,
     MysqlDatabase,
     Node,
-    NoDelivery,
     TcpProxy,
     wait_for,
     wait_for_async,
@@ -641,7 +640,7 @@ def test_sweep_applies_retention_to_broadcasts_and_chat(store: Store, keys: Keys
 
             # An agent (its connection faked) and two users' sessions.
             await r.hset(keys.user_conns("2"), "c1", "w1")
-            routes = Routes(r, keys, "w1", 1.0, NoDelivery())
+            routes = Routes(r, keys, "w1", 1.0)
             inbox = Inbox(r, keys, IDS, hot_seconds=1, retention_seconds=RETENTION)
             chat = Chat(r, keys, routes, inbox, CsConfig, RETENTION)
             await chat.agent_online("2")

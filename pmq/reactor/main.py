@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import deque
@@ -31,13 +30,14 @@ from pmq.inbox import Inbox
 from pmq.journal import StoreJournal
 from pmq.keys import Keys
 from pmq.kicks import Kicks
-from pmq.reactor.catchup import CatchUp, Gap, LossCatchUp
+from pmq.reactor.catchup import CatchUp, LossCatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.heartbeat import Heartbeat
 from pmq.reactor.http import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
+from pmq.reactor.relay import Channels, Relay
 from pmq.reactor.reload import load_handlers
 from pmq.reactor.replay import LOOK as REPLAY_LOOK
 from pmq.reactor.replay import LateReplays, replay
@@ -46,16 +46,12 @@ from pmq.routing import Routes, oldest_beyond
 from pmq.store import Store, open_store
 from pmq.unread import Unread
 from pmq.wire.client import CloseCode, Kind, Role, encode_hello, stored_message
-from pmq.wire.relay import UnreadState
 from pmq.workers.base import BootError, Worker
 from pmq.workers.heap import keep_heap_frozen
 
 log = logging.getLogger(__name__)
 
 CLOSE_PHASE_SECONDS = 3.0
-# The relay's pause between two subscriptions stays short: what is published on a channel
-# while nobody reads it reaches its users only through the catch-up after (pmq.reactor.catchup).
-RELAY_RETRY_SECONDS = 0.5
 REGISTRY_CONNECTIONS = 2  # keep_registry runs one command at a time
 
 
@@ -88,7 +84,7 @@ class SocketWorker(Worker):
         # keep_registry's own connections: its beat never waits behind requests for the pool.
         self.registry_redis = redisconn.connect(config.redis, REGISTRY_CONNECTIONS)
         self.routes = Routes(
-            self.redis, self.keys, self.id, config.heartbeat.interval, self, self.batch,
+            self.redis, self.keys, self.id, config.heartbeat.interval, self.batch,
             registry=self.registry_redis,
         )
         self.lease = GeneratorLease(self.registry_redis, self.keys, self.id, self.routes.ttl)
@@ -135,6 +131,8 @@ class SocketWorker(Worker):
         )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, self.unread)
         self.fanout = Fanout(self.table, self.unread_pusher)
+        relay = Relay(self.table, self.unread_pusher)
+        self.routes.subscribe(relay.deliver)
         # Read at every handshake (through the hot-path pipeline) and at every registration.
         self.kicks = Kicks(self.redis, self.keys, config.auth.revoke_seconds, self.batch)
         self.authenticator: Authenticator = make_authenticator(
@@ -145,19 +143,8 @@ class SocketWorker(Worker):
             self.table, self.inbox, self.broadcasts, self.fanout, self.stored_since
         )
         self.loss_catch_up = LossCatchUp(catch_up)
-        self.unicast_gap = Gap(self.routes.on_message, catch_up.unicast)
-        broadcast_gap = Gap(self.fanout.on_message, catch_up.broadcasts)
-        self.gaps = [self.unicast_gap, broadcast_gap]
-        self.subscriptions = [
-            redisconn.subscribe(
-                self.redis, self.keys.worker_channel(self.id), self.unicast_gap.listen
-            ),
-            redisconn.subscribe(self.redis, self.keys.broadcast_channel(), broadcast_gap.listen),
-        ]
-        for subscription, gap in zip(self.subscriptions, self.gaps, strict=True):
-            await subscription.start()
-            relay = functools.partial(self.read_relay, subscription, gap)
-            self.background.append(self.supervise("relay", relay, cap=RELAY_RETRY_SECONDS))
+        self.channels = Channels(self.redis, self.keys, self.id, relay, self.fanout, catch_up)
+        await self.channels.start(self.supervise)
         await self.routes.beat()
         self.gateway = Gateway(
             self,
@@ -194,25 +181,6 @@ class SocketWorker(Worker):
             self.supervise("heartbeat", heartbeat.run),
         ]
 
-    async def read_relay(self, subscription: redisconn.Subscription, gap: Gap) -> None:
-        """Dispatch one channel's messages (relayed frames, or broadcasts) as they come.
-
-        The subscription handles buffered messages back to back, a bounded number between
-        two yields to the loop. When its connection fails this subscribes again on a fresh
-        one (or leaves that to the next failure) and raises, for the supervisor to start the
-        relay again after a pause: one Redis outage must not end the relay for good. What
-        was published meanwhile is caught up on once subscribed again (``gap``)."""
-        try:
-            while True:
-                await subscription.dispatch()
-                await asyncio.sleep(0)
-        except (RedisError, OSError):
-            gap.opened()
-            with contextlib.suppress(RedisError, OSError):
-                await subscription.recover()
-                gap.closed()
-            raise
-
     def redis_lost(self, whole_at: float) -> None:
         """Redis lost data it held at ``whole_at``; the journal queued it again for storage."""
         self.loss_catch_up.start(whole_at)
@@ -244,25 +212,6 @@ class SocketWorker(Worker):
         rows = await self.in_thread(self.store.cs_messages, session_id, before, limit)
         cs = Kind.CS.value
         return [stored_message(r.id, cs, r.from_uid, r.to_uid, r.body, r.ts) for r in rows]
-
-    # LocalDelivery: what relayed operations do to our connections -----------------------
-    def push(self, uid: str, frame: bytes) -> int:
-        return self.table.send_to_user(uid, frame)
-
-    def push_message(self, uid: str, frame: bytes, unread: UnreadState) -> int:
-        return self.unread_pusher.push_message(uid, frame, unread)
-
-    def unread_changed(self, uid: str) -> None:
-        self.unread_pusher.changed(uid)
-
-    def push_again(self, uid: str, frame: bytes) -> int:
-        return self.table.push_again(uid, frame)
-
-    def kick(self, uid: str, reason: str) -> int:
-        return self.table.kick_user(uid, reason)
-
-    def evict(self, uid: str, conn_ids: list[str]) -> int:
-        return self.table.evict(uid, conn_ids)
 
     # Connections ----------------------------------------------------------------------
     async def on_open(self, client: Client) -> None:
@@ -325,7 +274,7 @@ class SocketWorker(Worker):
                 held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
                 await self.routes.restore(held)
                 log.warning("%s wrote its %d route entries again", self.title, len(held))
-                self.unicast_gap.missed_since(self.last_beat)
+                self.channels.missed_since(self.last_beat)
             self.last_beat = beat_at
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + interval
@@ -339,7 +288,7 @@ class SocketWorker(Worker):
                     log.warning(
                         "%s wrote %d users' expired route entries again", self.title, len(expired)
                     )
-                    self.unicast_gap.missed_since(self.last_refresh)
+                    self.channels.missed_since(self.last_refresh)
                 self.last_refresh = refresh_at
             await self.board.report(len(self.table))
             if not await self.lease.renew():
@@ -380,8 +329,7 @@ class SocketWorker(Worker):
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.late_replays.close()
         await self.loss_catch_up.close()
-        for gap in self.gaps:
-            await gap.close()
+        await self.channels.stop()
         with contextlib.suppress(RedisError, OSError):  # 4. remove routes
             removed = await self.routes.forget(self.id)
             log.info("%s removed %d route entries", self.title, removed)
@@ -390,8 +338,7 @@ class SocketWorker(Worker):
         left = await self.ingest.drain(0.2 if fast else CLOSE_PHASE_SECONDS)  # 5. drain
         if left:
             log.warning("%s: %d ingest requests cut short", self.title, left)
-        for subscription in self.subscriptions:
-            await subscription.close()
+        await self.channels.close()
         self.batch.close()
         metrics.flush()
         await self.redis.aclose()
