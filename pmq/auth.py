@@ -41,7 +41,7 @@ from pmq.config import AuthConfig, Config
 from pmq.errors import AuthError, ConfigError
 from pmq.keys import Keys
 from pmq.kicks import Kicks, issued_before, now_ms
-from pmq.locks import Lock
+from pmq.locks import Lease
 from pmq.log import Throttled
 from pmq.store import sqlite_path
 from pmq.wire.client import Role, is_uid
@@ -381,7 +381,7 @@ class HttpAuthenticator:
         leaves the lock to the next one. A waiter gives up with 503 once a lock's lifetime
         and one call have passed."""
         key = self._keys.auth_cache(digest)
-        lock = Lock(self._keys.auth_lock(digest), secrets.token_hex(8), self._lock_ms)
+        lock = Lease(self._keys.auth_lock(digest), secrets.token_hex(8), self._lock_ms)
         deadline = time.monotonic() + self._lock_ms / 1000 + self._config.timeout
         while True:
             identity = await self._cached(key)

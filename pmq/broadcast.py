@@ -24,6 +24,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.durability import Confirm, run_script
 from pmq.ids import IdGenerator, timestamp_ms
 from pmq.journal import SHARED, StoreJournal
@@ -32,52 +33,6 @@ from pmq.wire import relay, storeops
 from pmq.wire.client import Message
 
 ALL = "all"
-
-# KEYS: dedupe, group zset, index zset, bodies, queue, storage queue.
-# ARGV: dedupe_ttl, id, ms, message_json, queue_item, storage_op, retention seconds.
-# Returns {0, first id} or {1}.
-PUBLISH = """
-local previous = redis.call('GET', KEYS[1])
-if previous then return {0, previous} end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
-for i = 2, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[7])) end
-redis.call('RPUSH', KEYS[5], ARGV[5])
-redis.call('RPUSH', KEYS[6], ARGV[6])
-return {1}
-"""
-
-# KEYS: index zset, bodies. ARGV: the group key's template (before, after), cutoff ms,
-# most ids. Removes up to that many broadcasts older than the cutoff (by the index) from
-# the index, the bodies and their groups' ids; returns how many.
-TRIM = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'LIMIT', 0, ARGV[4])
-if #ids == 0 then return 0 end
-local groups = {}
-for _, body in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do
-    local ok, message = pcall(cjson.decode, body or '')
-    if ok and type(message) == 'table' and type(message.group) == 'string' then
-        groups[message.group] = true
-    end
-end
-for group in pairs(groups) do
-    redis.call('ZREMRANGEBYSCORE', ARGV[1] .. group .. ARGV[2], '-inf', '(' .. ARGV[3])
-end
-redis.call('HDEL', KEYS[2], unpack(ids))
-redis.call('ZREM', KEYS[1], unpack(ids))
-return #ids
-"""
-
-# KEYS: mark; ARGV: id. Moves the watermark up, never down.
-RAISE_MARK = """
-local current = redis.call('GET', KEYS[1])
-if not current or #current < #ARGV[1] or (#current == #ARGV[1] and current < ARGV[1]) then
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-end
-return 1
-"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,8 +75,8 @@ class Broadcasts:
         self.replay_max = replay_max
         self.retention_seconds = retention_seconds
         self.retention_ms = retention_seconds * 1000
-        self._publish = redis.register_script(PUBLISH)
-        self._raise_mark = redis.register_script(RAISE_MARK)
+        self._publish = scripts.register(redis, "broadcast_publish")
+        self._raise_mark = scripts.register(redis, "broadcast_raise_mark")
 
     async def publish(self, group: str, kind: str, body: Any, key: str | None) -> Published:
         """Keep and queue one broadcast; a repeat of its key within the window is a duplicate."""
@@ -211,7 +166,7 @@ class BroadcastTrim:
         self.redis = redis
         self.keys = keys
         self.group_key = key_template(keys.broadcasts)
-        self._trim = redis.register_script(TRIM)
+        self._trim = scripts.register(redis, "broadcast_trim")
 
     async def older_than(self, cutoff_ms: int, most: int) -> int:
         """Remove at most ``most`` broadcasts published before ``cutoff_ms`` (unix ms), the

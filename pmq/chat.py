@@ -36,7 +36,7 @@ from pmq.ids import timestamp_ms
 from pmq.inbox import Inbox
 from pmq.journal import SHARED
 from pmq.keys import CHAT_TAG, Keys, key_template
-from pmq.locks import Lock
+from pmq.locks import Lease
 from pmq.messaging import publish
 from pmq.routing import Routes
 from pmq.wire import storeops
@@ -260,7 +260,7 @@ class Chat:
         assign what waits in the queue. Errors end it (a worker runs it supervised)."""
         while True:
             tick = min(5.0, max(0.2, self.settings().idle_seconds / 4))
-            lock = Lock(self.keys.cs_idle_lock(), owner, int(tick * 3000) + 1000)
+            lock = Lease(self.keys.cs_idle_lock(), owner, int(tick * 3000) + 1000)
             if await lock.hold(self.redis):
                 await self.close_idle()
                 await self.drain()

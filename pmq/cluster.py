@@ -25,29 +25,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from pmq import scripts
 from pmq.config import Config, RedisConfig
 from pmq.keys import Keys
 
 STALE_BEATS = 3  # an entry this many heartbeat intervals old is a dead worker's
 CONNECT_SECONDS = 2.0
 READ_SECONDS = 5.0
-
-# Deletes the entries older than ARGV[2] ms at ARGV[1] (unix ms), and unreadable ones, in
-# one step: a worker that reports while a survivor sweeps is never caught half-way.
-SWEEP = """
-local now, max_age = tonumber(ARGV[1]), tonumber(ARGV[2])
-local entries = redis.call('HGETALL', KEYS[1])
-local removed = 0
-for i = 1, #entries, 2 do
-    local ok, entry = pcall(cjson.decode, entries[i + 1])
-    local updated = ok and type(entry) == 'table' and tonumber(entry['updated'])
-    if not updated or now - updated > max_age then
-        redis.call('HDEL', KEYS[1], entries[i])
-        removed = removed + 1
-    end
-end
-return removed
-"""
 
 
 def max_age_ms(heartbeat_interval: float) -> int:
@@ -89,7 +73,7 @@ class Board:
             "master": master,
             "started": now_ms(),
         }
-        self._sweep = client.register_script(SWEEP)
+        self._sweep = scripts.register(client, "cluster_sweep")
 
     async def report(self, connections: int) -> None:
         """Write our entry; the whole hash expires too once every worker is gone."""

@@ -32,40 +32,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.keys import Keys
 from pmq.store.base import Mark
 
 EPOCH = "epoch"  # the mark's field whose presence says the bucket is complete
-
-# KEYS: mark; ARGV: epoch, gen of the highest mark the caller knows storage holds. Moves gen
-# up; a mark below the known one means Redis went back in time: the epoch goes (the bucket
-# is no longer complete) and gen is lifted past the known one. Returns {gen, epoch or 0}.
-ADVANCE = """
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
-local known_epoch, known_gen = tonumber(ARGV[1]), tonumber(ARGV[2])
-if epoch > 0 and (epoch < known_epoch or (epoch == known_epoch and gen < known_gen)) then
-    redis.call('HDEL', KEYS[1], 'epoch')
-    redis.call('HSET', KEYS[1], 'gen', known_gen)
-    epoch = 0
-end
-return {redis.call('HINCRBY', KEYS[1], 'gen', 1), epoch}
-"""
-
-# KEYS: mark; ARGV: token. The bucket is no longer complete; this recovery is under way.
-BEGIN = """
-redis.call('HDEL', KEYS[1], 'epoch')
-redis.call('HSET', KEYS[1], 'recovering', ARGV[1])
-return 1
-"""
-
-# KEYS: mark; ARGV: token, epoch. Completes the recovery ``token`` unless Redis lost it.
-ESTABLISH = """
-if redis.call('HGET', KEYS[1], 'recovering') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'recovering')
-redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
-return 1
-"""
 
 
 class RedisMarks:
@@ -74,9 +45,9 @@ class RedisMarks:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._advance = redis.register_script(ADVANCE)
-        self._begin = redis.register_script(BEGIN)
-        self._establish = redis.register_script(ESTABLISH)
+        self._advance = scripts.register(redis, "epochs_advance")
+        self._begin = scripts.register(redis, "epochs_begin")
+        self._establish = scripts.register(redis, "epochs_establish")
 
     def complete_on(self, pipe: Any, uid: str) -> None:
         """Queue on ``pipe`` the read of whether the user's bucket is complete (a boolean

@@ -16,7 +16,7 @@ import time
 import redis.asyncio as aioredis
 
 from pmq.keys import Keys
-from pmq.locks import delete_if
+from pmq.locks import Lease
 
 EPOCH_MS = 1704067200000  # 2024-01-01T00:00:00Z
 GENERATOR_BITS = 12
@@ -67,18 +67,12 @@ def first_id_at(unix_ms: int) -> int:
     return max(0, unix_ms - EPOCH_MS) << TIME_SHIFT
 
 
-# Generator numbers are leased in Redis: SET NX with a TTL the holder keeps renewing. A
-# renewal never takes a lapsed lease again (unlike a Lock's): the holder must acquire anew.
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-
 class GeneratorLease:
-    """Holds one generator number for ``owner`` while it renews within ``ttl`` seconds."""
+    """Holds one generator number for ``owner`` while it renews within ``ttl`` seconds.
+
+    Each number is a :class:`pmq.locks.Lease` taken once and then renewed: a renewal never
+    takes a lapsed number again (another worker may have it now), the holder must acquire
+    anew."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, owner: str, ttl: int) -> None:
         self.redis = redis
@@ -87,19 +81,21 @@ class GeneratorLease:
         self.ttl = ttl
         self.number = -1
 
+    def _lease(self, number: int) -> Lease:
+        return Lease(self.keys.id_lease(number), self.owner, self.ttl * 1000)
+
     async def acquire(self) -> int:
         start = random.randrange(MAX_GENERATOR + 1)
         for step in range(MAX_GENERATOR + 1):
             number = (start + step) & MAX_GENERATOR
-            if await self.redis.set(self.keys.id_lease(number), self.owner, nx=True, ex=self.ttl):
+            if await self._lease(number).take(self.redis):
                 self.number = number
                 return number
         raise RuntimeError("every message-id generator number is leased")
 
     async def renew(self) -> bool:
         """Extend the lease; False when it was lost (the caller must acquire a new one)."""
-        key = self.keys.id_lease(self.number)
-        return bool(await self.redis.eval(RENEW, 1, key, self.owner, self.ttl))
+        return await self._lease(self.number).renew(self.redis)
 
     async def release(self) -> None:
-        await delete_if(self.redis, self.keys.id_lease(self.number), self.owner)
+        await self._lease(self.number).release(self.redis)

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.batching import Batcher
 from pmq.epochs import RedisMarks
 from pmq.ids import IdGenerator, timestamp_ms
@@ -44,92 +45,6 @@ from pmq.wire.client import Message
 from pmq.wire.relay import UnreadState
 
 PUBLISH_DEDUPE_SECONDS = 86400
-
-# KEYS: dedupe, queue, index, then per message: the user's Keys.publish_keys().
-# ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
-#       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
-# Returns {1, conns_1, unread_1, ...} for new messages: per message the user's connections,
-# then (when it counts and the user is online) the user's unread hash as field/value pairs
-# followed by the time of their last clear of system, for the badge (a
-# pmq.wire.relay.UnreadState). For a repeated
-# idempotency key: {0, ids_json, wire_1, conns_1, ...}, per first message its wire JSON
-# ('' once acked) and the user's connections, so that the repeat pushes what the first
-# publisher may never have pushed (it died between this script and its push).
-PUBLISH = """
-if ARGV[1] == '1' then
-    local previous = redis.call('GET', KEYS[1])
-    if previous then
-        local first = cjson.decode(previous)
-        local repeated = {0, previous}
-        for i = 0, (#KEYS - 3) / 5 - 1 do
-            local k = 4 + i * 5
-            local wire = first[i + 1] and redis.call('HGET', KEYS[k + 1], first[i + 1])
-            repeated[#repeated + 1] = wire or ''
-            repeated[#repeated + 1] = wire and redis.call('HGETALL', KEYS[k + 3]) or {}
-        end
-        return repeated
-    end
-end
-local result = {1}
-local ttl = tonumber(ARGV[3])
-local n = (#KEYS - 3) / 5
-for i = 0, n - 1 do
-    local k = 4 + i * 5
-    local a = 5 + i * 6
-    redis.call('ZADD', KEYS[k], ARGV[a + 1], ARGV[a])
-    redis.call('HSET', KEYS[k + 1], ARGV[a], ARGV[a + 3])
-    redis.call('EXPIRE', KEYS[k], ttl)
-    redis.call('EXPIRE', KEYS[k + 1], ttl)
-    local conns = redis.call('HGETALL', KEYS[k + 3])
-    local unread = {}
-    if ARGV[a + 4] ~= '' then
-        redis.call('HINCRBY', KEYS[k + 2], ARGV[a + 4], 1)
-        if #conns > 0 then  -- a badge to send with the push; none for a user offline
-            unread = redis.call('HGETALL', KEYS[k + 2])
-            unread[#unread + 1] = redis.call('HGET', KEYS[k + 4], 'system') or '0'
-        end
-    end
-    redis.call('ZADD', KEYS[3], 'NX', ARGV[a + 1], ARGV[a + 2])
-    redis.call('RPUSH', KEYS[2], ARGV[a + 5])
-    result[#result + 1] = conns
-    result[#result + 1] = unread
-end
-if ARGV[1] == '1' then
-    redis.call('SET', KEYS[1], ARGV[4], 'EX', tonumber(ARGV[2]))
-end
-return result
-"""
-
-# KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV[1]: the storage op acking
-# every id asked (pmq.wire.storeops.encode_ack). Removes what is hot and queues the storage
-# ack of those (their rows may not be written yet): the same op, keeping those ids. The
-# others are queued too when storage may hold unacked messages of the user (flagged cold, or
-# the bucket not known complete): the writer acks them there, so a socket worker never writes
-# storage for an ack. Returns {the hot ids, how many others were queued}.
-ACK = """
-local op = cjson.decode(ARGV[1])
-local removed, others = {}, {}
-for _, id in ipairs(op.ids) do
-    if redis.call('ZREM', KEYS[1], id) == 1 then
-        removed[#removed + 1] = id
-    else
-        others[#others + 1] = id
-    end
-end
-redis.call('HDEL', KEYS[2], unpack(op.ids))
-local queued = {unpack(removed)}
-local cold = 0
-if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
-        or redis.call('HEXISTS', KEYS[5], 'epoch') == 0) then
-    for _, id in ipairs(others) do queued[#queued + 1] = id end
-    cold = #others
-end
-if #queued > 0 then
-    op.ids = queued
-    redis.call('RPUSH', KEYS[3], cjson.encode(op))
-end
-return {removed, cold}
-"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -192,10 +107,10 @@ class Inbox:
         self.ids = ids
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
-        self._publish = redis.register_script(PUBLISH)
+        self._publish = scripts.register(redis, "inbox_publish")
         self._bucket_keys_made: dict[int, tuple[str, str, str]] = {}
         self.batch = batch or Batcher(redis)
-        self._ack = redis.register_script(ACK)
+        self._ack = scripts.register(redis, "inbox_ack")
         self.marks = RedisMarks(redis, keys)
 
     async def publish(
@@ -250,7 +165,7 @@ class Inbox:
     async def _publish_part(
         self, bucket: int, messages: list[Message], dedupe_key: str | None
     ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]], list[UnreadState | None]]:
-        """One PUBLISH call for messages to users of one bucket: (the first ids when the
+        """One inbox_publish call for messages to users of one bucket: (the first ids when the
         key was seen before, else None; the wire JSONs; the connections per message; the
         unread state per message, None when it counts nothing)."""
         keys = list(self._bucket_keys(bucket))

@@ -24,6 +24,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.batching import Batcher
 from pmq.keys import Keys
 from pmq.wire import relay
@@ -46,30 +47,6 @@ def nobody_here(op: Op, uid: str, payload: bytes, sent: float, state: UnreadStat
     """The channel of a worker that holds no connections (tools, tests): reaches nobody."""
     return 0
 
-
-# Pushes back the TTL of every key named. KEYS: the keys; ARGV[1]: seconds. Returns the
-# positions (from 1) of the keys that no longer exist.
-REFRESH = """
-local missing = {}
-for i = 1, #KEYS do
-    if redis.call('EXPIRE', KEYS[i], ARGV[1]) == 0 then
-        missing[#missing + 1] = i
-    end
-end
-return missing
-"""
-
-# Removes connection entries of one worker from its users' entries, for users of one
-# bucket. KEYS: user_conns of each user; ARGV[1] worker id, ARGV[i + 1] the conn id in KEYS[i].
-FORGET_CONNS = """
-local removed = 0
-for i = 1, #KEYS do
-    if redis.call('HGET', KEYS[i], ARGV[i + 1]) == ARGV[1] then
-        removed = removed + redis.call('HDEL', KEYS[i], ARGV[i + 1])
-    end
-end
-return removed
-"""
 
 def oldest_beyond(conns: dict[str, str], most: int, keep: str) -> dict[str, str]:
     """The oldest of ``conns`` (conn id -> worker id) past the newest ``most``, never
@@ -118,8 +95,8 @@ class Routes:
         # Workers that stopped beating: their entries are skipped until a sweep removes them.
         # (Not a set of live ones: a worker that just started must be reachable at once.)
         self.stale_workers: set[str] = set()
-        self._forget = redis.register_script(FORGET_CONNS)
-        self._refresh = redis.register_script(REFRESH)
+        self._forget = scripts.register(redis, "routing_forget_conns")
+        self._refresh = scripts.register(redis, "routing_refresh")
         self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
         self.departed = asyncio.Event()
         self.batch = batch or Batcher(redis)  # relays, sent with the worker's publishes

@@ -20,39 +20,12 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.broadcast import groups_of
 from pmq.keys import Keys
 from pmq.wire import storeops
 from pmq.wire.client import UNREAD_KINDS, Kind
 from pmq.wire.relay import UnreadState
-
-# KEYS: per user, the unread hash then the last-read hash. Returns per user a list: the
-# unread hash's field/value pairs, then the time of the user's last clear of system (or 0),
-# as pmq.wire.relay.UnreadState.of_reply() reads it.
-COUNTERS = """
-local result = {}
-for i = 1, #KEYS, 2 do
-    local counts = redis.call('HGETALL', KEYS[i])
-    counts[#counts + 1] = redis.call('HGET', KEYS[i + 1], 'system') or '0'
-    result[#result + 1] = counts
-end
-return result
-"""
-
-
-# KEYS: unread hash, last-read hash, storage queue (one bucket). ARGV: '1' when system is
-# cleared, now ms, last-read ttl, storage op, then the kinds to clear.
-CLEAR = """
-for i = 5, #ARGV, 1000 do  -- unpack() of many thousands overflows Lua's stack
-    redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-if ARGV[1] == '1' then
-    redis.call('HSET', KEYS[2], 'system', ARGV[2])
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
-    redis.call('RPUSH', KEYS[3], ARGV[4])
-end
-return 1
-"""
 
 
 class Unread:
@@ -60,8 +33,8 @@ class Unread:
         self.redis = redis
         self.keys = keys
         self.retention_ms = retention_seconds * 1000
-        self._counters = redis.register_script(COUNTERS)
-        self._clear = redis.register_script(CLEAR)
+        self._counters = scripts.register(redis, "unread_counters")
+        self._clear = scripts.register(redis, "unread_clear")
 
     async def counts(self, uid: str, groups: Sequence[str]) -> dict[str, int]:
         """Every kind's count (0 when unset), ``system`` included, and ``total``."""

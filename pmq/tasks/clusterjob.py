@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
-from pmq.locks import Lock
+from pmq.locks import Lease
 from pmq.store import Store
 from pmq.tasks.writer import InThread
 
@@ -29,7 +29,7 @@ class ClusterJob(abc.ABC):
         keys: Keys,
         store: Store,
         in_thread: InThread,
-        lock: Lock,
+        lock: Lease,
         interval: float,
     ) -> None:
         self.redis = redis

@@ -23,23 +23,10 @@ import orjson
 import redis
 from redis.cluster import RedisCluster
 
+from pmq import scripts
 from pmq.keys import Keys
 
 SyncRedis = redis.Redis | RedisCluster
-
-# KEYS: dead, queue; ARGV: entry, item, entry, item, ... Each entry still in the dead list
-# leaves it and its item goes to the queue's tail, so two operators retrying at once move
-# an item once. Returns how many moved.
-RETRY = """
-local moved = 0
-for i = 1, #ARGV, 2 do
-    if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-        redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-        moved = moved + 1
-    end
-end
-return moved
-"""
 
 
 def entry(item: bytes, error: str, ts_ms: int | None = None) -> bytes:
@@ -111,7 +98,7 @@ def count(client: SyncRedis, keys: Keys) -> int:
 def retry(client: SyncRedis, keys: Keys, letters: Iterable[DeadLetter]) -> int:
     """Put the items of ``letters`` back at the tail of their queues (each at most once,
     even against a concurrent retry); returns how many moved."""
-    script = client.register_script(RETRY)
+    script = scripts.register(client, "deadletter_retry")
     moved = 0
     for tag, group in _by_tag(letters).items():
         args = [part for letter in group for part in (letter.raw, letter.item)]

@@ -7,9 +7,9 @@ owner id of its own, new with each process (pmq.tasks.main). Beside each such qu
 registry (``keys.store_owners(tag)``, ``keys.broadcast_owners()``) is a ZSET owner -> lease
 expiry in unix ms on Redis's own clock (TIME, inside the scripts, so the nodes' clocks never
 matter). An owner is registered there by the same script that moves items into its taken
-list (the writer's TOP_UP, :meth:`OwnerLease.take_one`), so a taken list never holds an item
-while its owner is missing from the registry; while the worker lives, :meth:`OwnerLease.run`
-renews the lease every third of it.
+list (the writer's ``writer_top_up``, :meth:`OwnerLease.take_one`), so a taken list never
+holds an item while its owner is missing from the registry; while the worker lives,
+:meth:`OwnerLease.run` renews the lease every third of it.
 
 The same loop, in every live task worker of any node whatever its index, looks for owners
 whose lease has expired and takes over their lists (:meth:`OwnerLease.reclaim`): one script
@@ -46,6 +46,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.cancel import raise_if_cancelled
 from pmq.keys import Keys
 
@@ -55,65 +56,6 @@ EXPIRED_PAGE = 100  # owners taken over per queue per pass at most (the next pas
 STOP_WAIT = 2.0  # seconds release() lets a renewal in flight finish before giving back
 # Slots adopted at least, whatever task_workers is now: a node may have had more before.
 LEGACY_SLOTS = 16
-
-# The current time of Redis in unix ms: every lease is on this one clock.
-NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: owners; ARGV: owner, lease ms. Returns 1 when the owner was not registered (first
-# renewal, or its lease had lapsed and it was taken over), 0 when it renewed a live lease.
-RENEW = NOW + """
-return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-"""
-
-# KEYS: owners; ARGV: limit. The owners whose lease has expired.
-EXPIRED = NOW + """
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[1]))
-"""
-
-# KEYS: owners, taken, queue; ARGV: owner, force. Moves the owner's taken list back to the
-# head of the queue in order and unregisters it; returns how many items moved. Unless force
-# is '1' (a worker stopping gives back its own list), only while the owner's lease is still
-# expired: -1 when the owner is alive again or another reclaimer was first.
-GIVE_BACK = NOW + """
-if ARGV[2] ~= '1' then
-    local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
-    if not lease or tonumber(lease) >= now then return -1 end
-end
-local items = redis.call('LRANGE', KEYS[2], 0, -1)
-for i = #items, 1, -1 do
-    redis.call('LPUSH', KEYS[3], items[i])
-end
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
-return #items
-"""
-
-# KEYS: queue, taken, owners; ARGV: owner, lease ms. Moves the head of the queue to the
-# taken list and registers the owner with a fresh lease, in one step; returns the item.
-TAKE_ONE = NOW + """
-local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-if item then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-end
-return item
-"""
-
-# KEYS: owners, then the taken list of each owner; ARGV: lease ms, then the owners (ARGV[i]
-# owns KEYS[i]). Registers each owner whose taken list exists and that is not registered,
-# with a lease from now; returns how many were registered.
-ADOPT = NOW + """
-local adopted = 0
-for i = 2, #KEYS do
-    if redis.call('EXISTS', KEYS[i]) == 1
-        and redis.call('ZADD', KEYS[1], 'NX', now + tonumber(ARGV[1]), ARGV[i]) == 1 then
-        adopted = adopted + 1
-    end
-end
-return adopted
-"""
 
 
 def legacy_owners(node: str, task_workers: int) -> list[str]:
@@ -162,11 +104,11 @@ class OwnerLease:
         self.lease = lease
         self.lease_ms = int(lease * 1000)
         self.queues = leased_queues(keys)
-        self._renew = redis.register_script(RENEW)
-        self._expired = redis.register_script(EXPIRED)
-        self._give_back = redis.register_script(GIVE_BACK)
-        self._take_one = redis.register_script(TAKE_ONE)
-        self._adopt = redis.register_script(ADOPT)
+        self._renew = scripts.register(redis, "owners_renew")
+        self._expired = scripts.register(redis, "owners_expired")
+        self._give_back = scripts.register(redis, "owners_give_back")
+        self._take_one = scripts.register(redis, "owners_take_one")
+        self._adopt = scripts.register(redis, "owners_adopt")
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.reclaimed = 0  # items taken over from expired owners, for stats

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from pmq.epochs import RedisMarks
 from pmq.keys import Keys
-from pmq.locks import Lock
+from pmq.locks import Lease
 from pmq.store import Store, StoredMessage
 from pmq.store.base import Mark
 from pmq.tasks.clusterjob import ClusterJob
@@ -99,7 +99,7 @@ class Recovery(ClusterJob):
         cold_ttl: int,
         interval: float = CHECK_SECONDS,
     ) -> None:
-        lock = Lock(keys.recovery_lock(), owner, LOCK_SECONDS * 1000)
+        lock = Lease(keys.recovery_lock(), owner, LOCK_SECONDS * 1000)
         super().__init__(redis, keys, store, in_thread, lock, interval)
         self.cold_ttl = cold_ttl
         self.marks = RedisMarks(redis, keys)

@@ -27,10 +27,11 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from pmq import scripts
 from pmq.broadcast import BroadcastTrim
 from pmq.chat import ChatTrim
 from pmq.keys import Keys
-from pmq.locks import Lock
+from pmq.locks import Lease
 from pmq.store import Store
 from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread
@@ -42,28 +43,6 @@ PAGE = 500  # users read from the index per call
 USER_CHUNK = 1000  # messages of one user moved per Lua call (Lua's unpack() has a limit)
 PASS_BUDGET = 1.0  # seconds one sweep spends on each Redis pass; the next one goes on
 TRIM_BATCH = 500  # broadcasts, or chat sessions, trimmed per Lua call
-
-# KEYS: inbox, bodies, cold, index; ARGV: uid, cold_ttl, cold mark ('0': leave the flag), ids...
-# The mark is new on every sweep, so a reader that saw storage empty deletes the flag only
-# if no sweep set it again meanwhile (see the socket worker's cold_messages).
-# Removes ids from the hot inbox, flags the user cold if asked, and points the index at the
-# new oldest hot message (or drops the user from it). Returns that message's ms, or -1.
-EVICT = """
-if #ARGV > 3 then
-    redis.call('ZREM', KEYS[1], unpack(ARGV, 4))
-    redis.call('HDEL', KEYS[2], unpack(ARGV, 4))
-end
-if ARGV[3] ~= '0' then
-    redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[2]))
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #oldest == 0 then
-    redis.call('ZREM', KEYS[4], ARGV[1])
-    return -1
-end
-redis.call('ZADD', KEYS[4], oldest[2], ARGV[1])
-return tonumber(oldest[2])
-"""
 
 Counts = dict[str, int]
 
@@ -90,11 +69,11 @@ class Sweeper(ClusterJob):
         # hands it over within two intervals.
         lock_ms = max(1, math.ceil(interval * 2)) * 1000
         super().__init__(
-            redis, keys, store, in_thread, Lock(keys.sweep_lock(), owner, lock_ms), interval
+            redis, keys, store, in_thread, Lease(keys.sweep_lock(), owner, lock_ms), interval
         )
         self.hot_ms = hot_seconds * 1000
         self.retention_seconds = retention_seconds
-        self._evict = redis.register_script(EVICT)
+        self._evict = scripts.register(redis, "sweep_evict")
         self.broadcast_trim = BroadcastTrim(redis, keys)
         self.chat_trim = ChatTrim(redis, keys)
         self.sweeps = self.moved = 0

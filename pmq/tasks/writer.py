@@ -1,4 +1,4 @@
-"""The storage writer: moves the operations PUBLISH and ACK queue into the SQL store.
+"""The storage writer: moves the queued storage operations into the SQL store.
 
 It is a reliable-queue consumer (the Redis LMOVE pattern), over several queues: one per user
 bucket and the chat's (``keys.store_tags()``; each queue shares a Redis Cluster slot with
@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from pmq import metrics
+from pmq import metrics, scripts
 from pmq.cancel import raise_if_cancelled
 from pmq.errors import StorageDataError, StorageError
 from pmq.keys import Keys
 from pmq.store import Store
 from pmq.tasks import deadletter
-from pmq.tasks.owners import NOW, OwnerLease
+from pmq.tasks.owners import OwnerLease
 from pmq.tasks.queueops import Batch, parse_batch
 from pmq.wire import storeops
 
@@ -68,35 +68,6 @@ RETRY_FIRST = 0.2  # back-off after a failed write, doubling up to RETRY_MAX
 RETRY_MAX = 5.0
 ACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before each retry of an ack that found no row
 MAX_DEFERRED_ACKS = 10_000  # ack items held for retry; beyond this they are dropped
-
-# KEYS: queue, taken, owners; ARGV: batch, owner, lease ms. Tops the taken list up to
-# ``batch`` items from the head of the queue and returns the whole taken list, leftovers of a
-# failed attempt included. An owner holding items is registered with a fresh lease in the
-# same step, so no taken list is ever outside the registry (pmq.tasks.owners).
-TOP_UP = NOW + """
-local want = tonumber(ARGV[1]) - redis.call('LLEN', KEYS[2])
-if want > 0 then
-    local items = redis.call('LRANGE', KEYS[1], 0, want - 1)
-    if #items > 0 then
-        redis.call('LTRIM', KEYS[1], #items, -1)
-        redis.call('RPUSH', KEYS[2], unpack(items))
-    end
-end
-local taken = redis.call('LRANGE', KEYS[2], 0, -1)
-if #taken > 0 then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
-end
-return taken
-"""
-
-# KEYS: taken, dead; ARGV: dead-letter entries. Ends a batch: the refused items go to the
-# dead-letter list and the taken list is deleted, in one step.
-FINISH = """
-if #ARGV > 0 then
-    redis.call('RPUSH', KEYS[2], unpack(ARGV))
-end
-return redis.call('DEL', KEYS[1])
-"""
 
 InThread = Callable[..., Awaitable[Any]]
 
@@ -147,8 +118,8 @@ class StorageWriter:
         self.queues = [
             (t, keys.store_queue(t), keys.store_taken(owner, t)) for t in keys.store_tags()
         ]
-        self._top_up = redis.register_script(TOP_UP)
-        self._finish = redis.register_script(FINISH)
+        self._top_up = scripts.register(redis, "writer_top_up")
+        self._finish = scripts.register(redis, "writer_finish")
         self.written = self.acked = self.batches = self.errors = self.malformed = self.dead = 0
         self.dropped_acks = 0
         self._deferred: list[_DeferredAck] = []
@@ -222,7 +193,7 @@ class StorageWriter:
         if not self._leftover:
             _, queue, _ = self.queues[0]
             wait = TAKE_TIMEOUT if len(self.queues) == 1 else IDLE_WAIT
-            # Waits without taking: only TOP_UP moves items, registering the owner with them.
+            # Waits without taking: only writer_top_up moves items, registering their owner.
             first = await self.redis.blmove(queue, queue, wait, "RIGHT", "RIGHT")  # type: ignore[arg-type]
             if first is None and len(self.queues) == 1:
                 return

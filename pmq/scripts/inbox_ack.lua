@@ -1,0 +1,28 @@
+-- KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV[1]: the storage op acking
+-- every id asked (pmq.wire.storeops.encode_ack). Removes what is hot and queues the storage
+-- ack of those (their rows may not be written yet): the same op, keeping those ids. The
+-- others are queued too when storage may hold unacked messages of the user (flagged cold, or
+-- the bucket not known complete): the writer acks them there, so a socket worker never writes
+-- storage for an ack. Returns {the hot ids, how many others were queued}.
+local op = cjson.decode(ARGV[1])
+local removed, others = {}, {}
+for _, id in ipairs(op.ids) do
+    if redis.call('ZREM', KEYS[1], id) == 1 then
+        removed[#removed + 1] = id
+    else
+        others[#others + 1] = id
+    end
+end
+redis.call('HDEL', KEYS[2], unpack(op.ids))
+local queued = {unpack(removed)}
+local cold = 0
+if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
+        or redis.call('HEXISTS', KEYS[5], 'epoch') == 0) then
+    for _, id in ipairs(others) do queued[#queued + 1] = id end
+    cold = #others
+end
+if #queued > 0 then
+    op.ids = queued
+    redis.call('RPUSH', KEYS[3], cjson.encode(op))
+end
+return {removed, cold}
