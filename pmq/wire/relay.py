@@ -66,7 +66,12 @@ class UnreadState(NamedTuple):
     def of_reply(cls, flat: Sequence[bytes | str]) -> UnreadState:
         """The state from a script's reply: the pairs, then the last clear (pmq.inbox's
         PUBLISH and pmq.unread's COUNTERS answer it so)."""
-        return cls(flat[:-1], int(flat[-1]))
+        return _new_tuple(cls, (flat[:-1], int(flat[-1])))
+
+
+# Made on every new message's path: tuple.__new__ skips the named tuple's __new__, a Python
+# call that costs as much again.
+_new_tuple = tuple.__new__
 
 
 def encode(op: Op, uid: str, payload: bytes, sent: float) -> bytes:
@@ -106,7 +111,7 @@ def decode_message(payload: bytes) -> tuple[bytes, UnreadState]:
         raise ValueError("not an unread state")
     for number in strings[1::2]:
         int(number)  # ValueError if not a number
-    return frame, UnreadState(strings[:-1], int(strings[-1]))
+    return frame, _new_tuple(UnreadState, (strings[:-1], int(strings[-1])))
 
 
 def encode_broadcast_item(group: str, message_json: bytes) -> bytes:
