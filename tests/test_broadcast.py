@@ -1,4 +1,4 @@
-"""End-to-end: broadcasts to everyone and to groups (SPEC 4, 5; issue 5)."""
+"""End-to-end: broadcasts to everyone and to groups (docs/protocol.md, "Broadcasts")."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_offline_user_gets_it_later_with_system_unread(make_node):
     assert status == 202
     with ws_client(node, 5000) as client:
         # Replayed; and when the task worker fans it out only after this connect, also
-        # pushed live: clients drop the duplicate by id, as SPEC 4 says.
+        # pushed live: clients drop the duplicate by id, as docs/protocol.md says.
         [push] = {f["msg"]["id"]: f["msg"] for f in client.kept if f.get("type") == "push"}.values()
         assert push["id"] == reply["data"]["id"]
         assert client.request("unread.get")["data"]["system"] == 1

@@ -1,5 +1,5 @@
-"""End-to-end: the customer-service chat (SPEC 6, issue 6) on a real node with two socket
-workers, real WebSocket clients and real Redis."""
+"""End-to-end: the customer-service chat (docs/protocol.md, "Customer-service chat") on a
+real node with two socket workers, real WebSocket clients and real Redis."""
 
 from __future__ import annotations
 

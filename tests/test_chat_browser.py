@@ -1,6 +1,7 @@
-"""End-to-end in a real browser: the agent console and the user's chat page (SPEC 6) talk to
-each other through a running node, in headless Chromium (Debian's package, driven by
-playwright; no browser download). Screenshots of both pages land in docs/img/."""
+"""End-to-end in a real browser: the agent console and the user's chat page (docs/protocol.md,
+"Customer-service chat") talk to each other through a running node, in headless Chromium
+(Debian's package, driven by playwright; no browser download). Screenshots of both pages
+land in docs/img/."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Many nodes (SPEC 7, issue 7): two real nodes behind a real nginx, and the cluster view.
+"""Many nodes (docs/protocol.md, "Many nodes"): two real nodes behind a real nginx, and the
+cluster view.
 
 The nginx tests run Debian's nginx with the shipped ``etc/nginx/pmq.conf`` (its upstream
 servers pointed at the nodes' client ports, its two ``listen``s at free ports, its
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.e2e
 NGINX = "/usr/sbin/nginx"
 PRODUCTION_CONF = Path(__file__).resolve().parent.parent / "etc" / "nginx" / "pmq.conf"
 HEARTBEAT = {"interval": 1, "timeout": 3}
-TTL = 3 * HEARTBEAT["interval"]  # SPEC 7: a dead node's entries go within 3 x interval
+TTL = 3 * HEARTBEAT["interval"]  # a dead node's entries go within 3 x interval
 SLACK = 2.0  # for a beat (every 0.5 s), a sweep and a busy machine
 
 

@@ -42,7 +42,7 @@ from tests.test_fuzz_kit import (
 
 USER, AGENT = 7001, 9001
 MAX_FRAME = 8192  # server.max_frame of the fuzzed node: 1009 is cheap to reach
-ANSWERS = {200, 400, 401, 403, 404, 409, 413, 429}  # SPEC 3's codes but 500 (and 503)
+ANSWERS = {200, 400, 401, 403, 404, 409, 413, 429}  # the reply codes but 500 (and 503)
 
 # Envelopes and action data ----------------------------------------------------------------
 
@@ -116,7 +116,7 @@ def test_envelopes_and_action_data_never_get_500_nor_close(ws_node: Node) -> Non
             if opcode == OP_TEXT:
                 payload = payload.decode(errors="replace").encode()  # text must be UTF-8
             assert ws.send(frame(opcode, payload)), "the server closed the connection"
-            if len(payload) > MAX_FRAME:  # SPEC 8: closed with 1009, then connect again
+            if len(payload) > MAX_FRAME:  # closed with 1009, then connect again
                 assert ws.close_code() == 1009
                 ws.close()
                 uid, role = (AGENT, "agent") if as_agent else (USER, "user")
@@ -300,7 +300,7 @@ def test_random_bytes_after_the_handshake_never_get_1011(ws_node: Node) -> None:
 
 
 def test_a_reply_after_the_fuzz_is_well_formed(ws_node: Node) -> None:
-    """The envelope target's own check, on its own: the reply frame is the shape SPEC 3
+    """The envelope target's own check, on its own: the reply frame is the shape docs/protocol.md
     gives, so the fuzz targets above read real replies."""
     ws = RawWebSocket(ws_node, USER)
     assert ws.send(frame(OP_TEXT, b"not json"))

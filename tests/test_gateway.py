@@ -1,4 +1,5 @@
-"""End-to-end: the client WebSocket gateway of a real node (SPEC 3, 5, 7, 8; issue 3).
+"""End-to-end: the client WebSocket gateway of a real node (docs/protocol.md, "Client
+WebSocket API").
 
 Every test starts a real node (master + 2 socket workers) and talks to it as a browser would
 (websockets' sync client, or a raw socket where a misbehaving client is needed) and as the
@@ -390,7 +391,7 @@ def test_http_auth_caches_the_user_centre_answer(make_node, redis_client, user_c
         assert user_state(node, "5")["connections"] == 3
 
 
-# 5. Limits (SPEC 8) and heartbeat ----------------------------------------------------
+# 5. Limits and heartbeat -------------------------------------------------------------
 
 LIMITS = {"max_frame": 2048, "rate": 5, "max_pending": 65536}
 QUIET_HEARTBEAT = {"interval": 20, "timeout": 60}  # so only the limit under test closes

@@ -1,4 +1,5 @@
-"""End-to-end: the master and its workers as real processes (SPEC 1, issue 2)."""
+"""End-to-end: the master and its workers as real processes (docs/protocol.md, "Processes
+and control")."""
 
 from __future__ import annotations
 

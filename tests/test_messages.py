@@ -1,4 +1,4 @@
-"""End-to-end: publishing, delivery, inbox, unread and storage (SPEC 3, 4, 5; issue 4).
+"""End-to-end: publishing, delivery, inbox, unread and storage (docs/protocol.md).
 
 Every test starts a real node (master, two socket workers, one task worker) and talks to it
 as the main site does (HTTP on the ingest port) and as users do (WebSocket clients), against
@@ -529,7 +529,7 @@ def test_body_over_max_body_is_413(make_node, ingest_of):
 
 def test_a_redis_restart_fails_no_publish(make_node, tmp_path: Path):
     """Connections pooled before a Redis restart are dead; a publish that draws one is sent
-    again on a fresh connection instead of being answered 503 (SPEC 5: 503 is for a Redis
+    again on a fresh connection instead of being answered 503 (503 is for a Redis
     that is down, not for one that is back)."""
     own = RedisServer(tmp_path).start()
     try:

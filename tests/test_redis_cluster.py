@@ -1,4 +1,5 @@
-"""Redis Cluster (SPEC 7, issue 7): two real PMQ nodes on a real 3-master Redis Cluster.
+"""Redis Cluster (docs/protocol.md, "Many nodes"): two real PMQ nodes on a real 3-master Redis
+Cluster.
 
 The cluster is three ``redis-server --cluster-enabled yes`` processes on free ports, each in
 its own directory, joined by ``redis-cli --cluster create``; it is torn down afterwards. The

@@ -1,4 +1,4 @@
-"""The task worker's storage jobs against real Redis, SQLite and MariaDB (SPEC 4).
+"""The task worker's storage jobs against real Redis, SQLite and MariaDB.
 
 Every test has its own Redis key prefix (its keys removed afterwards) and its own SQLite file
 or throw-away MariaDB database. Coroutines run under asyncio.run in plain test functions;
