@@ -23,6 +23,7 @@ from typing import Any
 
 from websockets.protocol import State
 
+from pmq.broadcast import Broadcasts
 from pmq.errors import StorageError
 from pmq.inbox import ColdReader, Inbox, Look
 from pmq.reactor.connections import Client
@@ -91,6 +92,37 @@ async def replay(
     if more:
         client.write(encode_event(FrameType.INBOX_MORE, after=str(after)))
     return reader is not None
+
+
+class ConnectReplay:
+    """A connect's replay (:func:`replay`), and its late part when storage did not answer
+    (:class:`LateReplays`): ``most`` reads ``inbox.replay_max`` at each connect."""
+
+    def __init__(
+        self, inbox: Inbox, broadcasts: Broadcasts, cold: ColdReader, most: Callable[[], int]
+    ) -> None:
+        self.inbox = inbox
+        self.broadcasts = broadcasts
+        self.cold = cold
+        self.most = most
+        self.late = LateReplays(inbox, cold, most)
+
+    async def run(self, client: Client, look: Look, broadcast_ids: list[int]) -> None:
+        """Replay on ``client`` (held) from the registration's ``look`` and the broadcasts
+        of ``broadcast_ids``, then let its live frames through (Client.release). What only
+        storage holds comes later if storage does not answer."""
+        bodies = await self.broadcasts.bodies(broadcast_ids) if broadcast_ids else ()
+        complete = await replay(client, self.inbox, self.cold, look, deque(bodies), self.most())
+        client.release()
+        if not complete:  # storage did not answer: what it holds comes when it does
+            self.late.start(client)
+
+    def stop(self, client: Client) -> None:
+        """``client`` closed: its late replay, if any, is no longer due."""
+        self.late.stop(client)
+
+    async def close(self) -> None:
+        await self.late.close()
 
 
 class LateReplays:

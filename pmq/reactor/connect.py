@@ -1,0 +1,57 @@
+"""A connection's open and close on this worker, in order: registration, hello, replay,
+presence; then the reverse.
+
+The gateway (pmq.reactor.gateway) calls :meth:`Connects.opened` once the handshake is
+authenticated and :meth:`Connects.closed` when the socket is gone. Each step lives in the
+module named after it: pmq.reactor.registration, pmq.reactor.replay, pmq.reactor.presence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pmq.reactor.connections import Client
+from pmq.reactor.presence import Presence, is_agent
+from pmq.reactor.registration import Registration
+from pmq.reactor.replay import ConnectReplay
+from pmq.reactor.unread import UnreadPusher
+from pmq.wire.client import encode_hello
+
+
+class Connects:
+    """``heartbeat_interval`` reads ``heartbeat.interval``, told to the client in hello."""
+
+    def __init__(
+        self,
+        registration: Registration,
+        replay: ConnectReplay,
+        presence: Presence,
+        unread: UnreadPusher,
+        heartbeat_interval: Callable[[], float],
+    ) -> None:
+        self.registration = registration
+        self.replay = replay
+        self.presence = presence
+        self.unread = unread
+        self.heartbeat_interval = heartbeat_interval
+
+    async def opened(self, client: Client) -> None:
+        """Register (closing the user's oldest connections past the bound), say hello,
+        replay the inbox in id order, then let live frames through; an agent comes online.
+        Live frames wait (Client.hold) until the replay is out."""
+        client.hold()
+        registered = await self.registration.register(client)
+        if registered is None:  # kicked since its handshake: closed
+            return
+        await self.unread.watch(client.identity.groups)  # a round trip only for a new group
+        client.write(encode_hello(client.conn_id, client.uid, self.heartbeat_interval()))
+        await self.replay.run(client, registered.look, registered.broadcast_ids)
+        await self.presence.opened(client)
+
+    async def closed(self, client: Client) -> None:
+        self.replay.stop(client)
+        if is_agent(client):  # its online check reads the registry: its entry leaves now
+            await self.registration.unregister(client)
+            await self.presence.closed(client)
+        else:
+            self.registration.leave(client)

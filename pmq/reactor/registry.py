@@ -1,0 +1,112 @@
+"""This worker's presence in the cluster, kept for its life and withdrawn at stop.
+
+While it runs, :meth:`RegistryKeeper.run` beats (pmq.routing.Routes.beat), pushes back the
+TTL of its users' route entries once a heartbeat interval, reports to the cluster view
+(pmq.cluster.Board), renews its id generator's lease and sweeps the workers that stopped
+beating. Route entries found missing (Redis lost them, or they expired while it was out of
+reach) are written again at once, and the unicasts published meanwhile are caught up on.
+:meth:`RegistryKeeper.withdraw` removes all of it at stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from redis.exceptions import RedisError
+
+from pmq.cluster import Board
+from pmq.ids import GeneratorLease, IdGenerator
+from pmq.reactor.connections import ConnectionTable
+from pmq.routing import Routes
+
+log = logging.getLogger(__name__)
+
+
+def beat_every(heartbeat_interval: float) -> float:
+    """Seconds between two beats: a third of the interval, within [0.5, 5]."""
+    return max(0.5, min(5.0, heartbeat_interval / 3))
+
+
+class RegistryKeeper:
+    """``missed_since(wall time)`` catches up on the unicasts published since then
+    (pmq.reactor.relay.Channels.missed_since); ``title`` names the worker in logs."""
+
+    def __init__(
+        self,
+        routes: Routes,
+        board: Board,
+        lease: GeneratorLease,
+        ids: IdGenerator,
+        table: ConnectionTable,
+        heartbeat_interval: float,
+        missed_since: Callable[[float], None],
+        title: str,
+    ) -> None:
+        self.routes = routes
+        self.board = board
+        self.lease = lease
+        self.ids = ids
+        self.table = table
+        self.interval = heartbeat_interval
+        self.every = beat_every(heartbeat_interval)
+        self.missed_since = missed_since
+        self.title = title
+        self.last_beat = time.time()  # the last beat that found our route entries
+        self.last_refresh = time.time()  # the last refresh of our users' entries' TTL
+
+    async def run(self) -> None:
+        """Beat every ``every`` seconds, refresh once an interval, sweep twice. An error ends
+        the run; the supervisor starts it again (with a refresh and a sweep at once) no
+        later than the next beat was due."""
+        next_sweep = next_refresh = time.monotonic()
+        while True:
+            await self.beat()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + self.interval
+                await self.refresh()
+            await self.board.report(len(self.table))
+            if not await self.lease.renew():
+                log.warning("%s lost its id generator lease; taking a new one", self.title)
+                self.ids.renumber(await self.lease.acquire())
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.interval / 2
+                await self.routes.sweep_dead_workers()
+                await self.board.sweep()
+            await asyncio.sleep(self.every)
+
+    async def beat(self) -> None:
+        beat_at = time.time()
+        if not await self.routes.beat() and len(self.table):
+            # Redis lost our entries: without them no unicast reaches our users, and what
+            # was published since the last beat that found them saw them offline.
+            held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
+            await self.routes.restore(held)
+            log.warning("%s wrote its %d route entries again", self.title, len(held))
+            self.missed_since(self.last_beat)
+        self.last_beat = beat_at
+
+    async def refresh(self) -> None:
+        """Push back our entries' TTL (3 x interval)."""
+        refresh_at = time.time()
+        expired = await self.routes.refresh(self.table.uids())
+        if expired:
+            # Their TTL ran out while Redis was away (a cut longer than it): until written
+            # again, publishes see these users offline.
+            held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
+            await self.routes.restore([h for h in held if h[0] in expired])
+            log.warning("%s wrote %d users' expired route entries again", self.title, len(expired))
+            self.missed_since(self.last_refresh)
+        self.last_refresh = refresh_at
+
+    async def withdraw(self, worker_id: str) -> None:
+        """Remove our route entries, release the id lease, leave the cluster view: at stop,
+        once nothing may write them back. Redis out of reach leaves them to their TTLs."""
+        with contextlib.suppress(RedisError, OSError):
+            removed = await self.routes.forget(worker_id)
+            log.info("%s removed %d route entries", self.title, removed)
+            await self.lease.release()
+            await self.board.withdraw()
