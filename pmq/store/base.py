@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
 from pmq.errors import StorageError
+from pmq.wire.client import MAX_ID
 
 SCHEMA_VERSION = 3  # 2: pmq_redis_mark; 3: the time indexes of RETENTION_TABLES
 
@@ -423,7 +424,7 @@ class Store(abc.ABC):
             cur.execute(
                 f"SELECT {CS_MESSAGE_COLUMNS} FROM pmq_cs_message "
                 f"WHERE session_id = {p} AND id < {p} ORDER BY id DESC LIMIT {p}",
-                (session_id, before_id or 2**63 - 1, limit),
+                (session_id, before_id or MAX_ID, limit),
             )
             return [StoredCsMessage(*row) for row in cur.fetchall()]
 
