@@ -2,17 +2,18 @@
 
 Agents are users whose token role is "agent". An agent is online while it holds a
 connection (the socket worker calls :meth:`Chat.agent_online` / :meth:`Chat.agent_offline`);
-its load is the number of its open sessions. Every change of sessions, loads and the queue
-is one Lua script (pmq.chat_lua), so two workers on two nodes never give one agent more than
-``cs.max_sessions_per_agent`` sessions nor one user two open sessions. All chat keys carry
-the ``{cs}`` hash tag (one Redis Cluster slot); which agents hold a connection is read from
-the registry just before a script that picks an agent.
+its load is the number of its open sessions. Every change of sessions, loads and the queue,
+and every message kept, is one Lua script (pmq/scripts/chat_*.lua), so two workers on two
+nodes never give one agent more than ``cs.max_sessions_per_agent`` sessions nor one user two
+open sessions. All chat keys carry the ``{cs}`` hash tag (one Redis Cluster slot); which
+agents hold a connection is read from the registry just before a script that picks an agent.
 
 A session is ``queued`` (no agent yet), ``open`` or ``closed``. Messages go through the
-durable inbox (pmq.messaging.publish, kind ``cs``): ack, offline delivery and unread work as
-for any message. Each session also keeps its newest messages in Redis for ``cs.history`` and
-queues every message and the closed session for SQL (``pmq_cs_message``, ``pmq_cs_session``),
-where history outlives Redis; an :class:`Archive` reads them back.
+durable inbox (pmq.inbox.Inbox.accept, then pmq.messaging.push; kind ``cs``): ack, offline
+delivery and unread work as for any message. Each session also keeps its newest messages in
+Redis for ``cs.history`` and queues every message and the closed session for SQL
+(``pmq_cs_message``, ``pmq_cs_session``), where history outlives Redis; an :class:`Archive`
+reads them back.
 
 Events go to every connection of a party: ``cs.assigned`` (``session_id``, ``user`` and, for
 the user, ``agent``) and ``cs.closed`` (``session_id``, ``by``, ``reason``).
@@ -29,7 +30,7 @@ from typing import Any, Protocol, cast
 import orjson
 import redis.asyncio as aioredis
 
-from pmq import chat_lua
+from pmq import scripts
 from pmq.config import CsConfig
 from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
@@ -37,16 +38,27 @@ from pmq.inbox import Inbox
 from pmq.journal import SHARED
 from pmq.keys import CHAT_TAG, Keys, key_template
 from pmq.locks import Lease
-from pmq.messaging import publish
+from pmq.messaging import push
 from pmq.routing import Routes
 from pmq.wire import storeops
-from pmq.wire.client import Code, FrameType, Kind, encode_event
+from pmq.wire.client import Code, FrameType, Kind, Message, encode_event
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
 DRAIN_MAX = 100  # queued sessions assigned per script call
 IDLE_BATCH = 200  # idle sessions looked at per sweep
 CLOSED = "closed"
 IDLE = "idle"
+# Stands for the recipient of a chat message made before chat_send names the sender's peer.
+PEER = "\0peer\0"
+PEER_JSON = orjson.dumps(PEER)
+
+
+def around_peer(encoded: bytes) -> tuple[bytes, bytes]:
+    """``encoded`` (a message made with ``to`` = PEER, or a storage op holding one) as the
+    bytes before and after its recipient: chat_send puts the peer's JSON string between.
+    The first PEER is the ``to``: only ``id``, ``kind`` and ``from`` come before it."""
+    before, after = encoded.split(PEER_JSON, 1)
+    return before, after
 
 
 class Archive(Protocol):
@@ -109,18 +121,19 @@ class Chat:
             keys.store_queue(CHAT_TAG),
             keys.cs_history_index(),
         ]
-        self._open = redis.register_script(chat_lua.OPEN)
-        self._drain = redis.register_script(chat_lua.DRAIN)
-        self._close = redis.register_script(chat_lua.CLOSE)
-        self._check_send = redis.register_script(chat_lua.CHECK_SEND)
-        self._record = redis.register_script(chat_lua.RECORD)
+        self._open = scripts.register(redis, "chat_open")
+        self._drain = scripts.register(redis, "chat_drain")
+        self._close = scripts.register(redis, "chat_close")
+        self._send = scripts.register(redis, "chat_send")
 
-    async def _run(self, script: Any, *args: Any, live: Sequence[str] = ()) -> Any:
-        """Call a chat script; ``live`` lists the online agents with a connection now
-        (only scripts that pick an agent need it)."""
+    async def _run(
+        self, script: Any, keys: Sequence[str], *args: Any, live: Sequence[str] = ()
+    ) -> Any:
+        """Call a chat script with its own ``keys`` after the common ones; ``live`` lists
+        the online agents with a connection now (only scripts that pick an agent need it)."""
         now = int(time.time() * 1000)
         args = (self.templates, now, orjson.dumps(list(live)), *args)
-        return await script(keys=self.common_keys, args=args)
+        return await script(keys=[*self.common_keys, *keys], args=args)
 
     async def _live_agents(self) -> list[str]:
         """The online agents that hold a connection; members whose connections are gone
@@ -175,7 +188,15 @@ class Chat:
         new_id = str(self.inbox.ids.next())
         seed = random.randrange(2**31)
         live = await self._live_agents()
-        result = await self._run(self._open, cap, seed, user, new_id, self.ttl, most, live=live)
+        keys = [
+            self.keys.cs_user_session(user),
+            self.keys.cs_user_sessions(user),
+            self.keys.cs_last_agent(user),
+            self.keys.cs_session(new_id),
+        ]
+        result = await self._run(
+            self._open, keys, cap, seed, user, new_id, self.ttl, most, live=live
+        )
         if int(result[0]) == 3:
             raise ActionError(
                 Code.RATE_LIMITED, f"cs.open: at most {most} new sessions an hour; try later"
@@ -199,7 +220,7 @@ class Chat:
                 return assigned
             live = await self._live_agents()
             flat = await self._run(
-                self._drain, cap, random.randrange(2**31), DRAIN_MAX, live=live
+                self._drain, (), cap, random.randrange(2**31), DRAIN_MAX, live=live
             )
             for i in range(0, len(flat), 3):
                 sid, user, agent = (v.decode() for v in flat[i : i + 3])
@@ -224,7 +245,14 @@ class Chat:
         active again or closed by someone else; ActionError when a party's close is refused."""
         op = storeops.encode_cs_session(session_id, reason)  # the script fills in the rest
         result = await self._run(
-            self._close, session_id, by, reason, "" if cutoff is None else cutoff, self.ttl, op
+            self._close,
+            [self.keys.cs_session(session_id)],
+            session_id,
+            by,
+            reason,
+            "" if cutoff is None else cutoff,
+            self.ttl,
+            op,
         )
         code = int(result[0])
         if cutoff is not None and code in (304, 404, 409):
@@ -270,31 +298,42 @@ class Chat:
     async def send(self, sender: str, session_id: str, content: dict[str, Any]) -> str:
         """Send ``content`` ({"text"} or {"image"}, already checked) to the sender's peer in
         the session as a ``cs`` message; returns its id. ActionError 404/403/409 when the
-        session is unknown, the sender no party, or the session not open."""
-        check = await self._run(self._check_send, session_id, sender)
-        code = int(check[0])
-        if code == 409 and check[1] == b"queued":
+        session is unknown, the sender no party, or the session not open.
+
+        One chat script checks the sender and keeps the message in the session's history
+        and storage queue, atomically: a message is kept only while its session is open, so
+        a close names the session's true last message. The inbox then accepts it for the
+        peer, in the peer's bucket: another Redis Cluster slot, beyond any chat script."""
+        message = Message(
+            self.inbox.ids.next(),
+            Kind.CS,
+            sender,
+            PEER,
+            {"session_id": session_id, **content},
+            int(time.time() * 1000),
+        )
+        wire = message.encode()
+        op = storeops.encode_cs_message(session_id, wire)
+        keys = [
+            self.keys.cs_session(session_id),
+            self.keys.cs_history(session_id),
+            self.keys.cs_bodies(session_id),
+        ]
+        args = (session_id, sender, message.id, timestamp_ms(message.id))
+        result = await self._run(
+            self._send, keys, *args, *around_peer(wire), *around_peer(op), HISTORY_MAX, self.ttl
+        )
+        code = int(result[0])
+        if code == 409 and result[1] == b"queued":
             raise ActionError(Code.CONFLICT, "session_id: still waiting for an agent")
         if code != 200:
             raise _refused(code, session_id)
-        peer = check[1].decode()
-        body = {"session_id": session_id, **content}
-        accepted, _ = await publish(self.inbox, self.routes, [peer], Kind.CS, sender, body)
-        message_id, wire = accepted.ids[0], accepted.encoded[0]
-        op = storeops.encode_cs_message(session_id, wire)
-        await self._run(
-            self._record,
-            session_id,
-            message_id,
-            timestamp_ms(int(message_id)),
-            wire,
-            HISTORY_MAX,
-            self.ttl,
-            op,
-        )
+        message = message._replace(to=result[1].decode())
         if self.inbox.journal is not None:  # so an emptied Redis loses no history either
+            op = storeops.encode_cs_message(session_id, message.encode())
             self.inbox.journal.note(SHARED, self.keys.store_queue(CHAT_TAG), None, op)
-        return message_id
+        await push(self.routes, await self.inbox.accept([message]), Kind.CS)
+        return str(message.id)
 
     async def describe(self, session_id: str) -> dict[str, Any] | None:
         """{"session_id", "user", "agent" (None while queued), "status"} of a session, from
@@ -407,7 +446,7 @@ class ChatTrim:
         self.templates = orjson.dumps(
             {"history": key_template(keys.cs_history), "bodies": key_template(keys.cs_bodies)}
         )
-        self._trim = redis.register_script(chat_lua.TRIM_HISTORY)
+        self._trim = scripts.register(redis, "chat_trim_history")
 
     async def older_than(self, cutoff_ms: int, most: int) -> tuple[int, int]:
         """Trim the messages sent before ``cutoff_ms`` (unix ms) from at most ``most``

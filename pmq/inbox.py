@@ -124,6 +124,11 @@ class Inbox:
         """Accept one message per recipient; a repeated ``dedupe_key`` returns the first ids."""
         now = int(time.time() * 1000)
         messages = [Message(self.ids.next(), kind, sender, to, body, now) for to in recipients]
+        return await self.accept(messages, dedupe_key)
+
+    async def accept(self, messages: Sequence[Message], dedupe_key: str | None = None) -> Accepted:
+        """:meth:`publish` for messages the caller made (each with its id and its ``to``)."""
+        recipients = [cast(str, m.to) for m in messages]
         ids = [str(m.id) for m in messages]
         parts = self.keys.by_bucket(recipients)  # bucket -> positions of its messages
         if len(parts) == 1:  # a unicast, or any publish on a single Redis: one call
@@ -134,7 +139,7 @@ class Inbox:
             if previous is not None:  # accepted before: its first ids
                 ids[: len(previous)] = previous[: len(ids)]
                 return Accepted(ids, True, [], [], [], [], _repeated(messages, encoded, conns))
-            return Accepted(ids, False, list(recipients), encoded, conns, states)
+            return Accepted(ids, False, recipients, encoded, conns, states)
         results = await asyncio.gather(
             *(
                 self._publish_part(bucket, [messages[i] for i in indexes], dedupe_key)
@@ -163,7 +168,7 @@ class Inbox:
         return Accepted(ids, duplicate, new_recipients, encoded, connections, unread, repeated)
 
     async def _publish_part(
-        self, bucket: int, messages: list[Message], dedupe_key: str | None
+        self, bucket: int, messages: Sequence[Message], dedupe_key: str | None
     ) -> tuple[list[str] | None, list[bytes], list[dict[str, str]], list[UnreadState | None]]:
         """One inbox_publish call for messages to users of one bucket: (the first ids when the
         key was seen before, else None; the wire JSONs; the connections per message; the

@@ -46,9 +46,16 @@ async def publish(
     reaching no one, and the inbox keeps the messages for the next connect or msg.pull.
     """
     accepted = await inbox.publish(recipients, kind, sender, body, dedupe_key)
+    return accepted, await push(routes, accepted, kind)
+
+
+async def push(routes: Routes, accepted: Accepted, kind: str) -> int:
+    """Push what the inbox accepted (:meth:`pmq.inbox.Inbox.publish` or ``accept``) of
+    ``kind`` to the recipients' live connections, as :func:`publish` does; returns how many
+    connections it reached."""
     await push_again(routes, accepted)
     if accepted.duplicate:
-        return accepted, 0
+        return 0
     accepted_count, delivered_count = counters(kind)
     accepted_count.inc(len(accepted.recipients))
     # A comment on one's own content counts nothing: its state is None, no badge to push.
@@ -68,7 +75,7 @@ async def publish(
         log.warning("%d messages accepted, their live push failed: %s", len(pushes), exc)
         reached = 0
     delivered_count.inc(reached)
-    return accepted, reached
+    return reached
 
 
 async def push_again(routes: Routes, accepted: Accepted) -> None:

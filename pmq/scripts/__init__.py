@@ -11,7 +11,7 @@ except where its header says which key it reaches from inside, and that key shar
 hash tag, hence the slot, of the declared ones.
 
 A line ``--! include _NAME`` is replaced by the file ``_NAME.lua``: a piece shared by
-several scripts (``_now``: Redis's clock). Files whose name
+several scripts (``_now``: Redis's clock; ``_chat``: the chat's helpers). Files whose name
 starts with ``_`` are such pieces, never scripts of their own.
 
 This is Redis plumbing: it imports nothing of PMQ's.
@@ -48,6 +48,12 @@ NAMES = frozenset(
         "broadcast_publish",
         "broadcast_trim",
         "broadcast_raise_mark",
+        # pmq.chat
+        "chat_open",
+        "chat_drain",
+        "chat_close",
+        "chat_send",
+        "chat_trim_history",
         # pmq.tasks
         "owners_renew",
         "owners_expired",
