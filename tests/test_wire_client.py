@@ -310,3 +310,30 @@ def test_is_uid_accepts(value: object) -> None:
 )
 def test_is_uid_rejects(value: object) -> None:
     assert not is_uid(value)
+
+
+ACTIONS = st.from_regex(protocol.ACTION_PATTERN, fullmatch=True)
+REQUEST_IDS = st.none() | st.text(max_size=protocol.MAX_REQUEST_ID)
+
+
+@given(REQUEST_IDS, ACTIONS, st.dictionaries(st.text(max_size=5), bodies, max_size=4))
+def test_a_request_round_trips(
+    request_id: str | None, action: str, data: dict[str, object]
+) -> None:
+    frame = orjson.dumps({"id": request_id, "action": action, "data": data})
+    assert parse_request(frame) == Request(request_id, action, data)
+
+
+@given(REQUEST_IDS, st.sampled_from(Code), st.none() | st.text(), bodies.filter(bool))
+def test_a_reply_round_trips(
+    request_id: str | None, code: Code, msg: str | None, data: object
+) -> None:
+    value = {"data": data}
+    reply = orjson.loads(encode_reply(request_id, code, msg, value))
+    assert reply == {
+        "type": "reply",
+        "id": request_id,
+        "code": int(code),
+        "msg": protocol.MESSAGES[code] if msg is None else msg,
+        "data": value,
+    }
