@@ -41,25 +41,21 @@ from pmq.locks import Lease
 from pmq.messaging import push
 from pmq.routing import Routes
 from pmq.wire import storeops
-from pmq.wire.client import Code, FrameType, Kind, Message, encode_event
+from pmq.wire.client import (
+    LATER_RECIPIENT,
+    Code,
+    FrameType,
+    Kind,
+    Message,
+    around_recipient,
+    encode_event,
+)
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
 DRAIN_MAX = 100  # queued sessions assigned per script call
 IDLE_BATCH = 200  # idle sessions looked at per sweep
 CLOSED = "closed"
 IDLE = "idle"
-# Stands for the recipient of a chat message made before chat_send names the sender's peer.
-PEER = "\0peer\0"
-PEER_JSON = orjson.dumps(PEER)
-
-
-def around_peer(encoded: bytes) -> tuple[bytes, bytes]:
-    """``encoded`` (a message made with ``to`` = PEER, or a storage op holding one) as the
-    bytes before and after its recipient: chat_send puts the peer's JSON string between.
-    The first PEER is the ``to``: only ``id``, ``kind`` and ``from`` come before it."""
-    before, after = encoded.split(PEER_JSON, 1)
-    return before, after
-
 
 class Archive(Protocol):
     """Reads the chat's SQL tables (off the event loop); ids are decimal strings."""
@@ -308,7 +304,7 @@ class Chat:
             self.inbox.ids.next(),
             Kind.CS,
             sender,
-            PEER,
+            LATER_RECIPIENT,  # the peer, known to chat_send
             {"session_id": session_id, **content},
             int(time.time() * 1000),
         )
@@ -320,9 +316,8 @@ class Chat:
             self.keys.cs_bodies(session_id),
         ]
         args = (session_id, sender, message.id, timestamp_ms(message.id))
-        result = await self._run(
-            self._send, keys, *args, *around_peer(wire), *around_peer(op), HISTORY_MAX, self.ttl
-        )
+        parts = (*around_recipient(wire), *around_recipient(op))
+        result = await self._run(self._send, keys, *args, *parts, HISTORY_MAX, self.ttl)
         code = int(result[0])
         if code == 409 and result[1] == b"queued":
             raise ActionError(Code.CONFLICT, "session_id: still waiting for an agent")

@@ -337,3 +337,11 @@ def test_a_reply_round_trips(
         "msg": protocol.MESSAGES[code] if msg is None else msg,
         "data": value,
     }
+
+
+def test_a_message_whose_recipient_a_script_names_splits_around_it() -> None:
+    body = {"session_id": "9", "text": "to: \u0000recipient\u0000 in the body too"}
+    made = Message(12, "cs", "7", protocol.LATER_RECIPIENT, body, 1700000000000).encode()
+    before, after = protocol.around_recipient(made)
+    named = Message(12, "cs", "7", "123", body, 1700000000000).encode()
+    assert before + b'"123"' + after == named

@@ -167,6 +167,20 @@ PUSH_PREFIX = b'{"type":"push","msg":'
 ID_PREFIX = PUSH_PREFIX + b'{"id":"'  # every message's JSON opens with its id
 
 
+# The recipient of a message made before a script names it (chat_send: the sender's peer).
+LATER_RECIPIENT = "\0recipient\0"
+_LATER_RECIPIENT_JSON = orjson.dumps(LATER_RECIPIENT)
+
+
+def around_recipient(encoded: bytes) -> tuple[bytes, bytes]:
+    """``encoded`` (a message made with ``to`` = LATER_RECIPIENT, or a storage op holding
+    one) as the bytes before and after its recipient, for a script to put the recipient's
+    JSON string between. The first stand-in is the ``to``: only ``id``, ``kind`` and
+    ``from`` come before it, and a uid is digits only."""
+    before, after = encoded.split(_LATER_RECIPIENT_JSON, 1)
+    return before, after
+
+
 def message_id_of(payload: bytes) -> int:
     """The id of the message a push frame carries, or 0 for any other frame. A push frame
     whose id is not a number raises ValueError."""

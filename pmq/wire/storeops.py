@@ -15,7 +15,7 @@ its JSON, encoded once for the push and the storage op alike (pmq.wire.client.Me
 Lua script (pmq/scripts) that queues an op gets it in its ARGV as encoded here: inbox_ack
 keeps in the ack op only the ids it queues, chat_close fills in the session's fields it
 reads, chat_send puts the peer's uid as the recipient between the two parts of a ``cs`` op
-made with a stand-in (pmq.chat.around_peer).
+made with a stand-in (pmq.wire.client.around_recipient).
 :func:`parse` turns an item back into one :data:`StoreOp` value, or raises ValueError.
 """
 
