@@ -116,7 +116,7 @@ async def child_main(
     go: Any,
     stop: Any,
 ) -> None:
-    from pmq.auth import mint_token
+    from pmq.jwtauth import mint_token
 
     loop = asyncio.get_running_loop()
     paths = [
@@ -359,7 +359,7 @@ async def publish_phase(
 ) -> dict[str, Any]:
     """Open the probes, publish K broadcasts, wait for the deliveries; returns the readings."""
     loop = asyncio.get_running_loop()
-    from pmq.auth import mint_token
+    from pmq.jwtauth import mint_token
 
     # Probes, mapped to their socket worker.
     probes = [Probe(probe_uid + i) for i in range(args.probes)]

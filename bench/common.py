@@ -73,7 +73,7 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 
 def target_from(args: argparse.Namespace) -> Target:
     from pmq import config as configuration
-    from pmq.auth import resolve_jwt_secret
+    from pmq.jwtauth import resolve_jwt_secret
 
     config = configuration.load(args.config)
     secret = args.secret or resolve_jwt_secret(config)

@@ -268,7 +268,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from pmq.auth import mint_token, resolve_jwt_secret
+    from pmq.jwtauth import mint_token, resolve_jwt_secret
 
     config = load(args)
     groups = [g for g in args.groups.split(",") if g]

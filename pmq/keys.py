@@ -229,7 +229,7 @@ class Keys:
 
     def auth_lock(self, token_digest: str) -> str:
         """STRING holder, with a short TTL: the one look-up of this token at the user centre
-        in flight in the whole cluster (pmq.auth); the others wait for auth_cache()."""
+        in flight in the whole cluster (pmq.usercentre); the others wait for auth_cache()."""
         return f"{self.prefix}lock:auth:{token_digest}"
 
     def auth_tokens(self, uid: str) -> str:

@@ -26,9 +26,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from pmq import redischeck
-from pmq.auth import secret_file
 from pmq.config import Config
 from pmq.errors import ConfigError, PMQError
+from pmq.jwtauth import secret_file
 from pmq.store import open_store, sqlite_path
 
 MIN_JWT_SECRET = 32  # bytes: HS256's key should be at least as long as its hash

@@ -18,8 +18,8 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
-from pmq.auth import mint_token
 from pmq.config import StorageConfig
+from pmq.jwtauth import mint_token
 from pmq.keys import Keys
 from pmq.store import Store, open_store
 from pmq.store.base import StoredCsMessage, StoredCsSession

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from pmq.auth import mint_token
+from pmq.jwtauth import mint_token
 from pmq.keys import Keys
 from tests.helpers import SECRET, Node, wait_for
 

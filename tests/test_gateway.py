@@ -31,7 +31,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
-from pmq.auth import CLOCK_LEEWAY, Identity, mint_token
+from pmq.auth import CLOCK_LEEWAY, Identity
+from pmq.jwtauth import mint_token
 from pmq.keys import Keys
 from pmq.reactor.connections import Client
 from tests.helpers import SECRET, Node, wait_for, wait_for_async

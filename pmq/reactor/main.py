@@ -34,7 +34,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from pmq import metrics, redisconn
-from pmq.auth import make_authenticator
+from pmq.authmode import make_authenticator
 from pmq.batching import Batcher
 from pmq.broadcast import Broadcasts
 from pmq.chat import Chat

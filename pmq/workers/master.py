@@ -24,9 +24,9 @@ import psutil
 import setproctitle
 
 from pmq import metrics, startcheck
-from pmq.auth import resolve_jwt_secret
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
+from pmq.jwtauth import resolve_jwt_secret
 from pmq.store import open_store, sqlite_path
 from pmq.workers import pidfile
 from pmq.workers.channel import LineReader
