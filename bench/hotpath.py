@@ -7,7 +7,7 @@ of the host), which hides a change of a few microseconds in PMQ's own code. This
 runs the real code of the path in one process, with nothing else to wait for:
 
 - request: the bytes of ``POST /api/v1/messages`` fed to the ingest server's connection
-  (pmq.reactor.http), its handler (pmq.reactor.ingest), the publish (pmq.messaging, the
+  (pmq.reactor.httpconn), its handler (pmq.reactor.ingest), the publish (pmq.messaging, the
   inbox's key and argument building), the PUBLISH script's reply made up in Python, then
   for half the users a push to their connection here (pmq.routing, pmq.reactor.relay, the
   unread badge of pmq.reactor.unread, pmq.reactor.connections) and for the other half a
@@ -37,7 +37,8 @@ from pmq.ids import IdGenerator
 from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.reactor.connections import Client, ConnectionTable
-from pmq.reactor.http import HttpServer, _Connection
+from pmq.reactor.httpconn import HttpConnection
+from pmq.reactor.httpserver import HttpServer
 from pmq.reactor.ingest import build_router
 from pmq.reactor.relay import Relay
 from pmq.reactor.unread import UnreadPusher
@@ -137,7 +138,7 @@ def requests(count: int) -> list[bytes]:
 async def main(count: int) -> dict[str, Any]:
     worker = Worker()
     server = HttpServer(build_router(worker), max_body=65_536)  # type: ignore[arg-type]
-    conn = _Connection(server)
+    conn = HttpConnection(server)
     transport = CountingTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
 

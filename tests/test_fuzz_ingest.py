@@ -1,4 +1,4 @@
-"""Fuzzing of the ingest HTTP server (pmq.reactor.http).
+"""Fuzzing of the ingest HTTP server (pmq.reactor.httpserver, httpconn).
 
 In process, a connection is fed a stream of valid pipelined requests, whole and cut at
 random points into reads: the answers are the same, and each echoes what was sent. Over a
@@ -22,8 +22,9 @@ import uvloop
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pmq.reactor import http as pmq_http
-from pmq.reactor.http import HttpRequest, HttpResponse, HttpServer, Router, json_response
+from pmq.reactor.http import HttpRequest, HttpResponse, Router, json_response
+from pmq.reactor.httpconn import HttpConnection
+from pmq.reactor.httpserver import HttpServer
 from tests.helpers import Node, wait_for_async
 from tests.test_fuzz_kit import budget, fuzz_node, tally, unharmed
 
@@ -140,7 +141,7 @@ async def serve(stream: bytes, cuts: list[int]) -> tuple[bytes, bool]:
     """Feed ``stream`` to one connection in reads cut at ``cuts``, letting the loop run
     between them; what it wrote once it owes nothing, and whether it stopped writing."""
     server = HttpServer(echo_router(), max_body=1024)
-    conn = pmq_http._Connection(server)
+    conn = HttpConnection(server)
     transport = Transport()
     conn.connection_made(transport)
     try:

@@ -16,16 +16,15 @@ import orjson
 import pytest
 import uvloop
 
-from pmq.reactor import http as pmq_http
+from pmq.reactor import httpconn
 from pmq.reactor.http import (
     HttpError,
     HttpRequest,
     HttpResponse,
-    HttpServer,
     Router,
     json_response,
-    start_http_server,
 )
+from pmq.reactor.httpserver import HttpServer, start_http_server
 from tests.helpers import wait_for_async
 
 DEADLINE = 5.0
@@ -439,7 +438,7 @@ def test_many_pipelined_requests_in_one_write() -> None:
     async def main() -> None:
         server = await serve()
         client = await Client.connect(server)
-        count = 10 * pmq_http.MAX_PIPELINE  # reading pauses and resumes on the way
+        count = 10 * httpconn.MAX_PIPELINE  # reading pauses and resumes on the way
         get = "GET /api/v1/users/{} HTTP/1.1\r\nHost: t\r\n\r\n"
         await client.send("".join(get.format(i) for i in range(count)).encode())
         for i in range(count):
@@ -458,7 +457,7 @@ def test_handler_exception_is_500_and_server_keeps_serving(
     async def main() -> None:
         server = await serve()
         client = await Client.connect(server)
-        with caplog.at_level(logging.ERROR, logger="pmq.reactor.http"):
+        with caplog.at_level(logging.ERROR, logger="pmq.reactor.httpconn"):
             reply = await client.request("GET", "/boom")
         assert reply.json() == {"code": 500, "msg": "internal error", "data": {}}
         assert reply.headers["connection"] == "keep-alive"
@@ -468,7 +467,7 @@ def test_handler_exception_is_500_and_server_keeps_serving(
         await server.drain(DEADLINE)
 
     run(main)
-    [record] = [r for r in caplog.records if r.name == "pmq.reactor.http"]
+    [record] = [r for r in caplog.records if r.name == "pmq.reactor.httpconn"]
     assert "GET /boom" in record.getMessage()
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
@@ -558,7 +557,7 @@ def test_drain_deadline_cancels_and_counts() -> None:
 
 
 def test_idle_keep_alive_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pmq_http, "KEEPALIVE_TIMEOUT", 0.05)
+    monkeypatch.setattr(httpconn, "KEEPALIVE_TIMEOUT", 0.05)
 
     async def main() -> None:
         server = await serve()

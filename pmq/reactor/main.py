@@ -53,7 +53,7 @@ from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.heartbeat import Heartbeat
-from pmq.reactor.http import HttpServer, start_http_server
+from pmq.reactor.httpserver import HttpServer, start_http_server
 from pmq.reactor.ingest import build_router
 from pmq.reactor.presence import Presence
 from pmq.reactor.registration import Registration
