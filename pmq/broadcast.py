@@ -1,4 +1,4 @@
-"""Broadcasts (SPEC 4, 5): one message to every user of a group, never copied per user.
+"""Broadcasts: one message to every user of a group, never copied per user (docs/protocol.md).
 
 A broadcast is kept once in Redis (``broadcasts(group)`` ids by time, ``broadcast_bodies``),
 queued for a task worker, which publishes it once on the broadcast channel (every socket

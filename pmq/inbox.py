@@ -1,4 +1,4 @@
-"""The durable inbox and unread counters, on Redis (SPEC 4).
+"""The durable inbox and unread counters, on Redis (docs/protocol.md).
 
 Accepting a message is one Lua call: the message enters the user's hot inbox (a ZSET of
 ids beside a HASH of bodies), the unread counter moves, a storage operation is queued for

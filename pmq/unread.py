@@ -1,4 +1,4 @@
-"""Unread counters (SPEC 4): per kind in a Redis hash, and ``system`` counted from broadcasts.
+"""Unread counters: per kind in a Redis hash, and ``system`` counted from broadcasts.
 
 ``system`` is never stored per user: it is the number of broadcasts to the user's groups
 since their last clear of ``system`` (a last-read time, kept in Redis and in SQL like the

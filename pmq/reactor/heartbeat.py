@@ -5,7 +5,7 @@ pong under a timeout: at 12,500 connections a worker held that many tasks, timer
 futures (1.4 KB a connection) and spent a quarter of its time during a broadcast in them.
 Here each connection only notes when it last heard from its peer (any frame counts, a pong
 included) and when it was last pinged; every tick one pass over the connection table pings
-each connection once per ``heartbeat.interval`` (SPEC 3) and fails those silent for
+each connection once per ``heartbeat.interval`` and fails those silent for
 ``heartbeat.timeout`` with 1011, as websockets did.
 """
 

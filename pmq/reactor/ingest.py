@@ -1,4 +1,4 @@
-"""The internal HTTP API of SPEC 5 on the ingest port: routes and their handlers.
+"""The internal HTTP API on the ingest port (docs/protocol.md, "Ingest API"): routes and handlers.
 
 The HTTP mechanics (parsing, keep-alive, body limit, API key) live in pmq.reactor.http;
 this module only maps paths to what the site asks for.

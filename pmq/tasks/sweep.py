@@ -1,5 +1,5 @@
-"""The sweep: keeps Redis memory bounded by letting stored messages leave it (SPEC 4), and
-applies retention to everything kept, in Redis and storage (SPEC 10).
+"""The sweep: keeps Redis memory bounded by letting stored messages leave it, and
+applies retention to everything kept, in Redis and storage (docs/security.md, "Retention").
 
 Every ``interval`` seconds one task worker of the whole cluster (the holder of a Redis lock)
 looks at the users whose oldest hot message is older than ``hot_seconds``

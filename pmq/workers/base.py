@@ -220,7 +220,8 @@ class Worker(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self, fast: bool) -> None:
-        """Stop in phases (SPEC 1); ``fast`` skips the niceties, not the cleanup."""
+        """Stop in phases (docs/protocol.md, "Processes and control"); ``fast`` skips the
+        niceties, not the cleanup."""
 
     async def reload(self) -> None:  # noqa: B027 - optional hook
         """Re-read what can change without a restart; raise to keep the old state."""

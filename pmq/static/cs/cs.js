@@ -1,4 +1,4 @@
-// PMQ customer-service pages: the client protocol (SPEC 3) and message rendering, shared by
+// PMQ customer-service pages: the client protocol (docs/protocol.md) and message rendering, shared by
 // agent.html and chat.html. Plain browser JavaScript, no build step.
 "use strict";
 
