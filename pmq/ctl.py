@@ -114,7 +114,8 @@ def load(args: argparse.Namespace) -> configuration.Config:
 def cmd_start(args: argparse.Namespace) -> int:
     config = load(args)
     metricsdir.use(config.server.metrics_dir)  # before the imports below load the metrics
-    from pmq.workers.master import prepare, serve
+    from pmq.workers.boot import prepare
+    from pmq.workers.master import serve
 
     config = prepare(config)
     if args.daemon:

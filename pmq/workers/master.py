@@ -4,6 +4,10 @@ It writes the pid file, forks ``server.workers`` socket workers and ``server.tas
 task workers, and then loops: reap the dead, kill the stuck, keep the count, answer pmqctl.
 Signal handlers only queue the signal; the loop calls one ``handle_*`` method per signal.
 The master never imports pmq.reactor, pmq.tasks or pmq.handlers: children load them.
+
+What is settled before the loop (start-up checks, the shared secret, leftovers of a dead
+master) is pmq.workers.boot; forking one worker is pmq.workers.spawn; HUP reload and USR2
+rolling restart are pmq.workers.rollout.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import importlib
 import logging
 import os
 import select
@@ -23,19 +26,18 @@ from typing import Any
 import psutil
 import setproctitle
 
-from pmq import metrics, startcheck
+from pmq import metrics
 from pmq.config import Config
 from pmq.errors import AlreadyRunning, WorkerExit
-from pmq.jwtauth import resolve_jwt_secret
-from pmq.store import open_store, sqlite_path
 from pmq.workers import pidfile
-from pmq.workers.channel import LineReader
+from pmq.workers.boot import refuse_live_master, stop_leftovers
 from pmq.workers.control import ControlServer
 from pmq.workers.notify import notify
+from pmq.workers.rollout import Rollout
+from pmq.workers.spawn import WorkerState, fork_worker
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULES = {"socket": "pmq.reactor.main", "task": "pmq.tasks.main"}
 SIGNALS: dict[int, str] = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
@@ -46,7 +48,6 @@ SIGNALS: dict[int, str] = {
 }
 LOOP_SECONDS = 0.5
 FAST_STOP_SECONDS = 2.0
-RELOAD_SECONDS = 10.0
 MAX_BACKOFF = 30.0
 SHORT_LIFE = 10.0  # a worker that dies younger than this counts as a failed start
 
@@ -54,20 +55,6 @@ SHORT_LIFE = 10.0  # a worker that dies younger than this counts as a failed sta
 class StopMaster(Exception):
     def __init__(self, code: int = 0) -> None:
         self.code = code
-
-
-@dataclasses.dataclass
-class WorkerState:
-    pid: int
-    kind: str
-    index: int
-    fd: int
-    started: float
-    last_seen: float
-    ready: bool = False
-    retiring: bool = False
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
-    reader: LineReader = dataclasses.field(default_factory=LineReader)
 
 
 @dataclasses.dataclass
@@ -92,10 +79,7 @@ class Master:
         self.started = time.time()
         self.restarts = 0
         self.announced_ready = False
-        self.rolling: list[tuple[str, int]] = []  # slots still to replace on USR2
-        self.replacing: tuple[int, int] | None = None  # (old pid, new pid)
-        self.reload_pending: dict[int, dict[str, Any]] | None = None
-        self.reload_deadline = 0.0
+        self.rollout = Rollout(self)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.control = ControlServer(config.server.control_socket, self)
 
@@ -116,8 +100,8 @@ class Master:
                 self.reap_workers()
                 self.murder_stuck_workers()
                 self.manage_workers()
-                self.step_rolling_restart()
-                self.check_reload()
+                self.rollout.step_rolling_restart()
+                self.rollout.check_reload()
         except StopMaster as stop:
             return stop.code
         finally:
@@ -125,9 +109,9 @@ class Master:
 
     def start(self) -> None:
         setproctitle.setproctitle(self.title)
-        self.refuse_live_master()
+        refuse_live_master(self.node)
         pidfile.create(self.config.server.pid_file)
-        self.stop_leftovers()
+        stop_leftovers(self.node)
         self.control.open()
         for sig in SIGNALS:
             signal.signal(sig, self.record_signal)
@@ -190,33 +174,20 @@ class Master:
     def handle_usr2(self) -> None:
         self.rolling_restart()
 
+    def reload(self) -> None:
+        """HUP every worker to re-import handlers (pmq.workers.rollout); pmqctl reload."""
+        self.rollout.reload()
+
+    def rolling_restart(self) -> None:
+        """Replace every worker one at a time (pmq.workers.rollout); pmqctl restart."""
+        self.rollout.rolling_restart()
+
     # Workers ------------------------------------------------------------------------
     def spawn_worker(self, kind: str, index: int) -> WorkerState:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(write_fd, False)
-        master_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child never returns from here
-            os.close(read_fd)
-            self.close_in_child()
-            code: int = WorkerExit.BOOT_ERROR
-            try:
-                module = importlib.import_module(WORKER_MODULES[kind])
-                code = module.run(self.config, index, write_fd, master_pid)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("pmq: %s worker #%d crashed", kind, index)
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        now = time.monotonic()
-        state = WorkerState(pid, kind, index, read_fd, started=now, last_seen=now)
-        self.workers[pid] = state
-        log.info("spawned %s worker #%d (pid %d)", kind, index, pid)
+        """Fork the ``kind`` worker for slot ``index`` and watch it."""
+        state = fork_worker(self.config, kind, index, self.close_in_child)
+        self.workers[state.pid] = state
+        log.info("spawned %s worker #%d (pid %d)", kind, index, state.pid)
         return state
 
     def close_in_child(self) -> None:
@@ -248,8 +219,8 @@ class Master:
             self.announce_ready()
         elif kind == "heartbeat":
             worker.stats = {k: v for k, v in event.items() if k != "event"}
-        elif kind == "reload" and self.reload_pending and worker.pid in self.reload_pending:
-            self.reload_pending[worker.pid] = event
+        elif kind == "reload":
+            self.rollout.answered(worker.pid, event)
 
     def announce_ready(self) -> None:
         if self.announced_ready:
@@ -322,74 +293,11 @@ class Master:
                 self.spawn_worker(kind, index)
 
     def kill(self, pid: int, sig: int) -> None:
+        """Send ``sig`` to ``pid``; a process already gone is no error."""
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-    # Reload and rolling restart -------------------------------------------------------
-    def reload(self) -> None:
-        """HUP every worker: they re-import handlers and re-read reloadable config."""
-        notify("RELOADING=1")
-        log.info("reloading handlers in %d workers", len(self.workers))
-        live = [w for w in self.workers.values() if not w.retiring]
-        self.reload_pending = {w.pid: {} for w in live}
-        self.reload_deadline = time.monotonic() + RELOAD_SECONDS
-        for worker in live:
-            self.kill(worker.pid, signal.SIGHUP)
-        self.check_reload()
-
-    def check_reload(self) -> None:
-        pending = self.reload_pending
-        if pending is None:
-            return
-        for pid in [pid for pid in pending if pid not in self.workers]:
-            pending[pid] = {"ok": False, "error": f"worker {pid} exited during reload"}
-        answered = all(pending.values())
-        if not answered and time.monotonic() < self.reload_deadline:
-            return
-        errors = [
-            e.get("error") or f"worker {pid} did not answer"
-            for pid, e in pending.items()
-            if not e.get("ok")
-        ]
-        self.reload_pending = None
-        notify("READY=1\nSTATUS=serving")
-        for error in errors:
-            log.error("reload: %s", error)
-        self.control.finish("reload", {"ok": not errors, "error": "; ".join(map(str, errors))})
-
-    def rolling_restart(self) -> None:
-        """USR2: replace every worker one at a time, the new one up before the old drains."""
-        if self.rolling or self.replacing:
-            log.info("rolling restart already under way")
-            return
-        log.info("rolling restart of %d workers", len(self.slots))
-        self.rolling = list(self.slots)
-
-    def step_rolling_restart(self) -> None:
-        if self.replacing is not None:
-            old_pid, new_pid = self.replacing
-            new = self.workers.get(new_pid)
-            if new is None:  # the replacement died: keep the old one, move on
-                self.replacing = None
-            elif new.ready:
-                old = self.workers.get(old_pid)
-                if old is not None:
-                    old.retiring = True
-                    self.kill(old_pid, signal.SIGTERM)
-                self.replacing = None
-            return
-        while self.rolling:
-            slot = self.rolling.pop(0)
-            old = next(
-                (w for w in self.workers.values() if (w.kind, w.index) == slot and not w.retiring),
-                None,
-            )
-            if old is not None:
-                self.replacing = (old.pid, self.spawn_worker(*slot).pid)
-                return
-        self.control.finish("restart", {"ok": True})
 
     # Stop ---------------------------------------------------------------------------
     def stop(self, graceful: bool = True, code: int = 0) -> None:
@@ -422,41 +330,6 @@ class Master:
         self.control.close()
         pidfile.remove(self.config.server.pid_file)
         log.info("%s exited", self.title)
-
-    # Start-up checks --------------------------------------------------------------------
-    def refuse_live_master(self) -> None:
-        for proc in self.node_processes():
-            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("pmq: master"):
-                raise AlreadyRunning(f"already running: master pid {proc.pid} [{self.node}]")
-
-    def stop_leftovers(self) -> None:
-        """Stop workers of this node left behind by a master that died."""
-        leftovers = list(self.node_processes())
-        if not leftovers:
-            return
-        for proc in leftovers:
-            log.warning("stopping leftover %r (pid %d)", proc.info["cmdline"][0], proc.pid)
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(leftovers, timeout=3)
-        for proc in alive:
-            proc.kill()
-        psutil.wait_procs(alive, timeout=3)
-
-    def node_processes(self) -> list[psutil.Process]:
-        suffix = f" [{self.node}]"
-        me = os.getpid()
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            cmdline = proc.info["cmdline"]
-            if proc.pid == me or not cmdline:
-                continue
-            title = cmdline[0]
-            if title.startswith("pmq: ") and title.endswith(suffix):
-                found.append(proc)
-        return found
 
     # Status -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -495,25 +368,6 @@ def rss(pid: int) -> int:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return 0
-
-
-def prepare(config: Config) -> Config:
-    """Settle what workers must share before the fork: the start-up checks (ConfigError
-    listing every unsafe secret, open file mode or Redis setting PMQ cannot keep its
-    promises on), the JWT secret, the embedded schema."""
-    startcheck.require(config)
-    if config.auth.mode == "jwt" and not config.auth.jwt_secret:
-        secret = resolve_jwt_secret(config)
-        config = dataclasses.replace(
-            config, auth=dataclasses.replace(config.auth, jwt_secret=secret)
-        )
-    if sqlite_path(config.storage.url) is not None:
-        store = open_store(config.storage)
-        try:
-            store.init_schema()
-        finally:
-            store.close()
-    return config
 
 
 def serve(config: Config) -> int:

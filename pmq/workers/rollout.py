@@ -1,0 +1,108 @@
+"""HUP reload and USR2 rolling restart: the master's two ways to renew its workers.
+
+A :class:`Rollout` holds what is under way; the master's loop moves it on
+(:meth:`Rollout.check_reload`, :meth:`Rollout.step_rolling_restart`) and hands it the
+workers' reload answers (:meth:`Rollout.answered`). Each command answers the pmqctl clients
+waiting for it on the control socket when it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from pmq.workers.notify import notify
+
+if TYPE_CHECKING:
+    from pmq.workers.master import Master
+
+log = logging.getLogger(__name__)
+
+RELOAD_SECONDS = 10.0  # how long a reload waits for every worker's answer
+
+
+class Rollout:
+    """The reload and the rolling restart of one master's workers."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.rolling: list[tuple[str, int]] = []  # slots still to replace on USR2
+        self.replacing: tuple[int, int] | None = None  # (old pid, new pid)
+        self.reload_pending: dict[int, dict[str, Any]] | None = None
+        self.reload_deadline = 0.0
+
+    def answered(self, pid: int, event: dict[str, Any]) -> None:
+        """Worker ``pid`` reported its reload (``{"ok": ..., "error": ...}``)."""
+        if self.reload_pending and pid in self.reload_pending:
+            self.reload_pending[pid] = event
+
+    def reload(self) -> None:
+        """HUP every worker: they re-import handlers and re-read reloadable config."""
+        notify("RELOADING=1")
+        log.info("reloading handlers in %d workers", len(self.master.workers))
+        live = [w for w in self.master.workers.values() if not w.retiring]
+        self.reload_pending = {w.pid: {} for w in live}
+        self.reload_deadline = time.monotonic() + RELOAD_SECONDS
+        for worker in live:
+            self.master.kill(worker.pid, signal.SIGHUP)
+        self.check_reload()
+
+    def check_reload(self) -> None:
+        pending = self.reload_pending
+        if pending is None:
+            return
+        for pid in [pid for pid in pending if pid not in self.master.workers]:
+            pending[pid] = {"ok": False, "error": f"worker {pid} exited during reload"}
+        answered = all(pending.values())
+        if not answered and time.monotonic() < self.reload_deadline:
+            return
+        errors = [
+            e.get("error") or f"worker {pid} did not answer"
+            for pid, e in pending.items()
+            if not e.get("ok")
+        ]
+        self.reload_pending = None
+        notify("READY=1\nSTATUS=serving")
+        for error in errors:
+            log.error("reload: %s", error)
+        self.master.control.finish(
+            "reload", {"ok": not errors, "error": "; ".join(map(str, errors))}
+        )
+
+    def rolling_restart(self) -> None:
+        """USR2: replace every worker one at a time, the new one up before the old drains."""
+        if self.rolling or self.replacing:
+            log.info("rolling restart already under way")
+            return
+        log.info("rolling restart of %d workers", len(self.master.slots))
+        self.rolling = list(self.master.slots)
+
+    def step_rolling_restart(self) -> None:
+        if self.replacing is not None:
+            old_pid, new_pid = self.replacing
+            new = self.master.workers.get(new_pid)
+            if new is None:  # the replacement died: keep the old one, move on
+                self.replacing = None
+            elif new.ready:
+                old = self.master.workers.get(old_pid)
+                if old is not None:
+                    old.retiring = True
+                    self.master.kill(old_pid, signal.SIGTERM)
+                self.replacing = None
+            return
+        while self.rolling:
+            slot = self.rolling.pop(0)
+            old = next(
+                (
+                    w
+                    for w in self.master.workers.values()
+                    if (w.kind, w.index) == slot and not w.retiring
+                ),
+                None,
+            )
+            if old is not None:
+                self.replacing = (old.pid, self.master.spawn_worker(*slot).pid)
+                return
+        self.master.control.finish("restart", {"ok": True})
