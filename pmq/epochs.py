@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 
 from pmq import scripts
 from pmq.keys import Keys
-from pmq.store.base import Mark
+from pmq.store.rows import Mark
 
 EPOCH = "epoch"  # the mark's field whose presence says the bucket is complete
 

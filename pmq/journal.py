@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 
 from pmq.epochs import RedisMarks
 from pmq.keys import Keys
-from pmq.store.base import Mark
+from pmq.store.rows import Mark
 
 log = logging.getLogger(__name__)
 

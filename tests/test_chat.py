@@ -22,7 +22,7 @@ from pmq.config import StorageConfig
 from pmq.jwtauth import mint_token
 from pmq.keys import Keys
 from pmq.store import Store, open_store
-from pmq.store.base import StoredCsMessage, StoredCsSession
+from pmq.store.rows import StoredCsMessage, StoredCsSession
 from tests.helpers import SECRET, MysqlDatabase, Node, WsClient, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -29,7 +29,8 @@ from pmq.inbox import Inbox
 from pmq.keys import Keys
 from pmq.routing import Routes
 from pmq.store import Store, StoredMessage, open_store
-from pmq.store.base import RETENTION_TABLES, StoredBroadcast, StoredCsMessage, StoredCsSession
+from pmq.store.base import RETENTION_TABLES
+from pmq.store.rows import StoredBroadcast, StoredCsMessage, StoredCsSession
 from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper

@@ -19,8 +19,9 @@ from urllib.parse import unquote, urlsplit
 
 from pmq.config import StorageConfig, shard_ranges
 from pmq.errors import ConfigError
-from pmq.store.base import SCHEMA_VERSION, Store, StoredMessage
+from pmq.store.base import SCHEMA_VERSION, Store
 from pmq.store.mysql import MysqlStore, MysqlTarget
+from pmq.store.rows import StoredMessage
 from pmq.store.sharded import ShardedStore
 from pmq.store.sqlite import SqliteStore
 

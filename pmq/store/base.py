@@ -5,6 +5,7 @@ never from an event loop. Every method either does all it says or raises
 :class:`~pmq.errors.StorageError` with the driver's complaint; writes are idempotent by id,
 so the caller's answer to a StorageError is to retry the same call later.
 
+The rows it reads and writes are the value types of pmq.store.rows.
 Messages live in ``pmq_msg_{uid % shards}``. The engines (``sqlite.py``, ``mysql.py``) supply
 their DDL, their placeholder and their way of holding a connection; the statements below are
 written once for both.
@@ -20,15 +21,23 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
 from pmq.errors import StorageError
+from pmq.store.rows import (
+    CS_MESSAGE_COLUMNS,
+    CS_ROWS_PER_INSERT,
+    CS_SESSION_COLUMNS,
+    MSG_COLUMNS,
+    LastRead,
+    Mark,
+    StoredBroadcast,
+    StoredCsMessage,
+    StoredCsSession,
+    StoredMessage,
+    insert_chunks,
+)
 from pmq.wire.client import MAX_ID
 
 SCHEMA_VERSION = 3  # 2: pmq_redis_mark; 3: the time indexes of RETENTION_TABLES
 
-# A write is sent as few statements as possible, but one statement must stay well inside the
-# engines' limits: SQLite's 32766 host parameters and MySQL's max_allowed_packet (16 MiB by
-# default on MariaDB; a character of UTF-8 takes at most 4 bytes).
-MAX_ROWS_PER_INSERT = 1000
-MAX_CHARS_PER_INSERT = 1024 * 1024
 # Retention deletes this many rows per transaction, so no lock is held for long.
 DELETE_CHUNK = 5000
 # The primary's tables retention empties besides the messages, each by its time column
@@ -42,72 +51,6 @@ RETENTION_TABLES = (
 # Ids named in one UPDATE ... IN (...) (and users in one SELECT ... IN).
 ACK_CHUNK = 500
 CATCH_UP_ROWS = 10_000  # rows one query of unacked_of() returns at most
-
-MSG_COLUMNS = "id, uid, kind, from_uid, body, ts"
-CS_MESSAGE_COLUMNS = "id, session_id, from_uid, to_uid, body, ts"
-CS_SESSION_COLUMNS = "id, uid, agent, status, opened_at, closed_at, last_msg_id"
-# Chat rows per INSERT: a message is at most a few KiB, so this stays under the size limits.
-CS_ROWS_PER_INSERT = 200
-
-# A Redis mark: (epoch, generation), compared as a pair (pmq.epochs).
-Mark = tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredMessage:
-    """One unicast message as stored: ``body`` is JSON text, ``ts`` unix milliseconds."""
-
-    id: int
-    uid: int
-    kind: str
-    from_uid: int | None
-    body: str
-    ts: int
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredBroadcast:
-    """One broadcast as stored: ``body`` is JSON text, ``ts`` unix milliseconds."""
-
-    id: int
-    group: str
-    kind: str
-    body: str
-    ts: int
-
-
-@dataclasses.dataclass(frozen=True)
-class LastRead:
-    """When a user last cleared the unread count of a kind (the seed's REPLACE INTO row)."""
-
-    uid: int
-    kind: str
-    ts: int
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredCsMessage:
-    """One customer-service chat message (``pmq_cs_message``): ``body`` is JSON text."""
-
-    id: int
-    session_id: int
-    from_uid: int
-    to_uid: int
-    body: str
-    ts: int
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredCsSession:
-    """A customer-service session (``pmq_cs_session``), written once it is closed."""
-
-    id: int
-    uid: int
-    agent: int | None
-    status: str
-    opened_at: int
-    closed_at: int | None
-    last_msg_id: int | None
 
 
 class Cursor(Protocol):
@@ -186,9 +129,8 @@ class Store(abc.ABC):
 
     def init_schema(self) -> None:
         """Create every table (the owned ``pmq_msg_N`` and, on a primary, the others) that is
-        missing and
-        record SCHEMA_VERSION in ``pmq_schema``. Safe to run any number of times and from
-        several processes at once; refuses a database written by a newer PMQ."""
+        missing and record SCHEMA_VERSION in ``pmq_schema``. Safe to run any number of times
+        and from several processes at once; refuses a database written by a newer PMQ."""
         with self._session("init_schema", write=True) as cur:
             cur.execute(self._schema_table())
             cur.execute("SELECT MAX(version) FROM pmq_schema")
@@ -224,7 +166,7 @@ class Store(abc.ABC):
         with self._session("write_messages", write=True) as cur:
             # Shards in one fixed order, so concurrent batches take row locks in the same order.
             for table, table_rows in sorted(by_table.items()):
-                for chunk in _insert_chunks(table_rows):
+                for chunk in insert_chunks(table_rows):
                     values = ", ".join([one_row] * len(chunk))
                     params = [
                         v for r in chunk for v in (r.id, r.uid, r.kind, r.from_uid, r.body, r.ts)
@@ -455,16 +397,3 @@ class Store(abc.ABC):
                 cur.execute(f"SELECT COUNT(*) FROM pmq_msg_{n}")
                 total += int(cur.fetchall()[0][0])
         return total
-
-
-def _insert_chunks(rows: list[StoredMessage]) -> Iterator[list[StoredMessage]]:
-    """``rows`` cut into runs small enough for one INSERT statement."""
-    chunk: list[StoredMessage] = []
-    size = 0
-    for row in rows:
-        if chunk and (len(chunk) >= MAX_ROWS_PER_INSERT or size >= MAX_CHARS_PER_INSERT):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(row)
-        size += len(row.body)
-    yield chunk

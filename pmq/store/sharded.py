@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 
-from pmq.store.base import (
-    CATCH_UP_ROWS,
-    Cursor,
+from pmq.store.base import CATCH_UP_ROWS, Cursor, Store
+from pmq.store.rows import (
     LastRead,
     Mark,
-    Store,
     StoredBroadcast,
     StoredCsMessage,
     StoredCsSession,

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pmq.store import StoredMessage
-from pmq.store.base import LastRead, StoredBroadcast, StoredCsMessage, StoredCsSession
+from pmq.store.rows import LastRead, StoredBroadcast, StoredCsMessage, StoredCsSession
 from pmq.wire import storeops
 from pmq.wire.storeops import AckOp, BroadcastOp, CsMessageOp, CsSessionOp, LastReadOp, MessageOp
 

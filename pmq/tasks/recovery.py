@@ -34,7 +34,7 @@ from pmq.epochs import RedisMarks
 from pmq.keys import Keys
 from pmq.locks import Lease
 from pmq.store import Store, StoredMessage
-from pmq.store.base import Mark
+from pmq.store.rows import Mark
 from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread
 
