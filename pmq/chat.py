@@ -1,4 +1,4 @@
-"""Customer-service chat on Redis (SPEC 6): agent presence, sessions, assignment, history.
+"""Customer-service chat on Redis (docs/protocol.md): agent presence, sessions, assignment.
 
 Agents are users whose token role is "agent". An agent is online while it holds a
 connection (the socket worker calls :meth:`Chat.agent_online` / :meth:`Chat.agent_offline`);
@@ -12,8 +12,8 @@ A session is ``queued`` (no agent yet), ``open`` or ``closed``. Messages go thro
 durable inbox (pmq.inbox.Inbox.accept, then pmq.messaging.push; kind ``cs``): ack, offline
 delivery and unread work as for any message. Each session also keeps its newest messages in
 Redis for ``cs.history`` and queues every message and the closed session for SQL
-(``pmq_cs_message``, ``pmq_cs_session``), where history outlives Redis; an :class:`Archive`
-reads them back.
+(``pmq_cs_message``, ``pmq_cs_session``), where history outlives Redis; reading sessions and
+history back is pmq.chatreads, trimming old history the sweep's pmq.chattrim.
 
 Events go to every connection of a party: ``cs.assigned`` (``session_id``, ``user`` and, for
 the user, ``agent``) and ``cs.closed`` (``session_id``, ``by``, ``reason``).
@@ -25,12 +25,13 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 
 from pmq import scripts
+from pmq.chatreads import Archive, ChatReads, refused
 from pmq.config import CsConfig
 from pmq.errors import ActionError
 from pmq.ids import timestamp_ms
@@ -57,29 +58,10 @@ IDLE_BATCH = 200  # idle sessions looked at per sweep
 CLOSED = "closed"
 IDLE = "idle"
 
-class Archive(Protocol):
-    """Reads the chat's SQL tables (off the event loop); ids are decimal strings."""
 
-    async def cs_session(self, session_id: int) -> dict[str, Any] | None:
-        """A stored session as {"user", "agent"}, or None."""
-        ...
-
-    async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
-        """The session's stored messages with id < ``before`` (0 = no bound), newest first."""
-        ...
-
-
-def _refused(code: int, what: str) -> ActionError:
-    messages = {
-        404: f"session_id: no such session {what}",
-        403: "session_id: not a party to this session",
-        409: f"session_id: session {what} is closed",
-    }
-    return ActionError(code, messages.get(code, f"session_id: refused ({code})"))
-
-
-class Chat:
-    """One socket worker's chat service. ``settings`` returns the current ``[cs]`` section."""
+class Chat(ChatReads):
+    """One socket worker's chat service. ``settings`` returns the current ``[cs]`` section;
+    the reads (describe, history, sessions) are :class:`~pmq.chatreads.ChatReads`'."""
 
     def __init__(
         self,
@@ -91,13 +73,11 @@ class Chat:
         retention_seconds: int,
         archive: Archive | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        super().__init__(redis, keys, archive)
         self.routes = routes
         self.inbox = inbox
         self.settings = settings
         self.ttl = retention_seconds
-        self.archive = archive
         self.templates = orjson.dumps(
             {
                 "session": key_template(keys.cs_session),
@@ -254,7 +234,7 @@ class Chat:
         if cutoff is not None and code in (304, 404, 409):
             return False  # the idle closer lost a race with activity or another closer
         if code != 200:
-            raise _refused(code, session_id)
+            raise refused(code, session_id)
         user, agent = result[1].decode(), result[2].decode()
         event = encode_event(
             FrameType.CS_CLOSED, session_id=session_id, by=by or None, reason=reason
@@ -322,132 +302,10 @@ class Chat:
         if code == 409 and result[1] == b"queued":
             raise ActionError(Code.CONFLICT, "session_id: still waiting for an agent")
         if code != 200:
-            raise _refused(code, session_id)
+            raise refused(code, session_id)
         message = message._replace(to=result[1].decode())
         if self.inbox.journal is not None:  # so an emptied Redis loses no history either
             op = storeops.encode_cs_message(session_id, message.encode())
             self.inbox.journal.note(SHARED, self.keys.store_queue(CHAT_TAG), None, op)
         await push(self.routes, await self.inbox.accept([message]), Kind.CS)
         return str(message.id)
-
-    async def describe(self, session_id: str) -> dict[str, Any] | None:
-        """{"session_id", "user", "agent" (None while queued), "status"} of a session, from
-        Redis or else the archive (then "closed"); None when unknown."""
-        found = cast(
-            list[bytes | None],
-            await self.redis.hmget(self.keys.cs_session(session_id), ["user", "agent", "status"]),
-        )
-        user, agent, status = (v.decode() if v is not None else None for v in found)
-        if user is None and self.archive is not None:
-            row = await self.archive.cs_session(int(session_id))
-            if row is not None:
-                user, agent, status = str(row["user"]), row["agent"], "closed"
-        if user is None:
-            return None
-        return {"session_id": session_id, "user": user, "agent": agent or None, "status": status}
-
-    async def history(
-        self, caller: str, session_id: str, before: int, limit: int
-    ) -> dict[str, Any]:
-        """{"messages": the session's messages with id < ``before`` (0 = newest), newest
-        first, at most ``limit`` (Redis's, then the archive's beyond them), "session":
-        :meth:`describe`}. 404/403 as for send."""
-        session = await self.describe(session_id)
-        if session is None:
-            raise _refused(Code.NOT_FOUND, session_id)
-        if caller not in (session["user"], session["agent"]):
-            raise _refused(Code.FORBIDDEN, session_id)
-        return {"messages": await self._messages(session_id, before, limit), "session": session}
-
-    async def history_with(
-        self, user: str, agent: str, before: int, limit: int
-    ) -> list[dict[str, Any]]:
-        """The messages of every session between ``user`` and ``agent`` kept in Redis,
-        newest first (sessions of one user never overlap, so their ids never interleave)."""
-        key = self.keys.cs_user_sessions(user)
-        sids = [s.decode() for s in cast(list[bytes], await self.redis.zrevrange(key, 0, -1))]
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in sids:
-            pipe.hget(self.keys.cs_session(sid), "agent")
-        agents = await pipe.execute()
-        found: list[dict[str, Any]] = []
-        for sid, who in zip(sids, agents, strict=True):
-            if who is None or who.decode() != agent:
-                continue
-            found += await self._messages(sid, before, limit - len(found))
-            if len(found) >= limit:
-                break
-        return found
-
-    async def _messages(self, session_id: str, before: int, limit: int) -> list[dict[str, Any]]:
-        high: int | str = timestamp_ms(before) if before else "+inf"
-        key = self.keys.cs_history(session_id)
-        # A few more than asked: ids of the same millisecond as ``before`` share its score.
-        members = cast(
-            list[bytes], await self.redis.zrevrangebyscore(key, high, "-inf", 0, limit + 32)
-        )
-        wanted = sorted((i for i in map(int, members) if not before or i < before), reverse=True)
-        found: list[dict[str, Any]] = []
-        if wanted[:limit]:
-            raw = await self.redis.hmget(
-                self.keys.cs_bodies(session_id), [str(i) for i in wanted[:limit]]
-            )
-            found = [orjson.loads(b) for b in raw if b is not None]
-        if len(found) < limit and self.archive is not None and await self._trimmed(session_id):
-            floor = int(found[-1]["id"]) if found else before
-            found += await self.archive.cs_messages(int(session_id), floor, limit - len(found))
-        return found
-
-    async def _trimmed(self, session_id: str) -> bool:
-        """Whether storage may hold messages of the session that Redis no longer has."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(self.keys.cs_session(session_id), "count")
-        pipe.zcard(self.keys.cs_history(session_id))
-        count, kept = await pipe.execute()
-        return count is None or int(count) > int(kept)
-
-    async def sessions(self, agent: str) -> dict[str, Any]:
-        """The agent's open sessions, oldest first, each with its user and last message
-        (or None), and how many sessions wait in the queue."""
-        key = self.keys.cs_agent_sessions(agent)
-        sids = [s.decode() for s in cast(list[bytes], await self.redis.zrange(key, 0, -1))]
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in sids:
-            pipe.hmget(self.keys.cs_session(sid), ["user", "opened", "active", "last", "status"])
-        pipe.llen(self.keys.cs_queue())
-        *rows, queued = await pipe.execute()
-        sessions = [
-            {
-                "session_id": sid,
-                "user": user.decode(),
-                "opened": int(opened),
-                "active": int(active),
-                "last": orjson.loads(last) if last else None,
-            }
-            for sid, (user, opened, active, last, status) in zip(sids, rows, strict=True)
-            if status == b"open"
-        ]
-        return {"sessions": sessions, "queued": int(queued)}
-
-
-class ChatTrim:
-    """Takes chat messages older than retention out of the sessions' histories in Redis (the
-    sweep's job). A closed session's hash, history and bodies carry a TTL of the retention,
-    so the session itself leaves Redis by then."""
-
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.templates = orjson.dumps(
-            {"history": key_template(keys.cs_history), "bodies": key_template(keys.cs_bodies)}
-        )
-        self._trim = scripts.register(redis, "chat_trim_history")
-
-    async def older_than(self, cutoff_ms: int, most: int) -> tuple[int, int]:
-        """Trim the messages sent before ``cutoff_ms`` (unix ms) from at most ``most``
-        sessions, in one script. Returns (sessions looked at, messages removed); fewer
-        sessions than ``most``: none has older messages left."""
-        sessions, removed = await self._trim(
-            keys=[self.keys.cs_history_index()], args=[self.templates, cutoff_ms, most]
-        )
-        return int(sessions), int(removed)

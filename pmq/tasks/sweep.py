@@ -10,7 +10,7 @@ the storage writer has not written yet stay hot until a later sweep. Then retent
 older than ``retention_seconds`` are deleted from storage (messages, broadcasts, chat
 messages and closed chat sessions), hot entries that old are dropped from Redis whether
 stored or not (storage no longer keeps them either), and so are broadcasts and the messages
-of chat histories that old (pmq.broadcast.BroadcastTrim, pmq.chat.ChatTrim: one script of one
+of chat histories that old (pmq.broadcast.BroadcastTrim, pmq.chattrim.ChatTrim: one script of one
 hash tag per batch). Chat sessions leave Redis by their TTL, the retention after they close.
 
 Removing messages, setting the cold flag and updating the index is one Lua call per user,
@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from pmq import scripts
 from pmq.broadcast import BroadcastTrim
-from pmq.chat import ChatTrim
+from pmq.chattrim import ChatTrim
 from pmq.keys import Keys
 from pmq.locks import Lease
 from pmq.store import Store
