@@ -30,6 +30,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from pmq import durability, redispipe
+from pmq.respconn import Endpoint
 
 
 class Batcher:
@@ -41,7 +42,7 @@ class Batcher:
         self.pipe: redispipe.Pipe | None = None
         self.plain: redispipe.Pipe | None = None
         if redispipe.supports(redis):  # not a cluster, not TLS
-            endpoint = redispipe.Endpoint.of(redis)
+            endpoint = Endpoint.of(redis)
             self.pipe = redispipe.Pipe(endpoint)
             self.plain = self.pipe if confirm is None else redispipe.Pipe(endpoint)
 

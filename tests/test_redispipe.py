@@ -20,17 +20,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pmq import redispipe
+from pmq import redispipe, respconn
 from tests.helpers import REDIS_URL, RedisServer, wait_for_async
 
 
-def endpoint(url: str) -> redispipe.Endpoint:
-    return redispipe.Endpoint.of(aioredis.Redis.from_url(url))
+def endpoint(url: str) -> respconn.Endpoint:
+    return respconn.Endpoint.of(aioredis.Redis.from_url(url))
 
 
 def test_endpoint_is_read_from_the_client_url() -> None:
     found = endpoint("redis://user:secret@127.0.0.1:6390/4")
-    assert found == redispipe.Endpoint("127.0.0.1", 6390, None, 4, "user", "secret")
+    assert found == respconn.Endpoint("127.0.0.1", 6390, None, 4, "user", "secret")
     assert endpoint("unix:///tmp/r.sock?db=2").path == "/tmp/r.sock"
     assert not redispipe.supports(aioredis.Redis.from_url("rediss://127.0.0.1:6390/0"))
 
@@ -132,7 +132,7 @@ def test_redis_down_fails_every_caller_with_a_connection_error(tmp_path: Path) -
 def test_a_hung_redis_times_out_the_waiting_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redispipe, "REPLY_SECONDS", 0.5)
+    monkeypatch.setattr(respconn, "REPLY_SECONDS", 0.5)
     server = RedisServer(tmp_path).start()
     assert server.proc is not None
 
@@ -199,8 +199,8 @@ def test_subscription_handles_every_message_in_order_and_serves_the_loop_meanwhi
     steps = [b - a for a, b in itertools.pairwise(ticks) if b > a]
     # At most REPLIES_PER_TURN per callback; a turn may run two (the end of a backlog, then
     # newly read data), never the whole burst.
-    assert len(steps) >= count // (2 * redispipe.REPLIES_PER_TURN)
-    assert max(steps) <= 2 * redispipe.REPLIES_PER_TURN
+    assert len(steps) >= count // (2 * respconn.REPLIES_PER_TURN)
+    assert max(steps) <= 2 * respconn.REPLIES_PER_TURN
 
 
 def test_subscription_raises_on_a_restart_and_recovers(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pmq import redisconn, redispipe
+from pmq import redisconn, redispipe, respconn
 from pmq.batching import Batcher
 from pmq.cluster import connect_sync
 from pmq.config import RedisConfig
@@ -42,8 +42,8 @@ class ReplyCutter:
     the next data a client sends is forwarded and Redis's reply awaited, then that client's
     connection is aborted with the reply withheld; later connections pass through."""
 
-    def __init__(self, target: redispipe.Endpoint | None = None) -> None:
-        self.target = target or redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL))
+    def __init__(self, target: respconn.Endpoint | None = None) -> None:
+        self.target = target or respconn.Endpoint.of(aioredis.Redis.from_url(REDIS_URL))
         self.armed = False
         self.cuts = 0
         self.server: asyncio.Server | None = None
@@ -120,7 +120,7 @@ def run_cut(
 
 
 def pipe_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
-    pipe = redispipe.Pipe(redispipe.Endpoint("127.0.0.1", port))
+    pipe = redispipe.Pipe(respconn.Endpoint("127.0.0.1", port))
 
     async def close() -> None:
         pipe.close()
@@ -138,7 +138,7 @@ def test_a_pipe_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix:
     assert cuts == 1
     assert count == 1  # never sent again: the script ran once
     assert isinstance(result, RedisConnectionError)
-    assert not isinstance(result, redispipe.Unsent)
+    assert not isinstance(result, respconn.Unsent)
 
 
 def test_a_pooled_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix: str) -> None:
@@ -153,7 +153,7 @@ def test_a_pipe_connection_dead_before_the_write_is_replaced(redis_prefix: str) 
     key = f"{redis_prefix}counter"
 
     async def scenario() -> list[Any]:
-        pipe = redispipe.Pipe(redispipe.Endpoint.of(aioredis.Redis.from_url(REDIS_URL)))
+        pipe = redispipe.Pipe(respconn.Endpoint.of(aioredis.Redis.from_url(REDIS_URL)))
         try:
             await pipe.call("PING")
             queued = asyncio.create_task(pipe.call("EVAL", INCR, 1, key))
@@ -255,7 +255,7 @@ def test_a_cluster_command_cut_after_the_node_ran_it_fails_and_runs_once(tmp_pat
     direct = redis.Redis(port=owner)
 
     async def scenario() -> list[Any]:
-        cutter = ReplyCutter(redispipe.Endpoint("127.0.0.1", owner))
+        cutter = ReplyCutter(respconn.Endpoint("127.0.0.1", owner))
         announce(servers, owner, await cutter.start())  # clients reach the master via it
         client = redisconn.connect(RedisConfig(url=f"redis+cluster://127.0.0.1:{owner}"))
         seen: list[Any] = []
