@@ -514,10 +514,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
-    from pmq import config as configuration
+    from pmq import configload
 
     target = target_from(args)
-    prefix = configuration.load(args.config).redis.prefix
+    prefix = configload.load(args.config).redis.prefix
     n = args.connections
     procs = args.processes or math.ceil(n / MAX_SOCKETS_PER_PROCESS)
     if math.ceil(n / procs) > MAX_SOCKETS_PER_PROCESS:

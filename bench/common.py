@@ -72,10 +72,10 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 
 
 def target_from(args: argparse.Namespace) -> Target:
-    from pmq import config as configuration
+    from pmq import configload
     from pmq.jwtauth import resolve_jwt_secret
 
-    config = configuration.load(args.config)
+    config = configload.load(args.config)
     secret = args.secret or resolve_jwt_secret(config)
     pid_file = config.server.pid_file or f"/tmp/pmq-{config.server.node}.pid"
     control = config.server.control_socket or pid_file.removesuffix(".pid") + ".sock"

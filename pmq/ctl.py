@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import orjson
 import psutil
 
-from pmq import __version__
+from pmq import __version__, configload
 from pmq import config as configuration
 from pmq import log as logsetup
 from pmq.errors import ExitCode, NotRunning, PMQError
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> configuration.Config:
-    config = configuration.load(args.config)
+    config = configload.load(args.config)
     logsetup.setup(config.log)
     return config
 

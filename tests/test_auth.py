@@ -21,7 +21,7 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
-from pmq import config, ctl
+from pmq import configload, ctl
 from pmq.auth import Identity
 from pmq.authmode import make_authenticator
 from pmq.config import AuthConfig, Config, StorageConfig
@@ -189,7 +189,7 @@ def test_negative_auth_seconds_fail_the_config(tmp_path: Path, key: str) -> None
     path = tmp_path / "pmq.toml"
     path.write_text(f"[auth]\n{key} = -1\n")
     with pytest.raises(ConfigError, match=f"auth.{key}"):
-        config.load(str(path), environ={})
+        configload.load(str(path), environ={})
 
 
 # Kicks ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import pytest
 import redis
 from websockets.sync.client import connect
 
-from pmq import config
+from pmq import configload
 from pmq.cluster import live_nodes, snapshot
 from pmq.config import HeartbeatConfig
 from pmq.keys import Keys
@@ -261,7 +261,7 @@ def connections_by_node(view: dict[str, Any]) -> dict[str, int]:
 
 def read_view(node: Node) -> dict[str, Any]:
     """What ``status --cluster`` reads, in-process: quick enough to poll a deadline with."""
-    return snapshot(config.load(str(node.config_path), environ={}))
+    return snapshot(configload.load(str(node.config_path), environ={}))
 
 
 # Tests ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pure unit tests of pmq/config.py: defaults, the shipped file, overlays, env vars, checks."""
+"""Pure unit tests of the settings (pmq/config.py, pmq/configload.py): defaults, the shipped
+file, overlays, env vars, checks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from pmq import config
-from pmq.config import Config, ConfigError, load
+from pmq.config import Config
+from pmq.configload import load, shard_ranges
+from pmq.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "pmq.toml"
 
@@ -372,7 +375,7 @@ def test_shard_map_ranges_load(tmp_path: Path) -> None:
         '[storage]\nshards = 128\n[storage.shard_map]\n"0-63" = "mysql://u@a/db1"\n'
         '"64-126" = "mysql://u@b/db2"\n"127" = "mysql://u@b/db2"\n',
     )
-    assert config.shard_ranges(cfg.storage.shard_map, 128) == [
+    assert shard_ranges(cfg.storage.shard_map, 128) == [
         (0, 63, "mysql://u@a/db1"),
         (64, 126, "mysql://u@b/db2"),
         (127, 127, "mysql://u@b/db2"),

@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from pmq import config as configuration
+from pmq import configload
 from pmq.errors import ConfigError
 from tests.helpers import Node, wait_for, ws_client
 
@@ -259,7 +260,7 @@ def test_rate_limit_counts_frames_that_are_not_json(make_node: Callable[..., Nod
 def load_with(tmp_path: Any, text: str) -> configuration.Config:
     path = tmp_path / "pmq.toml"
     path.write_text(text)
-    return configuration.load(str(path), environ={})
+    return configload.load(str(path), environ={})
 
 
 def test_config_keys_and_their_checks(tmp_path: Any) -> None:
@@ -279,5 +280,5 @@ def test_config_keys_and_their_checks(tmp_path: Any) -> None:
             load_with(tmp_path, bad)
     (tmp_path / "pmq.toml").write_text("")
     environ = {"PMQ_SERVER_ALLOWED_ORIGINS": f'["{SITE}"]'}
-    from_env = configuration.load(str(tmp_path / "pmq.toml"), environ)
+    from_env = configload.load(str(tmp_path / "pmq.toml"), environ)
     assert from_env.server.allowed_origins == [SITE]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pmq import config as configuration
+from pmq import configload
 from pmq.jwtauth import mint_token, resolve_jwt_secret
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100, help="how many users (default 100)")
     parser.add_argument("--ttl", type=int, default=86400, help="seconds the tokens are valid")
     args = parser.parse_args(argv)
-    secret = resolve_jwt_secret(configuration.load(args.config))
+    secret = resolve_jwt_secret(configload.load(args.config))
     for uid in range(args.first, args.first + args.count):
         sys.stdout.write(f"{uid},{mint_token(secret, uid, ttl=args.ttl)}\n")
     return 0

@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pmq.config import StorageConfig, shard_ranges
+from pmq.config import StorageConfig
+from pmq.configload import shard_ranges
 from pmq.errors import ConfigError
 from pmq.store.base import SCHEMA_VERSION, Store
 from pmq.store.mysql import MysqlStore, MysqlTarget
