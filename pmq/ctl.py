@@ -48,29 +48,43 @@ def main_pmq(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """pmqctl's parser: each subcommand sets ``func``, the ``cmd_*`` that runs it."""
     parser = argparse.ArgumentParser(prog="pmqctl", description="Control a PMQ node.")
     parser.add_argument("--version", action="version", version=f"pmq {__version__}")
     sub = parser.add_subparsers(dest="command")
+    _add_node_commands(sub)
+    _add_data_commands(sub)
+    return parser
 
-    def command(name: str, func: Command, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument(
-            "-c",
-            "--config",
-            help="config file (default: $PMQ_CONFIG, "
-            "etc/pmq.toml, /etc/pmq/pmq.toml, built-in defaults)",
-        )
-        p.set_defaults(func=func)
-        return p
 
-    start = command("start", cmd_start, "run the node (foreground unless --daemon)")
+Subparsers = argparse._SubParsersAction  # argparse names no public type for it
+
+
+def _command(sub: Subparsers, name: str, func: Command, text: str) -> argparse.ArgumentParser:
+    """Subcommand ``name`` running ``func``, with the ``-c/--config`` every one takes."""
+    p = sub.add_parser(name, help=text, description=text)
+    p.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $PMQ_CONFIG, "
+        "etc/pmq.toml, /etc/pmq/pmq.toml, built-in defaults)",
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_node_commands(sub: Subparsers) -> None:
+    """The commands that run, stop, reload, restart, report on or check the node."""
+    start = _command(sub, "start", cmd_start, "run the node (foreground unless --daemon)")
     start.add_argument("--daemon", action="store_true", help="detach and return once ready")
     start.add_argument("--log-file", help="with --daemon: where the node logs (else discarded)")
-    stop = command("stop", cmd_stop, "graceful stop (SIGTERM), waiting for the master to exit")
+    stop = _command(
+        sub, "stop", cmd_stop, "graceful stop (SIGTERM), waiting for the master to exit"
+    )
     stop.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT)")
-    command("reload", cmd_reload, "reload handlers and reloadable config in every worker")
-    command("restart", cmd_restart, "rolling restart: each worker replaced, new before old")
-    status = command("status", cmd_status, "workers, pids, uptime, connections, RSS")
+    _command(sub, "reload", cmd_reload, "reload handlers and reloadable config in every worker")
+    _command(sub, "restart", cmd_restart, "rolling restart: each worker replaced, new before old")
+    status = _command(sub, "status", cmd_status, "workers, pids, uptime, connections, RSS")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(
         "--cluster",
@@ -78,20 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="every live node of the cluster, its workers and connections, read from Redis "
         "(needs no master on this machine)",
     )
-    command(
+    _command(
+        sub,
         "check",
         cmd_check,
         "run every start-up check (secrets, file modes, Redis's settings, storage) and list "
         "every problem; exit 1 when there is any",
     )
-    token = command("token", cmd_token, "print a client token (auth.mode = jwt)")
+
+
+def _add_data_commands(sub: Subparsers) -> None:
+    """The commands on the node's data: tokens, the storage schema, dead letters."""
+    token = _command(sub, "token", cmd_token, "print a client token (auth.mode = jwt)")
     token.add_argument("uid")
     token.add_argument("--groups", default="", help="comma-separated groups")
     token.add_argument("--role", default="user", choices=["user", "agent"])
     token.add_argument("--ttl", type=int, default=86400, help="seconds the token is valid")
-    db = command("db", cmd_db, "storage schema")
+    db = _command(sub, "db", cmd_db, "storage schema")
     db.add_argument("action", choices=["init"], help="init: create or upgrade, idempotent")
-    dlq = command("dlq", cmd_dlq, "dead letters: storage items the store could never write")
+    dlq = _command(sub, "dlq", cmd_dlq, "dead letters: storage items the store could never write")
     dlq.add_argument(
         "action",
         choices=["list", "retry", "drop"],
@@ -101,7 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--all", action="store_true", help="retry/drop: every dead letter")
     dlq.add_argument("--json", action="store_true", help="list: print JSON")
     dlq.add_argument("--limit", type=int, default=0, help="list: at most N per queue")
-    return parser
 
 
 def load(args: argparse.Namespace) -> configuration.Config:

@@ -50,12 +50,23 @@ class TaskWorker(Worker):
         self.fanout_job: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Connect, build the jobs, then run each under supervision, in that order."""
+        await self.connect()
+        writer, sweeper = self.assemble()
+        self.run_jobs(writer, sweeper)
+
+    async def connect(self) -> None:
+        """Redis (answering a ping, else BootError) and the store's pool, after fork."""
         self.redis = redisconn.connect(self.config.redis)
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
             raise BootError(f"redis at {self.config.redis.url}: {exc}") from exc
         self.store = open_store(self.config.storage)
+
+    def assemble(self) -> tuple[StorageWriter, Sweeper]:
+        """The jobs, not yet running: owner lease, writer, sweeper, fan-out, recovery.
+        Returns the writer and the sweeper, also kept for the stop."""
         owner = f"{self.config.server.node}:{self.index}"  # stable across respawns of the slot
         inbox = self.config.inbox
         # The writer's and the fan-out's taken lists are this process's, new with each (never
@@ -69,7 +80,7 @@ class TaskWorker(Worker):
             self.config.server.worker_timeout,
             legacy=legacy_owners(self.config.server.node, self.config.server.task_workers),
         )
-        self.writer = StorageWriter(
+        self.writer = writer = StorageWriter(
             self.redis,
             self.keys,
             self.store,
@@ -79,7 +90,7 @@ class TaskWorker(Worker):
                 self.redis, self.keys, self.store, self.in_thread, inbox.retention_seconds
             ),
         )
-        self.sweeper = Sweeper(
+        self.sweeper = sweeper = Sweeper(
             self.redis,
             self.keys,
             self.store,
@@ -93,12 +104,17 @@ class TaskWorker(Worker):
         self.recovery = Recovery(
             self.redis, self.keys, self.store, self.in_thread, owner, inbox.retention_seconds
         )
+        return writer, sweeper
+
+    def run_jobs(self, writer: StorageWriter, sweeper: Sweeper) -> None:
+        """Each job under the worker's supervisor (restarted on expected errors)."""
+        inbox = self.config.inbox
         # Sooner at first, then no more often than the sweeps it stands for.
-        self.sweeper_job = self.supervise("sweeper", self.sweeper.run, cap=inbox.sweep_seconds)
+        self.sweeper_job = self.supervise("sweeper", sweeper.run, cap=inbox.sweep_seconds)
         self.fanout_job = self.supervise("broadcast-fanout", self.fanout.run)
         self.jobs += [
             self.supervise("queue-depths", self.watch_queues),
-            self.supervise("storage-writer", self.writer.run),
+            self.supervise("storage-writer", writer.run),
             self.supervise("task-lease", self.owners.run),
             self.fanout_job,
             self.supervise("redis-recovery", self.recovery.run),
