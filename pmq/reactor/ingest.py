@@ -1,7 +1,8 @@
 """The internal HTTP API on the ingest port (docs/protocol.md, "Ingest API"): routes and handlers.
 
-The HTTP mechanics (parsing, keep-alive, body limit, API key) live in pmq.reactor.http;
-this module only maps paths to what the site asks for.
+The HTTP mechanics live in pmq.reactor.httpserver (body limit, API key, routing refusals)
+and pmq.reactor.httpconn (parsing, keep-alive, pipelining, timeouts); this module only maps
+paths to what the site asks for.
 """
 
 from __future__ import annotations
@@ -99,18 +100,22 @@ def broadcast_fields(body: dict[str, Any]) -> tuple[str, str, Any, str | None]:
     return group, str(kind), body["body"], dedupe_field(body)
 
 
-def build_router(app: IngestApp) -> Router:
-    router = Router()
+class IngestRoutes:
+    """The ingest API's handlers, each answering one route for the services of ``app``."""
 
-    async def healthz(request: HttpRequest) -> HttpResponse:
+    def __init__(self, app: IngestApp) -> None:
+        self.app = app
+
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
+        """200 when Redis and the store answer, else 503 naming what is down."""
         checks: dict[str, str] = {}
         try:
-            await app.redis.ping()
+            await self.app.redis.ping()
             checks["redis"] = "ok"
         except (RedisError, OSError) as exc:
             checks["redis"] = f"down: {exc}"
         try:
-            await app.in_thread(app.store.ping)
+            await self.app.in_thread(self.app.store.ping)
             checks["storage"] = "ok"
         except StorageError as exc:
             checks["storage"] = f"down: {exc}"
@@ -119,28 +124,31 @@ def build_router(app: IngestApp) -> Router:
             return json_response(503, checks, msg=f"unavailable: {', '.join(failing)}")
         return json_response(200, checks)
 
-    async def user(request: HttpRequest, uid: str) -> HttpResponse:
+    async def user(self, request: HttpRequest, uid: str) -> HttpResponse:
+        """The user's presence (online, connections) and unread counts."""
         uid = check_uid(uid)
-        conns = await redis_call(app.routes.connections(uid))
-        unread = await redis_call(app.unread.counts(uid, await app.routes.groups(uid)))
+        conns = await redis_call(self.app.routes.connections(uid))
+        unread = await redis_call(self.app.unread.counts(uid, await self.app.routes.groups(uid)))
         return json_response(
             200, {"uid": uid, "online": bool(conns), "connections": len(conns), "unread": unread}
         )
 
     async def accept(
-        recipients: list[str], kind: str, sender: str | None, body: Any, key: str | None
+        self, recipients: list[str], kind: str, sender: str | None, body: Any, key: str | None
     ) -> HttpResponse:
+        """Publish a checked message: 202 with its ids, 200 for a duplicate key."""
         accepted, online = await redis_call(
-            publish(app.inbox, app.routes, recipients, kind, sender, body, key)
+            publish(self.app.inbox, self.app.routes, recipients, kind, sender, body, key)
         )
         if accepted.duplicate:
             return json_response(200, {"ids": accepted.ids, "online": 0, "duplicate": True})
         return json_response(202, {"ids": accepted.ids, "online": online})
 
-    async def messages(request: HttpRequest) -> HttpResponse:
-        return await accept(*message_fields(json_object(request)))
+    async def messages(self, request: HttpRequest) -> HttpResponse:
+        """POST /api/v1/messages: a message to one user or a list of users."""
+        return await self.accept(*message_fields(json_object(request)))
 
-    async def seed_comment(request: HttpRequest) -> HttpResponse:
+    async def seed_comment(self, request: HttpRequest) -> HttpResponse:
         """The old site's form: ``uid`` and ``msg`` (JSON with ``comment_uid``)."""
         form = request.form()
         uid = check_uid(form.get("uid"), "uid")
@@ -151,9 +159,10 @@ def build_router(app: IngestApp) -> Router:
         if not isinstance(msg, dict):
             raise HttpError(400, "msg: must be a JSON object")
         sender = check_uid(msg.get("comment_uid"), "msg.comment_uid")
-        return await accept([uid], Kind.COMMENT, sender, msg, None)
+        return await self.accept([uid], Kind.COMMENT, sender, msg, None)
 
-    async def kick(request: HttpRequest, uid: str) -> HttpResponse:
+    async def kick(self, request: HttpRequest, uid: str) -> HttpResponse:
+        """Revoke the user's tokens, then close every connection of theirs (4001)."""
         uid = check_uid(uid)
         reason = ""
         if request.body:
@@ -163,21 +172,23 @@ def build_router(app: IngestApp) -> Router:
                 raise HttpError(400, "reason: must be a string of at most 120 characters")
         # Revoke first: a client closed below that reconnects at once with the same token
         # is then refused on every node.
-        await redis_call(app.authenticator.revoke(uid))
-        closed = await redis_call(app.routes.kick(uid, reason or "kicked"))
+        await redis_call(self.app.authenticator.revoke(uid))
+        closed = await redis_call(self.app.routes.kick(uid, reason or "kicked"))
         return json_response(200, {"closed": closed})
 
-    async def announce(group: str, kind: str, body: Any, key: str | None) -> HttpResponse:
-        published = await redis_call(app.broadcasts.publish(group, kind, body, key))
+    async def announce(self, group: str, kind: str, body: Any, key: str | None) -> HttpResponse:
+        """Publish a checked broadcast: 202 with its id, 200 for a duplicate key."""
+        published = await redis_call(self.app.broadcasts.publish(group, kind, body, key))
         if published.duplicate:
             return json_response(200, {"id": published.id, "duplicate": True})
         metrics.BROADCASTS.labels(group).inc()
         return json_response(202, {"id": published.id})
 
-    async def broadcast(request: HttpRequest) -> HttpResponse:
-        return await announce(*broadcast_fields(json_object(request)))
+    async def broadcast(self, request: HttpRequest) -> HttpResponse:
+        """POST /api/v1/broadcast: a message to a group, or to everyone."""
+        return await self.announce(*broadcast_fields(json_object(request)))
 
-    async def seed_system(request: HttpRequest) -> HttpResponse:
+    async def seed_system(self, request: HttpRequest) -> HttpResponse:
         """The old site's form: ``msg`` (JSON), a system message to everyone."""
         try:
             msg = orjson.loads(request.form().get("msg", ""))
@@ -185,21 +196,28 @@ def build_router(app: IngestApp) -> Router:
             raise HttpError(400, "msg: must be JSON") from None
         if not isinstance(msg, dict):
             raise HttpError(400, "msg: must be a JSON object")
-        return await announce(ALL, Kind.SYSTEM, msg, None)
+        return await self.announce(ALL, Kind.SYSTEM, msg, None)
 
-    async def prometheus(request: HttpRequest) -> HttpResponse:
+    async def prometheus(self, request: HttpRequest) -> HttpResponse:
+        """The node's metrics in Prometheus's text format."""
         body, content_type = metrics.render()
         return HttpResponse(200, body, content_type)
 
-    router.add("GET", "/healthz", healthz, public=True)
-    router.add("GET", "/metrics", prometheus, public=True)
+
+def build_router(app: IngestApp) -> Router:
+    """The ingest port's routes: /healthz and /metrics public, the API behind the API key,
+    each API route timed (pmq_ingest_request_seconds)."""
+    routes = IngestRoutes(app)
+    router = Router()
+    router.add("GET", "/healthz", routes.healthz, public=True)
+    router.add("GET", "/metrics", routes.prometheus, public=True)
     for method, path, handler in (
-        ("GET", "/api/v1/users/{uid}", user),
-        ("POST", "/api/v1/users/{uid}/kick", kick),
-        ("POST", "/api/v1/messages", messages),
-        ("POST", "/api/comment/message", seed_comment),
-        ("POST", "/api/v1/broadcast", broadcast),
-        ("POST", "/api/system/message", seed_system),
+        ("GET", "/api/v1/users/{uid}", routes.user),
+        ("POST", "/api/v1/users/{uid}/kick", routes.kick),
+        ("POST", "/api/v1/messages", routes.messages),
+        ("POST", "/api/comment/message", routes.seed_comment),
+        ("POST", "/api/v1/broadcast", routes.broadcast),
+        ("POST", "/api/system/message", routes.seed_system),
     ):
         router.add(method, path, timed(path, handler))
     return router
