@@ -1,7 +1,7 @@
 """Hostile input against a real node: the ingest HTTP server (Transfer-Encoding, slow
 requests, too many connections), the browser handshake (server.allowed_origins) and the
 client rate limit counting every frame. HTTP goes over raw sockets, byte by byte where it
-matters; pmq.reactor.http's own tests (tests/test_http.py) cover the same rules in detail."""
+matters; the HTTP server's own tests (tests/test_http.py) cover the same rules in detail."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class InThread(Protocol):
 
 
 class StoredReads:
-    """Storage reads for replays, catch-ups and chat history (a pmq.chat.Archive)."""
+    """Storage reads for replays, catch-ups and chat history (a pmq.chatreads.Archive)."""
 
     def __init__(self, store: Store, in_thread: InThread) -> None:
         self.store = store
