@@ -116,7 +116,7 @@ async def child_main(
     go: Any,
     stop: Any,
 ) -> None:
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     loop = asyncio.get_running_loop()
     paths = [
@@ -304,7 +304,7 @@ def conn_workers(target: Target, prefix: str, worker_ids: list[str]) -> dict[str
     """conn id -> socket worker id, from each worker's registry hash."""
     import redis
 
-    from pmq.keys import Keys
+    from pmq.redis.keys import Keys
 
     keys = Keys(prefix)
     client = redis.Redis.from_url(target.redis_url)
@@ -359,7 +359,7 @@ async def publish_phase(
 ) -> dict[str, Any]:
     """Open the probes, publish K broadcasts, wait for the deliveries; returns the readings."""
     loop = asyncio.get_running_loop()
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     # Probes, mapped to their socket worker.
     probes = [Probe(probe_uid + i) for i in range(args.probes)]

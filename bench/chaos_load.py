@@ -98,7 +98,7 @@ class User:
         rng = random.Random(self.uid)
         attempt = 0
         down = 0.0
-        from pmq.jwtauth import mint_token
+        from pmq.domain.jwtauth import mint_token
 
         url = f"ws://127.0.0.1:{self.plan.ws_port}/ws?token="
         while not stopping.is_set():
@@ -231,7 +231,7 @@ async def users_main(
 async def replayed(ws_port: int, secret: str, uid: int, phase: int) -> set[tuple[str, int]]:
     """The keys of this phase a fresh connection of ``uid`` is replayed (up to the reply
     to a ping sent after the hello, which the server answers after the replay)."""
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     url = f"ws://127.0.0.1:{ws_port}/ws?token={mint_token(secret, uid, ttl=600)}"
     keys: set[tuple[str, int]] = set()

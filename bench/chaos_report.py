@@ -240,7 +240,7 @@ REFUSAL_FAULTS = frozenset({"master", "socket-worker"})  # the ingest port itsel
 def loses_last_second(fault: str, durability: str) -> bool:
     """Whether the fault may lose what was accepted in its last second: a Redis crash with
     durability "none" (AOF everysec). Redis emptied loses nothing: what had not reached
-    storage yet is queued again by the socket workers that accepted it (pmq.journal)."""
+    storage yet is queued again by the socket workers that accepted it (pmq.domain.journal)."""
     return fault == "redis-kill" and durability != "aof"
 
 

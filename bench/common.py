@@ -73,7 +73,7 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 
 def target_from(args: argparse.Namespace) -> Target:
     from pmq import configload
-    from pmq.jwtauth import resolve_jwt_secret
+    from pmq.domain.jwtauth import resolve_jwt_secret
 
     config = configload.load(args.config)
     secret = args.secret or resolve_jwt_secret(config)

@@ -101,7 +101,7 @@ async def child_main(
     go: Any,
     release: Any,
 ) -> None:
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     loop = asyncio.get_running_loop()
     urls = [f"/ws?token={mint_token(target.secret, uid_start + i, ttl=7200)}" for i in range(count)]

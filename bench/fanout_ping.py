@@ -43,7 +43,7 @@ from bench.chaos_rig import wait_until
 from bench.common import Target, emit, load_average, log, node_status, percentiles
 from bench.run_node import free_port
 from bench.soak import commit, start_node, start_redis, stop_process
-from pmq.jwtauth import mint_token
+from pmq.domain.jwtauth import mint_token
 
 GOALS = {  # name -> (what is measured, its bound): the bounds tests/test_broadcast.py held
     "ping_p90_ms": ("p90 of the ping round trips during the fan-outs", 100.0),

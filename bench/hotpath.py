@@ -7,9 +7,9 @@ of the host), which hides a change of a few microseconds in PMQ's own code. This
 runs the real code of the path in one process, with nothing else to wait for:
 
 - request: the bytes of ``POST /api/v1/messages`` fed to the ingest server's connection
-  (pmq.reactor.httpconn), its handler (pmq.reactor.ingest), the publish (pmq.messaging, the
+  (pmq.reactor.httpconn), its handler (pmq.reactor.ingest), the publish (pmq.domain.messaging, the
   inbox's key and argument building), the PUBLISH script's reply made up in Python, then
-  for half the users a push to their connection here (pmq.routing, pmq.reactor.relay, the
+  for half the users a push to their connection here (pmq.domain.routing, pmq.reactor.relay, the
   unread badge of pmq.reactor.unread, pmq.reactor.connections) and for the other half a
   relay to another worker, and the HTTP reply;
 - relay: a relayed message as the worker holding the user receives it, to the push.
@@ -32,18 +32,18 @@ import redis.asyncio as aioredis
 from websockets.protocol import State
 
 from bench.common import emit, run
-from pmq.auth import Identity
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
+from pmq.domain.auth import Identity
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
+from pmq.domain.unread import Unread
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.httpconn import HttpConnection
 from pmq.reactor.httpserver import HttpServer
 from pmq.reactor.ingest import build_router
 from pmq.reactor.relay import Relay
 from pmq.reactor.unread import UnreadPusher
-from pmq.routing import Routes
-from pmq.unread import Unread
+from pmq.redis.keys import Keys
 from pmq.wire import relay as wire_relay
 from pmq.wire.relay import Op, UnreadState
 
@@ -98,7 +98,7 @@ class ScriptedRedis:
 
 
 class Worker:
-    """The parts of a socket worker the path goes through, wired as pmq.reactor.main does."""
+    """The parts of a socket worker the path goes through, wired as pmq.workers.socket does."""
 
     def __init__(self) -> None:
         redis = aioredis.Redis()  # never connected: every call goes to ScriptedRedis

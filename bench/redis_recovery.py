@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from bench.common import emit
 from pmq.config import StorageConfig
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.tasks.recovery import Recovery
 

@@ -344,7 +344,7 @@ def run_load(
     )
     client_proc.start()
     rclient = redis.Redis.from_url(target.redis_url)
-    from pmq.keys import Keys
+    from pmq.redis.keys import Keys
 
     keys = Keys(info["prefix"])
     queues = [keys.store_queue(tag) for tag in keys.store_tags()]

@@ -244,7 +244,7 @@ async def churn(
     live: Any,
     results: mp.Queue,
 ) -> None:
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     rng = random.Random(2)
     tally = Tally()
@@ -353,7 +353,7 @@ def report_of(tally: Tally) -> dict[str, Any]:
 async def still_pending(target: Target, uids: list[int]) -> dict[int, set[int]]:
     """For each user, the ids a new connection of theirs is given: its replay and every page
     of ``msg.pull``. Nothing is acked."""
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     found: dict[int, set[int]] = {}
     gate = asyncio.Semaphore(16)

@@ -80,7 +80,7 @@ async def receiver_main(
     results: mp.Queue,
     stop: Any,
 ) -> None:
-    from pmq.jwtauth import mint_token
+    from pmq.domain.jwtauth import mint_token
 
     loop = asyncio.get_running_loop()
     got = array("q")

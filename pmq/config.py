@@ -33,7 +33,7 @@ class ServerConfig:
     # a connection over it closes the user's oldest one, cluster-wide, with 4008
     max_connections_per_user: int = 32
     # true: auth.jwt_secret (with auth.mode = "jwt") and ingest.api_key must be set; checked
-    # with the other secrets by pmq.startcheck
+    # with the other secrets by pmq.workers.startcheck
     require_secrets: bool = False
     # Origins ("https://site.example") whose pages may open a WebSocket; a handshake with
     # another Origin header is refused with 403, one without (native apps) passes. []: any.

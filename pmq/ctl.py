@@ -228,7 +228,7 @@ def cluster_status(config: configuration.Config, as_json: bool) -> int:
     """``status --cluster``: 0 when Redis answered (even with no live node), else 1."""
     from redis.exceptions import RedisError
 
-    from pmq import cluster
+    from pmq.domain import cluster
 
     try:
         view = cluster.snapshot(config)
@@ -274,7 +274,7 @@ def megabytes(value: object) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pmq import startcheck
+    from pmq.workers import startcheck
 
     report = startcheck.survey(load(args))
     for problem in report.problems:
@@ -287,7 +287,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from pmq.jwtauth import mint_token, resolve_jwt_secret
+    from pmq.domain.jwtauth import mint_token, resolve_jwt_secret
 
     config = load(args)
     groups = [g for g in args.groups.split(",") if g]
@@ -318,8 +318,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     nothing is retried or dropped), or retry/drop names neither ids nor --all."""
     from redis.exceptions import RedisError
 
-    from pmq.cluster import connect_sync
-    from pmq.keys import Keys
+    from pmq.domain.cluster import connect_sync
+    from pmq.redis.keys import Keys
     from pmq.tasks import deadletter
 
     config = load(args)

@@ -34,8 +34,8 @@ import pymysql
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from pmq.domain.jwtauth import mint_token
 from pmq.errors import PMQError
-from pmq.jwtauth import mint_token
 from pmq.workers.channel import request
 
 REDIS_URL = os.environ.get("PMQ_TEST_REDIS", "redis://127.0.0.1:6379/0")

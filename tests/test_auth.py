@@ -22,14 +22,14 @@ import websockets
 from redis.asyncio import Redis
 
 from pmq import configload, ctl
-from pmq.auth import Identity
-from pmq.authmode import make_authenticator
 from pmq.config import AuthConfig, Config, StorageConfig
+from pmq.domain.auth import Identity
+from pmq.domain.authmode import make_authenticator
+from pmq.domain.jwtauth import SECRET_FILE, JwtAuthenticator, mint_token, resolve_jwt_secret
+from pmq.domain.kicks import Kicks, issued_before
+from pmq.domain.usercentre import HttpAuthenticator
 from pmq.errors import AuthError, ConfigError
-from pmq.jwtauth import SECRET_FILE, JwtAuthenticator, mint_token, resolve_jwt_secret
-from pmq.keys import Keys
-from pmq.kicks import Kicks, issued_before
-from pmq.usercentre import HttpAuthenticator
+from pmq.redis.keys import Keys
 from pmq.wire.client import Role
 from tests.helpers import GOOD_ANSWER, UserCentre, wait_for, wait_for_async
 
@@ -298,7 +298,7 @@ def test_secret_file_is_created_once_beside_the_database(tmp_path: Path) -> None
     assert [p.name for p in path.parent.iterdir()] == [SECRET_FILE]  # no temp files left
     # Another process (as pmqctl token would be) reads the same secret.
     code = (
-        "import sys; from pmq.jwtauth import resolve_jwt_secret; from pmq.config import *;"
+        "import sys; from pmq.domain.jwtauth import resolve_jwt_secret; from pmq.config import *;"
         "print(resolve_jwt_secret(Config(storage=StorageConfig(url=sys.argv[1]))))"
     )
     out = subprocess.run(
@@ -324,7 +324,8 @@ def test_secret_relative_url_is_relative_to_cwd(
 def test_secret_racing_processes_agree(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/pmq.db"
     code = (
-        "import sys, time; from pmq.jwtauth import resolve_jwt_secret; from pmq.config import *;"
+        "import sys, time; from pmq.domain.jwtauth import resolve_jwt_secret;"
+        " from pmq.config import *;"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()));"
         "print(resolve_jwt_secret(Config(storage=StorageConfig(url=sys.argv[1]))))"
     )

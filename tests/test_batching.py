@@ -1,4 +1,4 @@
-"""pmq.batching on a real Redis: the commands of one loop iteration share a write (one round
+"""pmq.redis.batching on a real Redis: the commands of one loop iteration share a write (one round
 trip), and each caller still gets its own reply or error."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ResponseError
 
-from pmq import respconn
-from pmq.batching import Batcher
+from pmq.redis import resp as respconn
+from pmq.redis.batching import Batcher
 from tests.helpers import REDIS_URL
 
 INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"

@@ -13,10 +13,10 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from pmq.auth import Identity
-from pmq.keys import Keys
+from pmq.domain.auth import Identity
 from pmq.reactor import fanout
 from pmq.reactor.connections import Client, ConnectionTable
+from pmq.redis.keys import Keys
 from pmq.wire.client import ID_PREFIX
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 from tests.test_relay_gap import Socket

@@ -19,8 +19,8 @@ import redis
 from websockets.sync.client import connect
 
 from pmq.config import StorageConfig
-from pmq.jwtauth import mint_token
-from pmq.keys import Keys
+from pmq.domain.jwtauth import mint_token
+from pmq.redis.keys import Keys
 from pmq.store import Store, open_store
 from pmq.store.rows import StoredCsMessage, StoredCsSession
 from tests.helpers import SECRET, MysqlDatabase, Node, WsClient, wait_for

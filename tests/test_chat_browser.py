@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from pmq.jwtauth import mint_token
-from pmq.keys import Keys
+from pmq.domain.jwtauth import mint_token
+from pmq.redis.keys import Keys
 from tests.helpers import SECRET, Node, wait_for
 
 pytestmark = pytest.mark.e2e

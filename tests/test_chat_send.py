@@ -8,13 +8,13 @@ import asyncio
 import pytest
 from redis.crc import key_slot
 
-from pmq.chat import Chat
 from pmq.config import CsConfig
+from pmq.domain.chat import Chat
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
 from pmq.errors import ActionError
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.routing import Routes
+from pmq.redis.keys import Keys
 from pmq.wire import storeops
 from tests.helpers import REDIS_URL
 from tests.test_redis_cluster import Recording

@@ -30,9 +30,9 @@ import redis
 from websockets.sync.client import connect
 
 from pmq import configload
-from pmq.cluster import live_nodes, snapshot
 from pmq.config import HeartbeatConfig
-from pmq.keys import Keys
+from pmq.domain.cluster import live_nodes, snapshot
+from pmq.redis.keys import Keys
 from tests.helpers import Ingest, Node, WsClient, free_port, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from websockets.asyncio.client import connect
 from websockets.server import ServerProtocol
 
-from pmq.auth import Identity
 from pmq.config import Config
+from pmq.domain.auth import Identity
 from pmq.handlers.base import App as HandlerApp
 from pmq.handlers.base import Caller, Handler
 from pmq.handlers.system import ACTIONS
@@ -78,7 +78,8 @@ class App:
 
 async def redis_gone(app: HandlerApp, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
     """An action whose Redis reads fail under asyncio.gather, as unread.get's do
-    (pmq.unread.Unread.counts_many) while Redis is away or its pool has no free connection."""
+    (pmq.domain.unread.Unread.counts_many) while Redis is away or its pool has no free
+    connection."""
 
     async def read() -> None:  # redis-py's BlockingConnectionPool.get_connection, in short
         try:

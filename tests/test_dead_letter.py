@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.tasks import deadletter
 from pmq.tasks.deadletter import DeadLetter
 from pmq.tasks.writer import StorageWriter

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 import uvloop
 
-from pmq.keys import Keys
-from pmq.routing import DEPARTURE_BATCH, Routes
+from pmq.domain.routing import DEPARTURE_BATCH, Routes
+from pmq.redis.keys import Keys
 from pmq.workers.base import supervise
 from tests.helpers import (
     REDIS_URL,

@@ -17,7 +17,7 @@ import redis
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.wire.relay import Op
 from tests.helpers import REDIS_URL, Node, wait_for
 from tests.test_fuzz_kit import RawWebSocket, budget, fuzz_node, tally, unharmed

@@ -44,8 +44,8 @@ UID = st.integers(1, 2**63 - 1) | st.integers(1, 2**63 - 1).map(str)
 KIND = st.from_regex(r"[a-z_]{1,32}", fullmatch=True)
 TS = st.integers(0, 2**53)
 BODY = JSON
-# One valid item of each op, as PMQ's writers make them (pmq.inbox, pmq.unread, pmq.chat,
-# pmq.broadcast).
+# One valid item of each op, as PMQ's writers make them (pmq.domain: inbox, unread, chat,
+# broadcast).
 VALID_ITEMS = {
     "msg": st.fixed_dictionaries({"op": st.just("msg"), "msg": st.fixed_dictionaries(
         {"id": UID, "to": UID, "from": UID | st.none(), "kind": KIND, "ts": TS, "body": BODY})}),
@@ -200,7 +200,7 @@ def test_relay_messages_are_delivered_or_dropped(
     relay: Relay, caplog: pytest.LogCaptureFixture, data: bytes
 ) -> None:
     """Whatever arrives on a worker's channel is handed on in the shape delivery needs, or
-    dropped with a warning: never an exception out of the pub/sub handler (which redispipe
+    dropped with a warning: never an exception out of the pub/sub handler (which pmq.redis.pipe
     logs as an ERROR with its traceback)."""
     tally("relay channel: Relay.on_message")
     caplog.clear()

@@ -31,10 +31,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
-from pmq.auth import CLOCK_LEEWAY, Identity
-from pmq.jwtauth import mint_token
-from pmq.keys import Keys
+from pmq.domain.auth import CLOCK_LEEWAY, Identity
+from pmq.domain.jwtauth import mint_token
 from pmq.reactor.connections import Client
+from pmq.redis.keys import Keys
 from tests.helpers import SECRET, Node, wait_for, wait_for_async
 
 pytestmark = pytest.mark.e2e

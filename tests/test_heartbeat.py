@@ -10,7 +10,7 @@ from typing import Any
 
 from websockets.protocol import State
 
-from pmq.auth import Identity
+from pmq.domain.auth import Identity
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.heartbeat import CLOSE_SECONDS, Heartbeat
 from pmq.wire.client import CloseCode

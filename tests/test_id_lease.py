@@ -13,8 +13,8 @@ import secrets
 import pytest
 import redis
 
-from pmq.ids import GENERATOR_BITS, SEQUENCE_BITS
-from pmq.keys import Keys
+from pmq.domain.ids import GENERATOR_BITS, SEQUENCE_BITS
+from pmq.redis.keys import Keys
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Pure unit tests of pmq/keys.py: every key is under the prefix and names one thing."""
+"""Pure unit tests of pmq/redis/keys.py: every key is under the prefix and names one thing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 
 
 def key_methods() -> list[str]:

@@ -1,4 +1,4 @@
-"""pmq.locks on a real Redis: only the holder of a lease renews or lets go of it."""
+"""pmq.redis.locks on a real Redis: only the holder of a lease renews or lets go of it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from pmq.locks import Lease, delete_if
+from pmq.redis.locks import Lease, delete_if
 from tests.helpers import REDIS_URL, wait_for_async
 
 

@@ -82,7 +82,8 @@ def test_master_never_loads_worker_code(make_node):
     node = make_node().start()
     loaded = node.status()["modules"]
     assert "pmq.workers.master" in loaded
-    for forbidden in ("pmq.handlers", "pmq.reactor", "pmq.tasks"):
+    for forbidden in ("pmq.handlers", "pmq.reactor", "pmq.tasks", "pmq.workers.socket",
+                      "pmq.workers.task"):
         assert not [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")]
 
 

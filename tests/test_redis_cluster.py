@@ -34,19 +34,19 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 from websockets.sync.client import connect
 
-from pmq.broadcast import Broadcasts
-from pmq.chat import Chat
 from pmq.config import CLUSTER_BUCKETS, CsConfig, StorageConfig
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.routing import Routes
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.chat import Chat
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
+from pmq.domain.unread import Unread
+from pmq.redis.keys import Keys
 from pmq.store import open_store
 from pmq.tasks import deadletter
 from pmq.tasks.owners import OwnerLease
 from pmq.tasks.sweep import Sweeper
 from pmq.tasks.writer import StorageWriter
-from pmq.unread import Unread
 from tests.helpers import (
     REDIS_URL,
     Ingest,
@@ -297,7 +297,7 @@ def ws_client_role(node: Node, uid: int, role: str) -> Iterator[WsClient]:
 
 class Recording(aioredis.Redis):
     """A client that remembers the keys of every script call (EVAL / EVALSHA), made alone
-    or queued on a pipeline (pmq.batching sends publishes that way)."""
+    or queued on a pipeline (pmq.redis.batching sends publishes that way)."""
 
     scripts: list[list[str]]
 

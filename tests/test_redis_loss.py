@@ -22,12 +22,12 @@ import redis
 import redis.asyncio as aioredis
 
 from pmq.config import StorageConfig
-from pmq.epochs import RedisMarks
-from pmq.ids import IdGenerator
-from pmq.inbox import Acked, Inbox
-from pmq.journal import SHARED, StoreJournal
-from pmq.keys import Keys
-from pmq.routing import Routes
+from pmq.domain.epochs import RedisMarks
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Acked, Inbox
+from pmq.domain.journal import SHARED, StoreJournal
+from pmq.domain.routing import Routes
+from pmq.redis.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.store.base import SCHEMA_VERSION
 from pmq.tasks.recovery import BatchGuard, Recovery
@@ -350,7 +350,7 @@ def test_redis_emptied_before_storage_caught_up_loses_no_accepted_message(
     make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
 ) -> None:
     # Messages answered 202 wait on the storage queue (storage is locked) when Redis is
-    # emptied: the socket workers that queued them queue them again (pmq.journal).
+    # emptied: the socket workers that queued them queue them again (pmq.domain.journal).
     node = make_node(redis={"url": own_redis.url}, storage={"shards": SHARDS}).start()
     wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
     site = Ingest(node)

@@ -1,4 +1,4 @@
-"""pmq.redispipe against real Redis servers: replies in order, a Redis restarted or hung, and
+"""pmq.redis.pipe against real Redis servers: replies in order, a Redis restarted or hung, and
 the pub/sub reader (every message in order, the loop served during a backlog, a fresh
 subscription after a restart)."""
 
@@ -20,7 +20,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pmq import redispipe, respconn
+from pmq.redis import pipe as redispipe
+from pmq.redis import resp as respconn
 from tests.helpers import REDIS_URL, RedisServer, wait_for_async
 
 

@@ -1,5 +1,5 @@
 """Relayed operations as a socket worker's channel delivers them (pmq.reactor.relay.Relay),
-and where a new message goes (pmq.routing.Routes)."""
+and where a new message goes (pmq.domain.routing.Routes)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pmq.keys import Keys
+from pmq.domain.routing import Routes
 from pmq.reactor.relay import Relay
-from pmq.routing import Routes
+from pmq.redis.keys import Keys
 from pmq.wire.relay import Op, UnreadState, decode, encode, encode_message
 from tests.helpers import REDIS_URL
 
@@ -20,7 +20,7 @@ FRAME = b'{"type":"push","msg":{"id":"1"}}'
 
 class Recorder:
     """The connection table and unread pusher of a Relay, noting what they are asked to do;
-    also this worker's channel in process (pmq.routing.Here)."""
+    also this worker's channel in process (pmq.domain.routing.Here)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []

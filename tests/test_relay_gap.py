@@ -18,17 +18,17 @@ import redis
 import redis.asyncio as aioredis
 from websockets.protocol import State
 
-from pmq.auth import Identity
-from pmq.broadcast import Broadcasts
-from pmq.ids import IdGenerator, first_id_at
-from pmq.inbox import Inbox
-from pmq.keys import Keys
+from pmq.domain.auth import Identity
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.ids import IdGenerator, first_id_at
+from pmq.domain.inbox import Inbox
+from pmq.domain.unread import Unread
 from pmq.reactor import catchup
 from pmq.reactor.catchup import CatchUp
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.unread import UnreadPusher
-from pmq.unread import Unread
+from pmq.redis.keys import Keys
 from pmq.wire.client import push_of
 from tests.helpers import REDIS_URL, Ingest, Node, RedisServer, WsClient, wait_for, ws_client
 

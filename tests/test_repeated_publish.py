@@ -1,7 +1,7 @@
 """A repeated publish (the same idempotency key) pushes what its first request's publisher
 never pushed: that one can die after its script accepted the messages and before its push
 (with redis.durability = "aof" it waits for WAITAOF in between), and the site, left without
-an answer, sends the request again (pmq.messaging.push_again). A connection that had the
+an answer, sends the request again (pmq.domain.messaging.push_again). A connection that had the
 message does not get it twice."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.redis.keys import Keys
 from tests.helpers import REDIS_URL, Ingest, Node, WsClient, ws_client
 
 UID = "41"

@@ -1,5 +1,5 @@
 """A command is never applied twice because its connection dropped after Redis ran it, for
-both ways PMQ talks to one Redis (pmq.redispipe's Pipe and pmq.redisconn's pool), while a
+both ways PMQ talks to one Redis (pmq.redis.pipe's Pipe and pmq.redis.conn's pool), while a
 connection already dead before the command was written is replaced without failing it; and
 on a Redis Cluster, whose client still finds a master that moved after such a failure.
 
@@ -22,15 +22,17 @@ import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pmq import redisconn, redispipe, respconn
-from pmq.batching import Batcher
-from pmq.cluster import connect_sync
 from pmq.config import RedisConfig
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.messaging import publish
-from pmq.routing import Routes
+from pmq.domain.cluster import connect_sync
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.messaging import publish
+from pmq.domain.routing import Routes
+from pmq.redis import conn as redisconn
+from pmq.redis import pipe as redispipe
+from pmq.redis import resp as respconn
+from pmq.redis.batching import Batcher
+from pmq.redis.keys import Keys
 from tests.helpers import REDIS_URL, RedisServer, wait_for, wait_for_async
 from tests.test_redis_cluster import RedisClusterServers
 

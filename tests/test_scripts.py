@@ -1,4 +1,5 @@
-"""pmq.scripts: every Lua script is one file, registered by name, used, and loads into Redis."""
+"""pmq.redis.scripts: every Lua script is one file, registered by name, used, and loads into
+Redis."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from pmq import scripts
+from pmq.redis import scripts
 
-PMQ = Path(scripts.__file__).parent.parent
+PMQ = Path(scripts.__file__).parents[2]  # pmq/redis/scripts/__init__.py -> pmq
 
 
 def lua_files() -> dict[str, str]:
-    """Every .lua file shipped in pmq.scripts, by name (without .lua)."""
+    """Every .lua file shipped in pmq.redis.scripts, by name (without .lua)."""
     folder = resources.files(scripts)
     return {
         entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pmq import startcheck
+from pmq.workers import startcheck
 from tests.helpers import REDIS_URL, Node, RedisServer, wait_for
 
 SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "pmq.toml"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from tests.helpers import Ingest, MysqlDatabase, Node, TcpProxy, WsClient, wait_for, ws_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mysql]

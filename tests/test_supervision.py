@@ -17,7 +17,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pmq.errors import StorageError, WorkerExit
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.workers.base import supervise
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, wait_for_async, ws_client
 

@@ -21,13 +21,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from pmq.broadcast import Broadcasts
-from pmq.chat import Chat
 from pmq.config import CsConfig, StorageConfig
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.routing import Routes
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.chat import Chat
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
+from pmq.redis.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.store.base import RETENTION_TABLES
 from pmq.store.rows import StoredBroadcast, StoredCsMessage, StoredCsSession

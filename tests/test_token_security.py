@@ -188,7 +188,7 @@ def test_a_kick_during_a_handshake_closes_the_connection_it_opens(
 ) -> None:
     # The handshake asked the user centre before the kick and has its answer after it: the
     # token passed, and the kick's close found no connection of the user yet. The
-    # registration sees the kick (pmq.kicks) and closes the connection with 4001.
+    # registration sees the kick (pmq.domain.kicks) and closes the connection with 4001.
     node = http_node(make_node, centre)
     answer = centre.gate("good-late")
     outcome: dict[str, Any] = {}

@@ -9,9 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pmq.domain.unread import Unread
 from pmq.reactor.connections import text_frame
 from pmq.reactor.unread import UnreadPusher
-from pmq.unread import Unread
 from pmq.wire.client import FrameType, encode_event
 from pmq.wire.relay import UnreadState
 from tests.helpers import wait_for_async

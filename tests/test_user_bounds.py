@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
-from pmq.ids import IdGenerator
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.unread import Unread
+from pmq.domain.ids import IdGenerator
+from pmq.domain.inbox import Inbox
+from pmq.domain.unread import Unread
+from pmq.redis.keys import Keys
 from tests.helpers import REDIS_URL, Ingest, Node, WsClient, wait_for, ws_client
 
 pytestmark = pytest.mark.e2e

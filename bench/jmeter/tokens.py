@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from pmq import configload
-from pmq.jwtauth import mint_token, resolve_jwt_secret
+from pmq.domain.jwtauth import mint_token, resolve_jwt_secret
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Client actions, one module per group, gathered into a registry by :func:`build_registry`.
-
-This package is the hot-reload target: a socket worker re-imports it on HUP and swaps the
-new registry in with one assignment (pmq.reactor.reload). Every module lists its actions in
-a module-level ``ACTIONS`` dict; add a module here to ship a new group.
+"""Floor 5, client actions, one module per group, gathered into a registry by
+:func:`build_registry`. This package is the hot-reload target: a socket worker re-imports
+it on HUP and swaps the new registry in with one assignment (pmq.reactor.reload). Every
+module lists its actions in a module-level ``ACTIONS`` dict; add a module here to ship a
+new group. It imports only the floors below (up to pmq.domain), never the reactor, tasks
+or workers.
 """
 
 from __future__ import annotations

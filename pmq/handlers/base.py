@@ -14,15 +14,15 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from pmq.auth import Identity
-from pmq.broadcast import Broadcasts
-from pmq.chat import Chat
 from pmq.config import Config
+from pmq.domain.auth import Identity
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.chat import Chat
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
+from pmq.domain.unread import Unread
 from pmq.errors import ActionError
-from pmq.inbox import Inbox
-from pmq.keys import Keys
-from pmq.routing import Routes
-from pmq.unread import Unread
+from pmq.redis.keys import Keys
 from pmq.wire.client import Code
 
 

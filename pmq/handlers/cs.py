@@ -1,7 +1,7 @@
 """Customer-service chat actions: cs.open, cs.send, cs.close, cs.history, cs.sessions.
 
 Input is checked here (a 400 names the field); who may do what to a session is decided
-atomically in Redis by pmq.chat (404 unknown session, 403 not a party, 409 closed).
+atomically in Redis by pmq.domain.chat (404 unknown session, 403 not a party, 409 closed).
 """
 
 from __future__ import annotations

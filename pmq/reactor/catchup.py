@@ -17,7 +17,7 @@ The same unicast catch-up runs when the worker finds that Redis lost its route e
 
 When Redis lost its data, the messages accepted just before whose live push or relay went
 with it are no longer in Redis: the socket workers' journals queue them again for storage
-(pmq.journal), and :class:`LossCatchUp` takes them from storage once the writer has had
+(pmq.domain.journal), and :class:`LossCatchUp` takes them from storage once the writer has had
 time to write them.
 
 "Has not had": the connection table remembers the pushes it made lately (ConnectionTable.
@@ -40,10 +40,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pmq.broadcast import Broadcasts
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.ids import first_id_at
+from pmq.domain.inbox import Inbox
 from pmq.errors import StorageError
-from pmq.ids import first_id_at
-from pmq.inbox import Inbox
 from pmq.reactor.connections import Client, ConnectionTable, PushIndex
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.replay import PAGE
@@ -52,7 +52,7 @@ from pmq.wire.client import push_of
 log = logging.getLogger(__name__)
 
 MARGIN_SECONDS = 2.0  # ids made this much before the channel was last heard are looked at too
-# A subscription whose peer went silent is found dead within this (pmq.redispipe's TCP
+# A subscription whose peer went silent is found dead within this (pmq.redis.pipe's TCP
 # keepalive: 30 s idle, then 3 probes 10 s apart), so a quiet channel lost nothing before.
 SILENCE_SECONDS = 60.0
 HELD_WAIT_SECONDS = 30.0  # how long a catch-up waits for a connect's replay to end

@@ -27,8 +27,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Opcode
 from websockets.protocol import State
 
-from pmq.auth import Identity
-from pmq.ids import first_id_at
+from pmq.domain.auth import Identity
+from pmq.domain.ids import first_id_at
 from pmq.wire.client import CloseCode, message_id_of
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from pmq import metrics
-from pmq.broadcast import ALL
+from pmq.domain.broadcast import ALL
 from pmq.reactor.connections import ConnectionTable, text_frame
 from pmq.reactor.unread import UnreadPusher
 from pmq.wire import relay

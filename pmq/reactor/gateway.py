@@ -23,10 +23,10 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from pmq.auth import Authenticator, Identity
+from pmq.domain.auth import Authenticator, Identity
+from pmq.domain.kicks import now_ms
 from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
-from pmq.kicks import now_ms
 from pmq.log import Throttled
 from pmq.reactor.connections import Client, ConnectionTable, new_conn_id
 from pmq.reactor.heartbeat import WatchedConnection

@@ -17,12 +17,12 @@ import orjson
 from redis.exceptions import RedisError
 
 from pmq import metrics
-from pmq.auth import Authenticator
-from pmq.broadcast import ALL
+from pmq.domain.auth import Authenticator
+from pmq.domain.broadcast import ALL
+from pmq.domain.messaging import publish
 from pmq.errors import StorageError
 from pmq.handlers.base import App
 from pmq.log import Throttled
-from pmq.messaging import publish
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.store import Store
 from pmq.wire.client import Kind, is_kind, is_uid

@@ -1,13 +1,13 @@
 """Customer-service agents' presence, as their connections open and close on this worker.
 
-An agent is online while it has a connection: pmq.chat keeps the online set, reading the
+An agent is online while it has a connection: pmq.domain.chat keeps the online set, reading the
 registry, and hands queued sessions to an agent that comes online. Other users have no
 presence.
 """
 
 from __future__ import annotations
 
-from pmq.chat import Chat
+from pmq.domain.chat import Chat
 from pmq.reactor.connections import Client
 from pmq.wire.client import Role
 

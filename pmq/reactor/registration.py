@@ -4,7 +4,7 @@ Registering is on every connect's path, so the one pipeline that writes the entr
 what the connect does next (a connect rate is bounded by its round trips): the user's
 connections (to close those past ``server.max_connections_per_user``), the first look at the
 inbox and the broadcasts to replay (pmq.reactor.replay), and whether the user was kicked
-since the handshake checked (pmq.kicks.Kicks.kicked_since_on).
+since the handshake checked (pmq.domain.kicks.Kicks.kicked_since_on).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from pmq.broadcast import Broadcasts
-from pmq.inbox import Inbox, Look
-from pmq.kicks import Kicks
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.inbox import Inbox, Look
+from pmq.domain.kicks import Kicks
+from pmq.domain.routing import Routes, oldest_beyond
 from pmq.reactor.connections import Client
 from pmq.reactor.replay import LOOK as REPLAY_LOOK
-from pmq.routing import Routes, oldest_beyond
 from pmq.wire.client import CloseCode
 
 

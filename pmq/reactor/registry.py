@@ -1,8 +1,8 @@
 """This worker's presence in the cluster, kept for its life and withdrawn at stop.
 
-While it runs, :meth:`RegistryKeeper.run` beats (pmq.routing.Routes.beat), pushes back the
+While it runs, :meth:`RegistryKeeper.run` beats (pmq.domain.routing.Routes.beat), pushes back the
 TTL of its users' route entries once a heartbeat interval, reports to the cluster view
-(pmq.cluster.Board), renews its id generator's lease and sweeps the workers that stopped
+(pmq.domain.cluster.Board), renews its id generator's lease and sweeps the workers that stopped
 beating. Route entries found missing (Redis lost them, or they expired while it was out of
 reach) are written again at once, and the unicasts published meanwhile are caught up on.
 :meth:`RegistryKeeper.withdraw` removes all of it at stop.
@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from pmq.cluster import Board
-from pmq.ids import GeneratorLease, IdGenerator
+from pmq.domain.cluster import Board
+from pmq.domain.ids import GeneratorLease, IdGenerator
+from pmq.domain.routing import Routes
 from pmq.reactor.connections import ConnectionTable
-from pmq.routing import Routes
 
 log = logging.getLogger(__name__)
 

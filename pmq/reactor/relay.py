@@ -1,7 +1,7 @@
 """This worker's end of the relay: its channels read, decoded and delivered to its sockets.
 
 Other workers reach the connections held here through two channels (pmq.wire.relay): the
-worker's own sharded channel, one relay message per user (pmq.routing.Routes publishes
+worker's own sharded channel, one relay message per user (pmq.domain.routing.Routes publishes
 them), and the broadcast channel every socket worker reads (pmq.reactor.fanout queues its
 broadcasts). :class:`Relay` turns a relay op into what it does to the connection table, the
 unread pusher and the fan-out; what this worker's own publishes hold for its own
@@ -25,12 +25,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pmq import metrics, redisconn
-from pmq.keys import Keys
+from pmq import metrics
 from pmq.reactor.catchup import CatchUp, Gap
 from pmq.reactor.connections import ConnectionTable
 from pmq.reactor.fanout import Fanout
 from pmq.reactor.unread import UnreadPusher
+from pmq.redis import conn as redisconn
+from pmq.redis.keys import Keys
 from pmq.wire import relay
 from pmq.wire.client import message_id_of
 from pmq.wire.relay import Op, UnknownOp, UnreadState
@@ -62,7 +63,7 @@ class Relay:
         """Apply ``op`` for ``uid`` to the connections here; returns how many it reached.
         ``sent`` is the unix time the op left its publisher. In process an
         :data:`Op.MESSAGE` comes apart: ``payload`` is the push frame and ``state`` the
-        unread state the publish read (pmq.routing.Here)."""
+        unread state the publish read (pmq.domain.routing.Here)."""
         if op is MESSAGE:
             pushed = self.unread.push_message(uid, payload, state)
         elif op is PUSH:

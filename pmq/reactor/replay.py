@@ -23,9 +23,9 @@ from typing import Any
 
 from websockets.protocol import State
 
-from pmq.broadcast import Broadcasts
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.inbox import ColdReader, Inbox, Look
 from pmq.errors import StorageError
-from pmq.inbox import ColdReader, Inbox, Look
 from pmq.reactor.connections import Client
 from pmq.wire.client import FrameType, encode_event, push_of
 

@@ -1,6 +1,6 @@
 """What handlers and the ingest routes are given: the socket worker's services, by name.
 
-A :class:`Services` is built once per worker (pmq.reactor.main) and handed to the gateway,
+A :class:`Services` is built once per worker (pmq.workers.socket) and handed to the gateway,
 which passes it to every handler (pmq.handlers.base.App), and to the ingest routes
 (pmq.reactor.ingest.IngestApp), instead of the worker itself.
 """
@@ -13,16 +13,16 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from pmq.auth import Authenticator
-from pmq.broadcast import Broadcasts
-from pmq.chat import Chat
 from pmq.config import Config
-from pmq.inbox import Inbox
-from pmq.keys import Keys
+from pmq.domain.auth import Authenticator
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.chat import Chat
+from pmq.domain.inbox import Inbox
+from pmq.domain.routing import Routes
+from pmq.domain.unread import Unread
 from pmq.reactor.stored import StoredReads
-from pmq.routing import Routes
+from pmq.redis.keys import Keys
 from pmq.store import Store
-from pmq.unread import Unread
 
 T = TypeVar("T")
 

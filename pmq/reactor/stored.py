@@ -23,7 +23,7 @@ class InThread(Protocol):
 
 
 class StoredReads:
-    """Storage reads for replays, catch-ups and chat history (a pmq.chatreads.Archive)."""
+    """Storage reads for replays, catch-ups and chat history (a pmq.domain.chatreads.Archive)."""
 
     def __init__(self, store: Store, in_thread: InThread) -> None:
         self.store = store
@@ -31,7 +31,7 @@ class StoredReads:
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         """Unacked messages of ``uid`` in storage above ``after``, ``limit`` at most, in id
-        order (a pmq.inbox.ColdReader)."""
+        order (a pmq.domain.inbox.ColdReader)."""
         rows = await self.in_thread(self.store.unacked, int(uid), after, limit)
         return [stored_message(r.id, r.kind, r.from_uid, r.uid, r.body, r.ts) for r in rows]
 

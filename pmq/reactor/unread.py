@@ -9,7 +9,7 @@ reads the counters of the dirty users whose interval has passed in one pipelined
 and pushes them. So a burst of messages, or a broadcast to thousands, costs one frame per
 user per interval, never one per message.
 
-``system`` counts broadcasts to the user's groups (pmq.unread). For the badges sent with a
+``system`` counts broadcasts to the user's groups (pmq.domain.unread). For the badges sent with a
 push the loop keeps the broadcast times of the groups seen here, read again every interval
 and not used from the end of a fan-out until read again.
 
@@ -26,9 +26,9 @@ import functools
 import time
 from collections.abc import Iterator, Sequence
 
-from pmq.broadcast import groups_of
+from pmq.domain.broadcast import groups_of
+from pmq.domain.unread import Unread, counts_of
 from pmq.reactor.connections import ConnectionTable, text_frame
-from pmq.unread import Unread, counts_of
 from pmq.wire.client import FrameType, encode_event, message_id_of
 from pmq.wire.relay import UnreadState
 

@@ -1,4 +1,6 @@
-"""SQL storage of messages and the other durable tables; :func:`open_store` picks the engine.
+"""Floor 3, SQL storage of messages and the other durable tables; :func:`open_store` picks
+the engine. It imports only the floors below (the base modules at pmq/'s root and pmq.wire),
+never Redis.
 
 ``storage.url`` forms:
 

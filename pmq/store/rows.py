@@ -21,7 +21,7 @@ CS_SESSION_COLUMNS = "id, uid, agent, status, opened_at, closed_at, last_msg_id"
 # Chat rows per INSERT: a message is at most a few KiB, so this stays under the size limits.
 CS_ROWS_PER_INSERT = 200
 
-# A Redis mark: (epoch, generation), compared as a pair (pmq.epochs).
+# A Redis mark: (epoch, generation), compared as a pair (pmq.domain.epochs).
 Mark = tuple[int, int]
 
 

@@ -12,8 +12,8 @@ import asyncio
 import redis.asyncio as aioredis
 
 from pmq.cancel import raise_if_cancelled
-from pmq.keys import Keys
-from pmq.locks import Lease
+from pmq.redis.keys import Keys
+from pmq.redis.locks import Lease
 from pmq.store import Store
 from pmq.tasks.writer import InThread
 

@@ -23,8 +23,8 @@ import orjson
 import redis
 from redis.cluster import RedisCluster
 
-from pmq import scripts
-from pmq.keys import Keys
+from pmq.redis import scripts
+from pmq.redis.keys import Keys
 
 SyncRedis = redis.Redis | RedisCluster
 

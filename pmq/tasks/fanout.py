@@ -1,7 +1,7 @@
 """Broadcast fan-out in a task worker: publish each broadcast once.
 
 Broadcasts wait in ``broadcast_queue`` (put there atomically with the broadcast itself by
-pmq.broadcast, which also keeps it in Redis for later replay and queues its storage
+pmq.domain.broadcast, which also keeps it in Redis for later replay and queues its storage
 operation for the storage writer). One task worker takes one at a time into its own
 ``broadcast_taken`` list and publishes the push frame once on the sharded broadcast channel
 (SPUBLISH), which every socket worker of every node reads (pmq.reactor.fanout); the item
@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq.cancel import raise_if_cancelled
-from pmq.keys import Keys
+from pmq.redis.keys import Keys
 from pmq.tasks.owners import OwnerLease
 from pmq.wire import relay
 from pmq.wire.client import push_frame

@@ -3,7 +3,7 @@
 A task worker takes items from queues into lists of its own before it has handled them: the
 storage writer from every storage queue (``keys.store_taken(owner, tag)``), the broadcast
 fan-out from the broadcast queue (``keys.broadcast_taken(owner)``). It names them by an
-owner id of its own, new with each process (pmq.tasks.main). Beside each such queue, a
+owner id of its own, new with each process (pmq.workers.task). Beside each such queue, a
 registry (``keys.store_owners(tag)``, ``keys.broadcast_owners()``) is a ZSET owner -> lease
 expiry in unix ms on Redis's own clock (TIME, inside the scripts, so the nodes' clocks never
 matter). An owner is registered there by the same script that moves items into its taken
@@ -46,9 +46,9 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from pmq import scripts
 from pmq.cancel import raise_if_cancelled
-from pmq.keys import Keys
+from pmq.redis import scripts
+from pmq.redis.keys import Keys
 
 log = logging.getLogger(__name__)
 

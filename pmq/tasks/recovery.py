@@ -1,6 +1,6 @@
 """Recovery from a Redis data loss, in the task workers, without a restart.
 
-The marks (pmq.epochs) say when a bucket's Redis data is not known complete; meanwhile the
+The marks (pmq.domain.epochs) say when a bucket's Redis data is not known complete; meanwhile the
 inbox reads storage for every user of the bucket, so no stored unacked message is missing
 from replay or ``msg.pull``. Two parts here keep the marks honest and make buckets complete
 again:
@@ -30,9 +30,9 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
-from pmq.epochs import RedisMarks
-from pmq.keys import Keys
-from pmq.locks import Lease
+from pmq.domain.epochs import RedisMarks
+from pmq.redis.keys import Keys
+from pmq.redis.locks import Lease
 from pmq.store import Store, StoredMessage
 from pmq.store.rows import Mark
 from pmq.tasks.clusterjob import ClusterJob

@@ -10,8 +10,9 @@ the storage writer has not written yet stay hot until a later sweep. Then retent
 older than ``retention_seconds`` are deleted from storage (messages, broadcasts, chat
 messages and closed chat sessions), hot entries that old are dropped from Redis whether
 stored or not (storage no longer keeps them either), and so are broadcasts and the messages
-of chat histories that old (pmq.broadcast.BroadcastTrim, pmq.chattrim.ChatTrim: one script of one
-hash tag per batch). Chat sessions leave Redis by their TTL, the retention after they close.
+of chat histories that old (pmq.domain.broadcast.BroadcastTrim,
+pmq.domain.chattrim.ChatTrim: one script of one hash tag per batch). Chat sessions leave
+Redis by their TTL, the retention after they close.
 
 Removing messages, setting the cold flag and updating the index is one Lua call per user,
 so a message is always either hot or flagged cold, and a message published meanwhile never
@@ -27,11 +28,11 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from pmq import scripts
-from pmq.broadcast import BroadcastTrim
-from pmq.chattrim import ChatTrim
-from pmq.keys import Keys
-from pmq.locks import Lease
+from pmq.domain.broadcast import BroadcastTrim
+from pmq.domain.chattrim import ChatTrim
+from pmq.redis import scripts
+from pmq.redis.keys import Keys
+from pmq.redis.locks import Lease
 from pmq.store import Store
 from pmq.tasks.clusterjob import ClusterJob
 from pmq.tasks.writer import InThread

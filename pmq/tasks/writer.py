@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from pmq import metrics, scripts
+from pmq import metrics
 from pmq.cancel import raise_if_cancelled
 from pmq.errors import StorageDataError, StorageError
-from pmq.keys import Keys
+from pmq.redis import scripts
+from pmq.redis.keys import Keys
 from pmq.store import Store
 from pmq.tasks import deadletter
 from pmq.tasks.owners import OwnerLease

@@ -1,7 +1,7 @@
 """The relay between socket workers, sans I/O: what one worker publishes on another's channel.
 
 A worker that must reach a connection held by another worker publishes, on that worker's
-sharded channel (pmq.keys.Keys.worker_channel), one relay message per user:
+sharded channel (pmq.redis.keys.Keys.worker_channel), one relay message per user:
 ``"<op> <uid> <sent>\\n<payload>"``, where ``op`` is an :class:`Op`, ``sent`` the unix time
 it left (so the receiver can time the delivery) and the payload what the op says. A new
 message's payload (:data:`Op.MESSAGE`) carries the user's :class:`UnreadState` as the
@@ -57,15 +57,15 @@ class UnreadState(NamedTuple):
     """A user's unread counters as a publish read them, for the badge sent with the push:
     ``counts`` are the unread hash's field/value pairs (bytes as Redis answered, or text once
     relayed), ``last_clear`` the time (unix ms) of the user's last clear of ``system``, 0
-    for never (``system`` is counted from the broadcasts since, pmq.unread)."""
+    for never (``system`` is counted from the broadcasts since, pmq.domain.unread)."""
 
     counts: Sequence[bytes | str]
     last_clear: int
 
     @classmethod
     def of_reply(cls, flat: Sequence[bytes | str]) -> UnreadState:
-        """The state from a script's reply: the pairs, then the last clear (pmq.inbox's
-        PUBLISH and pmq.unread's COUNTERS answer it so)."""
+        """The state from a script's reply: the pairs, then the last clear (pmq.domain.inbox's
+        PUBLISH and pmq.domain.unread's COUNTERS answer it so)."""
         return _new_tuple(cls, (flat[:-1], int(flat[-1])))
 
 

@@ -3,16 +3,16 @@ them and the storage writer (pmq.tasks.writer) reads them.
 
 Each item is one JSON object whose ``op`` (an :class:`OpName`) says what it is:
 
-- ``msg``: a unicast message to store (pmq.inbox's inbox_publish queues it with the message);
-- ``ack``: a user's messages acked (pmq.inbox's inbox_ack queues those it removed, and the
+- ``msg``: a unicast message to store (pmq.domain.inbox's inbox_publish queues it with the message);
+- ``ack``: a user's messages acked (pmq.domain.inbox's inbox_ack queues those it removed, and the
   writer queues again the acks it could not apply yet);
-- ``last_read``: a user's last clear of a kind (pmq.unread);
-- ``cs`` and ``cs_session``: a chat message, and a chat session closed (pmq.chat);
-- ``broadcast``: a broadcast with its group (pmq.broadcast).
+- ``last_read``: a user's last clear of a kind (pmq.domain.unread);
+- ``cs`` and ``cs_session``: a chat message, and a chat session closed (pmq.domain.chat);
+- ``broadcast``: a broadcast with its group (pmq.domain.broadcast).
 
 The producers call the ``encode_*`` functions here; a message's is a concatenation around
 its JSON, encoded once for the push and the storage op alike (pmq.wire.client.Message). A
-Lua script (pmq/scripts) that queues an op gets it in its ARGV as encoded here: inbox_ack
+Lua script (pmq/redis/scripts) that queues an op gets it in its ARGV as encoded here: inbox_ack
 keeps in the ack op only the ids it queues, chat_close fills in the session's fields it
 reads, chat_send puts the peer's uid as the recipient between the two parts of a ``cs`` op
 made with a stand-in (pmq.wire.client.around_recipient).
@@ -71,7 +71,7 @@ def encode_cs_session(
     closed: str = "",
     last_msg_id: str = "",
 ) -> bytes:
-    """A ``cs_session`` op: a closed session. The chat_close script (pmq/scripts) gets it with
+    """A ``cs_session`` op: a closed session. The chat_close script (pmq/redis/scripts) gets it with
     the session's id and the close reason and fills in what it reads: the user, the agent
     ('' when none), the opening and closing times and the last message id ('' when none)."""
     return orjson.dumps(

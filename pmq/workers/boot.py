@@ -11,11 +11,11 @@ import os
 
 import psutil
 
-from pmq import startcheck
 from pmq.config import Config
+from pmq.domain.jwtauth import resolve_jwt_secret
 from pmq.errors import AlreadyRunning
-from pmq.jwtauth import resolve_jwt_secret
 from pmq.store import open_store, sqlite_path
+from pmq.workers import startcheck
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pmq.workers.channel import LineReader
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULES = {"socket": "pmq.reactor.main", "task": "pmq.tasks.main"}
+WORKER_MODULES = {"socket": "pmq.workers.socket", "task": "pmq.workers.task"}
 
 
 @dataclasses.dataclass
