@@ -60,7 +60,15 @@ def imported(path: Path) -> set[str]:
                 found.update(f"pmq.{a.name}" for a in node.names if not a.name.startswith("__"))
             elif node.module.startswith("pmq."):
                 found.add(node.module)
+                # from pmq.redis import conn: the module pmq.redis.conn too
+                names = (f"{node.module}.{a.name}" for a in node.names)
+                found.update(name for name in names if is_module(name))
     return found
+
+
+def is_module(name: str) -> bool:
+    base = PMQ.parent / name.replace(".", "/")
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
 def name_of(path: Path) -> str:
@@ -86,8 +94,22 @@ def test_imports_point_down(path: Path) -> None:
 
 
 def test_the_master_never_imports_what_loads_after_fork() -> None:
-    master = imported(PMQ / "workers" / "master.py")
-    assert not {m for m in master if part_of(m) in {"reactor", "tasks", "handlers"}}
+    # What the master imports, and what those import in turn: the worker code must not be
+    # among them (it is imported in the child, after the fork).
+    seen, todo = set(), ["pmq.workers.master"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = PMQ.parent / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PMQ.parent / module.replace(".", "/") / "__init__.py"
+        if path.exists():
+            todo.extend(imported(path))
+    after_fork = {m for m in seen if part_of(m) in {"reactor", "tasks", "handlers"}}
+    after_fork |= seen & {"pmq.workers.socket", "pmq.workers.task"}
+    assert not after_fork, f"the master imports {sorted(after_fork)}"
 
 
 def test_the_module_map_matches_the_code() -> None:
