@@ -74,6 +74,17 @@ def kick(node: Node, uid: str) -> int:
     return int(reply["data"]["closed"])
 
 
+def connections_of(node: Node, uid: str) -> int:
+    """The user's connections in the registry, as the site's API reads them."""
+    ingest = Ingest(node)
+    try:
+        status, reply = ingest.call("GET", f"/api/v1/users/{uid}")
+    finally:
+        ingest.close()
+    assert status == 200, reply
+    return int(reply["data"]["connections"])
+
+
 def closed_with(ws: ClientConnection) -> int | None:
     with pytest.raises(ConnectionClosed) as info:
         while True:
@@ -175,6 +186,8 @@ def test_kick_drops_the_cached_user_centre_answers(
         assert handshake(node, "good-laptop") == 101
         assert handshake(node, "good-phone") == 101  # from the cache
         assert centre.calls == {"good-phone": 1, "good-laptop": 1}
+        # The two handshakes' connections leave the registry in the next batch of departures.
+        wait_for(lambda: connections_of(node, "123") == 1, 10, "only the phone registered")
         assert kick(node, "123") == 1
         assert closed_with(phone) == 4001
     centre.script("good-phone", (401, b"", 0.0))  # the site logged that device out
