@@ -53,7 +53,8 @@ async def push(routes: Routes, accepted: Accepted, kind: str) -> int:
     """Push what the inbox accepted (:meth:`pmq.domain.inbox.Inbox.publish` or ``accept``) of
     ``kind`` to the recipients' live connections, as :func:`publish` does; returns how many
     connections it reached."""
-    await push_again(routes, accepted)
+    if accepted.repeated:  # rare: no coroutine for push_again() on every request
+        await push_again(routes, accepted)
     if accepted.duplicate:
         return 0
     accepted_count, delivered_count = counters(kind)
@@ -79,13 +80,12 @@ async def push(routes: Routes, accepted: Accepted, kind: str) -> int:
 
 
 async def push_again(routes: Routes, accepted: Accepted) -> None:
-    """Push a repeated request's messages still unacked to their users' connections that
-    have not had them: the first request's publisher may have died after its script ran
-    and before its push (with redis.durability = "aof" it waits for WAITAOF in between),
-    and the site, given no answer, sends the request again. Those that had them drop them
+    """Push a repeated request's messages still unacked (``accepted.repeated``, not empty:
+    push() checks) to their users' connections that have not had them: the first request's
+    publisher may have died after its script ran and before its push (with
+    redis.durability = "aof" it waits for WAITAOF in between), and the site, given no
+    answer, sends the request again. Those that had them drop them
     (pmq.reactor.connections.ConnectionTable.push_again)."""
-    if not accepted.repeated:
-        return
     pushes = [(to, conns, push_frame(wire)) for to, wire, conns in accepted.repeated]
     try:
         await routes.push_again(pushes)

@@ -27,6 +27,10 @@ from pmq.wire import storeops
 from pmq.wire.client import UNREAD_KINDS, Kind
 from pmq.wire.relay import UnreadState
 
+# The counts frame's key of the broadcasts' count, as text: Kind.SYSTEM.value is an enum
+# property, a Python call on every badge.
+SYSTEM = Kind.SYSTEM.value
+
 
 class Unread:
     def __init__(self, redis: aioredis.Redis, keys: Keys, retention_seconds: int) -> None:
@@ -117,6 +121,6 @@ def counts_of(flat: Sequence[Any], system: int) -> dict[str, int]:
     for i in range(0, len(flat), 2):
         name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
         counts[name] = max(0, int(flat[i + 1]))
-    counts[Kind.SYSTEM.value] = system
+    counts[SYSTEM] = system
     counts["total"] = sum(counts.values())
     return counts
