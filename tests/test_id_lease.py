@@ -62,3 +62,14 @@ def test_a_renewed_lease_renumbers_broadcast_ids_too(make_node) -> None:
     broadcast_after, message_after = ids_made(node)
     assert message_after != message_before
     assert broadcast_after == message_after  # was still the lost number
+
+
+def test_a_stopping_worker_keeps_its_id_number_until_its_ingest_has_drained() -> None:
+    # Ingest requests still draining make ids. A number let go before they end could be
+    # taken by a worker starting meanwhile, which makes ids from sequence 0 again, in the
+    # same millisecond: two messages with one id, the second skipped by storage.
+    from pmq.workers.socket import SocketWorker
+
+    order = [step.__name__ for step in SocketWorker.stop_order]
+    assert order.index("release_ids") > order.index("drain")
+    assert order.index("release_ids") < order.index("disconnect")

@@ -103,10 +103,16 @@ class RegistryKeeper:
         self.last_refresh = refresh_at
 
     async def withdraw(self, worker_id: str) -> None:
-        """Remove our route entries, release the id lease, leave the cluster view: at stop,
-        once nothing may write them back. Redis out of reach leaves them to their TTLs."""
+        """Remove our route entries and leave the cluster view: at stop, once nothing may
+        write them back. Redis out of reach leaves them to their TTLs."""
         with contextlib.suppress(RedisError, OSError):
             removed = await self.routes.forget(worker_id)
             log.info("%s removed %d route entries", self.title, removed)
-            await self.lease.release()
             await self.board.withdraw()
+
+    async def release_ids(self) -> None:
+        """Let go of the id generator's number, once this worker makes no more ids (its
+        ingest drained): a worker that takes the number next makes ids from 0 in the same
+        millisecond. Redis out of reach leaves it to its TTL."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.lease.release()

@@ -18,9 +18,10 @@ an orphan's, shortens the deadlines; the worker base bounds the whole):
 2. close 1001: every WebSocket is closed "going away" (CLOSE_PHASE_SECONDS), then aborted;
 3. stop loops: the loops, the relay and the catch-ups end, so nothing writes our route
    entries back after 4.;
-4. remove routes: our entries, the id lease and our cluster-view entry leave Redis;
+4. remove routes: our entries and our cluster-view entry leave Redis;
 5. drain: ingest requests in flight get CLOSE_PHASE_SECONDS to finish;
-6. disconnect: subscriptions, Redis connections, the thread pool close.
+6. release ids: the id generator's number is let go, now that no request makes ids here;
+7. disconnect: subscriptions, Redis connections, the thread pool close.
 """
 
 from __future__ import annotations
@@ -261,6 +262,9 @@ class SocketWorker(Worker):
         if left:
             log.warning("%s: %d ingest requests cut short", self.title, left)
 
+    async def release_ids(self, fast: bool) -> None:
+        await self.keeper.release_ids()
+
     async def disconnect(self, fast: bool) -> None:
         await self.channels.close()
         self.batch.close()
@@ -270,7 +274,8 @@ class SocketWorker(Worker):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     stop_order: tuple[StopStep, ...] = (
-        stop_accepting, close_connections, stop_loops, remove_routes, drain, disconnect,
+        stop_accepting, close_connections, stop_loops, remove_routes, drain, release_ids,
+        disconnect,
     )
 
     # Reload, stats, Redis loss --------------------------------------------------------
