@@ -622,3 +622,14 @@ def counting_pipelines(client: Any) -> list[int]:
 
     client.pipeline = pipeline
     return made
+
+
+def connections_of(node: Node, uid: str | int) -> int:
+    """The user's connections in the registry, as the site's API reads them."""
+    site = Ingest(node)
+    try:
+        status, reply = site.call("GET", f"/api/v1/users/{uid}")
+    finally:
+        site.close()
+    assert status == 200, reply
+    return int(reply["data"]["connections"])

@@ -35,7 +35,7 @@ from pmq.domain.auth import CLOCK_LEEWAY, Identity
 from pmq.domain.jwtauth import mint_token
 from pmq.reactor.connections import Client
 from pmq.redis.keys import Keys
-from tests.helpers import SECRET, Node, wait_for, wait_for_async
+from tests.helpers import SECRET, Node, connections_of, wait_for, wait_for_async
 
 pytestmark = pytest.mark.e2e
 
@@ -180,10 +180,6 @@ def user_state(node: Node, uid: str) -> dict[str, Any]:
     status, answer = api(node, "GET", f"/api/v1/users/{uid}")
     assert status == 200, answer
     return answer["data"]  # type: ignore[no-any-return]
-
-
-def connections_of(node: Node, uid: str) -> int:
-    return int(user_state(node, uid)["connections"])
 
 
 def assert_push(frame: dict[str, Any], message_id: str, uid: str, body: dict[str, Any]) -> None:

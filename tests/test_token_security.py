@@ -22,7 +22,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.helpers import GOOD_ANSWER, SECRET, Ingest, Node, UserCentre, wait_for
+from tests.helpers import (
+    GOOD_ANSWER,
+    SECRET,
+    Ingest,
+    Node,
+    UserCentre,
+    connections_of,
+    wait_for,
+)
 
 UID = "4242"
 
@@ -72,17 +80,6 @@ def kick(node: Node, uid: str) -> int:
         ingest.close()
     assert status == 200, reply
     return int(reply["data"]["closed"])
-
-
-def connections_of(node: Node, uid: str) -> int:
-    """The user's connections in the registry, as the site's API reads them."""
-    ingest = Ingest(node)
-    try:
-        status, reply = ingest.call("GET", f"/api/v1/users/{uid}")
-    finally:
-        ingest.close()
-    assert status == 200, reply
-    return int(reply["data"]["connections"])
 
 
 def closed_with(ws: ClientConnection) -> int | None:

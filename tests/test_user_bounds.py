@@ -19,7 +19,7 @@ from pmq.domain.ids import IdGenerator
 from pmq.domain.inbox import Inbox
 from pmq.domain.unread import Unread
 from pmq.redis.keys import Keys
-from tests.helpers import REDIS_URL, Ingest, Node, WsClient, wait_for, ws_client
+from tests.helpers import REDIS_URL, Ingest, Node, WsClient, connections_of, wait_for, ws_client
 
 pytestmark = pytest.mark.e2e
 
@@ -38,16 +38,6 @@ def next_millisecond() -> None:
     sort by time (they carry the millisecond they were made in)."""
     start = int(time.time() * 1000)
     wait_for(lambda: int(time.time() * 1000) > start, 1, "the next millisecond")
-
-
-def connections_of(node: Node, uid: int) -> int:
-    site = Ingest(node)
-    try:
-        status, reply = site.call("GET", f"/api/v1/users/{uid}")
-    finally:
-        site.close()
-    assert status == 200, reply
-    return int(reply["data"]["connections"])
 
 
 def test_a_connection_over_the_bound_closes_the_oldest_one_on_another_node(
