@@ -1,23 +1,28 @@
-"""Two plain Python processes relaying through Redis: a floor for PMQ's unicast and ingest.
+"""Two plain Python processes relaying through Redis: a floor for PMQ's delivery figures.
 
     redis-server --port 6520 --save "" --appendonly no --daemonize yes
     python -m bench.plain_relay --workers 2 --redis redis://127.0.0.1:6520/0
 
 The issue's yardstick ("two plain Python processes relaying through Redis without any
-storage"), built so bench.unicast and bench.ingest can run against it unchanged. Forks N
-processes after the imports, each on uvloop with:
+storage"), built so bench.unicast, bench.ingest and bench.broadcast (with ``--probes 0``: it
+has no ``ping`` action) can run against it unchanged. Forks N processes after the imports,
+each on uvloop with:
 
 - a websockets server on one SO_REUSEPORT port: the uid comes from the JWT in ``?token=``
   (PyJWT), the connection goes into a dict, a hello is sent;
 - an HTTP server on another SO_REUSEPORT port (httptools): ``POST /api/v1/messages`` with
   ``{"to": uid, "kind", "body"}`` answers 202 after pushing to the user if it is here, or
   after one PUBLISH (redis-py asyncio with hiredis) to each other process's channel if not;
-- a redis-py subscription to its own channel, pushing what arrives to its users.
+- ``POST /api/v1/broadcast`` with ``{"body": {...}}`` (any ``group``: everyone) answers 202
+  with an id after one PUBLISH to every process's channel, its own included;
+- a redis-py subscription to its own channel, pushing what arrives to its user, or to all
+  its connections at once (``websockets``' ``broadcast``, no waiting) for a broadcast.
 
 No storage, no inbox, no unread counters, no validation beyond JSON, no auth on ingest: the
 least a relay does, so PMQ's figures can be read against it on the same machine in the same
 hour. The processes are titled ``pmq: plain relay #i [NODE]`` so the benches count their
-CPU as a node's. Prints one JSON line with the config path; runs until SIGINT/SIGTERM.
+CPU as a node's. Prints one JSON line with the config path; runs until SIGINT/SIGTERM, then
+deletes the config.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,7 +42,7 @@ import httptools
 import jwt
 import orjson
 import redis.asyncio
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 
 from bench.plain_server import run_forked, serve_websockets
 from bench.run_node import free_port
@@ -82,6 +88,14 @@ class Relay:
                 await self.redis.publish(channel, relayed)
         return b'{"id":"%d"}' % msg_id
 
+    async def announce(self, message: dict[str, Any]) -> bytes:
+        msg_id = next(self.ids)
+        msg = {"id": str(msg_id), "kind": message.get("kind", "system"), "body": message["body"]}
+        relayed = b"* " + orjson.dumps({"type": "push", "msg": msg})
+        for channel in [self.channel, *self.others]:
+            await self.redis.publish(channel, relayed)
+        return b'{"id":"%d"}' % msg_id
+
     async def relay(self) -> None:
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(self.channel)
@@ -89,6 +103,9 @@ class Relay:
             if item["type"] != "message":
                 continue
             uid, _, frame = item["data"].partition(b" ")
+            if uid == b"*":
+                broadcast(self.users.values(), frame.decode())
+                continue
             ws = self.users.get(int(uid))
             if ws is not None:
                 await ws.send(frame.decode())
@@ -100,6 +117,7 @@ class Ingest(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
         self.body: list[bytes] = []
         self.transport: asyncio.Transport | None = None
 
@@ -110,16 +128,20 @@ class Ingest(asyncio.Protocol):
         self.parser.feed_data(data)
 
     def on_message_begin(self) -> None:
-        self.body = []
+        self.url, self.body = b"", []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        asyncio.get_running_loop().create_task(self.answer(b"".join(self.body)))
+        publish = self.relay.announce if self.url == b"/api/v1/broadcast" else self.relay.publish
+        asyncio.get_running_loop().create_task(self.answer(publish, b"".join(self.body)))
 
-    async def answer(self, body: bytes) -> None:
-        reply = await self.relay.publish(orjson.loads(body))
+    async def answer(self, publish: Any, body: bytes) -> None:
+        reply = await publish(orjson.loads(body))
         assert self.transport is not None
         self.transport.write(ACCEPTED % len(reply) + reply)
 
@@ -147,17 +169,20 @@ def main() -> int:
     with open(path, "w") as f:
         f.write(
             f'[server]\nport = {ws_port}\nnode = "{node}"\n'
-            f'[ingest]\nport = {http_port}\n'
+            f"[ingest]\nport = {http_port}\n"
             f'[redis]\nurl = "{args.redis}"\n'
             f'[auth]\njwt_secret = "{SECRET}"\n'
         )
-    return run_forked(
-        "plain relay",
-        node,
-        args.workers,
-        lambda i: serve(i, args.workers, node, args.redis, ws_port, http_port),
-        {"config": path, "node": node, "ws_port": ws_port},
-    )
+    try:
+        return run_forked(
+            "plain relay",
+            node,
+            args.workers,
+            lambda i: serve(i, args.workers, node, args.redis, ws_port, http_port),
+            {"config": path, "node": node, "ws_port": ws_port},
+        )
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 if __name__ == "__main__":
