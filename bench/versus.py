@@ -104,7 +104,7 @@ FAULTS: dict[str, Callable[[dict[str, Any]], dict[str, int]]] = {
     },
 }
 
-# table row -> (figure, figure shown in brackets after it)
+# the table's rows: (label, figure, figure shown in brackets after it)
 ROWS: list[tuple[str, str, str | None]] = [
     ("connects/s", "connects_per_s", None),
     ("node CPU per connect (ms)", "node_cpu_ms_per_connect", None),
