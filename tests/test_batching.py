@@ -1,5 +1,6 @@
 """pmq.redis.batching on a real Redis: the commands of one loop iteration share a write (one round
-trip), and each caller still gets its own reply or error."""
+trip), and each caller still gets its own reply or error; a pipeline's commands go in one write
+and reply as redis-py's pipeline would."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import uvloop
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from pmq.redis import pipe as redispipe
 from pmq.redis import resp as respconn
 from pmq.redis.batching import Batcher
 from tests.helpers import REDIS_URL
@@ -113,3 +116,69 @@ def test_every_caller_gets_a_reply_however_many(redis_prefix: str, calls: int) -
         )
 
     assert run(scenario) == [b"OK"] * calls
+
+
+def queue_each_command(pipe: Any, prefix: str) -> None:
+    """One of each command a pipeline carries, as the connect's registration queues them."""
+    pipe.set(f"{prefix}groups", b'["vip"]', ex=60)
+    pipe.hset(f"{prefix}conns", "c1", "w1")
+    pipe.expire(f"{prefix}conns", 60)
+    pipe.expire(f"{prefix}absent", 60)
+    pipe.hgetall(f"{prefix}conns")
+    pipe.hgetall(f"{prefix}absent")
+    pipe.hexists(f"{prefix}conns", "c1")
+    pipe.hexists(f"{prefix}conns", "c2")
+    pipe.zrangebyscore(f"{prefix}inbox", "-inf", "+inf", start=0, num=2)
+    pipe.zrangebyscore(f"{prefix}inbox", "(1", "+inf")
+    pipe.zrevrangebyscore(f"{prefix}inbox", "+inf", 0, 0, 2)
+    pipe.get(f"{prefix}groups")
+    pipe.get(f"{prefix}absent")
+    pipe.hdel(f"{prefix}conns", "c1", "c9")
+
+
+def test_a_pipeline_s_commands_share_one_write_and_reply_as_redis_py_s(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batcher.pipeline: on one server, the lean pipeline, whose replies (after the same
+    commands on the same data) are those of redis-py's pipeline, value and type; an error
+    reply raises and leaves the connection in step. On TLS, redis-py's pipeline."""
+    writes: list[int] = []
+    flush = respconn.RespConnection._flush
+
+    def counted(self: Any) -> None:
+        writes.append(len(self.outgoing))
+        flush(self)
+
+    monkeypatch.setattr(respconn.RespConnection, "_flush", counted)
+
+    async def scenario(client: Any) -> tuple[Any, ...]:
+        await client.zadd(f"{redis_prefix}inbox", {"1": 1, "2": 2, "3": 3})
+        batcher = Batcher(client)
+        try:
+            await batcher.call("PING")  # connected
+            writes.clear()
+            lean = batcher.pipeline()
+            queue_each_command(lean, redis_prefix)
+            leaned = await lean.execute()
+            sent = list(writes)
+            reference = client.pipeline(transaction=False)
+            queue_each_command(reference, redis_prefix)
+            expected = await reference.execute()
+            await client.set(f"{redis_prefix}text", "a string")
+            failing = batcher.pipeline().get(f"{redis_prefix}text")
+            failing.hgetall(f"{redis_prefix}text").get(f"{redis_prefix}groups")
+            failed = await asyncio.gather(failing.execute(), return_exceptions=True)
+            after = await batcher.pipeline().get(f"{redis_prefix}text").execute()
+            return type(lean), sent, leaned, expected, failed[0], after
+        finally:
+            batcher.close()
+
+    kind, sent, replies, expected, failed, after = run(scenario)
+    assert kind is redispipe.Pipeline
+    assert sent == [14]  # one write
+    assert replies == expected
+    assert [type(r) for r in replies] == [type(r) for r in expected]
+    assert isinstance(failed, ResponseError) and "WRONGTYPE" in str(failed)
+    assert after == [b"a string"]
+    tls = Batcher(aioredis.Redis.from_url("rediss://127.0.0.1:6390/0"))
+    assert isinstance(tls.pipeline(), Pipeline)

@@ -1,7 +1,8 @@
 """A command is never applied twice because its connection dropped after Redis ran it, for
-both ways PMQ talks to one Redis (pmq.redis.pipe's Pipe and pmq.redis.conn's pool), while a
-connection already dead before the command was written is replaced without failing it; and
-on a Redis Cluster, whose client still finds a master that moved after such a failure.
+both ways PMQ talks to one Redis (pmq.redis.pipe's Pipe, its pipelines too, and
+pmq.redis.conn's pool), while a connection already dead before the command was written is
+replaced without failing it; and on a Redis Cluster, whose client still finds a master that
+moved after such a failure.
 
 The fault is real: a proxy forwards the command to Redis, waits for Redis's reply (so the
 command ran) and cuts the client's connection instead of passing the reply on."""
@@ -130,6 +131,19 @@ def pipe_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
     return pipe.call, close
 
 
+def pipeline_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
+    """The command and a PING after it, sent together as one pipeline's (Pipe.call_many)."""
+    pipe = redispipe.Pipe(respconn.Endpoint("127.0.0.1", port))
+
+    async def call(*args: Any) -> Any:
+        return (await pipe.call_many([respconn.pack(*args), respconn.pack("PING")]))[0]
+
+    async def close() -> None:
+        pipe.close()
+
+    return call, close
+
+
 def pool_at(port: int) -> tuple[Callable[..., Awaitable[Any]], Any]:
     client = redisconn.connect(RedisConfig(url=f"redis://127.0.0.1:{port}/0"))
     return client.execute_command, client.aclose
@@ -143,12 +157,19 @@ def test_a_pipe_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix:
     assert not isinstance(result, respconn.Unsent)
 
 
+def test_a_pipeline_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix: str) -> None:
+    result, count, cuts = run_cut(redis_prefix, pipeline_at)
+    assert cuts == 1
+    assert count == 1
+    assert isinstance(result, RedisConnectionError)
+    assert not isinstance(result, respconn.Unsent)
+
+
 def test_a_pooled_command_cut_after_redis_ran_it_fails_and_runs_once(redis_prefix: str) -> None:
     result, count, cuts = run_cut(redis_prefix, pool_at)
     assert cuts == 1
     assert count == 1
     assert isinstance(result, RedisConnectionError)
-
 
 
 def test_a_pipe_connection_dead_before_the_write_is_replaced(redis_prefix: str) -> None:
@@ -169,6 +190,28 @@ def test_a_pipe_connection_dead_before_the_write_is_replaced(redis_prefix: str) 
 
     assert uvloop.run(scenario()) == [1, 2]
     assert uvloop.run(counter(key)) == 2
+
+
+def test_a_pipeline_whose_connection_died_before_the_write_is_sent_again(
+    redis_prefix: str,
+) -> None:
+    key = f"{redis_prefix}conns"
+
+    async def scenario() -> list[Any]:
+        pipe = redispipe.Pipe(respconn.Endpoint.of(aioredis.Redis.from_url(REDIS_URL)))
+        try:
+            await pipe.call("PING")
+            queued = asyncio.create_task(pipe.pipeline().hset(key, "c1", "w1").execute())
+            await asyncio.sleep(0)  # queued: its write is due at the loop's next turn
+            assert pipe._conn is not None and pipe._conn.outgoing
+            assert pipe._conn.transport is not None
+            pipe._conn.transport.abort()  # gone before the write
+            # HSET answers 1 for a new field: 0 would say it ran before (was sent twice)
+            return [await queued, await pipe.pipeline().hgetall(key).execute()]
+        finally:
+            pipe.close()
+
+    assert uvloop.run(scenario()) == [[1], [{b"c1": b"w1"}]]
 
 
 @pytest.mark.parametrize("client", ["pipe", "pool"])

@@ -5,7 +5,9 @@ and maybe one relay. Sent one by one, each pays redis-py's whole call (a pooled 
 a timeout, a write, a read); most of a publish's cost here was that (docs/benchmarks.md, b).
 A :class:`Batcher` sends them over a pmq.redis.pipe connection, which writes the commands of
 an iteration at once and parses the replies in C; each caller still gets its own reply or
-error, and a script Redis lost is loaded again.
+error, and a script Redis lost is loaded again. A caller with several commands that belong
+together (a connect's registration) queues them on :meth:`Batcher.pipeline` and gets their
+replies in one list.
 
 On a Redis Cluster (or TLS) it sends each command alone through redis-py: a cluster
 pipeline cannot carry a script.
@@ -26,6 +28,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -53,6 +56,14 @@ class Batcher:
         if self.plain is None:
             return await self.redis.execute_command(*args)
         return await self.plain.call(*args)
+
+    def pipeline(self) -> redispipe.Pipeline | Pipeline:
+        """A pipeline (redis-py's method names, its reply shapes) whose execute() sends its
+        commands together in one round trip, never waiting for a WAITAOF: on the lean
+        connection, else (a cluster, TLS) redis-py's own, without a transaction."""
+        if self.plain is None:
+            return self.redis.pipeline(transaction=False)
+        return self.plain.pipeline()
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """Call a registered script (loaded again if Redis lost it); with a confirm, its

@@ -6,7 +6,8 @@ CPU (docs/benchmarks.md, b). Here hiredis packs each command and parses every re
 the commands issued during one event-loop iteration leave in one write on one connection,
 and each reply, in order, resolves its caller's future.
 
-:class:`Pipe` carries commands (publish scripts, relays); :class:`Subscription` reads one
+:class:`Pipe` carries commands (publish scripts, relays) and pipelines of a few commands
+sent in one go (:class:`Pipeline`: a connect's registration); :class:`Subscription` reads one
 sharded pub/sub channel and runs its handler on each message as it is parsed, a bounded
 number per callback so a backlog never stalls the loop.
 
@@ -27,7 +28,7 @@ pmq.redis.resp. A Redis Cluster goes through redis-py (pmq.redis.conn), which ro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,9 +41,10 @@ Handler = Callable[[dict[str, Any]], None]
 
 
 def supports(client: aioredis.Redis) -> bool:
-    """True for a plain TCP or unix-socket Redis (no TLS, no cluster)."""
+    """True for a plain TCP or unix-socket Redis (no TLS, no cluster) whose client reads
+    replies as bytes, as a Pipe does."""
     pool = getattr(client, "connection_pool", None)
-    if pool is None:
+    if pool is None or pool.connection_kwargs.get("decode_responses"):
         return False
     cls = pool.connection_class
     return cls in (aioredis.Connection, aioredis.UnixDomainSocketConnection)
@@ -87,6 +89,23 @@ class Pipe:
         except Unsent:
             return await self._confirmed(await self._connection(), packed, confirming)
 
+    async def call_many(self, commands: Sequence[bytes]) -> list[Any]:
+        """Send ``commands`` (packed, at least one) together with the others of this loop
+        iteration, in one write; their replies in order, or the first error reply raised.
+        Written at most once, as :meth:`call`: all of them go again on a fresh connection
+        when none was written, none when they were."""
+        conn = self._conn
+        if conn is None or conn.lost.done():
+            conn = await self._connection()
+        try:
+            return await conn.send_many(commands)
+        except Unsent:
+            return await (await self._connection()).send_many(commands)
+
+    def pipeline(self) -> Pipeline:
+        """A few commands to queue and send in one go (:class:`Pipeline`)."""
+        return Pipeline(self)
+
     @staticmethod
     async def _confirmed(conn: RespConnection, packed: bytes, confirm: bytes) -> tuple[Any, Any]:
         reply = conn.send(packed)
@@ -117,6 +136,85 @@ class Pipe:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+
+def _ok(reply: Any) -> Any:
+    return reply and reply == b"OK"
+
+
+def _pairs(reply: list[Any]) -> dict[Any, Any]:
+    found = iter(reply)
+    return dict(zip(found, found, strict=True))
+
+
+def _limit(start: int | None, num: int | None) -> tuple[Any, ...]:
+    if (start is None) != (num is None):
+        raise ValueError("start and num go together")
+    return () if start is None else ("LIMIT", start, num)
+
+
+class Pipeline:
+    """Commands queued under the names and arguments of redis-py's pipeline methods (the
+    few the hot path uses), sent by :meth:`execute` in one write on a :class:`Pipe`; their
+    replies come back in the shapes redis-py's pipeline gives for a client without
+    ``decode_responses`` (its response callbacks: SET gives True, EXPIRE and HEXISTS a bool,
+    HGETALL a dict of bytes). So code that queues on a pipeline handed to it works on
+    either (pmq.redis.batching.Batcher.pipeline picks)."""
+
+    __slots__ = ("commands", "pipe", "shapes")
+
+    def __init__(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+        self.commands: list[bytes] = []
+        self.shapes: list[Callable[[Any], Any] | None] = []  # a reply's redis-py callback
+
+    def _queue(self, shape: Callable[[Any], Any] | None, *args: Any) -> Pipeline:
+        self.commands.append(pack(*args))
+        self.shapes.append(shape)
+        return self
+
+    def get(self, name: Any) -> Pipeline:
+        return self._queue(None, "GET", name)
+
+    def set(self, name: Any, value: Any, ex: int | None = None) -> Pipeline:
+        expiry = () if ex is None else ("EX", ex)
+        return self._queue(_ok, "SET", name, value, *expiry)
+
+    def expire(self, name: Any, time: int) -> Pipeline:
+        return self._queue(bool, "EXPIRE", name, time)
+
+    def hset(self, name: Any, key: Any, value: Any) -> Pipeline:
+        return self._queue(None, "HSET", name, key, value)
+
+    def hdel(self, name: Any, *keys: Any) -> Pipeline:
+        return self._queue(None, "HDEL", name, *keys)
+
+    def hexists(self, name: Any, key: Any) -> Pipeline:
+        return self._queue(bool, "HEXISTS", name, key)
+
+    def hgetall(self, name: Any) -> Pipeline:
+        return self._queue(_pairs, "HGETALL", name)
+
+    def zrangebyscore(
+        self, name: Any, min: Any, max: Any, start: int | None = None, num: int | None = None
+    ) -> Pipeline:
+        return self._queue(None, "ZRANGEBYSCORE", name, min, max, *_limit(start, num))
+
+    def zrevrangebyscore(
+        self, name: Any, max: Any, min: Any, start: int | None = None, num: int | None = None
+    ) -> Pipeline:
+        return self._queue(None, "ZREVRANGEBYSCORE", name, max, min, *_limit(start, num))
+
+    async def execute(self) -> list[Any]:
+        """Send the queued commands in one write and empty the pipeline; their replies in
+        order, or the first error reply raised (as redis-py's pipeline does), or
+        RedisConnectionError as :meth:`Pipe.call_many` says."""
+        commands, shapes = self.commands, self.shapes
+        self.commands, self.shapes = [], []
+        if not commands:
+            return []
+        replies = await self.pipe.call_many(commands)
+        return [r if shape is None else shape(r) for r, shape in zip(replies, shapes, strict=True)]
 
 
 class Subscription:

@@ -1,8 +1,9 @@
 """One RESP connection to Redis over asyncio, parsed in C by hiredis.
 
 A :class:`RespConnection` writes the commands asked for during one event-loop iteration in
-one write, and resolves each caller's future with its reply, in order; a bounded number of
-replies per callback, so a backlog never stalls the loop. With ``on_push`` it hands sharded
+one write, and resolves each caller's future with its reply, in order (a caller's several
+commands, sent together, with the list of their replies); a bounded number of replies per
+callback, so a backlog never stalls the loop. With ``on_push`` it hands sharded
 pub/sub messages to a subscriber instead. A watchdog fails every caller when Redis stops
 answering for REPLY_SECONDS; TCP keepalive finds a peer gone silent.
 
@@ -23,7 +24,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -99,6 +100,33 @@ class _Shared:
                 f.set_exception(exc)
 
 
+class _Replies:
+    """The replies to commands written together (:meth:`RespConnection.send_many`), one list
+    for one future. Each command still has its own entry in ``waiting`` (this object, once
+    per command), so what was written is counted as for single commands; the first error
+    reply fails the future (as redis-py's pipeline raises it), and the later replies are
+    read and dropped."""
+
+    __slots__ = ("count", "future", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], count: int) -> None:
+        self.future = future
+        self.replies: list[Any] = []
+        self.count = count
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, reply: Any) -> None:
+        self.replies.append(reply)
+        if len(self.replies) == self.count:
+            self.future.set_result(self.replies)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
 def _error(reply: hiredis.ReplyError) -> ResponseError:
     """The redis-py exception for an error reply (NoScriptError for NOSCRIPT)."""
     message = str(reply)
@@ -116,7 +144,9 @@ class RespConnection(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.on_push = on_push
         self.transport: asyncio.Transport | None = None
-        self.waiting: collections.deque[asyncio.Future[Any] | _Shared] = collections.deque()
+        self.waiting: collections.deque[asyncio.Future[Any] | _Shared | _Replies] = (
+            collections.deque()
+        )
         self.outgoing: list[bytes] = []
         self.lost = self.loop.create_future()  # its result: why the connection ended
         self.paused = False
@@ -138,18 +168,31 @@ class RespConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """The reply to ``packed``, written with the other commands of this iteration."""
+        future = self.loop.create_future()
+        self._queue(packed, future)
+        return future
+
+    def send_many(self, commands: Sequence[bytes]) -> asyncio.Future[list[Any]]:
+        """The replies to ``commands`` (at least one), in one list: they go in the same
+        write, so either all of them reach Redis or none (then :class:`Unsent`)."""
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        replies = _Replies(future, len(commands))
+        for packed in commands:
+            self._queue(packed, replies)
+        return future
+
+    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Replies) -> None:
         if self.lost.done():
             raise Unsent(f"Redis connection lost: {self.lost.result()}")
-        future = self.loop.create_future()
         if not self.outgoing:
             self.loop.call_soon(self._flush)
         if not self.waiting:
             self.progress = time.monotonic()
         self.outgoing.append(packed)
-        self.waiting.append(future)
+        self.waiting.append(waiter)
         if self.watchdog is None:
             self.watchdog = self.loop.call_later(REPLY_SECONDS, self._check)
-        return future
 
     def confirm(self, packed: bytes) -> asyncio.Future[Any]:
         """The reply to ``packed``, written once after every command queued for the next
