@@ -1,7 +1,8 @@
 """A connection's entry in the registry: written on open, in one round trip, and left on close.
 
 Registering is on every connect's path, so the one pipeline that writes the entry also reads
-what the connect does next (a connect rate is bounded by its round trips): the user's
+what the connect does next (a connect rate is bounded by its round trips), on the worker's
+lean connection where there is one (pmq.redis.batching.Batcher.pipeline): the user's
 connections (to close those past ``server.max_connections_per_user``), the first look at the
 inbox and the broadcasts to replay (pmq.reactor.replay), and whether the user was kicked
 since the handshake checked (pmq.domain.kicks.Kicks.kicked_since_on).
@@ -12,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
-
 from pmq.domain.broadcast import Broadcasts
 from pmq.domain.inbox import Inbox, Look
 from pmq.domain.kicks import Kicks
 from pmq.domain.routing import Routes, oldest_beyond
 from pmq.reactor.connections import Client
 from pmq.reactor.replay import LOOK as REPLAY_LOOK
+from pmq.redis.batching import Batcher
 from pmq.wire.client import CloseCode
 
 
@@ -38,14 +38,14 @@ class Registration:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        batch: Batcher,
         routes: Routes,
         inbox: Inbox,
         broadcasts: Broadcasts,
         kicks: Kicks,
         most: Callable[[], int],
     ) -> None:
-        self.redis = redis
+        self.batch = batch
         self.routes = routes
         self.inbox = inbox
         self.broadcasts = broadcasts
@@ -58,7 +58,7 @@ class Registration:
         all). None when the user was kicked since the handshake's check: ``client`` is
         closed with 4001 and nothing more is due."""
         uid, groups = client.uid, client.identity.groups
-        pipe = self.redis.pipeline(transaction=False)  # one round trip: register, then read
+        pipe = self.batch.pipeline()  # one round trip: register, then read
         registered = self.routes.register_on(pipe, uid, client.conn_id, groups)
         counted = self.routes.connections_on(pipe, uid)
         looked = self.inbox.look_on(pipe, uid, limit=REPLAY_LOOK)

@@ -168,7 +168,7 @@ class SocketWorker(Worker):
     def assemble_connects(self, kicks: Kicks) -> None:
         services, config = self.services, self.config
         registration = Registration(
-            self.redis, self.routes, services.inbox, services.broadcasts, kicks,
+            self.batch, self.routes, services.inbox, services.broadcasts, kicks,
             lambda: config.server.max_connections_per_user,
         )
         self.replay = ConnectReplay(
