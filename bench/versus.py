@@ -227,12 +227,12 @@ def one_run(
     try:
         with fresh_node(contender, args.pmq_checkout) as config:
             raw = run_bench(scenario_argv(scenario, config, args), args.timeout)
-    except (RuntimeError, OSError, ValueError, TimeoutError) as exc:
-        log(f"round {round_no}: {scenario} on {NAMES[contender]} failed: {exc}")
-        return {**run, "error": str(exc)}
-    run["figures"] = {k: read(raw) for k, (s, read) in FIGURES.items() if s == scenario}
-    run["faults"] = FAULTS[scenario](raw)
-    run["raw"] = raw
+        figures = {k: read(raw) for k, (s, read) in FIGURES.items() if s == scenario}
+        faults = FAULTS[scenario](raw)
+    except (RuntimeError, OSError, ValueError, TimeoutError, KeyError) as exc:
+        log(f"round {round_no}: {scenario} on {NAMES[contender]} failed: {exc!r}")
+        return {**run, "error": repr(exc)}
+    run.update(figures=figures, faults=faults, raw=raw)
     log(f"  {run['figures']} faults {run['faults']}")
     return run
 
