@@ -24,13 +24,16 @@ message was due to its final answer, retries and waits included) and as the node
 
 The reconnect policy (:class:`Reconnect`; the client library is to ship the same):
 
-- After a close, or a connect that failed (refused, timed out after 10 s, answered other
-  than 101, closed before the hello), wait ``random.uniform(0, min(cap, base * 2**attempt))``
-  (full jitter), then try again; each wait raises ``attempt`` by one.
+- After a close, or a connect that failed (refused, not through TCP, upgrade and hello
+  within ``timeout`` s, answered other than 101, closed before the hello), wait
+  ``random.uniform(0, min(cap, base * 2**attempt))`` (full jitter), then try again; each
+  wait raises ``attempt`` by one.
 - ``attempt`` starts at 0 and goes back to 0 only when a connection that had its hello is
   closed after holding it ``stable`` s or more; a connection that dies sooner keeps the
   back-off growing, so a node that accepts and drops at once is not hammered.
-- base 0.5 s, cap 10 s, stable 5 s by default (--base, --cap, --stable).
+- base 0.5 s, cap 10 s, stable 5 s, timeout 30 s by default (--base, --cap, --stable,
+  --timeout). A short timeout is what turns an overloaded node into a stalled one: the
+  node keeps working on handshakes whose clients have given up, and every retry adds one.
 
 Full jitter spreads each round of retries evenly over its window, so the connects a node
 refuses while it restarts do not come back as one wave; the cap bounds how long a client
@@ -88,6 +91,7 @@ class Reconnect(Backoff):
     base: float = 0.5
     cap: float = 10.0
     stable: float = 5.0  # seconds a connection must have held its hello to reset attempt
+    timeout: float = 30.0  # seconds for one connect: TCP, upgrade and hello
 
     def next_attempt(self, attempt: int, held: float) -> int:
         """The attempt to wait for after a connection that held its hello ``held`` s."""
@@ -95,20 +99,33 @@ class Reconnect(Backoff):
 
 
 class Sampler(threading.Thread):
-    """The connected count summed over the client processes, every 0.5 s."""
+    """Every 0.5 s: the connected count summed over the client processes, and the
+    connections waiting in the node's accept queues on the client port."""
 
-    def __init__(self, connected: Any) -> None:
+    def __init__(self, connected: Any, port: int) -> None:
         super().__init__(daemon=True)
         self.connected = connected
-        self.samples: list[tuple[float, int]] = []
+        self.port = f"{port:04X}"
+        self.samples: list[tuple[float, int, int]] = []
         self.halt = threading.Event()
 
     def count(self) -> int:
         return sum(self.connected)
 
+    def accept_queue(self) -> int:
+        """Summed over the listeners on the port (/proc/net/tcp: a LISTEN socket's rx_queue
+        is its accept queue)."""
+        total = 0
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if fields[3] == "0A" and fields[1].endswith(":" + self.port):
+                    total += int(fields[4].split(":")[1], 16)
+        return total
+
     def run(self) -> None:
         while not self.halt.wait(0.5):
-            self.samples.append((time.time(), self.count()))
+            self.samples.append((time.time(), self.count(), self.accept_queue()))
 
 
 # Faults ------------------------------------------------------------------------------
@@ -174,6 +191,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=Reconnect.stable,
         help="policy: seconds held that reset the back-off",
     )
+    add("--timeout", type=float, default=Reconnect.timeout, help="policy: one connect's limit")
     add("--ramp", type=int, default=64, help="first connects in flight, over all processes")
     add("--ramp-timeout", type=float, default=300.0)
     add("--before", type=float, default=5.0, help="seconds of publishing before the fault")
@@ -197,7 +215,7 @@ def uptime() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     target = target_from(args)
-    policy = Reconnect(args.base, args.cap, args.stable)
+    policy = Reconnect(args.base, args.cap, args.stable, args.timeout)
     n, procs = args.clients, args.processes
     ctx = mp.get_context("fork")
     results: mp.Queue = ctx.Queue()
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     )
-    sampler = Sampler(shared[0])
+    sampler = Sampler(shared[0], target.ws_port)
     t: dict[str, float] = {}
     readings: dict[str, Any] = {"uptime_before": uptime(), "load_before": load_average()}
     for p in workers:
@@ -331,7 +349,7 @@ def report(
     t: dict[str, float],
     back: bool,
     fault: Fault,
-    samples: list[tuple[float, int]],
+    samples: list[tuple[float, int, int]],
     site: dict[str, Any],
     clients: dict[int, dict[str, Any]],
     readings: dict[str, Any],
@@ -362,9 +380,9 @@ def report(
     wrong = [mid for mid, uid in sent_to.items() if mid in got and got[mid] != uid]
     # All back: the first sample after the last one short of N (a rolling restart drops
     # clients worker by worker, so the count dips more than once).
-    short = [s for s, count in samples if s > at and count < args.clients]
+    short = [s for s, count, _ in samples if s > at and count < args.clients]
     since = short[-1] if short else at
-    all_back = next((s - at for s, count in samples if s > since and count >= args.clients), None)
+    all_back = next((s - at for s, n, _ in samples if s > since and n >= args.clients), None)
     last_hello = max(c["last_hello"] for c in clients.values())
     end_of_storm = t["back"] if back else t["published"]
     windows = {
@@ -397,7 +415,7 @@ def report(
             "machine_cores_busy": round((mach1 - mach0) / span, 2) if span else None,
         }
 
-    curve = [[round(s - at, 1), count] for s, count in samples if s >= at - 2]
+    curve = [[round(s - at, 1), count, queued] for s, count, queued in samples if s >= at - 2]
     return {
         "bench": "storm",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -424,7 +442,8 @@ def report(
             "failed_by_kind": dict(failures),
             "failure_samples": dict(failure_text.most_common(5)),
             "closes": dict(closes),
-            "curve": curve,
+            "curve": curve,  # [s since the fault, connected, in the node's accept queues]
+            "client_loop_lag_ms": percentiles([ms for c in clients.values() for ms in c["lag_ms"]]),
         },
         "messages": {
             "requests": len(due),

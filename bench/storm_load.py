@@ -28,7 +28,6 @@ import orjson
 from bench.common import HttpClient, RawWebSocket, Target, let_go, post_head, run, settle_heap
 from pmq.wire.client import message_id_of
 
-CONNECT_TIMEOUT = 10.0  # seconds for TCP, upgrade and hello together
 ACK_EVERY = 0.25  # seconds between a process's ack rounds
 REPLY = b'{"type":"reply"'
 
@@ -135,6 +134,15 @@ class Clients:
         self.tries = array("q")  # per reconnect: attempts it took
         self.last_hello = 0.0
         self.stopping = False
+        self.lag_ms: list[float] = []  # how late a 0.1 s sleep woke, from the first connect
+
+    async def watch_lag(self) -> None:
+        """How late the process's loop runs: a load generator too busy to read its sockets
+        in time makes connects time out that the node answered."""
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(0.1)
+            self.lag_ms.append((time.monotonic() - start - 0.1) * 1000)
 
     # Frames ---------------------------------------------------------------------------
     def on_text(self, user: User, serial: int, payload: bytes) -> None:
@@ -196,7 +204,7 @@ class Clients:
     async def connect(self, user: User, handler: Handler) -> AckingWebSocket:
         try:
             ws = await AckingWebSocket.connect(
-                self.target.ws_port, user.path, self.source, handler, CONNECT_TIMEOUT
+                self.target.ws_port, user.path, self.source, handler, self.policy.timeout
             )
         except BaseException:
             if handler.ws is not None:
@@ -271,6 +279,7 @@ class Clients:
             "connected": self.connected,
             "away": [u.uid for u in self.users if u.ws is None],
             "cpu_s": time.process_time(),
+            "lag_ms": self.lag_ms,
         }
 
 
@@ -307,14 +316,15 @@ async def clients_main(
     clients = Clients(index, users, target, source, policy, shared)
     gate = asyncio.Semaphore(ramp)
     tasks = [asyncio.create_task(clients.live(u, gate)) for u in users]
-    acker = asyncio.create_task(clients.ack_rounds())
+    helpers = [asyncio.create_task(clients.ack_rounds()), asyncio.create_task(clients.watch_lag())]
     while clients.connected < len(users) and not stop.is_set():
         await asyncio.sleep(0.2)
     settle_heap()
     await asyncio.get_running_loop().run_in_executor(None, stop.wait)
     clients.stopping = True
     results.put(("clients", index, clients.report()))
-    acker.cancel()
+    for task in helpers:
+        task.cancel()
     await let_go([u.ws for u in users if u.ws is not None], tasks, raw=True)
 
 
