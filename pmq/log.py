@@ -42,8 +42,8 @@ def setup(config: LogConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
-    # websockets logs every failed handshake at INFO; keep the noise at WARNING.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    # picows logs every connection and disconnection at INFO; keep the noise at WARNING.
+    logging.getLogger("pmq.reactor.picows").setLevel(logging.WARNING)
 
 
 class Throttled:

@@ -144,7 +144,7 @@ def frame(
 ) -> bytes:
     """One client frame: ``rsv`` the three reserved bits (0-7), ``declared`` a length to
     announce instead of the payload's, ``wide`` 2 or 8 to use a longer length form than
-    needed (legal, if odd)."""
+    needed (which RFC 6455 forbids: a server closes with 1002)."""
     length = len(payload) if declared is None else declared
     head = bytes([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0xF)])
     mask_bit = 0x80 if masked else 0

@@ -9,7 +9,6 @@ over both workers).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -28,14 +27,13 @@ from urllib.parse import parse_qs
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
-from pmq.domain.auth import CLOCK_LEEWAY, Identity
+from pmq.domain.auth import CLOCK_LEEWAY
 from pmq.domain.jwtauth import mint_token
-from pmq.reactor.connections import Client
 from pmq.redis.keys import Keys
-from tests.helpers import SECRET, Node, connections_of, wait_for, wait_for_async
+from tests.helpers import SECRET, Node, connections_of, wait_for
+from tests.test_fuzz_kit import RawWebSocket
 
 pytestmark = pytest.mark.e2e
 
@@ -170,8 +168,9 @@ def api(node: Node, method: str, path: str, body: Any = None) -> tuple[int, dict
 
 
 def publish(node: Node, uid: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = api(node, "POST", "/api/v1/messages", {"to": uid, "kind": "notice",
-                                                            "body": body})
+    status, answer = api(
+        node, "POST", "/api/v1/messages", {"to": uid, "kind": "notice", "body": body}
+    )
     assert status == 202 and answer["code"] == 202, answer
     return answer["data"]  # type: ignore[no-any-return]
 
@@ -452,8 +451,7 @@ def test_slow_client_is_dropped_and_others_are_served(make_node, redis_client):
                     body = {"n": n}
                     data = publish(node, fast_uid, body)
                     assert data["online"] == 1
-                    assert_push(next_frame(fast, "push", timeout=2), data["ids"][0], fast_uid,
-                                body)
+                    assert_push(next_frame(fast, "push", timeout=2), data["ids"][0], fast_uid, body)
                     assert ping(fast, f"during-{n}", timeout=2)["code"] == 200
             assert dropped_after is not None, "400 messages of 30 KB did not drop the client"
             wait_for(lambda: connections_of(node, slow_uid) == 0, 5, "the registry to drop it")
@@ -565,23 +563,14 @@ def test_a_kick_reason_too_long_for_a_close_frame_is_cut_and_the_connection_clos
     assert "Task exception was never retrieved" not in node.log()
 
 
-def test_a_close_that_fails_aborts_the_connection():
-    class Transport:
-        aborted = False
-
-        def abort(self) -> None:
-            self.aborted = True
-
-    class Socket:  # a ServerConnection whose close raises
-        protocol = type("Protocol", (), {"state": State.OPEN})()
-        transport = Transport()
-
-        async def close(self, code: int, reason: str) -> None:
-            raise RuntimeError("close frame refused")
-
-    async def scenario() -> None:
-        client = Client(Socket(), "c1", Identity("703"), 1 << 20, 50)  # type: ignore[arg-type]
-        client.close(4001, "bye")
-        await wait_for_async(lambda: Socket.transport.aborted, 5, "the abort", interval=0)
-
-    asyncio.run(scenario())
+def test_a_close_the_client_never_answers_still_ends_the_connection(make_node):
+    """The server's close frame left unanswered: the server ends the TCP connection itself
+    (pmq.reactor.websocket.CLOSE_SECONDS), so a peer that stopped reading holds nothing."""
+    node = make_node().start()
+    ws = RawWebSocket(node, 703)
+    try:
+        status, _ = api(node, "POST", "/api/v1/users/703/kick", {"reason": "bye"})
+        assert status == 200
+        assert ws.close_code(timeout=10) == 4001  # read on to EOF, never answering
+    finally:
+        ws.close()

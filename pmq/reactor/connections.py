@@ -14,7 +14,6 @@ LIVE_LAG_SECONDS before the release are kept that long, and their pushes dropped
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import secrets
@@ -23,17 +22,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from websockets.asyncio.server import ServerConnection
-from websockets.frames import Opcode
-from websockets.protocol import State
-
 from pmq.domain.auth import Identity
 from pmq.domain.ids import first_id_at
+from pmq.reactor.websocket import Connection
 from pmq.wire.client import CloseCode, message_id_of
 
 log = logging.getLogger(__name__)
 
-CLOSE_SECONDS = 2.0
 MAX_CLOSE_REASON = 123  # bytes of UTF-8 a close frame has room for (125 less the code)
 # How late a live copy of a message may come after the message was made (a fan-out waiting
 # for a restarted task worker, a publisher between its store and its relay).
@@ -43,7 +38,7 @@ LIVE_LAG_SECONDS = 120.0
 RECENT_PUSHES = 32768
 
 
-TEXT_FIN = 0x80 | Opcode.TEXT  # the first byte of a whole (unfragmented) text frame
+TEXT_FIN = 0x81  # FIN and the text opcode: the first byte of a whole (unfragmented) text frame
 
 
 def new_conn_id() -> str:
@@ -55,9 +50,8 @@ def new_conn_id() -> str:
 
 def text_frame(payload: bytes) -> bytes:
     """``payload`` as one WebSocket text frame, the bytes a server writes (never masked, so
-    the same for every connection): what websockets' Frame(Opcode.TEXT, payload).serialize
-    (mask=False) makes, without its frame object and checks, which cost more than the
-    rest of a push (tests/test_frames.py compares the two)."""
+    the same for every connection, made once for all of them): what a reference serializer
+    (websockets' Frame.serialize) makes, which tests/test_frames.py checks."""
     length = len(payload)
     if length < 126:
         return struct.pack("!BB", TEXT_FIN, length) + payload
@@ -93,7 +87,7 @@ class Client:
 
     def __init__(
         self,
-        ws: ServerConnection,
+        ws: Connection,
         conn_id: str,
         identity: Identity,
         max_pending: int,
@@ -212,13 +206,11 @@ class Client:
         return self.replayed is not None and message_id in self.replayed
 
     def write_frame(self, frame: bytes) -> bool:
-        # Written past websockets' protocol object, as its broadcast() does in effect: a
-        # server's data frames need no per-connection state once the connection is open
-        # (PMQ never fragments), so the bytes can be shared.
-        if self.ws.protocol.state is not State.OPEN:
+        # Written past picows's transport: a server's data frames need no per-connection
+        # state (PMQ never fragments), so one frame's bytes serve every connection.
+        if not self.ws.open:
             return False
-        self.ws.transport.write(frame)
-        pending = self.ws.transport.get_write_buffer_size()
+        pending = self.ws.write(frame)
         if pending > self.max_pending:
             self.drop_slow(pending)
             return False
@@ -229,25 +221,15 @@ class Client:
             "closing slow client conn=%s uid=%s: %d bytes unsent", self.conn_id, self.uid, pending
         )
         if pending > 2 * self.max_pending:
-            self.ws.transport.abort()  # not even a close frame would reach it in time
+            self.ws.abort()  # not even a close frame would reach it in time
         else:
             self.close(CloseCode.POLICY_VIOLATION, "send buffer full")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start a closing handshake in the background (idempotent); a reason longer than
-        a close frame holds is cut (close_reason()). A close that fails or takes longer
-        than CLOSE_SECONDS aborts the TCP connection: it never stays open."""
-        if self.ws.protocol.state is State.OPEN:
-            asyncio.get_running_loop().create_task(self._close(code, close_reason(reason)))
-
-    async def _close(self, code: int, reason: str) -> None:
-        try:
-            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_SECONDS)
-        except (TimeoutError, OSError):
-            self.ws.transport.abort()
-        except Exception:
-            log.exception("closing conn=%s uid=%s failed; aborting it", self.conn_id, self.uid)
-            self.ws.transport.abort()
+        """Start a closing handshake (idempotent); a reason longer than a close frame holds
+        is cut (close_reason()). The TCP connection ends when the peer answers, or after
+        CLOSE_SECONDS (pmq.reactor.websocket): it never stays open."""
+        self.ws.close(code, close_reason(reason))
 
     def allow_request(self) -> bool:
         """Token bucket of ``server.rate`` requests per second, burst of the same size."""

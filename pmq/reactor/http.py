@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import httptools
 import orjson
 
 from pmq.wire.client import MESSAGES
@@ -79,6 +80,25 @@ class HttpResponse:
     body: bytes
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+
+
+def parse_request(
+    method: bytes, target: bytes, headers: dict[str, str], body: bytes
+) -> HttpRequest:
+    """A request from what httptools read: the target split into its path and query (the
+    first value of each parameter); HttpError(400) for a malformed target."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise HttpError(400, "malformed request target") from None
+    query = parse_qs(url.query.decode("latin-1"), keep_blank_values=True) if url.query else {}
+    return HttpRequest(
+        method.decode("latin-1"),
+        (url.path or b"/").decode("latin-1"),
+        {k: v[0] for k, v in query.items()},
+        headers,
+        body,
+    )
 
 
 def json_response(

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 from typing import TYPE_CHECKING, cast
-from urllib.parse import parse_qs
 
 import httptools
 
@@ -26,6 +25,7 @@ from pmq.reactor.http import (
     HttpResponse,
     encode_response,
     json_response,
+    parse_request,
 )
 
 if TYPE_CHECKING:
@@ -185,17 +185,8 @@ class HttpConnection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        try:
-            url = httptools.parse_url(self.url)
-        except httptools.HttpParserInvalidURLError:
-            raise HttpError(400, "malformed request target") from None
-        query = parse_qs(url.query.decode("latin-1"), keep_blank_values=True) if url.query else {}
-        request = HttpRequest(
-            self.parser.get_method().decode("ascii"),
-            (url.path or b"/").decode("latin-1"),
-            {k: v[0] for k, v in query.items()},
-            self.headers,
-            b"".join(self.body),
+        request = parse_request(
+            self.parser.get_method(), self.url, self.headers, b"".join(self.body)
         )
         self.owe_continue = False
         self.started = None

@@ -21,8 +21,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from websockets.protocol import State
-
 from pmq.domain.broadcast import Broadcasts
 from pmq.domain.inbox import ColdReader, Inbox, Look
 from pmq.errors import StorageError
@@ -157,7 +155,7 @@ class LateReplays:
     async def _deliver(self, client: Client) -> None:
         delay = RETRY_FIRST
         try:
-            while client.ws.protocol.state is State.OPEN:
+            while client.ws.open:
                 await asyncio.sleep(delay)
                 try:
                     messages = await self._unacked(client.uid, self.most())
@@ -190,4 +188,3 @@ class LateReplays:
                 break
             after = int(batch[-1]["id"])
         return found
-

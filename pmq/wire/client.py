@@ -57,6 +57,8 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes PMQ sends."""
 
     GOING_AWAY = 1001  # graceful stop or rolling restart: reconnect
+    PROTOCOL_ERROR = 1002  # a frame RFC 6455 does not allow where it came
+    INVALID_DATA = 1007  # a text message that is not UTF-8
     POLICY_VIOLATION = 1008  # send buffer over server.max_pending, or silent too long
     MESSAGE_TOO_BIG = 1009  # frame over server.max_frame
     INTERNAL_ERROR = 1011

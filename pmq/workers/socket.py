@@ -244,7 +244,7 @@ class SocketWorker(Worker):
             await asyncio.sleep(0.02)
         log.info("%s closed %d connections (%d left)", self.title, count, len(self.table))
         for client in self.table:
-            client.ws.transport.abort()
+            client.ws.abort()
 
     async def stop_loops(self, fast: bool) -> None:
         for task in self.loops:
