@@ -18,10 +18,12 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,6 +33,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from pmq.domain.auth import CLOCK_LEEWAY
 from pmq.domain.jwtauth import mint_token
+from pmq.reactor.gateway import ACCEPT_BACKLOG
 from pmq.redis.keys import Keys
 from tests.helpers import SECRET, Node, connections_of, wait_for
 from tests.test_fuzz_kit import RawWebSocket
@@ -218,6 +221,19 @@ def test_bad_tokens_are_refused_401_and_leave_nothing(make_node, redis_client):
 
     other_path = f"ws://127.0.0.1:{node.port}/other?token={node.token(uid)}"
     assert refused_status(other_path) == 404
+
+
+def test_the_client_port_queues_a_storm_of_connects(make_node):
+    """Every client of a restarted node comes back at once: each worker's accept queue holds
+    ACCEPT_BACKLOG of them (asyncio's default of 100 drops the rest's SYNs, retried by TCP
+    only after 1 s, 3 s, 7 s). ``ss`` shows a listening socket's queue size as Send-Q."""
+    node = make_node().start()
+    shown = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{node.port}"], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    queues = {int(line.split()[2]) for line in shown if line.strip()}
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert queues == {min(ACCEPT_BACKLOG, somaxconn)}, shown
 
 
 # 2. Delivery across workers ----------------------------------------------------------

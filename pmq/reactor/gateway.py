@@ -36,6 +36,11 @@ UNAVAILABLE = Throttled(log)
 
 WS_PATH = "/ws"
 RATE_LIMITED = "rate limit: slow down"
+# Connections waiting to be accepted, per socket worker (the kernel caps it at somaxconn).
+# When a node restarts, its clients all come back at once; a full queue drops their SYNs
+# and each client's TCP tries again only after 1 s, then 3 s, 7 s... (asyncio's own default
+# is 100).
+ACCEPT_BACKLOG = 4096
 STATIC_PREFIX = "/cs/"
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -141,7 +146,11 @@ class Gateway:
     async def start(self, host: str, port: int) -> None:
         max_frame = self.app.config.server.max_frame
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: Upgrade(self.decide, max_frame), host, port, reuse_port=True
+            lambda: Upgrade(self.decide, max_frame),
+            host,
+            port,
+            reuse_port=True,
+            backlog=ACCEPT_BACKLOG,
         )
 
     async def decide(self, request: HttpRequest) -> Decision:
