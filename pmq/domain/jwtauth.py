@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
 from redis.exceptions import RedisError
 
 from pmq.config import AuthConfig, Config
+from pmq.domain import hs256
 from pmq.domain.auth import CLOCK_LEEWAY, Identity, check_token_shape, make_identity
 from pmq.domain.kicks import Kicks, issued_before
 from pmq.errors import AuthError, ConfigError
@@ -103,18 +106,26 @@ def _read_or_create_secret(path: Path) -> str:
 
 
 class JwtAuthenticator:
-    """Verifies HS256 JWTs signed with one secret: PyJWT checks the signature, ``exp``,
-    ``iat`` (when present) and, when ``auth.issuer`` / ``auth.audience`` are set, ``iss`` and
-    ``aud``; then ``sub`` must be a uid, ``exp - iat`` within ``auth.max_token_age`` (when
-    set), and the token must not predate the user's last kick (one Redis read through
-    ``kicks``; without ``kicks``, as in tools and unit tests, nothing is revoked)."""
+    """Verifies HS256 JWTs signed with one secret: pmq.domain.hs256 checks, as PyJWT would,
+    the signature, ``exp``, ``iat`` (when present) and, when ``auth.issuer`` /
+    ``auth.audience`` are set, ``iss`` and ``aud``; then ``sub`` must be a uid, ``exp -
+    iat`` within ``auth.max_token_age`` (when set), and the token must not predate the
+    user's last kick (one Redis read through ``kicks``; without ``kicks``, as in tools and
+    unit tests, nothing is revoked)."""
 
     def __init__(
         self, secret: str, config: AuthConfig | None = None, kicks: Kicks | None = None
     ) -> None:
-        self._secret = secret
         self._config = config = config or AuthConfig()
         self._kicks = kicks
+        try:
+            # PyJWT's refusal of a secret shaped like an asymmetric key or a JWK, once
+            # here rather than on every token as jwt.decode did.
+            self._key = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+        except InvalidKeyError as exc:
+            raise ConfigError(f"auth.jwt_secret: {exc}") from None
+        self._issuer = config.issuer or None
+        self._audience = config.audience or None  # None: aud not looked at
         require = ["sub", "exp"]
         for claim, wanted in (
             ("iat", config.max_token_age),
@@ -123,13 +134,8 @@ class JwtAuthenticator:
         ):
             if wanted:
                 require.append(claim)
-        # sub is checked by make_identity: an int sub is accepted too. aud unchecked when
-        # no audience is set (PyJWT would refuse any token that has one).
-        self._options: Any = {
-            "require": require,
-            "verify_sub": False,
-            "verify_aud": bool(config.audience),
-        }
+        # sub is checked by make_identity: an int sub is accepted too.
+        self._require = tuple(require)
 
     async def authenticate(self, token: str) -> Identity:
         """The token's identity; AuthError(401) when it is missing, bad, expired, malformed,
@@ -154,28 +160,26 @@ class JwtAuthenticator:
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
-            claims: dict[str, Any] = jwt.decode(
+            return hs256.verify(
                 token,
-                self._secret,
-                algorithms=[ALGORITHM],
+                self._key,
                 leeway=CLOCK_LEEWAY,
-                issuer=self._config.issuer or None,
-                audience=self._config.audience or None,
-                options=self._options,
+                issuer=self._issuer,
+                audience=self._audience,
+                require=self._require,
             )
-        except jwt.ExpiredSignatureError:
+        except hs256.Expired:
             raise AuthError(401, "token expired") from None
-        except jwt.InvalidSignatureError:
+        except hs256.BadSignature:
             raise AuthError(401, "bad token signature") from None
-        except jwt.InvalidIssuerError:
+        except hs256.IssuerRefused:
             raise AuthError(401, "token issuer not accepted") from None
-        except jwt.InvalidAudienceError:
+        except hs256.AudienceRefused:
             raise AuthError(401, "token audience not accepted") from None
-        except jwt.MissingRequiredClaimError as exc:
+        except hs256.MissingClaim as exc:
             raise AuthError(401, f"token has no {exc.claim!r} claim") from None
-        except jwt.InvalidTokenError as exc:
+        except hs256.Refused as exc:
             raise AuthError(401, f"malformed token: {exc}") from None
-        return claims
 
     def _check_age(self, claims: dict[str, Any]) -> None:
         age = self._config.max_token_age
