@@ -305,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # late duplicates, if any, still count
         sampler.halt.set()
         stop_clients.set()
-        clients = collect(results, "clients", procs, 120)
+        clients = collect(results, "clients", procs, 60)
     finally:
         sampler.halt.set()
         for event in (go_site, stop_site, stop_clients):
             event.set()
         for p in workers:
-            p.join(60)
+            p.join(10)
             if p.is_alive():
                 p.terminate()
     readings.update(uptime_after=uptime(), load_after=load_average())
