@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.chaos import code_version
 from bench.chaos_load import Backoff
 from bench.chaos_rig import wait_until
 from bench.common import (
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = Sampler(shared[0], target.ws_port)
     t: dict[str, float] = {}
     readings: dict[str, Any] = {"uptime_before": uptime(), "load_before": load_average()}
+    # Respawned workers load the working tree of the moment: name the code measured.
+    readings["code"] = code_version()
     for p in workers:
         p.start()
     try:
