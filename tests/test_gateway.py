@@ -223,6 +223,27 @@ def test_bad_tokens_are_refused_401_and_leave_nothing(make_node, redis_client):
     assert refused_status(other_path) == 404
 
 
+def raw_answer(node: Node, head: bytes) -> bytes:
+    """What the client port answers ``head`` with, up to its closing the connection."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_request_head_too_large_or_malformed_is_refused(make_node):
+    node = make_node().start()
+    cookie = b"Cookie: " + b"x" * (20 * 1024) + b"\r\n"  # past the 16 KiB a head may take
+    big = b"GET /ws?token=t HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n"
+    assert raw_answer(node, big).startswith(b"HTTP/1.1 431 ")
+    assert raw_answer(node, b"GET /ws HTTP/1.1\r\nHost x\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw_answer(node, b"POST /cs/chat.html HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 404 "
+    )
+
+
 def test_the_client_port_queues_a_storm_of_connects(make_node):
     """Every client of a restarted node comes back at once: each worker's accept queue holds
     ACCEPT_BACKLOG of them (asyncio's default of 100 drops the rest's SYNs, retried by TCP

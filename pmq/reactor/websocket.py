@@ -290,13 +290,13 @@ class Upgrade(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._answer(HttpResponse(400, f"bad request: {exc}\n".encode(), "text/plain"))
             return
-        if self.complete:
+        if len(self.head) > MAX_HEAD:
+            self._answer(HttpResponse(431, b"request head too large\n", "text/plain"))
+        elif self.complete:
             assert self.transport is not None
             self.method, self.parser = self.parser.get_method(), None
             self.transport.pause_reading()
             self.deciding = asyncio.get_running_loop().create_task(self._decide())
-        elif len(self.head) > MAX_HEAD:
-            self._answer(HttpResponse(431, b"request head too large\n", "text/plain"))
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
