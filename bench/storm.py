@@ -460,6 +460,7 @@ def report(
             "duplicates_to_application": counts["dup_same_connection"]
             + counts["dup_after_confirmed_ack"],
             "dup_same_connection": counts["dup_same_connection"],
+            "dup_same_connection_sample": [d for c in clients.values() for d in c["dup_sample"]],
             "dup_after_confirmed_ack": counts["dup_after_confirmed_ack"],
             "redelivered_dropped_by_client": counts["redelivered"],
             "ack_frames": counts["ack_frames"],

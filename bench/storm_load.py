@@ -134,6 +134,8 @@ class Clients:
         self.tries = array("q")  # per reconnect: attempts it took
         self.last_hello = 0.0
         self.stopping = False
+        self.dup_sample: list[tuple[int, int, float]] = []
+        self.hello_at: dict[User, float] = {}
         self.lag_ms: list[float] = []  # how late a 0.1 s sleep woke, from the first connect
 
     async def watch_lag(self) -> None:
@@ -161,6 +163,8 @@ class Clients:
             self.shared[1][self.index] = len(self.got_ids)
         elif last == serial:
             self.counts["dup_same_connection"] += 1
+            if len(self.dup_sample) < 20:  # (id, uid, s since the connection's hello)
+                self.dup_sample.append((mid, user.uid, round(time.time() - self.hello_at[user], 3)))
             return  # never acked twice on one connection
         elif mid in self.confirmed:
             self.counts["dup_after_confirmed_ack"] += 1
@@ -214,7 +218,7 @@ class Clients:
         user.ws, user.serial = ws, handler.serial
         self.connected += 1
         self.shared[0][self.index] = self.connected
-        self.last_hello = time.time()
+        self.last_hello = self.hello_at[user] = time.time()
         return ws
 
     async def live(self, user: User, gate: asyncio.Semaphore) -> None:
@@ -280,6 +284,7 @@ class Clients:
             "away": [u.uid for u in self.users if u.ws is None],
             "cpu_s": time.process_time(),
             "lag_ms": self.lag_ms,
+            "dup_sample": self.dup_sample,
         }
 
 
