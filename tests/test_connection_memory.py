@@ -140,6 +140,45 @@ async def drop_one(port: int, uid: int) -> None:
         assert reply.startswith(b"HTTP/1.1 101")
 
 
+async def refused_upgrade(port: int, uid: int) -> None:
+    """A good token with upgrade headers picows refuses (no Sec-WebSocket-Key): a 400 after
+    the gateway accepted the token."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            f"GET /ws?token={uid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".encode(),
+        )
+        reply = b""
+        while chunk := await loop.sock_recv(sock, 4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400"), reply
+
+
+async def objects_after_refused_upgrades(count: int) -> int:
+    """Connections and clients left (with the collector off) by ``count`` upgrades refused
+    after the token check."""
+    gateway, _, port, opened = await start_gateway()
+    await refused_upgrade(port, 1)
+    gc.collect()
+    gc.disable()
+    for uid in range(2, count + 2):
+        await refused_upgrade(port, uid)
+    left = sum(1 for o in gc.get_objects() if type(o) in (Client, Connection))
+    assert not opened
+    await stop(gateway)
+    return left
+
+
+def test_upgrades_refused_after_the_token_check_leave_nothing(collector: None) -> None:
+    """picows checks the upgrade's headers only after the gateway took the token: nothing
+    made for the connection may outlive a refusal (nor wait for the collector)."""
+    assert uvloop.run(objects_after_refused_upgrades(50)) == 0
+
+
 async def use(port: int, uid: int, drop: bool = False, action: str = "ping") -> None:
     """One connection of ``uid``: one ``action`` and a close, or (``drop``) abandoned."""
     if drop:

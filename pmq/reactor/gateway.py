@@ -13,6 +13,7 @@ their scripts, from ``pmq/static/cs``) to plain GETs; every other path is a 404.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pmq.domain.auth import Authenticator
+from pmq.domain.auth import Authenticator, Identity
 from pmq.domain.kicks import now_ms
 from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
@@ -170,15 +171,17 @@ class Gateway:
             identity = await self.authenticator.authenticate(token)
         except AuthError as exc:
             return plain_response(exc.status, exc.reason)
+        opened = functools.partial(self.opened, identity, checked_ms)
+        return Connection(self.app.config.server.max_frame, opened, self.on_message, self.closed)
+
+    async def opened(self, identity: Identity, checked_ms: int, connection: Connection) -> None:
+        """The 101 is out: the connection becomes a Client. (Made only now: picows may still
+        refuse the upgrade's headers, and a Client made before would be left behind.)"""
         config = self.app.config.server
-        connection = Connection(config.max_frame, self.opened, self.on_message, self.closed)
-        connection.client = Client(
+        client = Client(
             connection, new_conn_id(), identity, config.max_pending, config.rate, checked_ms
         )
-        return connection
-
-    async def opened(self, connection: Connection) -> None:
-        client: Client = connection.client
+        connection.client = client
         self.table.add(client)
         try:
             await self.on_open(client)
