@@ -121,41 +121,37 @@ async def start_gateway() -> tuple[Gateway, ConnectionTable, int, list[Client]]:
     return gateway, table, gateway.server.sockets[0].getsockname()[1], opened
 
 
-async def drop_one(port: int, uid: int) -> None:
-    """Upgrade over a bare socket, then close it without a close frame: the peer vanishing,
-    as a phone losing its network does. (No client library: its own objects would count.)"""
+async def raw_upgrade(port: int, uid: int, key: bool = True) -> bytes:
+    """Upgrade over a bare socket (no client library: its own objects would count) and
+    return the reply's head; the socket is then closed without a close frame. ``key=False``
+    leaves out Sec-WebSocket-Key, which picows refuses (400) after the gateway took the
+    token."""
     loop = asyncio.get_running_loop()
+    key_header = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" if key else ""
     with socket.socket() as sock:
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", port))
         await loop.sock_sendall(
             sock,
             f"GET /ws?token={uid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode(),
+            f"Connection: Upgrade\r\n{key_header}Sec-WebSocket-Version: 13\r\n\r\n".encode(),
         )
         reply = b""
-        while b"\r\n\r\n" not in reply:
-            reply += await loop.sock_recv(sock, 4096)
-        assert reply.startswith(b"HTTP/1.1 101")
+        while b"\r\n\r\n" not in reply and (chunk := await loop.sock_recv(sock, 4096)):
+            reply += chunk
+    return reply
+
+
+async def drop_one(port: int, uid: int) -> None:
+    """An upgrade whose peer then vanishes without a close frame, as a phone losing its
+    network does."""
+    assert (await raw_upgrade(port, uid)).startswith(b"HTTP/1.1 101")
 
 
 async def refused_upgrade(port: int, uid: int) -> None:
-    """A good token with upgrade headers picows refuses (no Sec-WebSocket-Key): a 400 after
-    the gateway accepted the token."""
-    loop = asyncio.get_running_loop()
-    with socket.socket() as sock:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(
-            sock,
-            f"GET /ws?token={uid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".encode(),
-        )
-        reply = b""
-        while chunk := await loop.sock_recv(sock, 4096):
-            reply += chunk
-        assert reply.startswith(b"HTTP/1.1 400"), reply
+    """A good token with upgrade headers picows refuses: a 400 after the token check."""
+    reply = await raw_upgrade(port, uid, key=False)
+    assert reply.startswith(b"HTTP/1.1 400"), reply
 
 
 async def objects_after_refused_upgrades(count: int) -> int:
