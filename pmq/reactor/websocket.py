@@ -32,7 +32,7 @@ from pmq.wire.client import CloseCode
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (a browser's cookies fit)
-HEAD_SECONDS = 10.0  # the whole head must arrive within this
+HEAD_SECONDS = 10.0  # the client must send its whole request head within this
 CLOSE_SECONDS = 2.0  # after our close frame, how long the peer has to answer it
 MAX_QUEUED = 4  # messages waiting for the gateway before the socket stops being read
 READ_BUFFER = 2048  # picows's first read buffer per connection (it grows for big frames)
@@ -296,6 +296,10 @@ class Upgrade(asyncio.Protocol):
             assert self.transport is not None
             self.method, self.parser = self.parser.get_method(), None
             self.transport.pause_reading()
+            # The client's part is done: the token check's own time (Redis, the user
+            # centre, each with its timeout) must not be cut short by the head's deadline,
+            # or a storm of connects would throw away the work done on each.
+            self._stop_timer()
             self.deciding = asyncio.get_running_loop().create_task(self._decide())
 
     # httptools callbacks
@@ -312,10 +316,14 @@ class Upgrade(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.parser = None
-        if self.timer is not None:
-            self.timer.cancel()
+        self._stop_timer()
         if self.deciding is not None:
             self.deciding.cancel()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _too_slow(self) -> None:
         if self.transport is not None:
@@ -338,8 +346,7 @@ class Upgrade(asyncio.Protocol):
     def _answer(self, response: HttpResponse) -> None:
         assert self.transport is not None
         self.parser = None
-        if self.timer is not None:
-            self.timer.cancel()
+        self._stop_timer()
         self.transport.write(encode_response(response, keep_alive=False, head_only=False))
         self.transport.close()
 
@@ -347,8 +354,6 @@ class Upgrade(asyncio.Protocol):
         """Give the socket to picows with the bytes read so far; picows reads the head again
         (in C), checks the upgrade headers (400 if wrong) and answers 101."""
         assert self.transport is not None
-        if self.timer is not None:
-            self.timer.cancel()
         if self.transport.is_closing():
             return
         protocol = WSProtocol(
