@@ -21,6 +21,20 @@ from tests.helpers import REDIS_URL
 INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many commands each write of a RespConnection carried, in order."""
+    counts: list[int] = []
+    flush = respconn.RespConnection._flush
+
+    def counted(self: Any) -> None:
+        counts.append(len(self.outgoing))
+        flush(self)
+
+    monkeypatch.setattr(respconn.RespConnection, "_flush", counted)
+    return counts
+
+
 def run(scenario: Any) -> Any:
     async def with_client() -> Any:
         client = aioredis.Redis.from_url(REDIS_URL)
@@ -32,18 +46,7 @@ def run(scenario: Any) -> Any:
     return uvloop.run(with_client())
 
 
-def test_one_iterations_commands_share_one_write(
-    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writes: list[int] = []
-    flush = respconn.RespConnection._flush
-
-    def counted(self: Any) -> None:
-        writes.append(len(self.outgoing))
-        flush(self)
-
-    monkeypatch.setattr(respconn.RespConnection, "_flush", counted)
-
+def test_one_iterations_commands_share_one_write(redis_prefix: str, writes: list[int]) -> None:
     async def scenario(client: Any) -> list[Any]:
         batcher = Batcher(client)
         await batcher.call("PING")  # connected
@@ -137,20 +140,11 @@ def queue_each_command(pipe: Any, prefix: str) -> None:
 
 
 def test_a_pipeline_s_commands_share_one_write_and_reply_as_redis_py_s(
-    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_prefix: str, writes: list[int]
 ) -> None:
     """Batcher.pipeline: on one server, the lean pipeline, whose replies (after the same
     commands on the same data) are those of redis-py's pipeline, value and type; an error
     reply raises and leaves the connection in step. On TLS, redis-py's pipeline."""
-    writes: list[int] = []
-    flush = respconn.RespConnection._flush
-
-    def counted(self: Any) -> None:
-        writes.append(len(self.outgoing))
-        flush(self)
-
-    monkeypatch.setattr(respconn.RespConnection, "_flush", counted)
-
     async def scenario(client: Any) -> tuple[Any, ...]:
         await client.zadd(f"{redis_prefix}inbox", {"1": 1, "2": 2, "3": 3})
         batcher = Batcher(client)
