@@ -624,12 +624,18 @@ def counting_pipelines(client: Any) -> list[int]:
     return made
 
 
-def connections_of(node: Node, uid: str | int) -> int:
-    """The user's connections in the registry, as the site's API reads them."""
+def user_state(node: Node, uid: str | int) -> dict[str, Any]:
+    """The user as the site's API reads it (``GET /api/v1/users/{uid}``): online,
+    connections, ..."""
     site = Ingest(node)
     try:
         status, reply = site.call("GET", f"/api/v1/users/{uid}")
     finally:
         site.close()
     assert status == 200, reply
-    return int(reply["data"]["connections"])
+    return reply["data"]  # type: ignore[no-any-return]
+
+
+def connections_of(node: Node, uid: str | int) -> int:
+    """The user's connections in the registry, as the site's API reads them."""
+    return int(user_state(node, uid)["connections"])

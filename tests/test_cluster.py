@@ -33,7 +33,7 @@ from pmq import configload
 from pmq.config import HeartbeatConfig
 from pmq.domain.cluster import live_nodes, snapshot
 from pmq.redis.keys import Keys
-from tests.helpers import Ingest, Node, WsClient, free_port, wait_for
+from tests.helpers import Ingest, Node, WsClient, free_port, user_state, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -226,16 +226,6 @@ def holder_of(client: redis.Redis, keys: Keys, uid: str, nodes: list[Node]) -> N
     assert len(workers) == 1, workers
     (worker,) = workers
     return next(n for n in nodes if worker.startswith(f"{n.name}:"))
-
-
-def user_state(node: Node, uid: str) -> dict[str, Any]:
-    site = Ingest(node)
-    try:
-        code, reply = site.call("GET", f"/api/v1/users/{uid}")
-    finally:
-        site.close()
-    assert code == 200, reply
-    return reply["data"]  # type: ignore[no-any-return]
 
 
 def publish(node: Node, uid: str, text: str) -> dict[str, Any]:

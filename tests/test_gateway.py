@@ -35,7 +35,7 @@ from pmq.domain.auth import CLOCK_LEEWAY
 from pmq.domain.jwtauth import mint_token
 from pmq.reactor.gateway import ACCEPT_BACKLOG
 from pmq.redis.keys import Keys
-from tests.helpers import SECRET, Node, connections_of, wait_for
+from tests.helpers import SECRET, Node, connections_of, user_state, wait_for
 from tests.test_fuzz_kit import RawWebSocket
 
 pytestmark = pytest.mark.e2e
@@ -175,12 +175,6 @@ def publish(node: Node, uid: str, body: dict[str, Any]) -> dict[str, Any]:
         node, "POST", "/api/v1/messages", {"to": uid, "kind": "notice", "body": body}
     )
     assert status == 202 and answer["code"] == 202, answer
-    return answer["data"]  # type: ignore[no-any-return]
-
-
-def user_state(node: Node, uid: str) -> dict[str, Any]:
-    status, answer = api(node, "GET", f"/api/v1/users/{uid}")
-    assert status == 200, answer
     return answer["data"]  # type: ignore[no-any-return]
 
 
