@@ -27,7 +27,7 @@ from pmq.errors import ActionError, AuthError, StorageError
 from pmq.handlers.base import App, Caller, Handler
 from pmq.log import Throttled
 from pmq.reactor.connections import Client, ConnectionTable, new_conn_id
-from pmq.reactor.http import HttpRequest, HttpResponse
+from pmq.reactor.http import HttpRequest, HttpResponse, plain_response
 from pmq.reactor.websocket import Connection, Decision, Upgrade
 from pmq.wire import client as wire
 from pmq.wire.client import Code, ProtocolError, encode_reply, parse_request
@@ -96,10 +96,6 @@ def load_static() -> dict[str, HttpResponse]:
             200, entry.read_bytes(), content_type, STATIC_HEADERS
         )
     return pages
-
-
-def plain_response(status: int, text: str) -> HttpResponse:
-    return HttpResponse(status, (text + "\n").encode(), "text/plain; charset=utf-8")
 
 
 def forget_tracebacks(error: BaseException) -> None:

@@ -101,6 +101,11 @@ def parse_request(
     )
 
 
+def plain_response(status: int, text: str) -> HttpResponse:
+    """``text`` (and a newline) as a plain-text reply: the client port's refusals."""
+    return HttpResponse(status, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+
 def json_response(
     status: int, data: dict[str, Any] | None = None, msg: str | None = None
 ) -> HttpResponse:

@@ -26,7 +26,14 @@ from multidict import CIMultiDict
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in its stubs
 
-from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, encode_response, parse_request
+from pmq.reactor.http import (
+    HttpError,
+    HttpRequest,
+    HttpResponse,
+    encode_response,
+    parse_request,
+    plain_response,
+)
 from pmq.wire.client import CloseCode
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,6 @@ HEAD_SECONDS = 10.0  # the client must send its whole request head within this
 CLOSE_SECONDS = 2.0  # after our close frame, how long the peer has to answer it
 MAX_QUEUED = 4  # messages waiting for the gateway before the socket stops being read
 READ_BUFFER = 2048  # picows's first read buffer per connection (it grows for big frames)
-RSV_BITS = 0x70
 
 
 class PicowsLog(logging.LoggerAdapter[logging.Logger]):
@@ -130,14 +136,14 @@ class Connection(WSListener):
             self._closed_by_peer(frame)
             return
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension was agreed
-            self.fail(CloseCode.PROTOCOL_ERROR, "reserved bits set")
+            self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set")
             return
         if self.closing:
             return
         if kind is WSMsgType.CONTINUATION:
             self._continue(frame)
         elif self.parts is not None:
-            self.fail(CloseCode.PROTOCOL_ERROR, "expected a continuation frame")
+            self.close(CloseCode.PROTOCOL_ERROR, "expected a continuation frame")
         elif frame.fin:
             self._message(frame.get_payload_as_bytes(), kind is WSMsgType.TEXT)
         else:
@@ -153,11 +159,11 @@ class Connection(WSListener):
     # frames to messages ------------------------------------------------------------------
     def _continue(self, frame: WSFrame) -> None:
         if self.parts is None:
-            self.fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
+            self.close(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame")
             return
         self.parts_size += frame.payload_size
         if self.parts_size > self.max_message:
-            self.fail(CloseCode.MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
+            self.close(CloseCode.MESSAGE_TOO_BIG, f"message over {self.max_message} bytes")
             return
         self.parts.append(frame.get_payload_as_bytes())
         if frame.fin:
@@ -169,7 +175,7 @@ class Connection(WSListener):
             try:
                 data.decode()
             except UnicodeDecodeError:
-                self.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
+                self.close(CloseCode.INVALID_DATA, "invalid UTF-8")
                 return
         self.queue.append(data)
         if len(self.queue) >= MAX_QUEUED and self.raw is not None:
@@ -211,7 +217,7 @@ class Connection(WSListener):
         if not self.closing:
             self.closing = True
             code = frame.get_close_code()
-            if code in (WSCloseCode.NO_INFO, 1005):
+            if code == WSCloseCode.NO_INFO:  # a close frame without a code
                 self.transport.send_close(WSCloseCode.OK)
             else:
                 self.transport.send_close(code)
@@ -241,8 +247,6 @@ class Connection(WSListener):
         self.closing = True
         self.transport.send_close(WSCloseCode(code), reason.encode())
         self.loop.call_later(CLOSE_SECONDS, self.abort)
-
-    fail = close  # a protocol error: the same close, named for the reader
 
     def abort(self) -> None:
         """End the TCP connection now, unsent bytes dropped."""
@@ -288,10 +292,10 @@ class Upgrade(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # the head is complete (on_headers_complete ran)
         except httptools.HttpParserError as exc:
-            self._answer(HttpResponse(400, f"bad request: {exc}\n".encode(), "text/plain"))
+            self._answer(plain_response(400, f"bad request: {exc}"))
             return
         if len(self.head) > MAX_HEAD:
-            self._answer(HttpResponse(431, b"request head too large\n", "text/plain"))
+            self._answer(plain_response(431, "request head too large"))
         elif self.complete:
             assert self.transport is not None
             self.method, self.parser = self.parser.get_method(), None
@@ -334,10 +338,10 @@ class Upgrade(asyncio.Protocol):
             request = parse_request(self.method, self.url, self.headers, b"")
             decision = await self.decide(request)
         except HttpError as exc:
-            decision = HttpResponse(exc.status, f"{exc.msg}\n".encode(), "text/plain")
+            decision = plain_response(exc.status, exc.msg)
         except Exception:
             log.exception("deciding on the upgrade of %r failed", self.url[:200])
-            decision = HttpResponse(500, b"internal error\n", "text/plain")
+            decision = plain_response(500, "internal error")
         if isinstance(decision, HttpResponse):
             self._answer(decision)
         else:
