@@ -36,7 +36,6 @@ ALGORITHM = "HS256"
 SECRET_FILE = "pmq.jwt-secret"
 
 
-
 def mint_token(
     secret: str,
     uid: str | int,
