@@ -212,27 +212,20 @@ def _check_claims(
     for claim in require:
         if claims.get(claim) is None:
             raise MissingClaim(claim)
-    if "iat" in claims:
-        try:
-            issued = int(claims["iat"])
-        except (ValueError, TypeError, OverflowError):
-            raise Malformed("Issued At claim (iat) must be an integer.") from None
-        if issued > now + leeway:
-            raise Malformed("The token is not yet valid (iat)")
-    if "nbf" in claims:
-        try:
-            not_before = int(claims["nbf"])
-        except (ValueError, TypeError, OverflowError):
-            raise Malformed("Not Before claim (nbf) must be an integer.") from None
-        if not_before > now + leeway:
-            raise Malformed("The token is not yet valid (nbf)")
-    if "exp" in claims:
-        try:
-            expires = int(claims["exp"])
-        except (ValueError, TypeError, OverflowError):
-            raise Malformed("Expiration Time claim (exp) must be an integer.") from None
-        if expires <= now - leeway:
-            raise Expired("Signature has expired")
+    if "iat" in claims and _integer(claims, "iat", "Issued At") > now + leeway:
+        raise Malformed("The token is not yet valid (iat)")
+    if "nbf" in claims and _integer(claims, "nbf", "Not Before") > now + leeway:
+        raise Malformed("The token is not yet valid (nbf)")
+    if "exp" in claims and _integer(claims, "exp", "Expiration Time") <= now - leeway:
+        raise Expired("Signature has expired")
+
+
+def _integer(claims: dict[str, Any], name: str, title: str) -> int:
+    """int() of a time claim, as PyJWT takes it; Malformed in PyJWT's words if it fails."""
+    try:
+        return int(claims[name])
+    except (ValueError, TypeError, OverflowError):
+        raise Malformed(f"{title} claim ({name}) must be an integer.") from None
 
 
 def _check_issuer(claims: dict[str, Any], issuer: str) -> None:
