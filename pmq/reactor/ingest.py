@@ -23,6 +23,7 @@ from pmq.domain.messaging import publish
 from pmq.errors import StorageError
 from pmq.handlers.base import App
 from pmq.log import Throttled
+from pmq.reactor import openapi
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.store import Store
 from pmq.wire.client import Kind, is_kind, is_uid
@@ -205,12 +206,13 @@ class IngestRoutes:
 
 
 def build_router(app: IngestApp) -> Router:
-    """The ingest port's routes: /healthz and /metrics public, the API behind the API key,
-    each API route timed (pmq_ingest_request_seconds)."""
+    """The ingest port's routes: /healthz, /metrics and /openapi.json public, the API behind
+    the API key, each API route timed (pmq_ingest_request_seconds)."""
     routes = IngestRoutes(app)
     router = Router()
     router.add("GET", "/healthz", routes.healthz, public=True)
     router.add("GET", "/metrics", routes.prometheus, public=True)
+    router.add("GET", "/openapi.json", openapi.serve, public=True)
     for method, path, handler in (
         ("GET", "/api/v1/users/{uid}", routes.user),
         ("POST", "/api/v1/users/{uid}/kick", routes.kick),
