@@ -1,4 +1,4 @@
-"""The internal HTTP API on the ingest port (docs/protocol.md, "Ingest API"): routes and handlers.
+"""The internal HTTP API on the ingest port (docs/ingest.md): routes and handlers.
 
 The HTTP mechanics live in pmq.reactor.httpserver (body limit, API key, routing refusals)
 and pmq.reactor.httpconn (parsing, keep-alive, pipelining, timeouts); this module only maps
