@@ -21,11 +21,7 @@ METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 def served() -> dict[tuple[str, str], bool]:
     """(METHOD, path pattern) -> public, for every route of the ingest port."""
     router = build_router(None)  # type: ignore[arg-type]  # routes only keep the app
-    return {
-        (method, pattern): public
-        for pattern, methods in router._by_pattern.items()
-        for method, (_, public) in methods.items()
-    }
+    return {(method, pattern): public for method, pattern, public in router.routes()}
 
 
 def documented(document: dict[str, Any]) -> dict[tuple[str, str], bool]:

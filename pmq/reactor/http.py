@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import http
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -141,6 +141,12 @@ class Router:
         if method in methods:
             raise ValueError(f"route added twice: {method} {pattern}")
         methods[method] = (handler, public)
+
+    def routes(self) -> Iterator[tuple[str, str, bool]]:
+        """Every route as (method, pattern, public), in the order they were added."""
+        for pattern, methods in self._by_pattern.items():
+            for method, (_, public) in methods.items():
+                yield method, pattern, public
 
     def match(self, path: str) -> tuple[Methods, dict[str, str]] | None:
         """The routes by method for ``path`` and its parameters, or None if no pattern matches."""
