@@ -31,7 +31,7 @@ SHARDS = 4
 SERVER_URL = os.environ.get("PMQ_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 OTHER_TABLES = {
     "pmq_schema", "pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message",
-    "pmq_redis_mark",
+    "pmq_redis_mark", "pmq_read", "pmq_read_mark",
 }
 ALL_TABLES = {f"pmq_msg_{n}" for n in range(SHARDS)} | OTHER_TABLES
 

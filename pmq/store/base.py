@@ -14,29 +14,29 @@ written once for both.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar
 
 from pmq.errors import StorageError
+from pmq.store.chatsql import ChatSql
+from pmq.store.feed import FeedSql
 from pmq.store.rows import (
-    CS_MESSAGE_COLUMNS,
-    CS_ROWS_PER_INSERT,
-    CS_SESSION_COLUMNS,
     MSG_COLUMNS,
     LastRead,
     Mark,
     StoredBroadcast,
-    StoredCsMessage,
-    StoredCsSession,
     StoredMessage,
     insert_chunks,
 )
-from pmq.wire.client import MAX_ID
+from pmq.store.sqlbase import Cursor
 
-SCHEMA_VERSION = 3  # 2: pmq_redis_mark; 3: the time indexes of RETENTION_TABLES
+__all__ = ["Cursor", "Store"]
+
+# 2: pmq_redis_mark; 3: the time indexes of RETENTION_TABLES; 4: the notification centre
+# (``revoked`` columns, pmq_read, pmq_read_mark: pmq.store.feed)
+SCHEMA_VERSION = 4
 
 # Retention deletes this many rows per transaction, so no lock is held for long.
 DELETE_CHUNK = 5000
@@ -47,30 +47,17 @@ RETENTION_TABLES = (
     ("pmq_broadcast", "ts"),
     ("pmq_cs_message", "ts"),
     ("pmq_cs_session", "closed_at"),  # a session is stored once it is closed
+    ("pmq_read", "ts"),
 )
 # Ids named in one UPDATE ... IN (...) (and users in one SELECT ... IN).
 ACK_CHUNK = 500
 CATCH_UP_ROWS = 10_000  # rows one query of unacked_of() returns at most
 
 
-class Cursor(Protocol):
-    """The part of a DB-API cursor the shared SQL uses."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> object: ...
-
-    def fetchall(self) -> Sequence[Any]: ...
-
-
-class Store(abc.ABC):
+class Store(ChatSql, FeedSql, abc.ABC):
     """Messages and the other PMQ tables in an SQL database (see the module docstring)."""
 
-    # Filled in by each engine.
-    engine: ClassVar[str]  # "sqlite" or "mysql", for error messages
-    placeholder: ClassVar[str]  # "?" or "%s"
-    insert_ignore: ClassVar[str]  # "INSERT OR IGNORE" or "INSERT IGNORE"
+    # Filled in by each engine, with engine, placeholder and insert_ignore (pmq.store.sqlbase).
     replace_into: ClassVar[str]  # "INSERT OR REPLACE" or "REPLACE"
     # What follows "INSERT INTO pmq_redis_mark (bucket, epoch, gen) VALUES ..." so that a
     # bucket's row changes only to a higher mark: one statement, so the row is locked once,
@@ -107,6 +94,11 @@ class Store(abc.ABC):
         when another process adds the same index at once)."""
 
     @abc.abstractmethod
+    def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
+        """Add ``column`` (``definition``: its type and default) to ``table`` unless it has it
+        (idempotent, and safe when another process adds it at once)."""
+
+    @abc.abstractmethod
     def _delete_chunk(self, table: str, column: str, limit: int) -> str:
         """A DELETE of at most ``limit`` rows of ``table`` with ``column`` below one
         parameter."""
@@ -123,10 +115,6 @@ class Store(abc.ABC):
 
     # -- the contract ----------------------------------------------------------------------
 
-    def table(self, uid: int) -> str:
-        """The message table holding ``uid``'s messages."""
-        return f"pmq_msg_{uid % self.shards}"
-
     def init_schema(self) -> None:
         """Create every table (the owned ``pmq_msg_N`` and, on a primary, the others) that is
         missing and record SCHEMA_VERSION in ``pmq_schema``. Safe to run any number of times
@@ -142,6 +130,8 @@ class Store(abc.ABC):
                 )
             for statement in self._schema_statements():
                 cur.execute(statement)
+            for table, column, definition in self.added_columns():
+                self._add_column(cur, table, column, definition)
             if self.primary:
                 for table, column in RETENTION_TABLES:
                     self._add_index(cur, table, column)
@@ -220,7 +210,7 @@ class Store(abc.ABC):
         with self._session("unacked", write=False) as cur:
             cur.execute(
                 f"SELECT {MSG_COLUMNS} FROM {self.table(uid)} "
-                f"WHERE uid = {p} AND acked = 0 AND id > {p} ORDER BY id LIMIT {p}",
+                f"WHERE uid = {p} AND acked = 0 AND revoked = 0 AND id > {p} ORDER BY id LIMIT {p}",
                 (uid, after_id, limit),
             )
             return [StoredMessage(*row) for row in cur.fetchall()]
@@ -241,7 +231,7 @@ class Store(abc.ABC):
                 for chunk, marks in self._in_chunks(users):
                     cur.execute(
                         f"SELECT {MSG_COLUMNS} FROM {table} WHERE uid IN ({marks}) "
-                        f"AND acked = 0 AND id > {p} ORDER BY id LIMIT {p}",
+                        f"AND acked = 0 AND revoked = 0 AND id > {p} ORDER BY id LIMIT {p}",
                         (*chunk, after_id, limit),
                     )
                     found += [StoredMessage(*row) for row in cur.fetchall()]
@@ -322,53 +312,6 @@ class Store(abc.ABC):
                 )
             cur.execute("SELECT bucket, epoch, gen FROM pmq_redis_mark")
             return {int(b): (int(e), int(g)) for b, e, g in cur.fetchall()}
-
-    def write_cs(
-        self, messages: Sequence[StoredCsMessage], sessions: Sequence[StoredCsSession]
-    ) -> int:
-        """Insert chat messages and sessions in one transaction; ids already stored are
-        skipped, so a retried batch never duplicates. Returns the rows newly inserted."""
-        tables = [
-            ("pmq_cs_message", CS_MESSAGE_COLUMNS, [dataclasses.astuple(m) for m in messages]),
-            ("pmq_cs_session", CS_SESSION_COLUMNS, [dataclasses.astuple(s) for s in sessions]),
-        ]
-        inserted = 0
-        with self._session("write_cs", write=True) as cur:
-            for table, columns, rows in tables:
-                for start in range(0, len(rows), CS_ROWS_PER_INSERT):
-                    chunk = rows[start : start + CS_ROWS_PER_INSERT]
-                    one_row = "(" + ", ".join([self.placeholder] * len(chunk[0])) + ")"
-                    cur.execute(
-                        f"{self.insert_ignore} INTO {table} ({columns}) "
-                        f"VALUES {', '.join([one_row] * len(chunk))}",
-                        [v for row in chunk for v in row],
-                    )
-                    inserted += cur.rowcount
-        return inserted
-
-    def cs_session(self, session_id: int) -> StoredCsSession | None:
-        """The stored session ``session_id``, or None."""
-        with self._session("cs_session", write=False) as cur:
-            cur.execute(
-                f"SELECT {CS_SESSION_COLUMNS} FROM pmq_cs_session WHERE id = {self.placeholder}",
-                (session_id,),
-            )
-            rows = cur.fetchall()
-        return StoredCsSession(*rows[0]) if rows else None
-
-    def cs_messages(
-        self, session_id: int, before_id: int = 0, limit: int = 50
-    ) -> list[StoredCsMessage]:
-        """The session's stored messages with ids below ``before_id`` (0: no bound), newest
-        first, at most ``limit``. Page by passing the last id returned as ``before_id``."""
-        p = self.placeholder
-        with self._session("cs_messages", write=False) as cur:
-            cur.execute(
-                f"SELECT {CS_MESSAGE_COLUMNS} FROM pmq_cs_message "
-                f"WHERE session_id = {p} AND id < {p} ORDER BY id DESC LIMIT {p}",
-                (session_id, before_id or MAX_ID, limit),
-            )
-            return [StoredCsMessage(*row) for row in cur.fetchall()]
 
     def delete_before(self, ts_ms: int) -> int:
         """Delete every row older than ``ts_ms`` (unix ms): the messages (acked or not) of

@@ -160,6 +160,7 @@ class MysqlStore(Store):
             "id BIGINT UNSIGNED NOT NULL PRIMARY KEY, uid BIGINT UNSIGNED NOT NULL, "
             "kind VARCHAR(32) NOT NULL, from_uid BIGINT UNSIGNED NULL, body MEDIUMTEXT NOT NULL, "
             "ts BIGINT NOT NULL, acked TINYINT NOT NULL DEFAULT 0, "
+            "revoked TINYINT NOT NULL DEFAULT 0, "
             f"KEY idx_uid_acked_id (uid, acked, id), KEY idx_ts (ts)) {TABLE_OPTIONS}"
             for n in self.owned
         ]
@@ -170,7 +171,15 @@ class MysqlStore(Store):
             "CREATE TABLE IF NOT EXISTS pmq_broadcast ("
             "id BIGINT UNSIGNED NOT NULL PRIMARY KEY, grp VARCHAR(64) NOT NULL, "
             "kind VARCHAR(32) NOT NULL, body MEDIUMTEXT NOT NULL, ts BIGINT NOT NULL, "
-            f"dedupe_key VARCHAR(128) NULL, KEY idx_grp_id (grp, id)) {TABLE_OPTIONS}",
+            "dedupe_key VARCHAR(128) NULL, revoked TINYINT NOT NULL DEFAULT 0, "
+            f"KEY idx_grp_id (grp, id)) {TABLE_OPTIONS}",
+            "CREATE TABLE IF NOT EXISTS pmq_read ("
+            "uid BIGINT UNSIGNED NOT NULL, id BIGINT UNSIGNED NOT NULL, ts BIGINT NOT NULL, "
+            f"PRIMARY KEY (uid, id)) {TABLE_OPTIONS}",
+            "CREATE TABLE IF NOT EXISTS pmq_read_mark ("
+            "uid BIGINT UNSIGNED NOT NULL, kind VARCHAR(32) NOT NULL, "
+            "mark BIGINT UNSIGNED NOT NULL, "
+            f"PRIMARY KEY (uid, kind)) {TABLE_OPTIONS}",
             "CREATE TABLE IF NOT EXISTS pmq_last_read ("
             "uid BIGINT UNSIGNED NOT NULL, kind VARCHAR(32) NOT NULL, ts BIGINT NOT NULL, "
             f"PRIMARY KEY (uid, kind)) {TABLE_OPTIONS}",
@@ -204,6 +213,21 @@ class MysqlStore(Store):
             cur.execute(f"ALTER TABLE {table} ADD KEY {name} ({column})")
         except pymysql.OperationalError as exc:
             if exc.args[0] != ER.DUP_KEYNAME:
+                raise
+
+    def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
+        # As _add_index: look first, and take "duplicate column name" as done.
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.columns WHERE "
+            "table_schema = DATABASE() AND table_name = %s AND column_name = %s",
+            (table, column),
+        )
+        if cur.fetchall()[0][0]:
+            return
+        try:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except pymysql.OperationalError as exc:
+            if exc.args[0] != ER.DUP_FIELDNAME:
                 raise
 
     def _delete_chunk(self, table: str, column: str, limit: int) -> str:

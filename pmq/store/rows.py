@@ -58,6 +58,16 @@ class LastRead:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReadRows:
+    """What a user read (``pmq_read`` rows: item id and its unix ms) and the kinds read up to
+    an id (``pmq_read_mark`` rows, "*" for every kind)."""
+
+    uid: int
+    ids: list[tuple[int, int]]
+    marks: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredCsMessage:
     """One customer-service chat message (``pmq_cs_message``): ``body`` is JSON text."""
 

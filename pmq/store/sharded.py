@@ -17,6 +17,7 @@ from pmq.store.base import CATCH_UP_ROWS, Cursor, Store
 from pmq.store.rows import (
     LastRead,
     Mark,
+    ReadRows,
     StoredBroadcast,
     StoredCsMessage,
     StoredCsSession,
@@ -65,6 +66,9 @@ class ShardedStore(Store):
 
     def _delete_chunk(self, table: str, column: str, limit: int) -> str:
         return self.main._delete_chunk(table, column, limit)
+
+    def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
+        self.main._add_column(cur, table, column, definition)
 
     def table(self, uid: int) -> str:
         return self.store_of(uid).table(uid)
@@ -126,6 +130,42 @@ class ShardedStore(Store):
     def unacked_users(self, shard: int, after_uid: int = 0, limit: int = 1000) -> list[int]:
         return self.by_shard[shard].unacked_users(shard, after_uid, limit)
 
+    def feed(
+        self, uid: int, before: int, after: int, kind: str | None, limit: int
+    ) -> list[StoredMessage]:
+        return self.store_of(uid).feed(uid, before, after, kind, limit)
+
+    def messages_by_ids(self, uid: int, ids: Sequence[int]) -> list[StoredMessage]:
+        return self.store_of(uid).messages_by_ids(uid, ids)
+
+    def find_message(self, message_id: int) -> tuple[StoredMessage, bool] | None:
+        for store in self.stores:
+            found = store.find_message(message_id)
+            if found is not None:
+                return found
+        return None
+
+    def write_centre(
+        self,
+        reads: Sequence[ReadRows],
+        revoked: Sequence[StoredMessage],
+        edited: Sequence[StoredMessage],
+        revoked_broadcasts: Sequence[StoredBroadcast],
+    ) -> None:
+        for store in self.stores:
+            mine = [r for r in (*revoked, *edited) if self.store_of(r.uid) is store]
+            if store is self.main:
+                store.write_centre(
+                    reads,
+                    [r for r in revoked if r in mine],
+                    [r for r in edited if r in mine],
+                    revoked_broadcasts,
+                )
+            elif mine:
+                store.write_centre(
+                    [], [r for r in revoked if r in mine], [r for r in edited if r in mine], []
+                )
+
     # The primary's tables -----------------------------------------------------------
     def redis_marks(self) -> dict[int, Mark]:
         return self.main.redis_marks()
@@ -141,6 +181,20 @@ class ShardedStore(Store):
 
     def last_read(self, uid: int, kind: str) -> int | None:
         return self.main.last_read(uid, kind)
+
+    def feed_broadcasts(
+        self, groups: Sequence[str], before: int, after: int, kind: str | None, limit: int
+    ) -> list[StoredBroadcast]:
+        return self.main.feed_broadcasts(groups, before, after, kind, limit)
+
+    def broadcasts_by_ids(self, ids: Sequence[int]) -> list[StoredBroadcast]:
+        return self.main.broadcasts_by_ids(ids)
+
+    def find_broadcast(self, broadcast_id: int) -> tuple[StoredBroadcast, bool] | None:
+        return self.main.find_broadcast(broadcast_id)
+
+    def read_state(self, uid: int, since_ms: int) -> ReadRows:
+        return self.main.read_state(uid, since_ms)
 
     def write_cs(
         self, messages: Sequence[StoredCsMessage], sessions: Sequence[StoredCsSession]

@@ -137,7 +137,7 @@ class SqliteStore(Store):
                 f"CREATE TABLE IF NOT EXISTS {t} ("
                 "id INTEGER PRIMARY KEY, uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, "
                 "from_uid BIGINT NULL, body TEXT NOT NULL, ts BIGINT NOT NULL, "
-                "acked TINYINT NOT NULL DEFAULT 0)",
+                "acked TINYINT NOT NULL DEFAULT 0, revoked TINYINT NOT NULL DEFAULT 0)",
                 f"CREATE INDEX IF NOT EXISTS {t}_uid_acked_id ON {t} (uid, acked, id)",
                 f"CREATE INDEX IF NOT EXISTS {t}_ts ON {t} (ts)",
             ]
@@ -145,10 +145,17 @@ class SqliteStore(Store):
             *statements,
             "CREATE TABLE IF NOT EXISTS pmq_broadcast ("
             "id INTEGER PRIMARY KEY, grp VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL, "
-            "body TEXT NOT NULL, ts BIGINT NOT NULL, dedupe_key VARCHAR(128) NULL)",
+            "body TEXT NOT NULL, ts BIGINT NOT NULL, dedupe_key VARCHAR(128) NULL, "
+            "revoked TINYINT NOT NULL DEFAULT 0)",
             "CREATE INDEX IF NOT EXISTS pmq_broadcast_grp_id ON pmq_broadcast (grp, id)",
             "CREATE TABLE IF NOT EXISTS pmq_last_read ("
             "uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, ts BIGINT NOT NULL, "
+            "PRIMARY KEY (uid, kind)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS pmq_read ("
+            "uid BIGINT NOT NULL, id BIGINT NOT NULL, ts BIGINT NOT NULL, "
+            "PRIMARY KEY (uid, id)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS pmq_read_mark ("
+            "uid BIGINT NOT NULL, kind VARCHAR(32) NOT NULL, mark BIGINT NOT NULL, "
             "PRIMARY KEY (uid, kind)) WITHOUT ROWID",
             "CREATE TABLE IF NOT EXISTS pmq_redis_mark ("
             "bucket INTEGER PRIMARY KEY, epoch BIGINT NOT NULL, gen BIGINT NOT NULL)",
@@ -167,6 +174,12 @@ class SqliteStore(Store):
 
     def _add_index(self, cur: Cursor, table: str, column: str) -> None:
         cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})")
+
+    def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
+        # Writers hold the file's lock (BEGIN IMMEDIATE): no other process adds it meanwhile.
+        cur.execute(f"PRAGMA table_info({table})")
+        if column not in {row[1] for row in cur.fetchall()}:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _delete_chunk(self, table: str, column: str, limit: int) -> str:
         # DELETE ... LIMIT needs a compile-time option most builds lack; go through the rowid.
