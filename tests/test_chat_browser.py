@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import shutil
+import signal
 import struct
 import threading
 import zlib
@@ -20,7 +22,7 @@ import redis
 
 from pmq.domain.jwtauth import mint_token
 from pmq.redis.keys import Keys
-from tests.helpers import SECRET, Node, wait_for
+from tests.helpers import SECRET, Ingest, Node, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -184,3 +186,44 @@ def test_agent_and_user_pages_chat_through_a_node(
         agent.page.locator(".session.closed", has_text=f"User {USER}").wait_for()
         agent.close()
         user.close()
+
+
+def test_client_module_in_a_page_reconnects_after_a_kill(
+    make_node: Callable[..., Node], browser: Any, redis_prefix: str, redis_client: redis.Redis
+) -> None:
+    """The client module as a page of the node imports it (/cs/pmq-client.js): it connects,
+    gets a push, and after a kill -9 of the socket worker holding it, reconnects and gets
+    the next one, once each."""
+    node = make_node().start()
+    uid = "77"
+    page = Page(browser, f"http://127.0.0.1:{node.port}/cs/chat.html?token={node.token(USER)}")
+    page.page.evaluate(
+        """async (token) => {
+            const { PmqClient } = await import("/cs/pmq-client.js");
+            window.texts = [];
+            window.hellos = 0;
+            const client = new PmqClient({ token });
+            client.on("message", (msg) => window.texts.push(msg.body.text));
+            client.on("connected", () => (window.hellos += 1));
+            await client.connect();
+        }""",
+        node.token(uid),
+    )
+    site = Ingest(node)
+
+    def publish(text: str) -> None:
+        status, reply = site.publish({"to": uid, "kind": "notice", "body": {"text": text}})
+        assert status == 202, reply
+
+    def texts() -> list[str]:
+        return list(page.page.evaluate("window.texts"))
+
+    publish("before")
+    wait_for(lambda: texts() == ["before"], 10, "the push in the page")
+    [holder] = redis_client.hvals(Keys(redis_prefix).user_conns(uid))  # node:socketN:pid
+    os.kill(int(str(holder).rpartition(":")[2]), signal.SIGKILL)
+    wait_for(lambda: page.page.evaluate("window.hellos") == 2, 20, "the page's client back")
+    publish("after")
+    wait_for(lambda: texts() == ["before", "after"], 10, "the push after the reconnect")
+    site.close()
+    page.close()
