@@ -2,8 +2,10 @@
 
 Each package of pmq/ is a floor (docs/architecture.md); a module imports only from its own
 floor and the floors below. The reactor and the task workers stand side by side on one
-floor and never import each other: they meet in Redis. docs/architecture.md lists every
-module, and every module it lists exists.
+floor and never import each other: they meet in Redis. The client library (pmq/client/)
+stands apart from the server: it imports only the client wire format, and nothing of the
+server imports it. docs/architecture.md lists every module, and every module it lists
+exists.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ FLOORS: dict[str, int] = {
 }
 # Parts on one floor that must still not import each other.
 APART = {frozenset({"reactor", "tasks"})}
+# The client library: a part of its own, beside the server's floors.
+CLIENT = "client"
+CLIENT_IMPORTS = {"pmq.wire.client"}  # all it may use of the server's code
 
 
 def modules() -> list[Path]:
@@ -78,7 +83,8 @@ def name_of(path: Path) -> str:
 
 def test_every_part_has_a_floor() -> None:
     parts = {part_of(name_of(p)) for p in modules() if name_of(p) != "pmq"}
-    assert parts <= set(FLOORS), f"parts without a floor: {sorted(parts - set(FLOORS))}"
+    floors = {*FLOORS, CLIENT}
+    assert parts <= floors, f"parts without a floor: {sorted(parts - floors)}"
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PMQ.parent)))
@@ -89,6 +95,10 @@ def test_imports_point_down(path: Path) -> None:
     mine = part_of(module)
     for target in imported(path):
         theirs = part_of(target)
+        if mine == CLIENT:
+            assert theirs == CLIENT or target in CLIENT_IMPORTS, f"the client imports {target}"
+            continue
+        assert theirs != CLIENT, f"{module} imports the client library ({target})"
         assert FLOORS[theirs] <= FLOORS[mine], f"{module} imports {target}, a floor above"
         assert frozenset({mine, theirs}) not in APART, f"{module} imports {target}"
 
