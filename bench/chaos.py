@@ -49,10 +49,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.chaos_load import Backoff, Plan, replay_check, site_process, users_process
+from bench.chaos_load import Plan, replay_check, site_process, users_process
 from bench.chaos_report import Books, Fault, account, markdown, table
 from bench.chaos_rig import MysqlDatabase, Node, Proxy, RedisServer, wait_until
 from bench.common import log, run
+from pmq.client import Backoff
 
 FIGURES = Path(__file__).parent / "figures"
 UID_BASE = 7_000_000

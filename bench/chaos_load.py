@@ -21,7 +21,7 @@ import contextlib
 import multiprocessing as mp
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -29,24 +29,13 @@ import websockets
 from websockets.asyncio.client import connect
 
 from bench.common import HttpClient, post_head, run, settle_heap
+from pmq.client import Backoff
 
 HANGS_AFTER = 5.0  # seconds the site waits for an ingest answer
 REFUSED = -2  # outcome: connection refused or dropped before an answer
 HUNG = -1  # outcome: no answer within HANGS_AFTER
 SHED = -3  # outcome: not sent, every connection of the site's pool was busy
 MULTICAST_BASE = 1_000_000_000  # multicast requests are numbered from here
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnection delays: a random wait in [0, min(cap, base * 2**attempt)] (full
-    jitter), the attempt count reset by every hello."""
-
-    base: float = 0.25
-    cap: float = 4.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0, min(self.cap, self.base * 2**attempt))
 
 
 @dataclass(frozen=True)
@@ -67,7 +56,7 @@ class Plan:
     multicast_size: int
     broadcast_every: float
     connections: int  # the site's pool: at most this many requests in flight
-    backoff: Backoff = Backoff()
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 # Users ------------------------------------------------------------------------------

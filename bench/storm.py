@@ -22,7 +22,8 @@ storm (fault to all back) and after, both as the site saw it (``latency_ms``: fr
 message was due to its final answer, retries and waits included) and as the node answered
 (``answer_ms``: the final try alone); node and machine CPU; ``uptime`` before and after.
 
-The reconnect policy (:class:`Reconnect`; the client library is to ship the same):
+The reconnect policy (:class:`bench.storm_load.Reconnect`; its delay is pmq.client's
+:class:`~pmq.client.Backoff`, the one the client library reconnects with):
 
 - After a close, or a connect that failed (refused, not through TCP, upgrade and hello
   within ``timeout`` s, answered other than 101, closed before the hello), wait
@@ -55,12 +56,11 @@ import sys
 import threading
 import time
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.chaos import code_version
-from bench.chaos_load import Backoff
 from bench.chaos_rig import wait_until
 from bench.common import (
     MAX_SOCKETS_PER_PROCESS,
@@ -78,25 +78,10 @@ from bench.common import (
     source_addresses,
     target_from,
 )
-from bench.storm_load import clients_process, site_process
+from bench.storm_load import Reconnect, clients_process, site_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_S = 20.0  # the issue's bound for all clients back
-
-
-@dataclass(frozen=True)
-class Reconnect(Backoff):
-    """The reconnect policy (module docstring): Backoff's full-jitter delay, and when the
-    attempt count starts again."""
-
-    base: float = 0.5
-    cap: float = 10.0
-    stable: float = 5.0  # seconds a connection must have held its hello to reset attempt
-    timeout: float = 30.0  # seconds for one connect: TCP, upgrade and hello
-
-    def next_attempt(self, attempt: int, held: float) -> int:
-        """The attempt to wait for after a connection that held its hello ``held`` s."""
-        return 0 if held >= self.stable else attempt
 
 
 class Sampler(threading.Thread):

@@ -3,7 +3,8 @@ the site publishing at a fixed rate with retries. Run by bench.storm, one proces
 
 A client process holds its share of the users, each on a :class:`AckingWebSocket` from the
 process's own loopback source address. A user whose connection closes (or whose connect
-fails) waits the delay of the storm's reconnect policy and tries again. Every push is
+fails) waits the delay of the storm's reconnect policy (:class:`Reconnect`: pmq.client's
+back-off) and tries again. Every push is
 recorded by id, acked in batches (``msg.ack``, every 0.25 s per process) and told apart:
 first seen (handed to the application), seen again after a reconnect while its ack was
 unconfirmed (a redelivery the client drops by id, as it must), or a duplicate that reaches
@@ -21,15 +22,30 @@ import multiprocessing as mp
 import random
 import time
 from array import array
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from bench.common import HttpClient, RawWebSocket, Target, let_go, post_head, run, settle_heap
+from pmq.client import Backoff
 from pmq.wire.client import message_id_of
 
 ACK_EVERY = 0.25  # seconds between a process's ack rounds
 REPLY = b'{"type":"reply"'
+
+
+@dataclass(frozen=True)
+class Reconnect(Backoff):
+    """The reconnect policy (bench.storm's docstring): the client library's full-jitter
+    delay, and when the attempt count starts again."""
+
+    stable: float = 5.0  # seconds a connection must have held its hello to reset attempt
+    timeout: float = 30.0  # seconds for one connect: TCP, upgrade and hello
+
+    def next_attempt(self, attempt: int, held: float) -> int:
+        """The attempt to wait for after a connection that held its hello ``held`` s."""
+        return 0 if held >= self.stable else attempt
 
 
 class AckingWebSocket(RawWebSocket):
@@ -112,7 +128,7 @@ class Clients:
         users: list[User],
         target: Target,
         source: str,
-        policy: Any,
+        policy: Reconnect,
         shared: tuple[Any, Any],
     ) -> None:
         self.index, self.users, self.target, self.source = index, users, target, source
@@ -293,7 +309,7 @@ def clients_process(
     uids: range,
     target: Target,
     source: str,
-    policy: Any,
+    policy: Reconnect,
     ramp: int,
     shared: tuple[Any, Any],
     results: mp.Queue,
@@ -309,7 +325,7 @@ async def clients_main(
     uids: range,
     target: Target,
     source: str,
-    policy: Any,
+    policy: Reconnect,
     ramp: int,
     shared: tuple[Any, Any],
     results: mp.Queue,
