@@ -53,7 +53,11 @@ export class PmqClient {
     this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options.backoff } };
     this.options.ackBatch = Math.max(1, Math.min(this.options.ackBatch, MAX_ACK));
     // Relative to the page in a browser ("/ws" = the node that served it); absolute in Node.
-    this._url = new URL(this.options.url, globalThis.location?.href);
+    try {
+      this._url = new URL(this.options.url, globalThis.location?.href);
+    } catch {
+      throw new TypeError(`pmq-client: url ${this.options.url} must be absolute outside a page`);
+    }
     this._url.protocol = this._url.protocol.replace(/^http/, "ws");
     /** "idle", "connecting", "open", "waiting" (to reconnect) or "stopped". */
     this.state = "idle";
