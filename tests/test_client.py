@@ -276,6 +276,20 @@ def test_an_ack_leaves_after_ack_delay_without_a_full_batch(make_node):
     asyncio.run(scenario())
 
 
+def test_close_sends_the_acks_still_waiting(make_node):
+    node = make_node().start()
+
+    async def scenario() -> None:
+        async with started(Client(node.ws_url, node.token(7), ack_delay=NEVER)) as client:
+            reader = Reader(client)
+            await publish_async(node, 7)
+            await reader.until(1)
+        async with started(Client(node.ws_url, node.token(7))) as again:
+            assert (await again.pull())["messages"] == []  # acked, so not replayed either
+
+    asyncio.run(scenario())
+
+
 # Stops, tokens ---------------------------------------------------------------------------
 
 
@@ -311,12 +325,14 @@ def test_a_newer_connection_over_the_users_bound_stops_the_older_client(make_nod
     node = make_node(server={"max_connections_per_user": 1}).start()
 
     async def scenario() -> None:
-        async with started(Client(node.ws_url, node.token(7), backoff=QUICK)) as older:
-            async with started(Client(node.ws_url, node.token(7), backoff=QUICK)) as newer:
-                await wait_for_async(lambda: older.stopped, 10, "the older client to stop")
-                assert older.stopped is not None and older.stopped.code == 4008
-                await newer.ping()  # not closed by the older one coming back
-                assert newer.connected and newer.stopped is None
+        async with (
+            started(Client(node.ws_url, node.token(7), backoff=QUICK)) as older,
+            started(Client(node.ws_url, node.token(7), backoff=QUICK)) as newer,
+        ):
+            await wait_for_async(lambda: older.stopped, 10, "the older client to stop")
+            assert older.stopped is not None and older.stopped.code == 4008
+            await newer.ping()  # not closed by the older one coming back
+            assert newer.connected and newer.stopped is None
 
     asyncio.run(scenario())
 

@@ -102,7 +102,8 @@ class Client:
     # Life -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect; return once the first hello came (reconnects then go on by
-        themselves). Raises :class:`Stopped` when the token is refused."""
+        themselves). Raises :class:`Stopped` when the client stops first (a refused
+        token)."""
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_future()
             self._loops = [asyncio.create_task(self._run()), asyncio.create_task(self._ack_loop())]
@@ -114,7 +115,8 @@ class Client:
         ws = self._ready.result() if self.connected and self._ready is not None else None
         if ws is not None and self._acks:
             with contextlib.suppress(ClientError):
-                await self._send_acks(self._take_acks())
+                for ids in batches(self._take_acks(), self.ack_batch):
+                    await self._send_acks(ids)
         self._stop(Stopped(None, "closed by the application"))
         for task in (*self._loops, *self._tasks):
             task.cancel()
@@ -137,8 +139,8 @@ class Client:
     async def messages(self) -> AsyncIterator[Data]:
         """Every message (the ``msg`` of a push, as the server sent it) once, in the order
         it came. With ``auto_ack`` its id is acked once it has been handed over. Ends after
-        :meth:`close`; raises :class:`Stopped` after a kick or a refused token. Read by one
-        consumer at a time."""
+        :meth:`close`; raises the :class:`Stopped` when the client stopped by itself (a
+        kick, a refused token). Read by one consumer at a time."""
         while True:
             message = await self._inbox.get()
             if message is None:
@@ -443,9 +445,8 @@ class Client:
                 await self._connection()
             except Stopped:
                 return
-            ids = self._take_acks()
-            for start in range(0, len(ids), self.ack_batch):
-                self._spawn(self._send_acks(ids[start : start + self.ack_batch]))
+            for ids in batches(self._take_acks(), self.ack_batch):
+                self._spawn(self._send_acks(ids))
 
     async def _send_acks(self, ids: Ids) -> None:
         """One msg.ack; queued again when its reply never came (acks are idempotent)."""
@@ -458,6 +459,11 @@ class Client:
                 self._acks_full.set()
         except RequestError as exc:
             log.warning("pmq.client: msg.ack of %d ids refused: %s", len(ids), exc)
+
+
+def batches(ids: Ids, size: int) -> list[Ids]:
+    """``ids`` in lists of at most ``size``, in order."""
+    return [ids[start : start + size] for start in range(0, len(ids), size)]
 
 
 def lost(ws: ClientConnection) -> ConnectionLost:
