@@ -238,6 +238,32 @@ test("replies: an error code, a timeout, a lost connection", async () => {
   patient.close();
 });
 
+test("the network coming back (online) retries at once instead of waiting", async (t) => {
+  // What a page's window does; Node's globalThis has no events of its own.
+  const window = new EventTarget();
+  globalThis.addEventListener = window.addEventListener.bind(window);
+  globalThis.removeEventListener = window.removeEventListener.bind(window);
+  const random = Math.random;
+  Math.random = () => 1; // the whole window: an hour
+  t.after(() => {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+    Math.random = random;
+  });
+  const uid = nextUid++;
+  const record = recorder();
+  const pmq = client(uid, { WebSocket: record.WebSocket, backoff: { baseMs: 3600000, capMs: 3600000 } });
+  let hellos = 0;
+  pmq.on("connected", () => (hellos += 1));
+  const gone = new Promise((resolve) => pmq.on("disconnected", resolve));
+  await pmq.connect();
+  record.sockets[0].close();
+  assert.equal((await gone).retryInMs, 3600000);
+  window.dispatchEvent(new Event("online"));
+  await waitFor(() => hellos === 2, "the reconnect");
+  pmq.close();
+});
+
 test("a token callback that throws stops the client", async () => {
   const pmq = new PmqClient({
     url: PMQ_WS_URL,
