@@ -14,8 +14,9 @@ rest. On a single Redis (one bucket) a publish is one call, as a unicast always 
 
 Unread counters live beside it (pmq.domain.unread). Messages older than ``inbox.hot_seconds`` are
 moved to storage by the sweep (pmq.tasks); replay and ``msg.pull`` read those from storage
-first, then the hot ones, in id order. Storage is read for a user flagged cold, and for
-every user while their bucket's Redis data is not known complete (pmq.domain.epochs).
+first, then the hot ones, in id order, as amended (retracted or edited, pmq.domain.amend).
+Storage is read for a user flagged cold, and for every user while their bucket's Redis data
+is not known complete (pmq.domain.epochs).
 
 Every read is one page: the ids of the hot inbox come by a ZRANGEBYSCORE with a LIMIT, the
 bodies of those alone, and storage's rows with a LIMIT, so no request reads a whole inbox
@@ -108,7 +109,7 @@ class Inbox:
         self.hot_seconds = hot_seconds
         self.ttl = retention_seconds
         self._publish = scripts.register(redis, "inbox_publish")
-        self._bucket_keys_made: dict[int, tuple[str, str, str]] = {}
+        self._bucket_keys_made: dict[int, tuple[str, str, str, str]] = {}
         self.batch = batch or Batcher(redis)
         self._ack = scripts.register(redis, "inbox_ack")
         self.marks = RedisMarks(redis, keys)
@@ -233,15 +234,16 @@ class Inbox:
         states = [UnreadState.of_reply(flat) if flat else None for flat in result[2::2]]
         return None, encoded, conns, states
 
-    def _bucket_keys(self, bucket: int) -> tuple[str, str, str]:
+    def _bucket_keys(self, bucket: int) -> tuple[str, str, str, str]:
         """The bucket's keys a publish names first, made once: dedupe (unused without a
-        key, but in the bucket's slot), storage queue, inbox index."""
+        key, but in the bucket's slot), storage queue, inbox index, owners."""
         found = self._bucket_keys_made.get(bucket)
         if found is None:
             found = self._bucket_keys_made[bucket] = (
                 self.keys.publish_dedupe("", bucket),
                 self.keys.store_queue(self.keys.bucket_tag(bucket)),
                 self.keys.inbox_index(bucket),
+                self.keys.owners(bucket),
             )
         return found
 
@@ -320,7 +322,7 @@ class Inbox:
                 mark = cast(bytes | None, await self.redis.get(self.keys.cold(uid)))
         found: list[dict[str, Any]] = []
         if cold is not None and (mark is not None or not look.complete):
-            found = await cold(uid, after, limit)
+            found = await self.amended(uid, await cold(uid, after, limit))
             if not found and not after and mark is not None:  # storage holds none: drop
                 # the flag, unless a sweep set it again since (its mark is new every sweep)
                 await delete_if(self.redis, self.keys.cold(uid), mark)
@@ -331,6 +333,20 @@ class Inbox:
                 found.append(message)
         found.sort(key=lambda m: int(m["id"]))
         return found[:limit]
+
+
+    async def amended(self, uid: str, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``stored`` (messages storage holds for ``uid``) as the user sees them now: without
+        those retracted, edited ones with their new body (pmq.domain.amend), whether or not
+        the storage writer has had those changes yet."""
+        if not stored:
+            return stored
+        raw = await self.redis.hmget(self.keys.amends(uid), [m["id"] for m in stored])
+        return [
+            m if amend is None else orjson.loads(amend)
+            for m, amend in zip(stored, cast(list[bytes | None], raw), strict=True)
+            if amend != b""
+        ]
 
 
 def _pairs(flat: list[bytes]) -> dict[str, str]:

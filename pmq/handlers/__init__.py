@@ -12,7 +12,13 @@ import importlib
 
 from pmq.handlers.base import Handler
 
-MODULES = ("pmq.handlers.system", "pmq.handlers.msg", "pmq.handlers.unread", "pmq.handlers.cs")
+MODULES = (
+    "pmq.handlers.system",
+    "pmq.handlers.msg",
+    "pmq.handlers.centre",
+    "pmq.handlers.unread",
+    "pmq.handlers.cs",
+)
 
 
 def build_registry() -> dict[str, Handler]:

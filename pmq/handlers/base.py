@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from pmq.config import Config
 from pmq.domain.auth import Identity
 from pmq.domain.broadcast import Broadcasts
+from pmq.domain.centre import Centre
 from pmq.domain.chat import Chat
 from pmq.domain.inbox import Inbox
 from pmq.domain.routing import Routes
@@ -45,6 +46,8 @@ class App(Protocol):
     def broadcasts(self) -> Broadcasts: ...
     @property
     def chat(self) -> Chat: ...
+    @property
+    def centre(self) -> Centre: ...
 
     async def cold_messages(self, uid: str, after: int, limit: int) -> list[dict[str, Any]]:
         """Unacked messages of ``uid`` that left Redis for storage (id order)."""

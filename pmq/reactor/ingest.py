@@ -7,59 +7,27 @@ paths to what the site asks for.
 
 from __future__ import annotations
 
-import logging
 import re
-import time
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
 
 from pmq import metrics
-from pmq.domain.auth import Authenticator
 from pmq.domain.broadcast import ALL
 from pmq.domain.messaging import publish
 from pmq.errors import StorageError
-from pmq.handlers.base import App
-from pmq.log import Throttled
 from pmq.reactor import openapi
+from pmq.reactor.centre import add_centre_routes
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
-from pmq.store import Store
-from pmq.wire.client import Kind, is_kind, is_uid
+from pmq.reactor.ingestbase import IngestApp, check_uid, json_object, redis_call, timed
+from pmq.wire.client import Kind, is_kind
 
-log = logging.getLogger(__name__)
-REDIS_DOWN = Throttled(log)
-T = TypeVar("T")
-
-
-class IngestApp(App, Protocol):
-    """What the routes need of the socket worker; ``in_thread`` is the worker base's."""
-
-    @property
-    def store(self) -> Store: ...
-    @property
-    def authenticator(self) -> Authenticator: ...
-    async def in_thread(self, func: Callable[..., T], *args: Any) -> T: ...
-
+__all__ = ["IngestApp", "IngestRoutes", "build_router", "check_uid", "json_object", "timed"]
 
 MAX_RECIPIENTS = 1000
 DEDUPE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 GROUP = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-def check_uid(value: object, field: str = "uid") -> str:
-    """A uid as its canonical decimal string; 400 naming ``field`` otherwise."""
-    if not is_uid(value):
-        raise HttpError(400, f"{field}: must be a user id (a positive integer)")
-    return str(int(value))  # type: ignore[call-overload]
-
-
-def json_object(request: HttpRequest) -> dict[str, Any]:
-    body = request.json()
-    if not isinstance(body, dict):
-        raise HttpError(400, "body: must be a JSON object")
-    return body
 
 
 def message_fields(body: dict[str, Any]) -> tuple[list[str], str, str | None, Any, str | None]:
@@ -222,27 +190,5 @@ def build_router(app: IngestApp) -> Router:
         ("POST", "/api/system/message", routes.seed_system),
     ):
         router.add(method, path, timed(path, handler))
+    add_centre_routes(router, app)
     return router
-
-
-def timed(route: str, handler: Any) -> Any:
-    """The handler, its run time recorded in pmq_ingest_request_seconds{route}."""
-    histogram = metrics.buffered(metrics.INGEST_SECONDS.labels(route))
-
-    async def run(request: HttpRequest, **params: str) -> HttpResponse:
-        start = time.perf_counter()
-        try:
-            return await handler(request, **params)
-        finally:
-            histogram.observe(time.perf_counter() - start)
-
-    return run
-
-
-async def redis_call(awaitable: Any) -> Any:
-    """Await a Redis-backed operation; an unreachable Redis becomes 503 for the site."""
-    try:
-        return await awaitable
-    except (RedisError, OSError) as exc:
-        REDIS_DOWN.warning("redis unavailable, answered 503: %s", exc)
-        raise HttpError(503, "redis unavailable, retry") from exc

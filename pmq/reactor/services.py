@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from pmq.config import Config
 from pmq.domain.auth import Authenticator
 from pmq.domain.broadcast import Broadcasts
+from pmq.domain.centre import Centre
 from pmq.domain.chat import Chat
 from pmq.domain.inbox import Inbox
 from pmq.domain.routing import Routes
@@ -39,6 +40,7 @@ class Services:
     chat: Chat
     authenticator: Authenticator
     stored: StoredReads
+    centre: Centre
 
     @property
     def store(self) -> Store:

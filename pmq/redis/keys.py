@@ -152,6 +152,25 @@ class Keys:
             f"{user}:last-read",
         )
 
+    def owners(self, bucket: int = 0) -> str:
+        """HASH message id -> uid of the bucket's messages accepted and not yet stored: a
+        retraction or edit finds the user of a message storage does not hold yet."""
+        return f"{self.prefix}{{b{bucket}}}:owners"
+
+    def reads(self, uid: str) -> str:
+        """HASH of the user's read marks: kind -> the id up to which every item of that kind
+        is read ("*": every kind), and ``loaded`` once taken from storage (pmq.domain.reads)."""
+        return f"{self._user(uid)}:reads"
+
+    def read_ids(self, uid: str) -> str:
+        """ZSET item id -> unix ms: items the user read one by one, above the marks."""
+        return f"{self._user(uid)}:read-ids"
+
+    def amends(self, uid: str) -> str:
+        """HASH message id -> "" (retracted) or the message JSON with its new body (edited):
+        what storage reads of the user are corrected by until the writer has it."""
+        return f"{self._user(uid)}:amends"
+
     def user_groups(self, uid: str) -> str:
         """STRING JSON list: the groups of the user's last token, for counting broadcasts."""
         return f"{self._user(uid)}:groups"
@@ -172,6 +191,10 @@ class Keys:
     def broadcast_dedupe(self, key: str) -> str:
         """STRING broadcast id: one broadcast per key per broadcast.dedupe_seconds."""
         return f"{self.prefix}{{bc}}:dedupe:{key}"
+
+    def broadcast_revoked(self) -> str:
+        """ZSET broadcast id -> unix ms of the broadcasts retracted, within retention."""
+        return f"{self.prefix}{{bc}}:revoked"
 
     def broadcast_mark(self, uid: str) -> str:
         """STRING: the newest broadcast id the user acked; replay starts above it."""

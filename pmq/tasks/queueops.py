@@ -10,9 +10,26 @@ import dataclasses
 from collections.abc import Sequence
 
 from pmq.store import StoredMessage
-from pmq.store.rows import LastRead, StoredBroadcast, StoredCsMessage, StoredCsSession
+from pmq.store.rows import (
+    LastRead,
+    ReadRows,
+    StoredBroadcast,
+    StoredCsMessage,
+    StoredCsSession,
+)
 from pmq.wire import storeops
-from pmq.wire.storeops import AckOp, BroadcastOp, CsMessageOp, CsSessionOp, LastReadOp, MessageOp
+from pmq.wire.storeops import (
+    AckOp,
+    AmendOp,
+    BroadcastOp,
+    BroadcastRevokeOp,
+    CsMessageOp,
+    CsSessionOp,
+    LastReadOp,
+    MessageOp,
+    OpName,
+    ReadOp,
+)
 
 Ack = tuple[int, list[int]]
 
@@ -27,6 +44,12 @@ class Batch:
     cs_messages: list[StoredCsMessage] = dataclasses.field(default_factory=list)
     cs_sessions: list[StoredCsSession] = dataclasses.field(default_factory=list)
     broadcasts: list[StoredBroadcast] = dataclasses.field(default_factory=list)
+    # The notification centre's (pmq.store.feed): read state, retractions and edits, written
+    # after the rows above, so that a retraction or edit finds its row when it is there.
+    reads: list[ReadRows] = dataclasses.field(default_factory=list)
+    revoked: list[StoredMessage] = dataclasses.field(default_factory=list)
+    edited: list[StoredMessage] = dataclasses.field(default_factory=list)
+    revoked_broadcasts: list[StoredBroadcast] = dataclasses.field(default_factory=list)
     malformed: dict[int, str] = dataclasses.field(default_factory=dict)  # position: reason
 
     def add(self, op: storeops.StoreOp) -> None:
@@ -54,6 +77,17 @@ class Batch:
             )
         elif isinstance(op, BroadcastOp):
             self.broadcasts.append(StoredBroadcast(*op))
+        else:
+            self.add_centre(op)
+
+    def add_centre(self, op: ReadOp | AmendOp | BroadcastRevokeOp) -> None:
+        if isinstance(op, ReadOp):
+            self.reads.append(ReadRows(op.uid, op.ids, op.marks))
+        elif isinstance(op, AmendOp):
+            rows = self.revoked if op.name == OpName.REVOKE else self.edited
+            rows.append(StoredMessage(*op.message))
+        else:
+            self.revoked_broadcasts.append(StoredBroadcast(*op.broadcast))
 
 
 def parse_batch(items: Sequence[bytes]) -> Batch:

@@ -237,12 +237,22 @@ class StorageWriter:
         positions = [i for i in range(len(items)) if i not in refused]
         seen = await self.guard.taken(batch.rows) if self.guard else {}
         await self._bisect(items, positions, batch, refused)
+        await self._stored(batch)
         if self.guard:
             await self.guard.written(seen, batch.rows)
         for i, reason in refused.items():
             log.error("storage writer: dead-lettered (%s): %r", reason, items[i][:200])
         self.dead += len(refused)
         return refused
+
+    async def _stored(self, batch: Batch) -> None:
+        """Forget the owners (pmq.redis.keys.Keys.owners) of the messages now stored: a
+        retraction finds those in storage."""
+        by_bucket: dict[int, list[int]] = {}
+        for row in batch.rows:
+            by_bucket.setdefault(self.keys.bucket(str(row.uid)), []).append(row.id)
+        for bucket, ids in by_bucket.items():
+            await self.redis.hdel(self.keys.owners(bucket), *map(str, ids))
 
     async def _bisect(
         self, items: Sequence[bytes], positions: list[int], batch: Batch, refused: dict[int, str]
@@ -261,11 +271,13 @@ class StorageWriter:
                 await self._bisect(items, half, parse_batch([items[i] for i in half]), refused)
 
     async def _store(self, batch: Batch) -> None:
-        """Write ``batch`` (rows, acks in queue order, last-read times, chat, broadcasts), retrying
+        """Write ``batch`` (rows, acks in queue order, last-read times, chat, broadcasts, the
+        notification centre's reads, retractions and edits), retrying
         with back-off until the store takes it. A step that succeeded is not repeated.
         Raises StorageDataError when the store refuses the data (retrying cannot help)."""
         rows, acks, last_reads = batch.rows, list(reversed(batch.acks)), batch.last_reads
         chat, broadcasts = (batch.cs_messages, batch.cs_sessions), batch.broadcasts
+        centre = (batch.reads, batch.revoked, batch.edited, batch.revoked_broadcasts)
         delay = RETRY_FIRST
         while True:
             try:
@@ -284,6 +296,9 @@ class StorageWriter:
                 if broadcasts:
                     self.written += await self.in_thread(self.store.write_broadcasts, broadcasts)
                     broadcasts = []
+                if any(centre):
+                    await self.in_thread(self.store.write_centre, *centre)
+                    centre = ([], [], [], [])
                 break
             except StorageDataError:
                 self._store_answered()

@@ -92,6 +92,8 @@ class FrameType(enum.StrEnum):
     CS_ASSIGNED = "cs.assigned"
     CS_CLOSED = "cs.closed"
     INBOX_MORE = "inbox.more"  # the connect's replay stopped at its bound: msg.pull the rest
+    REVOKE = "revoke"  # a message or broadcast was retracted: drop it (its "id")
+    UPDATE = "update"  # a message was edited: its "msg" replaces the one of the same id
 
 
 class ProtocolError(Exception):

@@ -8,7 +8,11 @@ Each item is one JSON object whose ``op`` (an :class:`OpName`) says what it is:
   writer queues again the acks it could not apply yet);
 - ``last_read``: a user's last clear of a kind (pmq.domain.unread);
 - ``cs`` and ``cs_session``: a chat message, and a chat session closed (pmq.domain.chat);
-- ``broadcast``: a broadcast with its group (pmq.domain.broadcast).
+- ``broadcast``: a broadcast with its group (pmq.domain.broadcast);
+- ``read``: items a user marked read, and the kinds read up to an id (pmq.domain.reads);
+- ``revoke``, ``edit``: a unicast message retracted, or its body replaced (the whole message,
+  so that storage holds it right even before the message's own row is written), and
+  ``bc_revoke``: a broadcast retracted (pmq.domain.amend).
 
 The producers call the ``encode_*`` functions here; a message's is a concatenation around
 its JSON, encoded once for the push and the storage op alike (pmq.wire.client.Message). A
@@ -37,6 +41,10 @@ class OpName(enum.StrEnum):
     CS = "cs"
     CS_SESSION = "cs_session"
     BROADCAST = "broadcast"
+    READ = "read"
+    REVOKE = "revoke"
+    EDIT = "edit"
+    BC_REVOKE = "bc_revoke"
 
 
 # Encoders --------------------------------------------------------------------------------
@@ -91,6 +99,28 @@ def encode_cs_session(
 def encode_broadcast(group: str, message_json: bytes) -> bytes:
     """A ``broadcast`` op: a broadcast's JSON (Message.encode(), with its group) and group."""
     return b'{"op":"broadcast","group":' + orjson.dumps(group) + b',"msg":' + message_json + b"}"
+
+
+def encode_read(uid: str, ids: Sequence[tuple[int, int]], marks: dict[str, int]) -> bytes:
+    """A ``read`` op: ``ids`` (id, unix ms of the item) that ``uid`` read one by one, and
+    ``marks``: kind ("*" for every kind) -> the id up to which all of that kind is read."""
+    return orjson.dumps(
+        {
+            "op": OpName.READ,
+            "uid": uid,
+            "ids": [[str(i), ts] for i, ts in ids],
+            "marks": {kind: str(mark) for kind, mark in marks.items()},
+        }
+    )
+
+
+def encode_amend(op: OpName, message_json: bytes, group: str | None = None) -> bytes:
+    """A ``revoke`` or ``edit`` op around a unicast message's JSON, or a ``bc_revoke`` op
+    around a broadcast's JSON with its ``group``."""
+    head = b'{"op":"' + op.value.encode() + b'",'
+    if group is not None:
+        head += b'"group":' + orjson.dumps(group) + b","
+    return head + b'"msg":' + message_json + b"}"
 
 
 # Values ----------------------------------------------------------------------------------
@@ -190,7 +220,48 @@ class BroadcastOp(NamedTuple):
         return encode_broadcast(self.group, message.encode())
 
 
-StoreOp = MessageOp | AckOp | LastReadOp | CsMessageOp | CsSessionOp | BroadcastOp
+class ReadOp(NamedTuple):
+    """``read``: (id, unix ms) items a user read, and kind -> id marks ("*": every kind)."""
+
+    uid: int
+    ids: list[tuple[int, int]]
+    marks: dict[str, int]
+
+    def encode(self) -> bytes:
+        return encode_read(str(self.uid), self.ids, self.marks)
+
+
+class AmendOp(NamedTuple):
+    """``revoke`` or ``edit`` (``name``) of a unicast message (``message``, as stored)."""
+
+    name: OpName
+    message: MessageOp
+
+    def encode(self) -> bytes:
+        wire = self.message.encode()[len(b'{"op":"msg","msg":') : -1]
+        return encode_amend(self.name, wire)
+
+
+class BroadcastRevokeOp(NamedTuple):
+    """``bc_revoke``: a broadcast retracted (``broadcast``, as stored)."""
+
+    broadcast: BroadcastOp
+
+    def encode(self) -> bytes:
+        return self.broadcast.encode().replace(b'"op":"broadcast"', b'"op":"bc_revoke"', 1)
+
+
+StoreOp = (
+    MessageOp
+    | AckOp
+    | LastReadOp
+    | CsMessageOp
+    | CsSessionOp
+    | BroadcastOp
+    | ReadOp
+    | AmendOp
+    | BroadcastRevokeOp
+)
 
 
 # Parser ----------------------------------------------------------------------------------
@@ -217,6 +288,14 @@ def parse(raw: bytes) -> StoreOp:
         parsed = _cs_session(item)
     elif op == OpName.BROADCAST:
         parsed = _broadcast(item)
+    elif op == OpName.READ:
+        parsed = _read(item)
+    elif op in (OpName.REVOKE, OpName.EDIT):
+        message = _message(item.get("msg"))
+        parsed = None if message is None else AmendOp(OpName(op), message)
+    elif op == OpName.BC_REVOKE:
+        broadcast = _broadcast(item)
+        parsed = None if broadcast is None else BroadcastRevokeOp(broadcast)
     if parsed is None:
         raise ValueError(f"not a storage operation: {raw[:200]!r}")
     return parsed
@@ -291,3 +370,17 @@ def _broadcast(item: dict[str, Any]) -> BroadcastOp | None:
         if is_uid(m.get("id")) and is_kind(m.get("kind")) and isinstance(ts, int) and "body" in m:
             return BroadcastOp(int(m["id"]), group, m["kind"], orjson.dumps(m["body"]).decode(), ts)
     return None
+
+
+def _read(item: dict[str, Any]) -> ReadOp | None:
+    ids, marks = item.get("ids"), item.get("marks")
+    if not (is_uid(item.get("uid")) and isinstance(ids, list) and isinstance(marks, dict)):
+        return None
+    pairs = []
+    for pair in ids:
+        if not (isinstance(pair, list) and len(pair) == 2 and is_uid(pair[0]) and _is_ts(pair[1])):
+            return None
+        pairs.append((int(pair[0]), pair[1]))
+    if not all((k == "*" or is_kind(k)) and is_uid(v) for k, v in marks.items()):
+        return None
+    return ReadOp(int(item["uid"]), pairs, {k: int(v) for k, v in marks.items()})

@@ -38,6 +38,7 @@ from pmq import metrics
 from pmq.config import Config
 from pmq.domain.authmode import make_authenticator
 from pmq.domain.broadcast import Broadcasts
+from pmq.domain.centre import make_centre
 from pmq.domain.chat import Chat
 from pmq.domain.cluster import Board
 from pmq.domain.ids import GeneratorLease, IdGenerator
@@ -151,6 +152,7 @@ class SocketWorker(Worker):
         self.services = Services(
             config, redis, keys, self.routes, inbox, unread, broadcasts, self.chat,
             make_authenticator(config, redis, keys, kicks), self.stored,
+            make_centre(redis, keys, self.routes, broadcasts, self.stored, retention, self.journal),
         )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, unread)
         self.fanout = Fanout(self.table, self.unread_pusher)

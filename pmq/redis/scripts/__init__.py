@@ -48,6 +48,12 @@ NAMES = frozenset(
         "broadcast_publish",
         "broadcast_trim",
         "broadcast_raise_mark",
+        "broadcast_revoke",
+        # pmq.domain.reads and pmq.domain.amend: the notification centre
+        "centre_read",
+        "centre_load",
+        "centre_revoke",
+        "centre_edit",
         # pmq.domain.chat
         "chat_open",
         "chat_drain",

@@ -1,4 +1,4 @@
--- KEYS: dedupe, queue, index, then per message: the user's Keys.publish_keys().
+-- KEYS: dedupe, queue, index, owners (id -> uid until stored), then per message: the user's Keys.publish_keys().
 -- ARGV: has_dedupe, dedupe_ttl, inbox_ttl, ids_json, then per message:
 --       id, ms, uid, message_json, unread_kind ('' = counts nothing), storage_op_json.
 -- Returns {1, conns_1, unread_1, ...} for new messages: per message the user's connections,
@@ -13,8 +13,8 @@ if ARGV[1] == '1' then
     if previous then
         local first = cjson.decode(previous)
         local repeated = {0, previous}
-        for i = 0, (#KEYS - 3) / 5 - 1 do
-            local k = 4 + i * 5
+        for i = 0, (#KEYS - 4) / 5 - 1 do
+            local k = 5 + i * 5
             local wire = first[i + 1] and redis.call('HGET', KEYS[k + 1], first[i + 1])
             repeated[#repeated + 1] = wire or ''
             repeated[#repeated + 1] = wire and redis.call('HGETALL', KEYS[k + 3]) or {}
@@ -24,9 +24,9 @@ if ARGV[1] == '1' then
 end
 local result = {1}
 local ttl = tonumber(ARGV[3])
-local n = (#KEYS - 3) / 5
+local n = (#KEYS - 4) / 5
 for i = 0, n - 1 do
-    local k = 4 + i * 5
+    local k = 5 + i * 5
     local a = 5 + i * 6
     redis.call('ZADD', KEYS[k], ARGV[a + 1], ARGV[a])
     redis.call('HSET', KEYS[k + 1], ARGV[a], ARGV[a + 3])
@@ -43,6 +43,7 @@ for i = 0, n - 1 do
     end
     redis.call('ZADD', KEYS[3], 'NX', ARGV[a + 1], ARGV[a + 2])
     redis.call('RPUSH', KEYS[2], ARGV[a + 5])
+    redis.call('HSET', KEYS[4], ARGV[a], ARGV[a + 2])
     result[#result + 1] = conns
     result[#result + 1] = unread
 end
