@@ -35,7 +35,8 @@ def node_test_command(files: list[Path]) -> list[str]:
 
 
 def test_js_client_against_a_node(make_node: Callable[..., Node]) -> None:
-    node = make_node(server={"workers": 1}).start()
+    # A replay of at most 20: the 25 messages of the batching case take an inbox.more.
+    node = make_node(server={"workers": 1}, inbox={"replay_max": 20}).start()
     status = [sys.executable, "-m", "pmq.ctl", "status", "--json", "-c", str(node.config_path)]
     env = node.env(
         TEST_PMQ_WS_URL=node.ws_url,

@@ -175,15 +175,19 @@ test("kill -9 of the socket worker: reconnect, nothing lost, no duplicate delive
   assert.deepEqual((await pmq.pull()).messages, []);
 });
 
-test("acks go out in batches and the unread counters follow", async () => {
+test("acks go out in batches; a long replay's rest is pulled; the unread counters follow", async () => {
   const uid = nextUid++;
   const ids = [];
   for (let n = 0; n < 25; n++) ids.push(await publish(uid, `waiting ${n}`));
   const record = recorder();
   const pmq = client(uid, { WebSocket: record.WebSocket, ackBatch: 10, ackDelayMs: 200 });
   await pmq.connect();
-  await waitFor(() => ids.every((id) => pmq.seen(id)), "the replay");
+  await waitFor(() => ids.every((id) => pmq.seen(id)), "the replay and the rest");
   await waitFor(async () => (await pmq.pull()).messages.length === 0, "every message acked");
+  // The node replays 20 and says inbox.more: the client pulled the other 5.
+  assert.equal(record.received.filter((f) => f.type === "push").length, 20);
+  assert.deepEqual(record.received.filter((f) => f.type === "inbox.more").length, 1);
+  assert.deepEqual(pmq.messages.sort(), [...ids].sort());
 
   const acks = record.sent.filter((f) => f.action === "msg.ack").map((f) => f.data.ids);
   assert.ok(acks.length >= 3 && acks.length < ids.length, `${acks.length} msg.ack frames`);
