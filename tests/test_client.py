@@ -449,3 +449,40 @@ def test_a_request_times_out_or_fails_when_the_connection_is_lost():
                 assert lost[0].code == 1011
 
     asyncio.run(scenario())
+
+
+def test_the_notification_centre_and_retractions_through_the_client(make_node):
+    node = make_node().start()
+
+    async def scenario() -> None:
+        async with started(Client(node.ws_url, node.token(7))) as client:
+            events: list[dict[str, Any]] = []
+            client.on("revoke", events.append)
+            client.on("update", events.append)
+            reader = Reader(client)
+            ids = [await publish_async(node, 7, n) for n in range(3)]
+            await reader.until(3)
+            page = await client.list(kind="notice")
+            assert [m["id"] for m in page["messages"]] == sorted(ids, key=int, reverse=True)
+            assert not any(m["read"] for m in page["messages"])
+            assert (await client.read(ids=[ids[0]]))["read"] == 1
+            unread = await client.list(unread_only=True)
+            assert sorted(m["id"] for m in unread["messages"]) == sorted(ids[1:])
+            site = Ingest(node)
+            try:
+                status, _ = await asyncio.to_thread(
+                    site.call, "PATCH", f"/api/v1/messages/{ids[1]}", {"body": {"n": 9}}
+                )
+                assert status == 200
+                status, _ = await asyncio.to_thread(
+                    site.call, "DELETE", f"/api/v1/messages/{ids[2]}"
+                )
+                assert status == 200
+            finally:
+                site.close()
+            await wait_for_async(lambda: len(events) == 2, 10, "the update and revoke events")
+            assert events[0]["type"] == "update" and events[0]["msg"]["body"] == {"n": 9}
+            assert events[1] == {"type": "revoke", "id": ids[2]}
+            assert (await client.read())["read"] == 1  # the one left unread, not the revoked
+
+    asyncio.run(scenario())
