@@ -308,3 +308,23 @@ test("customer-service chat through the client: cs.* calls and pushes", async ()
   agent.close();
   user.close();
 });
+
+test("the notification centre: list, read, and a retraction and an edit as events", async () => {
+  const uid = nextUid++;
+  const first = await publish(uid, "first");
+  const second = await publish(uid, "second");
+  const pmq = client(uid);
+  const revoked = new Promise((resolve) => pmq.on("revoke", resolve));
+  const updated = new Promise((resolve) => pmq.on("update", resolve));
+  await pmq.connect();
+  const listed = await pmq.list({ kind: "notice" });
+  assert.deepEqual(listed.messages.map((m) => [m.id, m.read]), [[second, false], [first, false]]);
+  assert.deepEqual(await pmq.read({ ids: [first] }), { read: 1 });
+  assert.deepEqual((await pmq.list({ unreadOnly: true })).messages.map((m) => m.id), [second]);
+  assert.deepEqual(await pmq.read(), { read: 1 });
+
+  assert.equal((await site("PATCH", `/api/v1/messages/${second}`, { body: { text: "edited" } })).status, 200);
+  assert.deepEqual((await updated).msg.body, { text: "edited" });
+  assert.equal((await site("DELETE", `/api/v1/messages/${first}`)).status, 200);
+  assert.deepEqual(await revoked, { id: first });
+});
