@@ -209,10 +209,11 @@ def test_client_module_in_a_page_reconnects_after_a_kill(
         }""",
         node.token(uid),
     )
-    site = Ingest(node)
 
     def publish(text: str) -> None:
+        site = Ingest(node)  # a connection of its own: the ingest port is the workers' too
         status, reply = site.publish({"to": uid, "kind": "notice", "body": {"text": text}})
+        site.close()
         assert status == 202, reply
 
     def texts() -> list[str]:
@@ -225,5 +226,4 @@ def test_client_module_in_a_page_reconnects_after_a_kill(
     wait_for(lambda: page.page.evaluate("window.hellos") == 2, 20, "the page's client back")
     publish("after")
     wait_for(lambda: texts() == ["before", "after"], 10, "the push after the reconnect")
-    site.close()
     page.close()
