@@ -7,7 +7,9 @@ HTTP 401 and no registry entry. Requests of one connection are answered one at a
 order.
 
 The same port serves the customer-service pages (``/cs/agent.html``, ``/cs/chat.html`` and
-their scripts, from ``pmq/static/cs``) to plain GETs; every other path is a 404.
+their scripts, from ``pmq/static/cs``) to plain GETs, among them the JavaScript client the
+pages are built on, ``/cs/pmq-client.js`` (a link to ``clients/js/index.js``, copied by a plain
+install); every other path is a 404.
 """
 
 from __future__ import annotations
