@@ -135,7 +135,7 @@ def make_centre(
     journal: StoreJournal | None = None,
 ) -> Centre:
     """A worker's notification centre over its Redis, routes, broadcasts and storage."""
-    reads = Reads(redis, keys, retention_seconds, archive.read_state)
+    reads = Reads(redis, keys, retention_seconds, archive.read_state, journal)
     feed = Feed(redis, keys, broadcasts, reads, archive, retention_seconds)
     amends = Amends(redis, keys, routes, archive, retention_seconds, journal)
     return Centre(redis, keys, feed, reads, amends, archive)

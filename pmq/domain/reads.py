@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 
 from pmq.domain.epochs import RedisMarks
 from pmq.domain.ids import first_id_at, timestamp_ms
+from pmq.domain.journal import StoreJournal
 from pmq.redis import scripts
 from pmq.redis.keys import Keys
 from pmq.store.rows import ReadRows
@@ -65,9 +66,15 @@ class Reads:
     """Read state of users (module docstring); ``stored`` reads storage's, off the loop."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, retention_seconds: int, stored: StoredReadState
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        retention_seconds: int,
+        stored: StoredReadState,
+        journal: StoreJournal | None = None,
     ) -> None:
         self.redis = redis
+        self.journal = journal  # a socket worker's, so an emptied Redis loses no read
         self.keys = keys
         self.retention_seconds = retention_seconds
         self.stored = stored
@@ -126,6 +133,9 @@ class Reads:
         for _ in range(3):  # loaded again if it expired meanwhile
             changed = int(await self._read(keys=keys, args=args))
             if changed >= 0:
+                if self.journal is not None and (changed or marks):
+                    # what was asked: storage takes it again without a change (idempotent)
+                    self.journal.note(self.keys.bucket(uid), keys[2], uid, op)
                 return changed
             await self.view(uid)
         raise RuntimeError(f"read state of uid {uid} would not load")

@@ -214,7 +214,9 @@ class CatchUp:
     async def _stored(
         self, client: Client, messages: list[dict[str, Any]], pushed: PushIndex
     ) -> int:
-        return _push_missed(client, messages, pushed) if await _replayed(client) else 0
+        if not await _replayed(client):
+            return 0
+        return _push_missed(client, await self.inbox.amended(client.uid, messages), pushed)
 
     async def _unacked(self, uid: str, after: int) -> list[dict[str, Any]]:
         """The user's unacked messages in Redis above ``after``."""

@@ -1,0 +1,95 @@
+"""The notification centre through faults (docs/notification-centre.md, docs/reliability.md):
+nothing read comes back unread and nothing retracted comes back, after a kill -9 of every
+worker, and after Redis is emptied while the read state, retractions and edits were still
+on the storage queue (storage locked meanwhile).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.helpers import Ingest, Node, RedisServer, wait_for, ws_client
+from tests.test_redis_loss import epoch_of, publish, restart, storage_locked
+
+pytestmark = pytest.mark.e2e
+
+
+def count(node: Node, sql: str) -> Any:
+    with sqlite3.connect(node.tmp / "pmq.db") as db:
+        return db.execute(sql).fetchone()[0]
+
+
+def check(node: Node, ids: list[str]) -> None:
+    """ids[0:3] read, ids[3:5] retracted, ids[5] edited, as a new connection sees them."""
+    with ws_client(node, 7) as user:
+        replayed = [m for m in user.pushes(8)]
+        assert [m["id"] for m in replayed] == [*ids[:3], *ids[5:]]
+        assert replayed[3]["body"] == {"edited": True}
+        assert not [f for f in user.quiet(0.3) if f.get("type") == "push"]
+        reply = user.request("msg.list", {"unread_only": True})
+        assert [m["id"] for m in reply["data"]["messages"]] == ids[:4:-1]
+        reply = user.request("msg.list")
+        assert [(m["id"], m["read"]) for m in reply["data"]["messages"]] == [
+            *((i, False) for i in ids[:4:-1]),
+            *((i, True) for i in ids[2::-1]),
+        ]
+
+
+def change(node: Node, site: Ingest, ids: list[str]) -> None:
+    with ws_client(node, 7) as user:
+        assert user.request("msg.read", {"ids": ids[:3]})["data"] == {"read": 3}
+    for gone in ids[3:5]:
+        assert site.call("DELETE", f"/api/v1/messages/{gone}")[0] == 200
+    assert site.call("PATCH", f"/api/v1/messages/{ids[5]}", {"body": {"edited": True}})[0] == 200
+
+
+def test_reads_and_retractions_survive_kill_9_of_every_worker(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node().start()
+    site = Ingest(node)
+    ids = publish(site, 7, 10, "kept")
+    change(node, site, ids)
+    before = {w["pid"] for kind in ("socket", "task") for w in node.workers(kind)}
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+
+    def respawned() -> bool:
+        workers = [w for kind in ("socket", "task") for w in node.workers(kind)]
+        return len(workers) == 3 and all(w["ready"] and w["pid"] not in before for w in workers)
+
+    wait_for(respawned, 30, "every worker respawned")
+    check(node, ids)
+    wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_read") == 3, 20, "reads stored")
+    assert count(node, "SELECT COUNT(*) FROM pmq_msg_3 WHERE revoked = 1") == 2
+    site.close()
+
+
+def test_reads_and_retractions_survive_redis_emptied_before_storage_had_them(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    node = make_node(redis={"url": own_redis.url}).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    site = Ingest(node)
+    ids = publish(site, 7, 10, "kept")
+    wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_msg_3") == 10, 20, "stored")
+    with storage_locked(node):
+        change(node, site, ids)
+        restart(own_redis)  # empty: the storage queue goes with the rest
+    wait_for(lambda: "queued again" in node.log(), 30, "the journal to queue them again")
+    wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_read") == 3, 30, "reads stored")
+    wait_for(
+        lambda: count(node, "SELECT COUNT(*) FROM pmq_msg_3 WHERE revoked = 1") == 2,
+        30,
+        "retractions stored",
+    )
+    check(node, ids)  # while the bucket may not be complete again: read from storage
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
+    check(node, ids)
+    site.close()
