@@ -274,6 +274,16 @@ class Routes:
         entries = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.user_conns(uid)))
         return self._live(entries)
 
+    async def online(self, uids: Sequence[str]) -> dict[str, int]:
+        """uid -> live connections, cluster-wide, for those of ``uids`` that are online: one
+        round trip (a pipeline of reads)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for uid in uids:
+            pipe.hgetall(self.keys.user_conns(uid))
+        found = await pipe.execute()
+        counts = (len(self._live(entries)) for entries in found)
+        return {uid: n for uid, n in zip(uids, counts, strict=True) if n}
+
     def _live(self, entries: dict[bytes, bytes]) -> dict[str, str]:
         """A user's registry entries without those of workers that stopped beating."""
         return {

@@ -18,6 +18,7 @@ from pmq.domain.broadcast import ALL
 from pmq.domain.messaging import publish
 from pmq.errors import StorageError
 from pmq.reactor import openapi
+from pmq.reactor.bulkpresence import add_presence_route
 from pmq.reactor.centre import add_centre_routes
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.reactor.ingestbase import IngestApp, check_uid, json_object, redis_call, timed
@@ -191,4 +192,5 @@ def build_router(app: IngestApp) -> Router:
     ):
         router.add(method, path, timed(path, handler))
     add_centre_routes(router, app)
+    add_presence_route(router, app)
     return router
