@@ -13,6 +13,12 @@ CLUSTER_URL = "redis+cluster://"
 CLUSTER_BUCKETS = 32  # user buckets ({bN} hash tags) on a Redis Cluster by default
 MAX_BUCKETS = 16384  # one per cluster slot at most
 DURABILITY = ("none", "aof")  # redis.durability: what a write waits for before its answer
+# webhooks.events: every event type PMQ sends to the site (docs/webhooks.md)
+EVENT_TYPES = (
+    "user.online", "user.offline", "message.acked", "message.read", "message.undelivered",
+    "cs.assigned", "cs.closed",
+)
+MAX_WEBHOOK_BATCH = 100  # events in one POST at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +128,19 @@ class CsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebhooksConfig:
+    url: str = ""  # "": off; else the site's http(s) URL the events are POSTed to
+    secret: str = ""  # HMAC-SHA256 key of X-PMQ-Signature; required when url is set
+    events: list[str] = dataclasses.field(default_factory=lambda: list(EVENT_TYPES))
+    retry_seconds: int = 86400  # an event still refused this long after it happened is dropped
+    offline_grace: float = 5.0  # user.offline only once the user stayed away this long
+    undelivered_after: float = 60.0  # message.undelivered for a message unacked this long
+    batch: int = MAX_WEBHOOK_BATCH  # events per POST at most
+    timeout: float = 10.0  # seconds a POST may take before it counts as failed
+    max_backoff: float = 300.0  # seconds between two tries of a failing POST at most
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     json: bool = False
@@ -139,6 +158,7 @@ class Config:
     broadcast: BroadcastConfig = dataclasses.field(default_factory=BroadcastConfig)
     unread: UnreadConfig = dataclasses.field(default_factory=UnreadConfig)
     cs: CsConfig = dataclasses.field(default_factory=CsConfig)
+    webhooks: WebhooksConfig = dataclasses.field(default_factory=WebhooksConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     path: str = ""  # the file it was read from, "" for built-in defaults
 

@@ -19,12 +19,15 @@ import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pmq.config import (
     CLUSTER_BUCKETS,
     CLUSTER_URL,
     DURABILITY,
+    EVENT_TYPES,
     MAX_BUCKETS,
+    MAX_WEBHOOK_BATCH,
     SECTIONS,
     Config,
 )
@@ -286,9 +289,31 @@ def _backend_rules(config: Config) -> Iterator[tuple[bool, str]]:
         "redis.durability: must be 'none' or 'aof'",
     )
     yield (config.redis.wait_replicas >= 0, "redis.wait_replicas: must not be negative")
+    yield from _webhook_rules(config)
     hb = config.heartbeat
     yield (0 < hb.interval < hb.timeout, "heartbeat.interval: must be positive and below timeout")
     yield (
         config.log.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log.level: bad level",
     )
+
+
+def _webhook_rules(config: Config) -> Iterator[tuple[bool, str]]:
+    """(ok, message) for [webhooks] (its secret is checked with the others, at start)."""
+    hooks = config.webhooks
+    yield (
+        not hooks.url
+        or (urlsplit(hooks.url).scheme in ("http", "https") and bool(urlsplit(hooks.url).hostname)),
+        "webhooks.url: must be an http:// or https:// URL (or empty: off)",
+    )
+    for name in hooks.events:
+        yield (name in EVENT_TYPES, f"webhooks.events: unknown event {name!r}")
+    yield (hooks.retry_seconds >= 1, "webhooks.retry_seconds: must be at least 1")
+    yield (hooks.offline_grace >= 0, "webhooks.offline_grace: must not be negative")
+    yield (hooks.undelivered_after > 0, "webhooks.undelivered_after: must be positive")
+    yield (
+        1 <= hooks.batch <= MAX_WEBHOOK_BATCH,
+        f"webhooks.batch: must be 1..{MAX_WEBHOOK_BATCH}",
+    )
+    yield (hooks.timeout > 0, "webhooks.timeout: must be positive")
+    yield (hooks.max_backoff >= 0.1, "webhooks.max_backoff: must be at least 0.1")

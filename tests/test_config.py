@@ -333,6 +333,11 @@ def test_int_accepted_for_float(tmp_path: Path) -> None:
         ("[redis]\nwait_replicas = -1\n", "redis.wait_replicas"),
         ('[redis]\nrequire_aof = "yes"\n', "redis.require_aof"),
         ('[log]\nlevel = "loud"\n', "log.level"),
+        ('[webhooks]\nurl = "ftp://site.example/hook"\n', "webhooks.url"),
+        ('[webhooks]\nurl = "site.example/hook"\n', "webhooks.url"),
+        ('[webhooks]\nevents = ["user.online", "user.away"]\n', "webhooks.events"),
+        ("[webhooks]\nbatch = 101\n", "webhooks.batch"),
+        ("[webhooks]\nretry_seconds = 0\n", "webhooks.retry_seconds"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:

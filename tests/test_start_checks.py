@@ -77,6 +77,26 @@ REFUSED: list[tuple[str, dict[str, dict[str, Any]], tuple[str, ...]]] = [
         ("ingest.api_key", "loopback"),
     ),
     (
+        "webhooks.url without a secret",
+        {"webhooks": {"url": "http://127.0.0.1:1/hook"}},
+        ("webhooks.secret", "must be set"),
+    ),
+    (
+        "short webhooks.secret",
+        {"webhooks": {"url": "http://127.0.0.1:1/hook", "secret": "k3y-" + "s" * 20}},
+        ("webhooks.secret", "32"),
+    ),
+    (
+        "placeholder webhooks.secret",
+        {"webhooks": {"url": "http://127.0.0.1:1/hook", "secret": "CHANGE_ME"}},
+        ("webhooks.secret", "placeholder"),
+    ),
+    (
+        "webhooks.url not http(s)",
+        {"webhooks": {"url": "ftp://127.0.0.1/hook", "secret": STRONG_SECRET}},
+        ("webhooks.url", "http"),
+    ),
+    (
         "require_secrets without them",
         {"server": {"require_secrets": True}, "auth": {"jwt_secret": ""}},
         ("auth.jwt_secret", "ingest.api_key", "require_secrets"),

@@ -1,8 +1,9 @@
 """What a node refuses to start with, checked by the master before any worker forks; ``pmqctl
 check`` runs the same checks and lists every problem at once.
 
-- Secrets: ``auth.jwt_secret`` and ``ingest.api_key``, when set, must be long enough
-  (MIN_JWT_SECRET, MIN_API_KEY bytes) and no placeholder (PLACEHOLDERS); the passwords in
+- Secrets: ``auth.jwt_secret``, ``ingest.api_key`` and ``webhooks.secret``, when set, must be
+  long enough (MIN_JWT_SECRET, MIN_API_KEY, MIN_JWT_SECRET bytes) and no placeholder
+  (PLACEHOLDERS); ``webhooks.secret`` must be set when ``webhooks.url`` is; the passwords in
   ``storage.url``, ``storage.shard_map`` and ``redis.url`` no placeholder either. An ingest
   API on a non-loopback ``ingest.host`` needs ``ingest.api_key``. With
   ``server.require_secrets = true`` both secrets must be set (never generated, never off).
@@ -116,6 +117,9 @@ def secret_problems(config: Config) -> list[str]:
     required = " (server.require_secrets = true)"
     found = weak("auth.jwt_secret", auth.jwt_secret, MIN_JWT_SECRET)
     found += weak("ingest.api_key", ingest.api_key, MIN_API_KEY)
+    found += weak("webhooks.secret", config.webhooks.secret, MIN_JWT_SECRET)
+    if config.webhooks.url and not config.webhooks.secret:
+        found.append("webhooks.secret: must be set when webhooks.url is (the events are signed)")
     if auth.mode == "jwt" and not auth.jwt_secret:
         if config.server.require_secrets:
             found.append(f"auth.jwt_secret: must be set{required}")
