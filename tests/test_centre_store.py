@@ -105,6 +105,14 @@ def test_init_migrates_an_older_database_keeping_its_rows(
         store.init_schema()
         store.init_schema()
         assert run("SELECT MAX(version) FROM pmq_schema") == [(SCHEMA_VERSION,)]
+        if config.url.startswith("sqlite"):
+            indexes = "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'pmq_msg_%_uid_id'"
+        else:
+            indexes = (
+                "SELECT COUNT(DISTINCT table_name) FROM information_schema.statistics "
+                "WHERE table_schema = DATABASE() AND index_name = 'idx_uid_id'"
+            )
+        assert run(indexes) == [(SHARDS,)]  # the feed's index, on every shard
         assert [r.id for r in store.unacked(7)] == [12]
         assert [r.id for r in store.feed(7, 100, 0, None, 10)] == [13, 12, 11]
         check_the_centre_on(store)

@@ -90,8 +90,8 @@ class Store(ChatSql, FeedSql, abc.ABC):
 
     @abc.abstractmethod
     def _add_index(self, cur: Cursor, table: str, column: str) -> None:
-        """Index ``column`` of ``table`` unless it is indexed already (idempotent, and safe
-        when another process adds the same index at once)."""
+        """Index ``column`` of ``table`` (or columns, as "a, b") unless it is indexed so
+        already (idempotent, and safe when another process adds the same index at once)."""
 
     @abc.abstractmethod
     def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
@@ -132,6 +132,8 @@ class Store(ChatSql, FeedSql, abc.ABC):
                 cur.execute(statement)
             for table, column, definition in self.added_columns():
                 self._add_column(cur, table, column, definition)
+            for table, columns in self.added_indexes():
+                self._add_index(cur, table, columns)
             if self.primary:
                 for table, column in RETENTION_TABLES:
                     self._add_index(cur, table, column)

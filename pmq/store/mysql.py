@@ -201,7 +201,7 @@ class MysqlStore(Store):
     def _add_index(self, cur: Cursor, table: str, column: str) -> None:
         # MySQL has no ADD INDEX IF NOT EXISTS (MariaDB has): look first, and take a
         # "duplicate key name" as done, when another process added it meanwhile.
-        name = f"idx_{column}"
+        name = f"idx_{column.replace(', ', '_')}"
         cur.execute(
             "SELECT COUNT(*) FROM information_schema.statistics WHERE "
             "table_schema = DATABASE() AND table_name = %s AND index_name = %s",

@@ -173,7 +173,8 @@ class SqliteStore(Store):
         ]
 
     def _add_index(self, cur: Cursor, table: str, column: str) -> None:
-        cur.execute(f"CREATE INDEX IF NOT EXISTS {table}_{column} ON {table} ({column})")
+        name = f"{table}_{column.replace(', ', '_')}"
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column})")
 
     def _add_column(self, cur: Cursor, table: str, column: str, definition: str) -> None:
         # Writers hold the file's lock (BEGIN IMMEDIATE): no other process adds it meanwhile.
