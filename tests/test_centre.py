@@ -172,6 +172,7 @@ def test_a_retracted_message_leaves_everything_online_and_offline(
         )
         for client in (one, two):
             assert client.next("revoke") == {"type": "revoke", "id": gone}
+            wait_for(lambda c=client: c.next("unread")["data"]["comment"] == 1, what="a badge")
         assert user_state(node, 7)["unread"]["comment"] == 1
         assert site.call("DELETE", f"/api/v1/messages/{gone}")[0] == 404
         assert [m["id"] for m in all_pages(one)] == [kept]
@@ -203,6 +204,7 @@ def test_a_retracted_broadcast_leaves_everyone(node: Node, site: Ingest) -> None
         assert (status, reply["data"]) == (200, {"revoked": True})
         for client in (seven, eight):
             assert client.next("revoke") == {"type": "revoke", "id": gone}
+            wait_for(lambda c=client: c.next("unread")["data"]["system"] == 1, what="a badge")
         assert user_state(node, 8)["unread"]["system"] == 1
         assert [m["id"] for m in all_pages(seven)] == [kept]
         assert site.call("DELETE", f"/api/v1/broadcast/{gone}")[0] == 404

@@ -374,6 +374,8 @@ def _broadcast(item: dict[str, Any]) -> BroadcastOp | None:
 
 def _read(item: dict[str, Any]) -> ReadOp | None:
     ids, marks = item.get("ids"), item.get("marks")
+    if ids == {}:  # what Lua's cjson makes of an empty list (centre_read.lua)
+        ids = []
     if not (is_uid(item.get("uid")) and isinstance(ids, list) and isinstance(marks, dict)):
         return None
     pairs = []
