@@ -16,6 +16,7 @@ import redis
 
 from pmq.redis.keys import Keys
 from tests.helpers import REDIS_URL, Ingest, Node, WsClient, user_state, wait_for, ws_client
+from tests.test_redis_loss import storage_locked
 
 pytestmark = pytest.mark.e2e
 
@@ -335,3 +336,15 @@ def test_a_retraction_racing_an_ack_leaves_no_trace(node: Node, site: Ingest) ->
             what="the tombstones stored",
         )
         assert db.execute("SELECT COUNT(*) FROM pmq_msg_3 WHERE revoked = 0").fetchone()[0] == 0
+
+
+def test_pages_go_on_past_rows_retracted_before_storage_has_it(node: Node, site: Ingest) -> None:
+    ids = [send(site, 7, n=n) for n in range(12)]
+    with ws_client(node, 7) as client:
+        client.pushes(12)
+        assert client.request("msg.ack", {"ids": ids})["data"] == {"acked": 12}
+        wait_for(lambda: set(ids) <= stored_ids(node, 7), what="the messages stored")
+        with storage_locked(node):  # the retractions wait on the queue: Redis amends them
+            for gone in ids[2:]:
+                assert site.call("DELETE", f"/api/v1/messages/{gone}")[0] == 200
+            assert [m["id"] for m in all_pages(client, limit=2)] == [ids[1], ids[0]]

@@ -76,11 +76,6 @@ class _Round:
     bound: int | None
 
 
-def _bounded(items: list[Item], full: bool) -> _Round:
-    """A source's answer of at most the number asked for: ``full`` when it had that many."""
-    return _Round(items, min(int(m["id"]) for m in items) if full and items else None)
-
-
 class Feed:
     def __init__(
         self,
@@ -192,7 +187,8 @@ class Feed:
                 items.append(m)
             elif amend:  # edited: the new body
                 items.append(orjson.loads(amend))
-        return _bounded(items, len(rows) == want)
+        # Bound by the rows read, not those kept: a page of retracted rows has more below.
+        return _Round(items, int(rows[-1]["id"]) if len(rows) == want else None)
 
     async def _broadcasts(self, query: Query, cursor: int, floor: int, want: int) -> _Round:
         """The broadcasts to the user's groups, from Redis and storage, not retracted."""
