@@ -348,3 +348,23 @@ def test_pages_go_on_past_rows_retracted_before_storage_has_it(node: Node, site:
             for gone in ids[2:]:
                 assert site.call("DELETE", f"/api/v1/messages/{gone}")[0] == 200
             assert [m["id"] for m in all_pages(client, limit=2)] == [ids[1], ids[0]]
+
+
+def test_revoke_and_update_reach_the_user_on_every_node(make_node: Any) -> None:
+    a = make_node().start()
+    b = make_node(storage={"url": a.settings["storage"]["url"]}).start()
+    site_a, site_b = Ingest(a), Ingest(b)
+    with ws_client(a, 7) as one, ws_client(b, 7) as two:
+        message = send(site_a, 7, text="old")
+        for client in (one, two):
+            assert client.pushes(1)[0]["id"] == message
+        status, reply = site_b.call("PATCH", f"/api/v1/messages/{message}", {"body": {"v": 2}})
+        assert status == 200, reply
+        for client in (one, two):
+            assert client.next("update")["msg"]["body"] == {"v": 2}
+        assert site_a.call("DELETE", f"/api/v1/messages/{message}")[0] == 200
+        for client in (one, two):
+            assert client.next("revoke")["id"] == message
+        assert site_b.call("DELETE", f"/api/v1/messages/{message}")[0] == 404
+    site_a.close()
+    site_b.close()
