@@ -261,6 +261,13 @@ def format_status(status: dict[str, object]) -> str:
     queues = next((w["queues"] for w in workers if w.get("queues")), None)
     if queues:
         lines.append("queues: " + ", ".join(f"{name} {depth}" for name, depth in queues.items()))
+    hooks = [w["webhooks"] for w in workers if w.get("webhooks")]
+    if hooks:
+        totals = {k: sum(h[k] for h in hooks) for k in ("delivered", "failed", "dropped")}
+        lines.append(
+            f"webhooks: {totals['delivered']} events delivered, {totals['failed']} POSTs "
+            f"failed, {totals['dropped']} events dropped"
+        )
     return "\n".join(lines)
 
 

@@ -63,6 +63,17 @@ STORAGE_BATCH = Histogram(
 STORAGE_ERRORS = Counter("pmq_storage_errors", "Failed storage write attempts.")
 WORKER_RESTARTS = Counter("pmq_worker_restarts", "Workers that died and were replaced.")
 AUTH_CACHE = Counter("pmq_auth_cache", "User-centre token look-ups by cache result.", ["result"])
+WEBHOOK_EVENTS = Counter(
+    "pmq_webhook_events", "Events the site took (delivered) or PMQ gave up on (dropped).",
+    ["result"],
+)
+WEBHOOK_FAILURES = Counter(
+    "pmq_webhook_failures", "Webhook POSTs that failed (no answer in time, or not a 2xx)."
+)
+WEBHOOK_SECONDS = Histogram(
+    "pmq_webhook_delivery_seconds", "From an event happening to the site taking it.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+)
 
 
 FLUSH_SECONDS = 1.0  # how late a buffered count may reach /metrics

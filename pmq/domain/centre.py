@@ -14,12 +14,14 @@ import redis.asyncio as aioredis
 
 from pmq.domain.amend import AmendArchive, Amends
 from pmq.domain.broadcast import Broadcasts, groups_of
+from pmq.domain.events import NO_EVENTS, Events
 from pmq.domain.feed import Feed, FeedArchive, Item, Page, Query
 from pmq.domain.journal import StoreJournal
 from pmq.domain.reads import ALL, Reads
 from pmq.domain.routing import Routes
 from pmq.redis.keys import Keys
 from pmq.store.rows import ReadRows
+from pmq.wire.events import EventType
 
 READ_PAGE = 500  # unread items read per page when marking kinds, or everything, read
 
@@ -46,6 +48,7 @@ class Centre:
     reads: Reads
     amends: Amends
     archive: CentreArchive
+    events: Events = NO_EVENTS
 
     async def page(self, query: Query) -> Page:
         """A page of the feed; UnknownItem when ``before`` is not an item of the user's."""
@@ -64,7 +67,7 @@ class Centre:
         """Mark read the items ``ids``, or every item of ``kinds``, or (both None) every item
         of the feed; returns how many were unread. Ids not of the user's feed count nothing."""
         if ids is not None:
-            return await self.reads.mark_read(uid, await self.items(uid, groups, ids), {})
+            return await self.marked(uid, await self.items(uid, groups, ids), {})
         unread: list[Item] = []
         marks: dict[str, int] = {}
         for kind in kinds if kinds is not None else [None]:
@@ -72,7 +75,15 @@ class Centre:
             if found:
                 marks[kind or ALL] = max(int(m["id"]) for m in found)
             unread += found
-        return await self.reads.mark_read(uid, list({m["id"]: m for m in unread}.values()), marks)
+        return await self.marked(uid, list({m["id"]: m for m in unread}.values()), marks)
+
+    async def marked(self, uid: str, items: list[Item], marks: dict[str, int]) -> int:
+        """Reads.mark_read, and message.read for the site when anything changed."""
+        changed = await self.reads.mark_read(uid, items, marks)
+        if changed:
+            ids = [str(m["id"]) for m in items]
+            await self.events.emit(uid, EventType.READ, {"uid": uid, "ids": ids})
+        return changed
 
     async def _unread(self, uid: str, groups: Sequence[str], kind: str | None) -> list[Item]:
         """Every unread item of ``kind`` (None: all) in the feed."""
@@ -133,9 +144,10 @@ def make_centre(
     archive: CentreArchive,
     retention_seconds: int,
     journal: StoreJournal | None = None,
+    events: Events = NO_EVENTS,
 ) -> Centre:
     """A worker's notification centre over its Redis, routes, broadcasts and storage."""
     reads = Reads(redis, keys, retention_seconds, archive.read_state, journal)
     feed = Feed(redis, keys, broadcasts, reads, archive, retention_seconds)
     amends = Amends(redis, keys, routes, archive, retention_seconds, journal)
-    return Centre(redis, keys, feed, reads, amends, archive)
+    return Centre(redis, keys, feed, reads, amends, archive, events)

@@ -52,6 +52,7 @@ from pmq.wire.client import (
     around_recipient,
     encode_event,
 )
+from pmq.wire.events import EventType
 
 HISTORY_MAX = 1000  # newest messages of a session kept in Redis; older ones are in SQL
 DRAIN_MAX = 100  # queued sessions assigned per script call
@@ -185,6 +186,7 @@ class Chat(ChatReads):
         if state == 1:
             event = encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user)
             await self.routes.deliver(agent, event)
+            await self.hook(EventType.CS_ASSIGNED, sid, user, agent)
         return reply
 
     async def drain(self) -> int:
@@ -208,6 +210,7 @@ class Chat(ChatReads):
                     user,
                     encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user, agent=agent),
                 )
+                await self.hook(EventType.CS_ASSIGNED, sid, user, agent)
             assigned += len(flat) // 3
             if len(flat) // 3 < DRAIN_MAX:
                 return assigned
@@ -242,9 +245,15 @@ class Chat(ChatReads):
         )
         for party in (user, agent) if agent else (user,):
             await self.routes.deliver(party, event)
+        await self.hook(EventType.CS_CLOSED, session_id, user, agent)
         if agent:
             await self.drain()
         return True
+
+    async def hook(self, kind: EventType, session_id: str, user: str, agent: str) -> None:
+        """cs.assigned or cs.closed for the site (pmq.domain.events), in the user's order."""
+        data = {"session_id": session_id, "user": user, "agent": agent or None}
+        await self.routes.events.emit(user, kind, data)
 
     async def close_idle(self) -> int:
         """Close the open sessions without a message for ``cs.idle_seconds`` (reason

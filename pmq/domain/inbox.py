@@ -35,6 +35,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq.domain.epochs import RedisMarks
+from pmq.domain.events import NO_EVENTS, Events
 from pmq.domain.ids import IdGenerator, timestamp_ms
 from pmq.domain.journal import StoreJournal
 from pmq.redis import scripts
@@ -43,6 +44,7 @@ from pmq.redis.keys import Keys
 from pmq.redis.locks import delete_if
 from pmq.wire import storeops
 from pmq.wire.client import Message
+from pmq.wire.events import EventType
 from pmq.wire.relay import UnreadState
 
 PUBLISH_DEDUPE_SECONDS = 86400
@@ -101,8 +103,10 @@ class Inbox:
         retention_seconds: int,
         batch: Batcher | None = None,
         journal: StoreJournal | None = None,
+        events: Events = NO_EVENTS,
     ) -> None:
         self.redis = redis
+        self.events = events  # message.undelivered timers and message.acked
         self.journal = journal  # a socket worker's, so an emptied Redis loses no 202
         self.keys = keys
         self.ids = ids
@@ -223,7 +227,13 @@ class Inbox:
                 op,
             ]
         # Sent with the other publishes of this loop iteration: one round trip for all.
-        result = await self.batch.script(self._publish, keys, args)
+        timers = self.events.timers(
+            bucket, [(to, m.id, m.kind) for m, to in zip(messages, recipients, strict=True)]
+        )
+        if timers is None:
+            result = await self.batch.script(self._publish, keys, args)
+        else:  # in the same round trip; a timer of a repeat finds no message and goes
+            result, _ = await asyncio.gather(self.batch.script(self._publish, keys, args), timers)
         if result[0] == 0:  # a repeat: the first messages' wires ('' once acked), connections
             first = [str(i) for i in orjson.loads(result[1])]
             return first, list(result[2::2]), [_pairs(flat) for flat in result[3::2]], []
@@ -260,7 +270,12 @@ class Inbox:
         mark = self.keys.redis_mark(self.keys.bucket(uid))
         keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark]
         removed, cold = await self._ack(keys=keys, args=[storeops.encode_ack(uid, ids)])
-        return Acked({int(i) for i in removed}, int(cold))
+        acked = Acked({int(i) for i in removed}, int(cold))
+        if self.events.wants(EventType.ACKED) and (acked.hot or acked.cold):
+            done = ids if acked.cold else [i for i in ids if i in acked.hot]
+            data = {"uid": uid, "ids": [str(i) for i in dict.fromkeys(done)]}
+            await self.events.emit(uid, EventType.ACKED, data)
+        return acked
 
     def look_on(
         self, pipe: Any, uid: str, after: int = 0, limit: int = 200

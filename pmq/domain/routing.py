@@ -24,6 +24,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from pmq.domain.events import NO_EVENTS, Events
 from pmq.redis import scripts
 from pmq.redis.batching import Batcher
 from pmq.redis.keys import Keys
@@ -83,8 +84,10 @@ class Routes:
         heartbeat_interval: float,
         batch: Batcher | None = None,
         registry: aioredis.Redis | None = None,
+        events: Events = NO_EVENTS,
     ) -> None:
         self.redis = redis
+        self.events = events  # user.offline scheduled as connections leave the registry
         # The heartbeat's own client (beat, restore, refresh, sweep): under load a burst of
         # requests can hold every pooled connection of ``redis`` for seconds, and a beat
         # that waits behind them gets this worker swept as dead by its peers.
@@ -150,6 +153,7 @@ class Routes:
         pipe = self.redis.pipeline(transaction=False)
         self._remove_on(pipe, [(uid, conn_id)])
         await pipe.execute()
+        await self.events.left([uid])
 
     def _remove_on(self, pipe: Any, departed: Sequence[tuple[str, str]]) -> None:
         for uid, conn_id in departed:
@@ -177,6 +181,7 @@ class Routes:
                 self._remove_on(pipe, batch)
                 try:
                     await pipe.execute()
+                    await self.events.left(uid for uid, _ in batch)
                 except BaseException:
                     self.departures[:0] = batch
                     raise

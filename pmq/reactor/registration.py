@@ -73,6 +73,7 @@ class Registration:
             client.close(CloseCode.KICKED, "kicked")
             return None
         await self.routes.evict(uid, oldest_beyond(connections, self.most(), client.conn_id))
+        await self.routes.events.online(uid)  # user.online for the site, when it takes it
         return Registered(look, broadcast_ids)
 
     def leave(self, client: Client) -> None:

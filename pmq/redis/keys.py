@@ -238,6 +238,31 @@ class Keys:
         store refused or that were not storage operations at all."""
         return f"{self.prefix}{{{tag}}}:q:store:dead"
 
+    # Events to the site (webhooks) -------------------------------------------------
+    def hook_outbox(self, bucket: int = 0) -> str:
+        """LIST of encoded events (pmq.wire.events) waiting for the site, oldest first, per
+        bucket: a user's events queue in order in their bucket's outbox."""
+        return f"{self.prefix}{{b{bucket}}}:hooks:outbox"
+
+    def hook_lease(self, bucket: int = 0) -> str:
+        """STRING owner, with a TTL: the one task worker sending the bucket's outbox."""
+        return f"{self.prefix}{{b{bucket}}}:hooks:lease"
+
+    def hook_online(self, bucket: int = 0) -> str:
+        """HASH uid -> 1: the bucket's users the site was told are online (user.online sent,
+        user.offline not yet)."""
+        return f"{self.prefix}{{b{bucket}}}:hooks:online"
+
+    def hook_leaving(self, bucket: int = 0) -> str:
+        """ZSET uid -> unix ms: users of the bucket whose last connection closed, and when
+        their user.offline is due (cancelled when they come back first)."""
+        return f"{self.prefix}{{b{bucket}}}:hooks:leaving"
+
+    def hook_undelivered(self, bucket: int = 0) -> str:
+        """ZSET "uid id kind" -> unix ms: the bucket's unicast messages and when their
+        message.undelivered is due, unless acked by then."""
+        return f"{self.prefix}{{b{bucket}}}:hooks:undelivered"
+
     def recovery_lock(self) -> str:
         """STRING owner, with a TTL: the one task worker recovering from a Redis data loss."""
         return f"{self.prefix}lock:recovery"

@@ -41,6 +41,7 @@ from pmq.domain.broadcast import Broadcasts
 from pmq.domain.centre import make_centre
 from pmq.domain.chat import Chat
 from pmq.domain.cluster import Board
+from pmq.domain.events import Events
 from pmq.domain.ids import GeneratorLease, IdGenerator
 from pmq.domain.inbox import Inbox
 from pmq.domain.journal import StoreJournal
@@ -122,9 +123,10 @@ class SocketWorker(Worker):
 
     async def assemble(self) -> None:
         config, redis, keys = self.config, self.redis, self.keys
+        events = Events(self.batch, keys, config.webhooks)  # off without webhooks.url
         self.routes = Routes(
             redis, keys, self.id, config.heartbeat.interval, self.batch,
-            registry=self.registry_redis,
+            registry=self.registry_redis, events=events,
         )
         lease = GeneratorLease(self.registry_redis, keys, self.id, self.routes.ttl)
         board = Board(
@@ -136,7 +138,8 @@ class SocketWorker(Worker):
         retention = config.inbox.retention_seconds
         self.journal = StoreJournal(redis, keys, retention, lost=self.redis_lost)
         inbox = Inbox(
-            redis, keys, ids, config.inbox.hot_seconds, retention, self.batch, self.journal
+            redis, keys, ids, config.inbox.hot_seconds, retention, self.batch, self.journal,
+            events,
         )
         broadcasts = Broadcasts(
             redis, keys, ids, config.broadcast.dedupe_seconds, config.broadcast.replay_max,
@@ -152,7 +155,10 @@ class SocketWorker(Worker):
         self.services = Services(
             config, redis, keys, self.routes, inbox, unread, broadcasts, self.chat,
             make_authenticator(config, redis, keys, kicks), self.stored,
-            make_centre(redis, keys, self.routes, broadcasts, self.stored, retention, self.journal),
+            make_centre(
+                redis, keys, self.routes, broadcasts, self.stored, retention, self.journal,
+                events,
+            ),
         )
         self.unread_pusher = UnreadPusher(config.unread.push_interval, self.table, unread)
         self.fanout = Fanout(self.table, self.unread_pusher)

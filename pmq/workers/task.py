@@ -2,6 +2,7 @@
 
 Jobs: the storage writer (pmq.tasks.writer) drains the storage queues into the store; the
 broadcast fan-out (pmq.tasks.fanout) publishes each broadcast once to every socket worker;
+with ``webhooks.url`` set, the webhook sender (pmq.tasks.webhooks) sends the events to the site;
 the sweeper (pmq.tasks.sweep) moves stored messages out of Redis and applies retention, on
 one task worker of the cluster at a time; the recovery (pmq.tasks.recovery) checks the Redis
 marks and recovers from a Redis data loss. Clients (Redis, the store's pool) are created
@@ -26,6 +27,7 @@ from pmq.tasks.fanout import BroadcastFanout
 from pmq.tasks.owners import OwnerLease, legacy_owners
 from pmq.tasks.recovery import BatchGuard, Recovery
 from pmq.tasks.sweep import Sweeper
+from pmq.tasks.webhooks import Poster, WebhookSender
 from pmq.tasks.writer import StorageWriter
 from pmq.workers.base import BootError, Worker
 
@@ -49,6 +51,7 @@ class TaskWorker(Worker):
         self.sweeper: Sweeper | None = None
         self.sweeper_job: asyncio.Task[None] | None = None
         self.fanout_job: asyncio.Task[None] | None = None
+        self.webhooks: WebhookSender | None = None
 
     async def start(self) -> None:
         """Connect, build the jobs, then run each under supervision, in that order."""
@@ -105,6 +108,11 @@ class TaskWorker(Worker):
         self.recovery = Recovery(
             self.redis, self.keys, self.store, self.in_thread, owner, inbox.retention_seconds
         )
+        if self.config.webhooks.url:
+            self.webhooks = WebhookSender(
+                self.redis, self.keys, self.config.webhooks, self.owners.owner,
+                self.config.heartbeat.interval, Poster(self.config.webhooks),
+            )
         return writer, sweeper
 
     def run_jobs(self, writer: StorageWriter, sweeper: Sweeper) -> None:
@@ -121,6 +129,8 @@ class TaskWorker(Worker):
             self.supervise("redis-recovery", self.recovery.run),
             self.sweeper_job,
         ]
+        if self.webhooks is not None:
+            self.jobs.append(self.supervise("webhooks", self.webhooks.run))
 
     async def watch_queues(self) -> None:
         """Publish the queues' depths (pmqctl status, /metrics) every few seconds."""
@@ -129,6 +139,8 @@ class TaskWorker(Worker):
             "broadcast": [self.keys.broadcast_queue()],
             "dead": [self.keys.store_dead(tag) for tag in self.keys.store_tags()],
         }
+        if self.webhooks is not None:
+            queues["webhooks"] = [self.keys.hook_outbox(b) for b in range(self.keys.buckets)]
         while True:
             for name, keys in queues.items():
                 pipe = self.redis.pipeline(transaction=False)
@@ -140,6 +152,8 @@ class TaskWorker(Worker):
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.writer.stats() if self.writer else {}
+        if self.webhooks is not None:
+            stats["webhooks"] = self.webhooks.stats()
         return {**stats, "queues": dict(self.queue_depths)}
 
     async def shutdown(self, fast: bool) -> None:
@@ -174,6 +188,12 @@ class TaskWorker(Worker):
         for job in self.jobs:
             job.cancel()
         await asyncio.gather(*self.jobs, return_exceptions=True)
+        if self.webhooks is not None:  # the next holder of a bucket need not wait for its lease
+            try:
+                await self.webhooks.release()
+            except (RedisError, OSError) as exc:
+                log.warning("%s: could not release the webhook leases: %s", self.title, exc)
+            await self.webhooks.poster.close()
         await self.redis.aclose()
         # A store call still running in a thread (a retention delete, a write cut off by the
         # deadline) is not waited for: the sweep is idempotent and an unfinished batch is

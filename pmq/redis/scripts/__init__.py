@@ -54,6 +54,12 @@ NAMES = frozenset(
         "centre_load",
         "centre_revoke",
         "centre_edit",
+        # pmq.domain.events and pmq.tasks.webhooks: events to the site
+        "hooks_online",
+        "hooks_left",
+        "hooks_offline",
+        "hooks_undelivered",
+        "hooks_trim",
         # pmq.domain.chat
         "chat_open",
         "chat_drain",

@@ -1,0 +1,186 @@
+"""Events to the site (docs/webhooks.md), end to end: real nodes POSTing to a receiver the test
+runs (tests.receiver), which checks every signature."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
+from tests.receiver import Receiver
+from tests.test_chat import agent, connect_as, ok
+
+pytestmark = pytest.mark.e2e
+
+HOOK_SECRET = "webhook-secret-" + "w" * 32
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    site = Receiver(HOOK_SECRET)
+    yield site
+    site.close()
+
+
+def hooked(make_node: Callable[..., Node], site: Receiver, **hooks: Any) -> Node:
+    """A node sending its events to ``site``: short grace and timers, quick retries."""
+    settings = {
+        "url": site.url, "secret": HOOK_SECRET, "offline_grace": 1, "undelivered_after": 2,
+        "timeout": 2, "max_backoff": 1, **hooks,
+    }
+    return make_node(webhooks=settings)
+
+
+def publish(site: Ingest, to: str, kind: str = "notice") -> str:
+    status, reply = site.publish({"to": to, "kind": kind, "body": {"text": "hi"}})
+    assert status == 202, reply
+    return str(reply["data"]["ids"][0])
+
+
+def test_each_event_type_arrives_signed_with_its_data(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver).start()
+    ingest = Ingest(node)
+    try:
+        with ws_client(node, 21) as user:
+            receiver.wait(lambda: receiver.of("user.online", uid="21"), "user.online")
+            acked = publish(ingest, "21")
+            assert user.next("push")["msg"]["id"] == acked
+            assert ok(user.request("msg.ack", {"ids": [acked]})) == {"acked": 1}
+            receiver.wait(lambda: receiver.of("message.acked", uid="21"), "message.acked")
+            assert receiver.of("message.acked")[0]["data"] == {"uid": "21", "ids": [acked]}
+            assert ok(user.request("msg.read", {"ids": [acked]})) == {"read": 1}
+            receiver.wait(lambda: receiver.of("message.read"), "message.read")
+            assert receiver.of("message.read")[0]["data"] == {"uid": "21", "ids": [acked]}
+            unacked = publish(ingest, "22", "comment")  # 22 never connects
+            receiver.wait(lambda: receiver.of("message.undelivered"), "message.undelivered")
+            assert receiver.of("message.undelivered") == [
+                {**receiver.of("message.undelivered")[0],
+                 "data": {"uid": "22", "id": unacked, "kind": "comment"}}
+            ]  # none for the acked message, whose timer fell due first
+        receiver.wait(lambda: receiver.of("user.offline", uid="21"), "user.offline")
+        with agent(node, "9101") as helper, connect_as(node, "23") as customer:
+            session = ok(customer.request("cs.open"))
+            helper.next("cs.assigned")
+            ok(customer.request("cs.close", {"session_id": session["session_id"]}))
+            expected = {"session_id": session["session_id"], "user": "23", "agent": "9101"}
+            receiver.wait(lambda: receiver.of("cs.closed"), "cs.closed")
+            assert [e["data"] for e in receiver.of("cs.assigned")] == [expected]
+            assert [e["data"] for e in receiver.of("cs.closed")] == [expected]
+    finally:
+        ingest.close()
+    assert receiver.bad_signatures == 0
+    for event in receiver.events:
+        assert set(event) == {"id", "type", "ts", "data"} and isinstance(event["ts"], int)
+    assert len({e["id"] for e in receiver.events}) == len(receiver.events)
+
+
+def test_online_and_offline_across_two_nodes_and_a_node_killed(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    first, second = hooked(make_node, receiver).start(), hooked(make_node, receiver).start()
+    with ws_client(first, 31), ws_client(second, 32):
+        with ws_client(first, 33), ws_client(second, 33):
+            receiver.wait(
+                lambda: all(receiver.of("user.online", uid=u) for u in ("31", "32", "33")),
+                "three users online",
+            )
+        receiver.wait(lambda: receiver.of("user.offline", uid="33"), "33 offline")
+        # One user.online for 33, though two nodes held a connection of theirs at once.
+        assert len(receiver.of("user.online", uid="33")) == 1
+        second.kill_all()  # kill -9 of every process of the node: no departure is seen
+        receiver.wait(lambda: receiver.of("user.offline", uid="32"), "32 offline", timeout=60)
+        assert not receiver.of("user.offline", uid="31")
+    receiver.wait(lambda: receiver.of("user.offline", uid="31"), "31 offline")
+    assert receiver.bad_signatures == 0
+
+
+def test_a_quick_reconnect_sends_no_offline(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver, offline_grace=5).start()
+    with ws_client(node, 41):
+        receiver.wait(lambda: receiver.of("user.online", uid="41"), "user.online")
+    with ws_client(node, 41), ws_client(node, 42):
+        receiver.wait(lambda: receiver.of("user.online", uid="42"), "42 online")
+    receiver.wait(lambda: receiver.of("user.offline", uid="41"), "41 offline")
+    assert len(receiver.of("user.online", uid="41")) == 1
+    assert len(receiver.of("user.offline", uid="41")) == 1
+
+
+def test_a_failing_site_gets_every_event_once_it_answers_in_order_per_user(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver, events=["message.acked"], batch=3).start()
+    receiver.status = 500
+    ingest = Ingest(node)
+    expected: dict[str, list[str]] = {"51": [], "52": []}
+    try:
+        with ws_client(node, 51) as one, ws_client(node, 52) as two:
+            for _ in range(6):
+                for uid, client in (("51", one), ("52", two)):
+                    message = publish(ingest, uid)
+                    client.next("push")
+                    ok(client.request("msg.ack", {"ids": [message]}))
+                    expected[uid].append(message)
+            wait_for(lambda: receiver.posts >= 3, 30, "a few failed POSTs")
+            assert receiver.events == []
+            receiver.status = 200
+            receiver.wait(
+                lambda: all(acked_ids(receiver, u) == ids for u, ids in expected.items()),
+                "every event, in order per user",
+            )
+    finally:
+        ingest.close()
+    assert receiver.bad_signatures == 0
+
+
+def acked_ids(site: Receiver, uid: str) -> list[str]:
+    """The message ids of the user's message.acked events in the order they came, an
+    event sent again (at least once) counted once."""
+    events = {e["id"]: e for e in site.of("message.acked", uid=uid)}  # first arrival's place
+    return [i for e in events.values() for i in e["data"]["ids"]]
+
+
+def test_a_site_that_hangs_never_holds_publishing_or_delivery_back(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver, timeout=30).start()
+    receiver.gate.clear()  # every POST hangs until the gate opens
+    ingest = Ingest(node)
+    try:
+        with ws_client(node, 61) as user:
+            wait_for(lambda: receiver.arrived, 10, "a POST held by the site")
+            for _ in range(20):
+                message = publish(ingest, "61")  # 202, while the site holds the POST
+                assert user.next("push")["msg"]["id"] == message
+                assert ok(user.request("msg.ack", {"ids": [message]})) == {"acked": 1}
+            with ws_client(node, 62):
+                pass
+            assert receiver.events == []
+            receiver.gate.set()
+            receiver.wait(lambda: len(receiver.of("message.acked", uid="61")) == 20, "the acks")
+    finally:
+        ingest.close()
+
+
+def test_without_a_url_nothing_is_kept_for_the_site(make_node: Callable[..., Node]) -> None:
+    node = make_node().start()
+    ingest = Ingest(node)
+    try:
+        with ws_client(node, 71) as user:
+            message = publish(ingest, "71")
+            user.next("push")
+            ok(user.request("msg.ack", {"ids": [message]}))
+        publish(ingest, "72")
+    finally:
+        ingest.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert list(client.scan_iter(f"{node.prefix}*hooks*")) == []
+    finally:
+        client.close()
