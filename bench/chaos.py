@@ -9,7 +9,8 @@ workers, 2 task workers, MySQL storage). Each fault is one phase with fresh user
 the online users, publish steadily (unicast to online and offline users at a fixed rate, a
 multicast and a broadcast every few seconds), inject the fault, keep publishing through a
 recovery window, stop, let deliveries and storage drain, replay every offline user once,
-then account (see bench.chaos_report). Faults:
+then account (see bench.chaos_report); beside it, reads and retractions of the notification
+centre, checked after the phase (bench.chaos_centre). Faults:
 
     baseline       none: the same load and books with nothing broken, the control
     socket-worker  kill -9 of a socket worker (the master respawns it)
@@ -24,8 +25,9 @@ Prints the per-fault table on stderr and writes every number to a JSON file
 (bench/figures/DATE/chaos-*.json unless --out). Exits 1 if a fault broke a promise: an
 accepted message lost (a Redis crash with durability "none" may lose its last second, which
 is reported), a message stored twice or applied twice, an id twice on one connection, a
-broadcast missed, an ingest request answered neither 2xx nor 503 or not within 5 s, or a
-client not connected again within --reconnect-bound seconds of the fault's end.
+broadcast missed, an ingest request answered neither 2xx nor 503 or not within 5 s, a
+client not connected again within --reconnect-bound seconds of the fault's end, or a message
+read that comes back unread or a retracted one that comes back.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.chaos_centre import centre_check, centre_process
 from bench.chaos_load import Plan, replay_check, site_process, users_process
 from bench.chaos_report import Books, Fault, account, markdown, table
 from bench.chaos_rig import MysqlDatabase, Node, Proxy, RedisServer, wait_until
@@ -232,7 +235,9 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
     wait_until(lambda: shared[0].value >= len(online), 120, f"{len(online)} users connected")
     log(f"phase {phase} {name}: {len(online)} users connected, publishing")
     site = ctx.Process(target=site_process, args=(plan, results), daemon=True)
+    centre = ctx.Process(target=centre_process, args=(plan, results), daemon=True)
     site.start()
+    centre.start()
     time.sleep(args.before)
     began = time.time()
     detail = FAULTS[name](rig)
@@ -241,7 +246,9 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
     if name in AFTERMATH:
         AFTERMATH[name](rig)
     records = receive(results, "site", plan.seconds + 60)
+    done = receive(results, "centre", 60)
     site.join(10)
+    centre.join(10)
     expected = expected_online(plan, records)
     with_deadline(lambda: shared[0].value >= len(online) and shared[1].value >= expected,
                   args.drain, "online users' deliveries")
@@ -258,6 +265,7 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
                       if uid >= plan.offline[0]})
     books.offline_seen, books.offline_failed = run(
         replay_check(rig.node.port, rig.node.secret, offline, phase))
+    books.centre = run(centre_check(plan, done))
     return books
 
 

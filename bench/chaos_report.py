@@ -48,6 +48,7 @@ class Books:
     stored_rows: list[tuple[int, int, str, int]]
     stored_broadcasts: int
     log_errors: list[str]  # the node's log lines of this phase naming an error
+    centre: dict[str, Any] = field(default_factory=dict)  # bench.chaos_centre.centre_check
 
 
 def accepted_keys(records: list[Record]) -> tuple[dict[tuple[int, int], float], dict[int, int]]:
@@ -200,8 +201,29 @@ def account(books: Books, durability: str, reconnect_bound: float) -> dict[str, 
         "dup_same_connection_sample": [k for u in books.users.values()
                                        for k in u["dup_sample"]][:10],
     }
+    row.update(centre_row(books))
     row["failed"] = broken(row, durability, reconnect_bound)
     return row
+
+
+def centre_row(books: Books) -> dict[str, Any]:
+    """The notification centre's books (bench.chaos_centre): reads and retractions done, and
+    those that did not hold, with how many of those were done in the last second before
+    the fault."""
+    c, f = books.centre, books.fault
+    if not c:
+        return {}
+
+    def last_second(times: list[float]) -> int:
+        return sum(1 for t in times if f.began - LAST_SECOND <= t <= f.began)
+
+    return {
+        "centre_retracted": c["retracted"],
+        "centre_read": c["read"],
+        "centre_retracted_back": len(c["retracted_back"]),
+        "centre_read_unread": len(c["read_unread"]),
+        "centre_last_second": last_second(c["retracted_back"]) + last_second(c["read_unread"]),
+    }
 
 
 def broken(row: dict[str, Any], durability: str, reconnect_bound: float) -> list[str]:
@@ -220,6 +242,13 @@ def broken(row: dict[str, Any], durability: str, reconnect_bound: float) -> list
         out.append(f"broadcasts stored {row['broadcasts_stored']} of "
                    f"{row['broadcasts_accepted']}")
     ingest = row["ingest"]
+    centre = row.get("centre_retracted_back", 0) + row.get("centre_read_unread", 0)
+    forgiven = row.get("centre_last_second", 0)
+    if not loses_last_second(row["fault"], durability):
+        forgiven = 0
+    if centre - forgiven:
+        out.append(f"centre: {row['centre_retracted_back']} retracted came back, "
+                   f"{row['centre_read_unread']} read came back unread")
     if ingest["hung"]:
         out.append(f"{ingest['hung']} ingest requests hung past the publisher's timeout")
     if ingest["other"]:

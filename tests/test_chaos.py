@@ -48,6 +48,8 @@ def test_fault_under_load_loses_nothing(fault: str, tmp_path: Path) -> None:
     assert row["ingest"]["hung"] == 0, table
     assert row["ingest"]["other"] == {}, table
     assert row["recover_s"] is not None, table
+    assert row["centre_retracted"] > 0 and row["centre_read"] > 0, table
+    assert row["centre_retracted_back"] == 0 and row["centre_read_unread"] == 0, table
     assert row["failed"] == [], table
     assert done.returncode == 0, table
 
@@ -88,3 +90,27 @@ def test_books_name_every_broken_promise() -> None:
     assert result["ingest"]["hung"] == 1
     assert result["recover_s"] is None
     assert len(result["failed"]) == 5, result["failed"]
+
+
+def test_books_name_a_read_or_retraction_that_did_not_hold() -> None:
+    """The centre's books (bench.chaos_centre), on made-up observations: a retraction that
+    came back and a read that came back unread break the phase; with a Redis crash and
+    durability "none", not when they were answered in the second before the crash."""
+    from bench.chaos_load import Plan
+    from bench.chaos_report import Books, Fault, account
+
+    plan = Plan(phase=1, run_id="r", ws_port=1, ingest_port=2, secret="s", online=(), offline=(
+        20, 21), rate=1, offline_share=1, seconds=10, multicast_every=5, multicast_size=2,
+        broadcast_every=5, connections=4)
+    centre = {"retracted": 4, "read": 4, "retracted_back": [99.5], "read_unread": [90.0]}
+    for fault, failed in (("socket-worker", 1), ("redis-kill", 1)):
+        books = Books(plan, Fault(fault, 100.0, 100.0), [], {}, {}, 0, [], 0, [], centre)
+        row = account(books, "none", reconnect_bound=15)
+        assert (row["centre_retracted_back"], row["centre_read_unread"]) == (1, 1)
+        assert row["centre_last_second"] == 1
+        assert [f for f in row["failed"] if f.startswith("centre:")] == [
+            "centre: 1 retracted came back, 1 read came back unread"
+        ] * failed
+    books = Books(plan, Fault("redis-kill", 100.0, 100.0), [], {}, {}, 0, [], 0, [],
+                  {**centre, "read_unread": []})
+    assert not [f for f in account(books, "none", 15)["failed"] if f.startswith("centre:")]
