@@ -3,6 +3,8 @@ runs (tests.receiver), which checks every signature."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -184,3 +186,24 @@ def test_without_a_url_nothing_is_kept_for_the_site(make_node: Callable[..., Nod
         assert list(client.scan_iter(f"{node.prefix}*hooks*")) == []
     finally:
         client.close()
+
+
+def test_a_task_worker_killed_during_its_post_leaves_the_events_to_the_next(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver).start()
+    receiver.gate.clear()
+    with ws_client(node, 81):
+        wait_for(lambda: receiver.arrived, 10, "the user.online POST, held by the site")
+        [killed] = [w["pid"] for w in node.workers("task")]
+        os.kill(killed, signal.SIGKILL)
+        wait_for(
+            lambda: [w["pid"] for w in node.workers("task") if w["ready"]] not in ([], [killed]),
+            30, "a new task worker",
+        )
+        receiver.status = 500  # the dead worker's POST is answered, and not taken
+        receiver.gate.set()
+        wait_for(lambda: receiver.posts, 10, "the dead worker's POST answered")
+        receiver.status = 200
+        receiver.wait(lambda: receiver.of("user.online", uid="81"), "user.online, sent again")
+    assert len(receiver.of("user.online", uid="81")) == 1
