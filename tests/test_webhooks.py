@@ -207,3 +207,18 @@ def test_a_task_worker_killed_during_its_post_leaves_the_events_to_the_next(
         receiver.status = 200
         receiver.wait(lambda: receiver.of("user.online", uid="81"), "user.online, sent again")
     assert len(receiver.of("user.online", uid="81")) == 1
+
+
+def test_users_still_connected_when_redis_lost_everything_go_offline_when_they_leave(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver).start()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        with ws_client(node, 91):
+            receiver.wait(lambda: receiver.of("user.online", uid="91"), "user.online")
+            client.delete(*client.scan_iter(f"{node.prefix}*"))  # Redis emptied
+            receiver.wait(lambda: len(receiver.of("user.online", uid="91")) == 2, "online again")
+        receiver.wait(lambda: receiver.of("user.offline", uid="91"), "user.offline")
+    finally:
+        client.close()

@@ -19,6 +19,7 @@ touches Redis: publishing, connecting and acking cost what they cost without web
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
@@ -74,6 +75,15 @@ class Events:
             ]
             event = self._event(EventType.ONLINE, {"uid": uid})
             await self.batch.script(self._online, keys, [uid, event])
+
+    async def online_again(self, uids: Iterable[str], chunk: int = 1000) -> None:
+        """Connections of ``uids`` were written to the registry again (Redis lost them):
+        the users are online for the site again if Redis lost that too, so that their
+        user.offline comes when they leave."""
+        if self.presence:
+            users = list(dict.fromkeys(uids))
+            for start in range(0, len(users), chunk):
+                await asyncio.gather(*(self.online(uid) for uid in users[start : start + chunk]))
 
     async def left(self, uids: Iterable[str]) -> None:
         """Connections of ``uids`` left the registry: those with none left get a user.offline

@@ -206,12 +206,13 @@ class Routes:
         self, conns: Sequence[tuple[str, str, Sequence[str]]], chunk: int = 1000
     ) -> None:
         """Write the entries of ``conns`` (uid, conn id, groups) again, as a connect does:
-        ``chunk`` connections per round trip."""
+        ``chunk`` connections per round trip; then the users' presence for the site."""
         for start in range(0, len(conns), chunk):
             pipe = self.registry.pipeline(transaction=False)
             for uid, conn_id, groups in conns[start : start + chunk]:
                 self.register_on(pipe, uid, conn_id, groups)
             await pipe.execute()
+        await self.events.online_again(uid for uid, _, _ in conns)
 
     async def refresh(self, uids: Sequence[str], chunk: int = 5000) -> set[str]:
         """Push back the TTL of our users' entries: one Lua call per ``chunk`` users of a
