@@ -368,3 +368,23 @@ def test_revoke_and_update_reach_the_user_on_every_node(make_node: Any) -> None:
         assert site_b.call("DELETE", f"/api/v1/messages/{message}")[0] == 404
     site_a.close()
     site_b.close()
+
+
+def test_a_message_acked_before_storage_had_it_stays_in_the_feed(node: Node, site: Ingest) -> None:
+    keys = Keys(node.prefix)
+    hot = redis.Redis.from_url(REDIS_URL)
+    with ws_client(node, 7) as client:
+        with storage_locked(node):  # nothing reaches storage meanwhile
+            ids = [send(site, 7, n=n) for n in range(3)]
+            client.pushes(3)
+            assert client.request("msg.ack", {"ids": ids})["data"] == {"acked": 3}
+            assert [m["id"] for m in all_pages(client)] == ids[::-1]
+            assert site.call("PATCH", f"/api/v1/messages/{ids[1]}", {"body": {"v": 2}})[0] == 200
+            assert site.call("DELETE", f"/api/v1/messages/{ids[0]}")[0] == 200
+            assert [(m["id"], m["body"]) for m in all_pages(client)] == [
+                (ids[2], {"n": 2}), (ids[1], {"v": 2})
+            ]
+        wait_for(lambda: not hot.exists(keys.acked_unstored("7")), what="the writer to have them")
+        assert [(m["id"], m["body"]) for m in all_pages(client)] == [
+            (ids[2], {"n": 2}), (ids[1], {"v": 2})
+        ]

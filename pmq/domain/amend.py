@@ -89,11 +89,12 @@ class Amends:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hget(self.keys.amends(owner), str(message_id))
             pipe.hget(self.keys.inbox_bodies(owner), str(message_id))
-            amend, body = await pipe.execute()
+            pipe.hget(self.keys.acked_unstored(owner), str(message_id))
+            amend, body, acked = await pipe.execute()
             if amend is not None:
                 return orjson.loads(amend) if amend else None
-            if body is not None:
-                return orjson.loads(body)
+            if body is not None or acked is not None:
+                return orjson.loads(body or acked)
         for wait in (0.0, *(FIND_WAITS if owner is not None else ())):
             await asyncio.sleep(wait)
             found = await self.archive.find_message(message_id)
@@ -130,6 +131,7 @@ class Amends:
             self.keys.last_read(uid),
             self.keys.amends(uid),
             self._queue(uid),
+            self.keys.acked_unstored(uid),
         ]
         args: list[Any] = [
             key,
@@ -155,7 +157,12 @@ class Amends:
         edited = {**item, "body": body}
         wire = orjson.dumps(edited)
         op = encode_amend(OpName.EDIT, wire)
-        keys = [self.keys.inbox_bodies(uid), self.keys.amends(uid), self._queue(uid)]
+        keys = [
+            self.keys.inbox_bodies(uid),
+            self.keys.amends(uid),
+            self._queue(uid),
+            self.keys.acked_unstored(uid),
+        ]
         args: list[Any] = [str(message_id), wire, op, self.retention_seconds]
         if not await self._edit(keys=keys, args=args):
             return None

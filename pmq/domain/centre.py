@@ -102,12 +102,15 @@ class Centre:
         wanted = [str(i) for i in dict.fromkeys(ids)]
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(self.keys.inbox_bodies(uid), wanted)
+        pipe.hmget(self.keys.acked_unstored(uid), wanted)
         pipe.hmget(self.keys.amends(uid), wanted)
         pipe.hmget(self.keys.broadcast_bodies(), wanted)
-        hot, amends, broadcasts = await pipe.execute()
+        hot, acked, amends, broadcasts = await pipe.execute()
         reached = set(groups_of(groups))
         found: dict[str, Item] = {}
-        for key, body, amend, broadcast in zip(wanted, hot, amends, broadcasts, strict=True):
+        for key, body, amend, broadcast in zip(
+            wanted, map(_either, hot, acked), amends, broadcasts, strict=True
+        ):
             if amend is not None:  # retracted (b""), or edited
                 if amend:
                     found[key] = orjson.loads(amend)
@@ -134,6 +137,10 @@ class Centre:
     async def _broadcast_retracted(self, item_id: Any) -> bool:
         score = await self.redis.zscore(self.keys.broadcast_revoked(), str(item_id))
         return score is not None
+
+
+def _either(first: bytes | None, second: bytes | None) -> bytes | None:
+    return first if first is not None else second
 
 
 def make_centre(

@@ -1,10 +1,11 @@
 """A user's notification centre feed: their messages, acked or not, and the broadcasts to
 their groups, newest first, within retention, with their read state (docs/notification-centre.md).
 
-A page merges four sources below a cursor id: the hot inbox (Redis: unacked messages not yet
-moved to storage), the stored messages (acked or not), and the broadcasts in Redis and in
-storage (after Redis lost data, storage still has them). Each source is asked for as many
-items as the page still wants; the merge is exact down to the deepest id every source that
+A page merges five sources below a cursor id: the hot inbox (Redis: unacked messages not yet
+moved to storage), the messages acked before the writer stored them (Redis, for that moment),
+the stored messages (acked or not), and the broadcasts in Redis and in storage (after Redis
+lost data, storage still has them). Each source is asked for as many items as the page
+still wants; the merge is exact down to the deepest id every source that
 had more answered for, and the next round starts there, so no item is skipped or repeated
 whichever source holds it (one held by two is listed once). Storage's rows are corrected by
 what Redis knows and the writer may not have written yet: the user's amends (retracted
@@ -130,6 +131,7 @@ class Feed:
         id all sources answered for, newest first, and that id (None: no source has more)."""
         sources = [
             self._hot(query.uid, cursor, floor, want),
+            self._acked(query.uid, cursor, floor),
             self._stored(query, cursor, floor, want, amends),
         ]
         if query.kind in (None, SYSTEM):  # broadcasts are in the feed of all and of system
@@ -175,6 +177,11 @@ class Feed:
         bodies = await self.redis.hmget(self.keys.inbox_bodies(uid), [str(i) for i in ids])
         items = [orjson.loads(b) for b in cast(list[bytes | None], bodies) if b is not None]
         return _Round(items, bound)
+
+    async def _acked(self, uid: str, cursor: int, floor: int) -> _Round:
+        """The messages acked before storage had them (a few, for a moment: all of them)."""
+        held = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.acked_unstored(uid)))
+        return _Round([orjson.loads(b) for i, b in held.items() if floor < int(i) < cursor], None)
 
     async def _stored(
         self, query: Query, cursor: int, floor: int, want: int, amends: dict[int, bytes]

@@ -268,8 +268,12 @@ class Inbox:
             return Acked(set(), 0)
         queue = self.keys.store_queue(self.keys.user_tag(uid))
         mark = self.keys.redis_mark(self.keys.bucket(uid))
-        keys = [self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark]
-        removed, cold = await self._ack(keys=keys, args=[storeops.encode_ack(uid, ids)])
+        keys = [
+            self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark,
+            self.keys.owners(self.keys.bucket(uid)), self.keys.acked_unstored(uid),
+        ]
+        args: list[Any] = [storeops.encode_ack(uid, ids), self.ttl]
+        removed, cold = await self._ack(keys=keys, args=args)
         acked = Acked({int(i) for i in removed}, int(cold))
         if self.events.wants(EventType.ACKED) and (acked.hot or acked.cold):
             done = ids if acked.cold else [i for i in ids if i in acked.hot]

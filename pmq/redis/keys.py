@@ -157,6 +157,12 @@ class Keys:
         retraction or edit finds the user of a message storage does not hold yet."""
         return f"{self.prefix}{{b{bucket}}}:owners"
 
+    def acked_unstored(self, uid: str) -> str:
+        """HASH message id -> message JSON: the user's messages acked before the storage
+        writer stored them, so the notification centre's feed still lists them meanwhile;
+        the writer removes each once its row is there."""
+        return f"{self._user(uid)}:acked"
+
     def reads(self, uid: str) -> str:
         """HASH of the user's read marks: kind -> the id up to which every item of that kind
         is read ("*": every kind), and ``loaded`` once taken from storage (pmq.domain.reads)."""

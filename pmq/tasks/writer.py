@@ -325,10 +325,12 @@ class StorageWriter:
         count = await self.in_thread(self.store.ack, uid, ids)
         self.acked += count
         if count >= len(set(ids)):
+            await self._stored_acked(uid, ids)
             return
         # Short: some were acked already (fine) or are not stored yet (their message may be
         # in another writer's batch, or was never a stored message, e.g. a broadcast).
         missing = sorted(set(ids) - await self.in_thread(self.store.existing, uid, ids))
+        await self._stored_acked(uid, sorted(set(ids) - set(missing)))
         if not missing or attempt >= len(ACK_RETRY_DELAYS):
             return
         if len(self._deferred) >= MAX_DEFERRED_ACKS:
@@ -338,6 +340,12 @@ class StorageWriter:
             return
         due = time.monotonic() + ACK_RETRY_DELAYS[attempt]
         self._deferred.append(_DeferredAck(uid, missing, attempt + 1, due))
+
+    async def _stored_acked(self, uid: int, ids: list[int]) -> None:
+        """Storage holds ``ids`` of ``uid``: the copies inbox_ack kept of those acked before
+        they were stored (pmq.redis.keys.Keys.acked_unstored) are no longer needed."""
+        if ids:
+            await self.redis.hdel(self.keys.acked_unstored(str(uid)), *map(str, ids))
 
     async def _retry_deferred(self) -> None:
         """Retry the deferred acks that are due. Each leaves the list only once retried (a

@@ -1,6 +1,9 @@
--- KEYS: inbox, bodies, queue, cold flag, the bucket's mark; ARGV[1]: the storage op acking
--- every id asked (pmq.wire.storeops.encode_ack). Removes what is hot and queues the storage
--- ack of those (their rows may not be written yet): the same op, keeping those ids. The
+-- KEYS: inbox, bodies, queue, cold flag, the bucket's mark, the bucket's owners, the user's
+-- acked-unstored hash; ARGV[1]: the storage op acking every id asked
+-- (pmq.wire.storeops.encode_ack), ARGV[2]: the acked-unstored hash's ttl. Removes what is
+-- hot and queues the storage ack of those (their rows may not be written yet): the same op,
+-- keeping those ids; one storage does not hold yet (it has an owners entry) keeps its body
+-- in the acked-unstored hash until the writer stores it (the notification centre lists it). The
 -- others are queued too when storage may hold unacked messages of the user (flagged cold, or
 -- the bucket not known complete): the writer acks them there, so a socket worker never writes
 -- storage for an ack. Returns {the hot ids, how many others were queued}.
@@ -9,6 +12,11 @@ local removed, others = {}, {}
 for _, id in ipairs(op.ids) do
     if redis.call('ZREM', KEYS[1], id) == 1 then
         removed[#removed + 1] = id
+        local body = redis.call('HEXISTS', KEYS[6], id) == 1 and redis.call('HGET', KEYS[2], id)
+        if body then
+            redis.call('HSET', KEYS[7], id, body)
+            redis.call('EXPIRE', KEYS[7], tonumber(ARGV[2]))
+        end
     else
         others[#others + 1] = id
     end
