@@ -6,6 +6,7 @@ on the storage queue (storage locked meanwhile).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -13,11 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
-from tests.helpers import Ingest, Node, RedisServer, wait_for, ws_client
+from pmq.domain.amend import Amends
+from pmq.domain.broadcast import Broadcasts
+from pmq.domain.ids import IdGenerator
+from pmq.domain.routing import Routes
+from pmq.redis.keys import Keys
+from pmq.tasks.fanout import BroadcastFanout
+from pmq.tasks.owners import OwnerLease
+from tests.helpers import REDIS_URL, Ingest, Node, RedisServer, wait_for, ws_client
 from tests.test_redis_loss import epoch_of, publish, restart, storage_locked
-
-pytestmark = pytest.mark.e2e
 
 
 def count(node: Node, sql: str) -> Any:
@@ -49,6 +56,7 @@ def change(node: Node, site: Ingest, ids: list[str]) -> None:
     assert site.call("PATCH", f"/api/v1/messages/{ids[5]}", {"body": {"edited": True}})[0] == 200
 
 
+@pytest.mark.e2e
 def test_reads_and_retractions_survive_kill_9_of_every_worker(
     make_node: Callable[..., Node],
 ) -> None:
@@ -71,6 +79,7 @@ def test_reads_and_retractions_survive_kill_9_of_every_worker(
     site.close()
 
 
+@pytest.mark.e2e
 def test_reads_and_retractions_survive_redis_emptied_before_storage_had_them(
     make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
 ) -> None:
@@ -93,3 +102,33 @@ def test_reads_and_retractions_survive_redis_emptied_before_storage_had_them(
     wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
     check(node, ids)
     site.close()
+
+
+def test_a_broadcast_retracted_while_queued_is_never_published(redis_prefix: str) -> None:
+    """The task worker's fan-out skips a broadcast retracted before it took it."""
+
+    class NoArchive:
+        async def find_message(self, message_id: int) -> None:
+            return None
+
+        async def find_broadcast(self, broadcast_id: int) -> None:
+            return None
+
+    async def scenario() -> int:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = Keys(redis_prefix)
+        try:
+            broadcasts = Broadcasts(client, keys, IdGenerator(1), 900, 20, 3600)
+            routes = Routes(client, keys, "w", 25)
+            amends = Amends(client, keys, routes, NoArchive(), 3600)
+            fanout = BroadcastFanout(client, keys, OwnerLease(client, keys, "t", 10))
+            gone = await broadcasts.publish("all", "system", {"n": 1}, None)
+            await broadcasts.publish("all", "system", {"n": 2}, None)
+            assert await amends.revoke_broadcast(int(gone.id))
+            for item in await client.lrange(keys.broadcast_queue(), 0, -1):
+                await fanout.handle(item)
+            return fanout.published
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == 1  # the other one

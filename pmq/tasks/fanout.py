@@ -69,6 +69,9 @@ class BroadcastFanout:
             log.error("dropped a malformed broadcast: %r", item[:200])
             return
         message_id = int(message["id"])
+        if await self.redis.zscore(self.keys.broadcast_revoked(), str(message_id)) is not None:
+            log.info("broadcast %s retracted before its fan-out: not published", message_id)
+            return
         frame = push_frame(orjson.dumps(message))
         receivers = await self.redis.spublish(
             self.keys.broadcast_channel(), relay.encode_broadcast(group, frame)
