@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pmq.config import WebhooksConfig
@@ -101,9 +101,11 @@ class Events:
 
     def timers(
         self, bucket: int, messages: Sequence[tuple[str, int, str]]
-    ) -> Awaitable[Any] | None:
-        """The message.undelivered timers of ``messages`` (uid, id, kind) of one bucket, to
-        await with their publish; None when the site takes no message.undelivered."""
+    ) -> asyncio.Future[Any] | None:
+        """Set the message.undelivered timers of ``messages`` (uid, id, kind) of one bucket:
+        sent with the next loop iteration's commands, while the caller sends its publish;
+        await the future before answering. None when the site takes no
+        message.undelivered."""
         if EventType.UNDELIVERED not in self.types or not messages:
             return None
         assert self.batch is not None
@@ -111,7 +113,17 @@ class Events:
         members: list[Any] = []
         for uid, message_id, kind in messages:
             members += [due, f"{uid} {message_id} {kind}"]
-        return self.batch.call("ZADD", self.keys.hook_undelivered(bucket), *members)
+        setting = asyncio.ensure_future(
+            self.batch.call("ZADD", self.keys.hook_undelivered(bucket), *members)
+        )
+        setting.add_done_callback(retrieved)  # a publish that failed never awaits it
+        return setting
+
+
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's error seen (its caller may have failed before awaiting it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def timer_fields(member: bytes | str) -> tuple[str, str, str]:

@@ -230,10 +230,9 @@ class Inbox:
         timers = self.events.timers(
             bucket, [(to, m.id, m.kind) for m, to in zip(messages, recipients, strict=True)]
         )
-        if timers is None:
-            result = await self.batch.script(self._publish, keys, args)
-        else:  # in the same round trip; a timer of a repeat finds no message and goes
-            result, _ = await asyncio.gather(self.batch.script(self._publish, keys, args), timers)
+        result = await self.batch.script(self._publish, keys, args)
+        if timers is not None:  # set before the 202; a repeat's finds no message when due
+            await timers
         if result[0] == 0:  # a repeat: the first messages' wires ('' once acked), connections
             first = [str(i) for i in orjson.loads(result[1])]
             return first, list(result[2::2]), [_pairs(flat) for flat in result[3::2]], []
