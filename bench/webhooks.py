@@ -7,16 +7,18 @@ process of its own: an asyncio HTTP/1.1 server that checks each signature and an
 fresh node (bench.run_node's config, heartbeat 25 s) is started, U users connect (one
 WebSocket each) and ack every push at once, and C keep-alive publishers send M messages in
 all to random users (POST /api/v1/messages). Every message is acked within the default
-``undelivered_after`` (60 s), so its timer is set and fired but sends nothing.
+``undelivered_after`` (60 s): its timer is set (the run ends before timers fall due).
 
-Reported (JSON on stdout), per run of each mode (--rounds pairs, alternated, and the
-median publish rate of each mode): publish throughput and HTTP latency percentiles (ms),
-pushes received, and with webhooks on: the events received (U user.online and M
-message.acked expected, each once), duplicates, bad signatures, event throughput (events
-received / from the first publish to the last event) and how long the outbox took to
-drain after the last publish. With --backlog the site refuses every POST (503) until all
-messages are published and acked, then takes them: events/s is then the rate at which a
-backlog drains. Bounded: each phase has a deadline (--deadline seconds).
+Reported (JSON on stdout), per run of each mode (--rounds pairs, alternated; and the
+medians of each mode's publish rate and CPU): publish throughput and HTTP latency
+percentiles (ms), pushes received, the node's CPU per message (µs: socket workers, task
+workers, all; from the first publish to a second after the last push or event, acks
+included), and with webhooks on: the events received (U user.online and M message.acked
+expected, each once), duplicates, bad signatures, event throughput (events received / from
+the first publish to the last event) and how long the outbox took to drain after the last
+publish. With --backlog the site refuses every POST (503) until all messages are published
+and acked, then takes them: events/s is then the rate at which a backlog drains. Bounded:
+each phase has a deadline (--deadline seconds).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import hashlib
 import hmac
 import multiprocessing as mp
+import os
 import random
 import secrets
 import statistics
@@ -39,7 +42,16 @@ import httptools
 import orjson
 from websockets.asyncio.client import connect
 
-from bench.common import HttpClient, emit, log, percentiles, post_head, run
+from bench.common import (
+    HttpClient,
+    cpu_used,
+    emit,
+    log,
+    node_cpu,
+    percentiles,
+    post_head,
+    run,
+)
 from bench.run_node import delete_prefix, start_master, toml_value, wait_ready, write_config
 from pmq.domain.jwtauth import mint_token
 
@@ -189,6 +201,17 @@ async def publish(port: int, uids: list[int], count: int, conns: int) -> dict[st
     }
 
 
+def cpu_per_message(used: dict[str, float], messages: int) -> dict[str, float]:
+    """The node's CPU per message (µs), socket workers and task workers apart."""
+    socket = sum(v for k, v in used.items() if "socket worker" in k)
+    task = sum(v for k, v in used.items() if "task worker" in k)
+    return {
+        "socket_workers": round(socket * 1e6 / messages, 1),
+        "task_workers": round(task * 1e6 / messages, 1),
+        "total": round(used["total"] * 1e6 / messages, 1),
+    }
+
+
 async def until(condition: Any, deadline: float) -> bool:
     end = time.monotonic() + deadline
     while not condition():
@@ -226,7 +249,9 @@ async def measure(args: argparse.Namespace, hooks: bool) -> dict[str, Any]:
         with open(info["config"], "a") as config:
             lines = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
             config.write("\n[webhooks]\n" + lines)
-    master = start_master(info, directory, {})
+    master = start_master(
+        info, directory, {k: v for k, v in os.environ.items() if not k.startswith("PMQ_")}
+    )
     try:
         if not wait_ready(master, info["control"], 60):
             raise SystemExit(f"node did not start: see {info['log']}")
@@ -235,6 +260,7 @@ async def measure(args: argparse.Namespace, hooks: bool) -> dict[str, Any]:
         tasks, got = await users(info["ws_port"], info["secret"], uids, ready)
         await asyncio.wait_for(ready.wait(), args.deadline)
         log("mode", "on" if hooks else "off", ": users connected, publishing")
+        cpu_before = node_cpu(info["node"])
         published = await publish(info["ingest_port"], uids, args.messages, args.connections)
         await until(lambda: got[0] >= args.messages, args.deadline)
         result: dict[str, Any] = {"publish": published, "pushes": got[0]}
@@ -256,6 +282,10 @@ async def measure(args: argparse.Namespace, hooks: bool) -> dict[str, Any]:
                 "expected": expected, **report, "per_second": round(report["received"] / span),
                 "drained_after_last_publish_s": round(max(0.0, last - done), 2),
             }
+        await asyncio.sleep(1)  # the last acks (and their events) handled
+        result["cpu_us_per_message"] = cpu_per_message(
+            cpu_used(cpu_before, node_cpu(info["node"])), args.messages
+        )
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -296,12 +326,17 @@ def main() -> None:
         for mode in runs:
             runs[mode].append(run(measure(args, mode == "on")))
     medians = {
-        mode: statistics.median(r["publish"]["per_second"] for r in results)
+        mode: {
+            "publish_per_second": statistics.median(r["publish"]["per_second"] for r in results),
+            "cpu_us_per_message": statistics.median(
+                r["cpu_us_per_message"]["total"] for r in results
+            ),
+        }
         for mode, results in runs.items()
     }
     emit({
         "users": args.users, "messages": args.messages, "connections": args.connections,
-        "events": args.events or "all", "median_publish_per_second": medians, **runs,
+        "events": args.events or "all", "medians": medians, **runs,
     })
 
 
