@@ -4,6 +4,7 @@ runs (tests.receiver), which checks every signature."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import redis
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 from tests.receiver import Receiver
 from tests.test_chat import agent, connect_as, ok
+from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.e2e
 
@@ -131,10 +133,26 @@ def test_a_failing_site_gets_every_event_once_it_answers_in_order_per_user(
                     expected[uid].append(message)
             wait_for(lambda: receiver.posts >= 3, 30, "a few failed POSTs")
             assert receiver.events == []
+            wait_for(
+                lambda: re.search(r"webhooks 12\b", status := node.ctl("status").stdout)
+                and re.search(r"webhooks: 0 events delivered, [1-9]\d* POSTs failed", status),
+                15, "the waiting events and the failures in pmqctl status",
+            )
             receiver.status = 200
             receiver.wait(
                 lambda: all(acked_ids(receiver, u) == ids for u, ids in expected.items()),
                 "every event, in order per user",
+            )
+            wait_for(
+                lambda: re.search(r"webhooks 0\b", node.ctl("status").stdout), 15,
+                "an empty outbox in pmqctl status",
+            )
+            wait_for(
+                lambda: value(samples := scrape(node), "pmq_webhook_events_total",
+                              result="delivered") == 12
+                and value(samples, "pmq_webhook_failures_total") >= 3
+                and value(samples, "pmq_webhook_delivery_seconds_count") == 12,
+                15, "the deliveries and failures in /metrics",
             )
     finally:
         ingest.close()

@@ -164,8 +164,8 @@ class WebhookSender:
         keys = [self.keys.hook_online(bucket), leaving, self.keys.hook_outbox(bucket)]
         keys += [self.keys.user_conns(uid) for uid in uids]
         args: list[Any] = [now_ms]
+        wanted = EventType.OFFLINE in self.types
         for uid in uids:
-            wanted = EventType.OFFLINE in self.types
             args += [uid, events.encode(EventType.OFFLINE, {"uid": uid}) if wanted else b""]
         await self._offline(keys=keys, args=args)
 
