@@ -240,3 +240,23 @@ def test_users_still_connected_when_redis_lost_everything_go_offline_when_they_l
         receiver.wait(lambda: receiver.of("user.offline", uid="91"), "user.offline")
     finally:
         client.close()
+
+
+def test_undelivered_timers_and_waiting_events_survive_a_restart_of_the_node(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    node = hooked(make_node, receiver, undelivered_after=3).start()
+    receiver.status = 500  # the user.online waits in the outbox
+    ingest = Ingest(node)
+    try:
+        with ws_client(node, 95):
+            wait_for(lambda: receiver.posts, 10, "a refused POST")
+        message = publish(ingest, "96")
+    finally:
+        ingest.close()
+    node.signal(signal.SIGTERM)
+    assert node.wait_exit() == 0
+    receiver.status = 200
+    node.start()
+    receiver.wait(lambda: receiver.of("message.undelivered", id=message), "the undelivered")
+    assert receiver.of("user.online", uid="95") and receiver.of("user.offline", uid="95")
