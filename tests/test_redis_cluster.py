@@ -152,7 +152,9 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
         servers.stop()
 
 
-def cluster_node(tmp_path: Path, servers: RedisClusterServers, prefix: str, n: int) -> Node:
+def cluster_node(
+    tmp_path: Path, servers: RedisClusterServers, prefix: str, n: int, **sections: Any
+) -> Node:
     home = tmp_path / f"node{n}"
     home.mkdir()
     return Node(
@@ -161,6 +163,7 @@ def cluster_node(tmp_path: Path, servers: RedisClusterServers, prefix: str, n: i
         redis={"url": servers.url},
         storage={"url": f"sqlite:///{tmp_path}/shared.db", "shards": 4},
         heartbeat={"interval": 1, "timeout": 3},
+        **sections,
     )
 
 

@@ -3,10 +3,12 @@ runs (tests.receiver), which checks every signature."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,11 @@ from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
 from tests.receiver import Receiver
 from tests.test_chat import agent, connect_as, ok
 from tests.test_metrics import scrape, value
+from tests.test_redis_cluster import (  # noqa: F401 - redis_cluster: a fixture
+    RedisClusterServers,
+    cluster_node,
+    redis_cluster,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -260,3 +267,33 @@ def test_undelivered_timers_and_waiting_events_survive_a_restart_of_the_node(
     node.start()
     receiver.wait(lambda: receiver.of("message.undelivered", id=message), "the undelivered")
     assert receiver.of("user.online", uid="95") and receiver.of("user.offline", uid="95")
+
+
+def test_events_on_a_redis_cluster(
+    tmp_path: Path, redis_cluster: RedisClusterServers, receiver: Receiver  # noqa: F811
+) -> None:
+    """Users of many buckets (32, over three masters): every script names keys of its slot,
+    each bucket's outbox is sent."""
+    hooks = {"url": receiver.url, "secret": HOOK_SECRET, "offline_grace": 1}
+    node = cluster_node(
+        tmp_path, redis_cluster, "pmqh:", 0, webhooks={**hooks, "undelivered_after": 2}
+    ).start()
+    ingest = Ingest(node)
+    users = [str(uid) for uid in range(200, 240)]
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(ws_client(node, uid)) for uid in users]
+            receiver.wait(lambda: all(receiver.of("user.online", uid=u) for u in users), "online")
+            for uid, client in zip(users, clients, strict=True):
+                message = publish(ingest, uid)
+                client.next("push")
+                ok(client.request("msg.ack", {"ids": [message]}))
+            unacked = publish(ingest, "300")
+        receiver.wait(lambda: all(receiver.of("user.offline", uid=u) for u in users), "offline")
+        receiver.wait(lambda: receiver.of("message.undelivered", id=unacked), "undelivered")
+        assert {e["data"]["uid"] for e in receiver.of("message.acked")} == set(users)
+        assert len(receiver.of("message.undelivered")) == 1
+    finally:
+        ingest.close()
+        node.kill_all()
+    assert receiver.bad_signatures == 0
