@@ -32,6 +32,13 @@ OWNER_ONLY = 0o600  # the database and its -wal and -shm: messages are private
 DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 LIGHT_CACHE_KIB = 256  # page cache of a light store's connection (SQLite's default: 2000)
 LIGHT_STATEMENTS = 16  # compiled statements it keeps (Python's default: 128)
+# WAL pages after which a commit checkpoints them into the database file (SQLite's default:
+# 1000). A storage writer's batch of 2,000 rows to 10,000 users writes about 2,700 pages (the
+# last pages of every shard's table and three indexes, much the same ones batch after batch),
+# so at 1000 every batch's commit also copied all of them into the file. At 10,000 (a WAL of
+# up to about 40 MiB) a checkpoint comes every few batches and copies each page once: 18.5 to
+# 14.4 us of the writer's CPU per row.
+WAL_CHECKPOINT_PAGES = 10_000
 
 
 class SqliteStore(Store):
@@ -87,6 +94,7 @@ class SqliteStore(Store):
             self._connections.append(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, much faster
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         if self.light:
             conn.execute(f"PRAGMA cache_size = -{LIGHT_CACHE_KIB}")
         self._local.conn = conn
