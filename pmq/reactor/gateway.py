@@ -6,10 +6,11 @@ is kept: a token (query ``token`` or ``Authorization: Bearer``) that does not au
 HTTP 401 and no registry entry. Requests of one connection are answered one at a time, in
 order.
 
-The same port serves the customer-service pages (``/cs/agent.html``, ``/cs/chat.html`` and
-their scripts, from ``pmq/static/cs``) to plain GETs, among them the JavaScript client the
-pages are built on, ``/cs/pmq-client.js`` (a link to ``clients/js/index.js``, copied by a plain
-install); every other path is a 404.
+The same port serves the files of each folder of ``pmq/static`` to plain GETs under the
+folder's name: the customer-service pages (``/cs/agent.html``, ``/cs/chat.html`` and their
+scripts), the JavaScript client the pages are built on, ``/cs/pmq-client.js`` (a link to
+``clients/js/index.js``, copied by a plain install), and the notification-centre demo
+(``/demo/inbox.html``); every other path is a 404.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ RATE_LIMITED = "rate limit: slow down"
 # and each client's TCP tries again only after 1 s, then 3 s, 7 s... (asyncio's own default
 # is 100).
 ACCEPT_BACKLOG = 4096
-STATIC_PREFIX = "/cs/"
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -87,16 +87,19 @@ def origin_allowed(request: HttpRequest, allowed: frozenset[str]) -> bool:
 
 
 def load_static() -> dict[str, HttpResponse]:
-    """GET path -> ready response for every file of pmq/static/cs (read once, at start)."""
+    """GET path -> ready response for every file of the folders of pmq/static, each as
+    /folder/file (read once, at start)."""
     pages: dict[str, HttpResponse] = {}
-    folder = importlib.resources.files("pmq") / "static" / "cs"
-    for entry in folder.iterdir():
-        content_type = STATIC_TYPES.get("." + entry.name.rpartition(".")[2])
-        if content_type is None or not entry.is_file():
+    for folder in (importlib.resources.files("pmq") / "static").iterdir():
+        if not folder.is_dir():
             continue
-        pages[STATIC_PREFIX + entry.name] = HttpResponse(
-            200, entry.read_bytes(), content_type, STATIC_HEADERS
-        )
+        for entry in folder.iterdir():
+            content_type = STATIC_TYPES.get("." + entry.name.rpartition(".")[2])
+            if content_type is None or not entry.is_file():
+                continue
+            pages[f"/{folder.name}/{entry.name}"] = HttpResponse(
+                200, entry.read_bytes(), content_type, STATIC_HEADERS
+            )
     return pages
 
 
