@@ -67,6 +67,13 @@ def test_each_event_type_arrives_signed_with_its_data(
             assert ok(user.request("msg.read", {"ids": [acked]})) == {"read": 1}
             receiver.wait(lambda: receiver.of("message.read"), "message.read")
             assert receiver.of("message.read")[0]["data"] == {"uid": "21", "ids": [acked]}
+            unread = publish(ingest, "21")
+            assert user.next("push")["msg"]["id"] == unread
+            assert ok(user.request("msg.ack", {"ids": [unread]})) == {"acked": 1}
+            # Only the ids that turned read, as the reply counts them.
+            assert ok(user.request("msg.read", {"ids": [acked, unread]})) == {"read": 1}
+            receiver.wait(lambda: len(receiver.of("message.read")) == 2, "message.read")
+            assert receiver.of("message.read")[1]["data"] == {"uid": "21", "ids": [unread]}
             unacked = publish(ingest, "22", "comment")  # 22 never connects
             receiver.wait(lambda: receiver.of("message.undelivered"), "message.undelivered")
             assert receiver.of("message.undelivered") == [

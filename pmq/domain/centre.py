@@ -78,12 +78,11 @@ class Centre:
         return await self.marked(uid, list({m["id"]: m for m in unread}.values()), marks)
 
     async def marked(self, uid: str, items: list[Item], marks: dict[str, int]) -> int:
-        """Reads.mark_read, and message.read for the site when anything changed."""
-        changed = await self.reads.mark_read(uid, items, marks)
-        if changed:
-            ids = [str(m["id"]) for m in items]
-            await self.events.emit(uid, EventType.READ, {"uid": uid, "ids": ids})
-        return changed
+        """Reads.mark_read, with message.read for the site (the ids that were unread) queued
+        by the same script; returns how many were unread."""
+        outbox = self.keys.hook_outbox(self.keys.bucket(uid))
+        hook = self.events.queued_by(EventType.READ, outbox)
+        return len(await self.reads.mark_read(uid, items, marks, hook))
 
     async def _unread(self, uid: str, groups: Sequence[str], kind: str | None) -> list[Item]:
         """Every unread item of ``kind`` (None: all) in the feed."""

@@ -105,13 +105,22 @@ class Chat(ChatReads):
         self._send = scripts.register(redis, "chat_send")
 
     async def _run(
-        self, script: Any, keys: Sequence[str], *args: Any, live: Sequence[str] = ()
+        self,
+        script: Any,
+        keys: Sequence[str],
+        *args: Any,
+        live: Sequence[str] = (),
+        hook: EventType | None = None,
     ) -> Any:
         """Call a chat script with its own ``keys`` after the common ones; ``live`` lists
-        the online agents with a connection now (only scripts that pick an agent need it)."""
+        the online agents with a connection now (only scripts that pick an agent need it);
+        ``hook``: the event the script queues for the site, in the chat's outbox, in the
+        same step as its change, if the site takes it (pmq.domain.events)."""
         now = int(time.time() * 1000)
-        args = (self.templates, now, orjson.dumps(list(live)), *args)
-        return await script(keys=[*self.common_keys, *keys], args=args)
+        outbox = self.keys.hook_chat_outbox()
+        hook_keys, hook_args = self.routes.events.queued_by(hook, outbox) if hook else ([], [])
+        args = (self.templates, now, orjson.dumps(list(live)), *args, *hook_args)
+        return await script(keys=[*self.common_keys, *keys, *hook_keys], args=args)
 
     async def _live_agents(self) -> list[str]:
         """The online agents that hold a connection; members whose connections are gone
@@ -173,7 +182,8 @@ class Chat(ChatReads):
             self.keys.cs_session(new_id),
         ]
         result = await self._run(
-            self._open, keys, cap, seed, user, new_id, self.ttl, most, live=live
+            self._open, keys, cap, seed, user, new_id, self.ttl, most, live=live,
+            hook=EventType.CS_ASSIGNED,
         )
         if int(result[0]) == 3:
             raise ActionError(
@@ -186,7 +196,6 @@ class Chat(ChatReads):
         if state == 1:
             event = encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user)
             await self.routes.deliver(agent, event)
-            await self.hook(EventType.CS_ASSIGNED, sid, user, agent)
         return reply
 
     async def drain(self) -> int:
@@ -199,7 +208,8 @@ class Chat(ChatReads):
                 return assigned
             live = await self._live_agents()
             flat = await self._run(
-                self._drain, (), cap, random.randrange(2**31), DRAIN_MAX, live=live
+                self._drain, (), cap, random.randrange(2**31), DRAIN_MAX, live=live,
+                hook=EventType.CS_ASSIGNED,
             )
             for i in range(0, len(flat), 3):
                 sid, user, agent = (v.decode() for v in flat[i : i + 3])
@@ -210,7 +220,6 @@ class Chat(ChatReads):
                     user,
                     encode_event(FrameType.CS_ASSIGNED, session_id=sid, user=user, agent=agent),
                 )
-                await self.hook(EventType.CS_ASSIGNED, sid, user, agent)
             assigned += len(flat) // 3
             if len(flat) // 3 < DRAIN_MAX:
                 return assigned
@@ -233,6 +242,7 @@ class Chat(ChatReads):
             "" if cutoff is None else cutoff,
             self.ttl,
             op,
+            hook=EventType.CS_CLOSED,
         )
         code = int(result[0])
         if cutoff is not None and code in (304, 404, 409):
@@ -245,15 +255,9 @@ class Chat(ChatReads):
         )
         for party in (user, agent) if agent else (user,):
             await self.routes.deliver(party, event)
-        await self.hook(EventType.CS_CLOSED, session_id, user, agent)
         if agent:
             await self.drain()
         return True
-
-    async def hook(self, kind: EventType, session_id: str, user: str, agent: str) -> None:
-        """cs.assigned or cs.closed for the site (pmq.domain.events), in the user's order."""
-        data = {"session_id": session_id, "user": user, "agent": agent or None}
-        await self.routes.events.emit(user, kind, data)
 
     async def close_idle(self) -> int:
         """Close the open sessions without a message for ``cs.idle_seconds`` (reason

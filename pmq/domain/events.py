@@ -10,8 +10,10 @@ its user's bucket's outbox in Redis (``keys.hook_outbox``), which the task worke
 - ``message.undelivered``: each accepted unicast message gets a timer
   (``keys.hook_undelivered``) sent with its publish; the task workers queue the event for
   those still in their user's inbox when it falls due. An ack needs no step of its own.
-- ``message.acked``, ``message.read``, ``cs.assigned``, ``cs.closed``: queued right after the
-  change they tell of (:meth:`Events.emit`).
+- ``message.acked``, ``message.read``, ``cs.assigned``, ``cs.closed``: queued by the script
+  that makes the change they tell of (the ack's, the read's, the chat's), given the outbox
+  and the event's id and time (:meth:`Events.queued_by`); the cs.* events wait in the chat's
+  own outbox (``keys.hook_chat_outbox``), in the chat's slot.
 
 With ``webhooks.url`` unset, or for a type ``webhooks.events`` leaves out, nothing here
 touches Redis: publishing, connecting and acking cost what they cost without webhooks.
@@ -55,13 +57,13 @@ class Events:
     def _event(self, kind: EventType, data: dict[str, Any]) -> bytes:
         return events.encode(kind, data) if kind in self.types else b""
 
-    async def emit(self, uid: str, kind: EventType, data: dict[str, Any]) -> None:
-        """Queue one event of ``uid`` (its bucket's outbox keeps the user's events in order);
-        nothing when the site does not take ``kind``."""
-        if kind in self.types:
-            assert self.batch is not None
-            outbox = self.keys.hook_outbox(self.keys.bucket(uid))
-            await self.batch.call("RPUSH", outbox, events.encode(kind, data))
+    def queued_by(self, kind: EventType, outbox: str) -> tuple[list[str], list[Any]]:
+        """The extra key and arguments of a script that queues a ``kind`` event itself in
+        ``outbox``: ([outbox], [event id, now in unix ms]); ([], []) when the site does not
+        take ``kind``, and the script then writes nothing for it."""
+        if kind not in self.types:
+            return [], []
+        return [outbox], [events.new_id(), int(time.time() * 1000)]
 
     async def online(self, uid: str) -> None:
         """A connection of ``uid`` registered: user.online if the site thought them away."""

@@ -262,7 +262,7 @@ class Inbox:
         the user (flagged cold, or the bucket not known complete). One script, no storage
         call: after Redis lost data most users are cold, and a storage write per ack from
         the socket worker held every ack of theirs (and their connections' reads) for
-        seconds."""
+        seconds. The same script queues message.acked when the site takes it."""
         if not ids:
             return Acked(set(), 0)
         queue = self.keys.store_queue(self.keys.user_tag(uid))
@@ -272,13 +272,10 @@ class Inbox:
             self.keys.owners(self.keys.bucket(uid)), self.keys.acked_unstored(uid),
         ]
         args: list[Any] = [storeops.encode_ack(uid, ids), self.ttl]
-        removed, cold = await self._ack(keys=keys, args=args)
-        acked = Acked({int(i) for i in removed}, int(cold))
-        if self.events.wants(EventType.ACKED) and (acked.hot or acked.cold):
-            done = ids if acked.cold else [i for i in ids if i in acked.hot]
-            data = {"uid": uid, "ids": [str(i) for i in dict.fromkeys(done)]}
-            await self.events.emit(uid, EventType.ACKED, data)
-        return acked
+        outbox = self.keys.hook_outbox(self.keys.bucket(uid))
+        hook_keys, hook_args = self.events.queued_by(EventType.ACKED, outbox)  # in the same step
+        removed, cold = await self._ack(keys=keys + hook_keys, args=args + hook_args)
+        return Acked({int(i) for i in removed}, int(cold))
 
     def look_on(
         self, pipe: Any, uid: str, after: int = 0, limit: int = 200

@@ -20,6 +20,10 @@ The Redis state is loaded from storage when it is missing (never read, expired, 
 lost it) and, while the user's bucket is not known complete in Redis (pmq.domain.epochs:
 Redis was emptied and recovery runs), merged from storage again before each use: marks only
 rise and ids are only added, so a merge never makes read what was not, nor unread what was.
+A read whose storage operation went with an emptied Redis, and which the socket worker's
+journal queued again, is merged back into Redis by the journal as well (:meth:`Reads.restore`):
+a load from storage between the loss and the writer's write of it would miss it, and once
+the bucket is known complete again, that load would be kept as the whole state.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import redis.asyncio as aioredis
 
 from pmq.domain.epochs import RedisMarks
 from pmq.domain.ids import first_id_at, timestamp_ms
-from pmq.domain.journal import StoreJournal
+from pmq.domain.journal import Entry, StoreJournal
 from pmq.redis import scripts
 from pmq.redis.keys import Keys
 from pmq.store.rows import ReadRows
@@ -41,6 +45,7 @@ from pmq.wire import storeops
 
 ALL = "*"  # the mark of every kind
 LOADED = "loaded"  # the reads hash's field saying it holds storage's state
+READ_OP = b'{"op":"' + storeops.OpName.READ.encode() + b'"'  # how a read op starts
 
 # (uid, since unix ms) -> the user's read state in storage (pmq.store.feed.FeedSql.read_state)
 StoredReadState = Callable[[str, int], Awaitable[ReadRows]]
@@ -81,6 +86,8 @@ class Reads:
         self.marks = RedisMarks(redis, keys)
         self._read = scripts.register(redis, "centre_read")
         self._load = scripts.register(redis, "centre_load")
+        if journal is not None:
+            journal.restore_with(self.restore)
 
     def floor_ms(self) -> int:
         return int(time.time() * 1000) - self.retention_seconds * 1000
@@ -99,10 +106,24 @@ class Reads:
     async def load(self, uid: str, complete: bool) -> None:
         """Merge storage's read state of ``uid`` into Redis (marked loaded if ``complete``)."""
         rows = await self.stored(uid, self.floor_ms())
-        args: list[Any] = [self.retention_seconds, "1" if complete else "0", len(rows.marks)]
-        for kind, mark in rows.marks.items():
+        await self._merge(uid, rows.marks, rows.ids, complete)
+
+    async def restore(self, entries: Sequence[Entry]) -> None:
+        """Merge into Redis the ``read`` operations among ``entries``, kept by the journal and
+        queued again after Redis lost data (module docstring)."""
+        for entry in entries:
+            op = storeops.parse(entry.op) if entry.op.startswith(READ_OP) else None
+            if isinstance(op, storeops.ReadOp):
+                await self._merge(str(op.uid), op.marks, op.ids, False)
+
+    async def _merge(
+        self, uid: str, marks: dict[str, int], ids: Sequence[tuple[int, int]], complete: bool
+    ) -> None:
+        """Raise the user's marks in Redis and add the (id, ms) ``ids`` (centre_load)."""
+        args: list[Any] = [self.retention_seconds, "1" if complete else "0", len(marks)]
+        for kind, mark in marks.items():
             args += [kind, mark]
-        for item_id, ms in rows.ids:
+        for item_id, ms in ids:
             args += [item_id, ms]
         await self._load(keys=[self.keys.reads(uid), self.keys.read_ids(uid)], args=args)
 
@@ -118,10 +139,15 @@ class Reads:
         return read
 
     async def mark_read(
-        self, uid: str, items: Sequence[dict[str, Any]], marks: dict[str, int]
-    ) -> int:
+        self,
+        uid: str,
+        items: Sequence[dict[str, Any]],
+        marks: dict[str, int],
+        hook: tuple[list[str], list[Any]] = ([], []),
+    ) -> list[str]:
         """Mark ``items`` (the user's, as clients see them) read and raise ``marks``; returns
-        how many of ``items`` were unread."""
+        the ids of those that were unread. ``hook`` (Events.queued_by): the key and arguments
+        that make the same script queue message.read with those ids."""
         ids = [(int(m["id"]), timestamp_ms(int(m["id"]))) for m in items]
         op = storeops.encode_read(uid, ids, marks)
         keys = [
@@ -131,12 +157,12 @@ class Reads:
         ]
         args = [self.retention_seconds, self.floor_ms(), op, *(m["kind"] for m in items)]
         for _ in range(3):  # loaded again if it expired meanwhile
-            changed = int(await self._read(keys=keys, args=args))
-            if changed >= 0:
+            changed = await self._read(keys=keys + hook[0], args=args + hook[1])
+            if changed != -1:
                 if self.journal is not None and (changed or marks):
                     # what was asked: storage takes it again without a change (idempotent)
                     self.journal.note(self.keys.bucket(uid), keys[2], uid, op)
-                return changed
+                return [i.decode() for i in changed]
             await self.view(uid)
         raise RuntimeError(f"read state of uid {uid} would not load")
 

@@ -254,6 +254,15 @@ class Keys:
         """STRING owner, with a TTL: the one task worker sending the bucket's outbox."""
         return f"{self.prefix}{{b{bucket}}}:hooks:lease"
 
+    def hook_chat_outbox(self) -> str:
+        """LIST of the chat's events (cs.assigned, cs.closed), queued by the chat's scripts
+        in the chat's slot, sent like a bucket's outbox (their users' buckets are elsewhere)."""
+        return f"{self.prefix}{{{CHAT_TAG}}}:hooks:outbox"
+
+    def hook_chat_lease(self) -> str:
+        """STRING owner, with a TTL: the one task worker sending the chat's outbox."""
+        return f"{self.prefix}{{{CHAT_TAG}}}:hooks:lease"
+
     def hook_online(self, bucket: int = 0) -> str:
         """HASH uid -> 1: the bucket's users the site was told are online (user.online sent,
         user.offline not yet)."""

@@ -17,6 +17,10 @@ One task worker of the cluster at a time serves a bucket: it holds the bucket's 
    POST leaves the events at the head of the outbox; the next holder of the lease sends them
    again. Delivery is at least once, in order per bucket, hence per user.
 
+The chat's events (cs.assigned, cs.closed) are queued by the chat's scripts in the chat's
+own outbox (``keys.hook_chat_outbox``, the chat's slot), served the same way under its own
+lease: in order among themselves.
+
 A failed POST (no answer within ``webhooks.timeout``, a refused connection, any answer but
 2xx) is tried again after an exponential back-off with full jitter (from BACKOFF_BASE
 seconds to ``webhooks.max_backoff``); the head of the outbox waits, so a user's events stay
@@ -115,8 +119,13 @@ class WebhookSender:
         self.grace_ms = int(settings.offline_grace * 1000)
         # A POST holds no renewal: the lease outlives the longest one with room to spare.
         ttl_ms = int((2 * settings.timeout + 5) * 1000)
+        # Outbox number n < buckets is bucket n's; number ``buckets``, the last, the chat's.
+        self.outboxes = [keys.hook_outbox(b) for b in range(keys.buckets)]
         self.leases = [Lease(keys.hook_lease(b), owner, ttl_ms) for b in range(keys.buckets)]
-        self.backoff = [Backoff() for _ in range(keys.buckets)]
+        self.outboxes.append(keys.hook_chat_outbox())
+        self.leases.append(Lease(keys.hook_chat_lease(), owner, ttl_ms))
+        self.backoff = [Backoff() for _ in self.outboxes]
+        self.chat = bool(self.types & {EventType.CS_ASSIGNED, EventType.CS_CLOSED})
         self.next_reconcile = [0.0] * keys.buckets
         self._offline = scripts.register(redis, "hooks_offline")
         self._undelivered = scripts.register(redis, "hooks_undelivered")
@@ -130,7 +139,8 @@ class WebhookSender:
     async def run(self) -> None:
         """Serve every bucket whose lease this worker holds or can take, forever."""
         while True:
-            busy = await asyncio.gather(*(self.serve(b) for b in range(self.keys.buckets)))
+            serving = [self.serve(b) for b in range(self.keys.buckets)]
+            busy = await asyncio.gather(*serving, self.serve_chat())
             if not any(busy):
                 await asyncio.sleep(POLL_SECONDS)
 
@@ -150,6 +160,13 @@ class WebhookSender:
             self.next_reconcile[bucket] = time.monotonic() + self.reconcile_every
             await self.reconcile(bucket, int(now * 1000) + self.grace_ms)
         return await self.send(bucket)
+
+    async def serve_chat(self) -> bool:
+        """One pass over the chat's outbox if its lease is ours; True when it sent events."""
+        chat = self.keys.buckets
+        if not self.chat or not await self.leases[chat].hold(self.redis):
+            return False
+        return await self.send(chat)
 
     # Timers ---------------------------------------------------------------------------
     async def fire_offline(self, bucket: int, now_ms: int) -> None:
@@ -202,13 +219,13 @@ class WebhookSender:
                 return
 
     # Delivery -------------------------------------------------------------------------
-    async def send(self, bucket: int) -> bool:
-        """POST the head of the bucket's outbox unless it is backing off; True when the
-        site took it."""
-        backoff = self.backoff[bucket]
+    async def send(self, number: int) -> bool:
+        """POST the head of outbox ``number`` unless it is backing off; True when the site
+        took it."""
+        backoff = self.backoff[number]
         if time.monotonic() < backoff.next_try:
             return False
-        outbox = self.keys.hook_outbox(bucket)
+        outbox = self.outboxes[number]
         head = cast(list[bytes], await self.redis.lrange(outbox, 0, self.settings.batch - 1))
         if not head:
             return False
@@ -224,11 +241,11 @@ class WebhookSender:
                 "webhooks: POST of %d events to %s failed (%s); retrying in up to %.1fs",
                 len(head), self.settings.url, exc, cap,
             )
-            await self.drop_expired(bucket, head)
+            await self.drop_expired(number, head)
             return False
         backoff.failures, backoff.next_try = 0, 0.0
         await self._trim(
-            keys=[self.keys.hook_lease(bucket), outbox], args=[self.owner, len(head), head[0]]
+            keys=[self.leases[number].key, outbox], args=[self.owner, len(head), head[0]]
         )
         self.delivered += len(head)
         metrics.WEBHOOK_EVENTS.labels("delivered").inc(len(head))
@@ -237,8 +254,9 @@ class WebhookSender:
             metrics.WEBHOOK_SECONDS.observe(max(0.0, now_ms - events.parse(raw)["ts"]) / 1000)
         return True
 
-    async def drop_expired(self, bucket: int, head: Sequence[bytes]) -> None:
-        """Drop the events at the head older than ``webhooks.retry_seconds``."""
+    async def drop_expired(self, number: int, head: Sequence[bytes]) -> None:
+        """Drop the events at the head of outbox ``number`` older than
+        ``webhooks.retry_seconds``."""
         cutoff = (time.time() - self.settings.retry_seconds) * 1000
         old = 0
         for raw in head:
@@ -247,9 +265,8 @@ class WebhookSender:
             old += 1
         if not old:
             return
-        outbox = self.keys.hook_outbox(bucket)
         dropped = await self._trim(
-            keys=[self.keys.hook_lease(bucket), outbox], args=[self.owner, old, head[0]]
+            keys=[self.leases[number].key, self.outboxes[number]], args=[self.owner, old, head[0]]
         )
         if dropped:
             self.dropped += old

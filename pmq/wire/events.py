@@ -5,7 +5,9 @@ An event is one JSON object ``{"id", "type", "ts", "data"}``: ``id`` a random he
 site drops duplicates by, ``type`` one of :class:`EventType`, ``ts`` the unix time in
 milliseconds it happened, ``data`` the type's fields. The producers (pmq.domain.events, and
 the task worker's timers, pmq.tasks.webhooks) encode each event once with :func:`encode`; a
-Lua script that queues one gets it in its ARGV as encoded here. A POST's body is the events
+Lua script that queues one gets it in its ARGV as encoded here, or, when only the script
+knows the data (which ids an ack removed), its id (:func:`new_id`) and time, and makes the
+same object itself (pmq/redis/scripts/_event.lua). A POST's body is the events
 as they were queued, joined (:func:`body`), and its ``X-PMQ-Signature`` header is
 ``sha256=`` and the hex HMAC-SHA256 of those exact bytes under ``webhooks.secret``
 (:func:`signature`).
@@ -39,7 +41,12 @@ class EventType(enum.StrEnum):
 def encode(kind: EventType, data: dict[str, Any], ts_ms: int | None = None) -> bytes:
     """One event, with a new id, at ``ts_ms`` (default now)."""
     ts = int(time.time() * 1000) if ts_ms is None else ts_ms
-    return orjson.dumps({"id": secrets.token_hex(12), "type": kind.value, "ts": ts, "data": data})
+    return orjson.dumps({"id": new_id(), "type": kind.value, "ts": ts, "data": data})
+
+
+def new_id() -> str:
+    """A new event id: random, so the site can drop a repeated event by it."""
+    return secrets.token_hex(12)
 
 
 def parse(raw: bytes) -> dict[str, Any]:

@@ -140,7 +140,10 @@ class TaskWorker(Worker):
             "dead": [self.keys.store_dead(tag) for tag in self.keys.store_tags()],
         }
         if self.webhooks is not None:
-            queues["webhooks"] = [self.keys.hook_outbox(b) for b in range(self.keys.buckets)]
+            queues["webhooks"] = [
+                *(self.keys.hook_outbox(b) for b in range(self.keys.buckets)),
+                self.keys.hook_chat_outbox(),
+            ]
         while True:
             for name, keys in queues.items():
                 pipe = self.redis.pipeline(transaction=False)

@@ -2,8 +2,11 @@
 -- ARGV: ttl seconds, retention floor (unix ms), the read op (pmq.wire.storeops.encode_read:
 -- every candidate [id, ms] and the marks to raise), then each candidate's kind.
 -- Marks every candidate read and raises the marks; queues the op with only the ids that were
--- unread (and the marks raised). Returns how many candidates were unread, or -1 when the
--- user's read state is not loaded (pmq.domain.reads loads it and calls again).
+-- unread (and the marks raised). With message.read on (pmq.domain.events), KEYS[4] is the
+-- bucket's outbox and the last two ARGV the event's id and time: the event lists the ids
+-- that were unread. Returns those ids, or -1 when the user's read state is not loaded
+-- (pmq.domain.reads loads it and calls again).
+--! include _event
 local function above(a, b)  -- ids as decimal strings: 63 bits do not fit a Lua number
     return #a > #b or (#a == #b and a > b)
 end
@@ -40,4 +43,9 @@ if #changed > 0 or raised then
     op.ids = changed
     redis.call('RPUSH', KEYS[3], cjson.encode(op))
 end
-return #changed
+local ids = {}
+for i, pair in ipairs(changed) do ids[i] = pair[1] end
+if KEYS[4] and #ids > 0 then
+    queue_event(KEYS[4], ARGV[#ARGV - 1], 'message.read', ARGV[#ARGV], {uid = op.uid, ids = ids})
+end
+return ids

@@ -6,7 +6,11 @@
 -- in the acked-unstored hash until the writer stores it (the notification centre lists it). The
 -- others are queued too when storage may hold unacked messages of the user (flagged cold, or
 -- the bucket not known complete): the writer acks them there, so a socket worker never writes
--- storage for an ack. Returns {the hot ids, how many others were queued}.
+-- storage for an ack. With message.acked on (pmq.domain.events), KEYS[8] is the bucket's
+-- outbox and ARGV[3], ARGV[4] the event's id and time: the event lists the hot ids, or every
+-- id asked once when the others were queued too. Returns {the hot ids, how many others were
+-- queued}.
+--! include _event
 local op = cjson.decode(ARGV[1])
 local removed, others = {}, {}
 for _, id in ipairs(op.ids) do
@@ -28,6 +32,18 @@ if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
         or redis.call('HEXISTS', KEYS[5], 'epoch') == 0) then
     for _, id in ipairs(others) do queued[#queued + 1] = id end
     cold = #others
+end
+if KEYS[8] then
+    local ids, seen = removed, {}
+    if cold > 0 then
+        ids = {}
+        for _, id in ipairs(op.ids) do
+            if not seen[id] then ids[#ids + 1], seen[id] = id, true end
+        end
+    end
+    if #ids > 0 then
+        queue_event(KEYS[8], ARGV[3], 'message.acked', ARGV[4], {uid = op.uid, ids = ids})
+    end
 end
 if #queued > 0 then
     op.ids = queued
