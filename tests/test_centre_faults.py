@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from pmq.domain.amend import Amends
@@ -48,6 +49,21 @@ def check(node: Node, ids: list[str]) -> None:
         ]
 
 
+def kill_9(node: Node, *kinds: str) -> None:
+    """kill -9 every worker of ``kinds``; returns once the master has respawned them all."""
+    before = {w["pid"] for kind in kinds for w in node.workers(kind)}
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+
+    def respawned() -> bool:
+        workers = [w for kind in kinds for w in node.workers(kind)]
+        return len(workers) == len(before) and all(
+            w["ready"] and w["pid"] not in before for w in workers
+        )
+
+    wait_for(respawned, 30, "every worker respawned")
+
+
 def change(node: Node, site: Ingest, ids: list[str]) -> None:
     with ws_client(node, 7) as user:
         assert user.request("msg.read", {"ids": ids[:3]})["data"] == {"read": 3}
@@ -64,15 +80,7 @@ def test_reads_and_retractions_survive_kill_9_of_every_worker(
     site = Ingest(node)
     ids = publish(site, 7, 10, "kept")
     change(node, site, ids)
-    before = {w["pid"] for kind in ("socket", "task") for w in node.workers(kind)}
-    for pid in before:
-        os.kill(pid, signal.SIGKILL)
-
-    def respawned() -> bool:
-        workers = [w for kind in ("socket", "task") for w in node.workers(kind)]
-        return len(workers) == 3 and all(w["ready"] and w["pid"] not in before for w in workers)
-
-    wait_for(respawned, 30, "every worker respawned")
+    kill_9(node, "socket", "task")
     check(node, ids)
     wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_read") == 3, 20, "reads stored")
     assert count(node, "SELECT COUNT(*) FROM pmq_msg_3 WHERE revoked = 1") == 2
@@ -132,3 +140,54 @@ def test_a_broadcast_retracted_while_queued_is_never_published(redis_prefix: str
             await client.aclose()
 
     assert asyncio.run(scenario()) == 1  # the other one
+
+
+@pytest.mark.e2e
+def test_reads_survive_their_state_loaded_before_the_writer_had_them_again(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    # Redis emptied while a read waited on the storage queue; the journal queued it again,
+    # but the recovery made the bucket complete again before the writer wrote it (here: the
+    # queue held aside), and a msg.list loaded the read state from storage then.
+    node = make_node(redis={"url": own_redis.url}).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    kill_9(node, "socket")  # respawned, their journals see the epoch at their first look
+    site = Ingest(node)
+    ids = publish(site, 7, 10, "kept")
+    wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_msg_3") == 10, 20, "stored")
+    client = redis.Redis.from_url(own_redis.url)
+    queue = Keys(redis_prefix).store_queue()
+    with storage_locked(node):
+        publish(site, 8, 1, "taken")  # the writer takes it and waits on the lock
+        wait_for(lambda: client.llen(queue) == 0, 20, "the writer to take its batch")
+        with ws_client(node, 7) as user:
+            assert user.request("msg.read", {"ids": ids[:3]})["data"] == {"read": 3}
+        restart(own_redis)  # empty: the queued read goes with the rest
+        wait_for(
+            lambda: any(b'"op":"read"' in op for op in client.lrange(queue, 0, -1)),
+            30,
+            "the journal of the worker that read to queue the read again",
+        )
+        pipe = client.pipeline()
+        pipe.lrange(queue, 0, -1)
+        pipe.delete(queue)
+        held = pipe.execute()[0]
+        wait_for(
+            lambda: client.zcard(Keys(redis_prefix).read_ids("7")) == 3,
+            10,
+            "the journal to put the reads back in Redis",
+        )
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 2, 20, "a new epoch")
+    with ws_client(node, 7) as user:  # read state loaded from storage, which has no read
+        reply = user.request("msg.list")
+        assert [(m["id"], m["read"]) for m in reply["data"]["messages"]] == [
+            *((i, False) for i in ids[:2:-1]),
+            *((i, True) for i in ids[2::-1]),
+        ]
+    client.rpush(queue, *held)
+    wait_for(lambda: count(node, "SELECT COUNT(*) FROM pmq_read") == 3, 30, "reads stored")
+    with ws_client(node, 7) as user:
+        reply = user.request("msg.list", {"unread_only": True})
+        assert [m["id"] for m in reply["data"]["messages"]] == ids[:2:-1]
+    client.close()
+    site.close()

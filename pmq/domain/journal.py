@@ -11,7 +11,10 @@ second it reads the Redis marks of its buckets (pmq.domain.epochs): a bucket who
 vanish or change has lost data, and so has one whose first epoch seen is a recovery's
 (above 1). The worker then queues again every operation it kept for that bucket, together
 with the cold flag of each user concerned, so the inbox reads storage for them once the
-writer has written the operations back. Writes are idempotent by id
+writer has written the operations back. What an operation also keeps in Redis for its users
+meanwhile is put back by whoever registered for it (:meth:`StoreJournal.restore_with`: a
+read, pmq.domain.reads), so that nothing loaded from storage before the writer has written
+the operation again can hide it. Writes are idempotent by id
 (a row that is already stored is left as it is, acked or not), so queueing again what had
 reached storage, or what the emptied Redis never lost, writes nothing twice. The shared
 queues (broadcasts, chat) have no mark of their own: their operations are queued again when
@@ -29,7 +32,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
@@ -53,6 +56,10 @@ class Entry(NamedTuple):
     queue: str  # the storage queue it went to
     uid: str | None  # the user to flag cold, None for shared queues
     op: bytes
+
+
+# Puts back in Redis what kept operations, queued again, also held there for their users.
+Restore = Callable[[Sequence[Entry]], Awaitable[object]]
 
 
 class StoreJournal:
@@ -80,10 +87,16 @@ class StoreJournal:
         self.requeued = 0  # operations queued again, for stats and tests
         self.lost = lost
         self.whole_at = time.time()  # when a look last found no bucket lost
+        self.restorers: list[Restore] = []
 
     def note(self, bucket: int, queue: str, uid: str | None, op: bytes) -> None:
         """Keep ``op``, just queued on ``queue`` (``bucket`` SHARED for a shared queue)."""
         self.entries.append(Entry(time.monotonic(), bucket, queue, uid, op))
+
+    def restore_with(self, restore: Restore) -> None:
+        """Have ``restore`` called with the operations of every bucket that lost data, once
+        they are queued again."""
+        self.restorers.append(restore)
 
     def trim(self) -> None:
         horizon = time.monotonic() - self.keep_seconds
@@ -125,6 +138,8 @@ class StoreJournal:
             for entry in kept[start : start + REQUEUE_CHUNK]:
                 pipe.rpush(entry.queue, entry.op)
             await pipe.execute()
+        for restore in self.restorers:
+            await restore(kept)
         self.requeued += len(kept)
         log.warning(
             "redis buckets %s lost data: queued again the %d storage operations of the last "
