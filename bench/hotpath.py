@@ -29,7 +29,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from websockets.protocol import State
 
 from bench.common import emit, run
 from pmq.domain.auth import Identity
@@ -73,13 +72,16 @@ class CountingTransport:
 
 
 class OpenWebSocket:
-    """What Client.write_frame reads of a websockets connection."""
+    """What Client.write_frame uses of a connection (pmq.reactor.websocket.Connection)."""
 
-    class protocol:
-        state = State.OPEN
+    open = True
 
     def __init__(self) -> None:
         self.transport = CountingTransport()
+
+    def write(self, frame: bytes) -> int:
+        self.transport.write(frame)
+        return 0  # bytes not yet sent
 
 
 class ScriptedRedis:
