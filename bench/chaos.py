@@ -10,7 +10,9 @@ the online users, publish steadily (unicast to online and offline users at a fix
 multicast and a broadcast every few seconds), inject the fault, keep publishing through a
 recovery window, stop, let deliveries and storage drain, replay every offline user once,
 then account (see bench.chaos_report); beside it, reads and retractions of the notification
-centre, checked after the phase (bench.chaos_centre). Faults:
+centre, checked after the phase (bench.chaos_centre), and the events the node sends its
+site (webhooks on, to a receiver the harness runs), checked for losses (bench.chaos_hooks).
+Faults:
 
     baseline       none: the same load and books with nothing broken, the control
     socket-worker  kill -9 of a socket worker (the master respawns it)
@@ -26,8 +28,8 @@ Prints the per-fault table on stderr and writes every number to a JSON file
 accepted message lost (a Redis crash with durability "none" may lose its last second, which
 is reported), a message stored twice or applied twice, an id twice on one connection, a
 broadcast missed, an ingest request answered neither 2xx nor 503 or not within 5 s, a
-client not connected again within --reconnect-bound seconds of the fault's end, or a message
-read that comes back unread or a retracted one that comes back.
+client not connected again within --reconnect-bound seconds of the fault's end, a message
+read that comes back unread or a retracted one that comes back, or an event to the site lost.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_centre import centre_check, centre_process
+from bench.chaos_hooks import all_arrived, hooks_check, node_settings
 from bench.chaos_load import Plan, replay_check, site_process, users_process
 from bench.chaos_report import Books, Fault, account, markdown, table
 from bench.chaos_rig import MysqlDatabase, Node, Proxy, RedisServer, wait_until
 from bench.common import log, run
+from bench.receiver import Receiver
 from pmq.client import Backoff
 
 FIGURES = Path(__file__).parent / "figures"
@@ -66,8 +70,9 @@ USERS_PER_PROCESS = 500
 
 
 class Rig:
-    """What the harness owns for one run: Redis, MariaDB, the proxies and the node, each
-    stopped (or dropped) by :meth:`close` in the reverse order, even after a failed start."""
+    """What the harness owns for one run: Redis, MariaDB, the proxies, the site's webhook
+    receiver and the node, each stopped (or dropped) by :meth:`close` in the reverse order,
+    even after a failed start."""
 
     def __init__(self, args: argparse.Namespace, directory: Path) -> None:
         self.args = args
@@ -82,7 +87,11 @@ class Rig:
             self.stack.callback(self.mysql.drop)
             self.mysql_proxy = Proxy(args.mysql_port)
             self.stack.callback(self.mysql_proxy.close)
-            extra: dict[str, dict[str, Any]] = {}
+            self.receiver = Receiver(secrets.token_urlsafe(32))
+            self.stack.callback(self.receiver.close)
+            extra: dict[str, dict[str, Any]] = {
+                "webhooks": node_settings(self.receiver.url, self.receiver.secret.decode())
+            }
             if args.durability:
                 extra["redis"] = {"durability": args.durability}
             self.node = Node(
@@ -258,8 +267,12 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
         reports.update(receive(results, "users", 60))
     for p in users:
         p.join(10)
+    uids = range(UID_BASE + phase * PHASE_UIDS, UID_BASE + (phase + 1) * PHASE_UIDS)
+    with_deadline(lambda: all_arrived(plan, reports, site_events(rig), uids), args.drain,
+                  "the events to the site")
     books = Books(plan, Fault(name, began, ended, detail), records, reports, {}, 0, [], 0,
                   rig.node.log_errors()[errors_before:])
+    books.hooks = hooks_check(plan, reports, site_events(rig), uids)
     collect_storage(args, rig, plan, books)
     offline = sorted({uid for r in records if 200 <= r.outcome < 300 for uid in r.uids
                       if uid >= plan.offline[0]})
@@ -267,6 +280,12 @@ def run_phase(args: argparse.Namespace, rig: Rig, phase: int, name: str, run_id:
         replay_check(rig.node.port, rig.node.secret, offline, phase))
     books.centre = run(centre_check(plan, done))
     return books
+
+
+def site_events(rig: Rig) -> list[dict[str, Any]]:
+    """Every event the site's receiver took so far."""
+    with rig.receiver.lock:
+        return list(rig.receiver.events)
 
 
 def expected_online(plan: Plan, records: list[Any]) -> int:

@@ -4,7 +4,8 @@ Users behave as a real client would: connect, take the hello and the replay, ack
 receive in batches, drop duplicates by id, and after losing the connection reconnect with
 capped exponential back-off and full jitter. Each remembers what every connection of its
 life received, so a message id seen twice on one connection (never allowed) is told apart
-from one seen again after a reconnect (at-least-once).
+from one seen again after a reconnect (at-least-once), and when each ack of theirs was
+answered 200 (the site must be told of it: bench.chaos_hooks).
 
 The publisher sends unicast messages at a fixed rate, a multicast and a broadcast every few
 seconds, each request with a deadline: an answer past it is a hang. It records every
@@ -82,6 +83,7 @@ class User:
         self.outages: list[tuple[float, float]] = []  # (down, up) times
         self.connected = False
         self.errors: collections.Counter[str] = collections.Counter()
+        self.acked: dict[str, float] = {}  # message id -> when its ack was first answered 200
 
     async def live(self, stopping: asyncio.Event) -> None:
         rng = random.Random(self.uid)
@@ -128,11 +130,13 @@ class User:
         """Read pushes until the connection ends or the load stops; ack every 250 ms."""
         seen_here: set[int] = set()
         unacked: list[str] = []
+        asked: dict[str, list[str]] = {}  # ack request id -> the ids it acks
 
         async def ack_every(seconds: float) -> None:
             for sequence in range(1_000_000_000):
                 await asyncio.sleep(seconds)
                 if unacked:
+                    asked[f"a{sequence}"] = unacked[:]
                     request = {"id": f"a{sequence}", "action": "msg.ack",
                                "data": {"ids": unacked[:]}}
                     unacked.clear()
@@ -149,6 +153,14 @@ class User:
                 frame = orjson.loads(raw)
                 if frame.get("type") == "push":
                     self._push(frame["msg"], seen_here, unacked)
+                elif frame.get("type") == "reply" and frame.get("id") in asked:
+                    done = asked.pop(frame["id"])
+                    if frame.get("code") == 200:
+                        now = time.time()
+                        # this phase's unicast only: message.acked lists no broadcast
+                        for mid in done:
+                            if self.ids.get(int(mid), ("", 0))[0] == "n":
+                                self.acked.setdefault(mid, now)
         finally:
             for task in helpers:
                 task.cancel()
@@ -186,6 +198,7 @@ class User:
             "double_applied": sorted(self.double_applied),
             "outages": self.outages,
             "errors": dict(self.errors),
+            "acked": list(self.acked.items()),
         }
 
 

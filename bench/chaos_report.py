@@ -49,6 +49,7 @@ class Books:
     stored_broadcasts: int
     log_errors: list[str]  # the node's log lines of this phase naming an error
     centre: dict[str, Any] = field(default_factory=dict)  # bench.chaos_centre.centre_check
+    hooks: dict[str, Any] = field(default_factory=dict)  # bench.chaos_hooks.hooks_check
 
 
 def accepted_keys(records: list[Record]) -> tuple[dict[tuple[int, int], float], dict[int, int]]:
@@ -202,6 +203,7 @@ def account(books: Books, durability: str, reconnect_bound: float) -> dict[str, 
                                        for k in u["dup_sample"]][:10],
     }
     row.update(centre_row(books))
+    row.update(hooks_row(books, durability))
     row["failed"] = broken(row, durability, reconnect_bound)
     return row
 
@@ -223,6 +225,35 @@ def centre_row(books: Books) -> dict[str, Any]:
         "centre_retracted_back": len(c["retracted_back"]),
         "centre_read_unread": len(c["read_unread"]),
         "centre_last_second": last_second(c["retracted_back"]) + last_second(c["read_unread"]),
+    }
+
+
+def hooks_row(books: Books, durability: str) -> dict[str, Any]:
+    """The events to the site (bench.chaos_hooks): how many came, taken again, and lost;
+    an ack's or an undelivered event's loss forgiven (``hooks_forgiven``) when Redis itself
+    lost it: answered in the last second before a crash with durability "none", or any time
+    before Redis was emptied (the outbox was in it)."""
+    h, f = books.hooks, books.fault
+    if not h:
+        return {}
+
+    def forgiven(times: list[float]) -> int:
+        if f.name == "redis-empty":
+            return sum(1 for t in times if t <= f.ended)
+        if loses_last_second(f.name, durability):
+            return sum(1 for t in times if f.began - LAST_SECOND <= t <= f.ended)
+        return 0
+
+    return {
+        "hooks_events": h["events"],
+        "hooks_by_type": h["by_type"],
+        "hooks_duplicates": h["duplicates"],
+        "hooks_acks_confirmed": h["acks_confirmed"],
+        "hooks_acked_missing": len(h["acked_missing"]),
+        "hooks_online_missing": len(h["online_missing"]),
+        "hooks_undelivered_acked": len(h["undelivered_acked"]),
+        "hooks_forgiven": forgiven(h["acked_missing"]) + forgiven(h["undelivered_acked"]),
+        "hooks_online_missing_sample": h["online_missing"][:10],
     }
 
 
@@ -249,6 +280,12 @@ def broken(row: dict[str, Any], durability: str, reconnect_bound: float) -> list
     if centre - forgiven:
         out.append(f"centre: {row['centre_retracted_back']} retracted came back, "
                    f"{row['centre_read_unread']} read came back unread")
+    hooks = row.get("hooks_acked_missing", 0) + row.get("hooks_undelivered_acked", 0)
+    if hooks - row.get("hooks_forgiven", 0) or row.get("hooks_online_missing"):
+        out.append(f"events to the site: {row['hooks_acked_missing']} acks with no "
+                   f"message.acked, {row['hooks_online_missing']} users with no user.online, "
+                   f"{row['hooks_undelivered_acked']} message.undelivered of acked messages "
+                   f"({row['hooks_forgiven']} forgiven: lost with Redis)")
     if ingest["hung"]:
         out.append(f"{ingest['hung']} ingest requests hung past the publisher's timeout")
     if ingest["other"]:

@@ -2,7 +2,9 @@
 100 offline, 200 messages/s, a multicast and a broadcast every few seconds) the fault is
 injected once, and afterwards every message answered 2xx reached its user and is stored
 exactly once, no connection saw an id twice, no ingest request hung past 5 s or was answered
-other than 2xx or 503, and every client was connected again within the bound.
+other than 2xx or 503, every client was connected again within the bound, and the site's
+webhook receiver got every event the fault could have lost (a message.acked for each ack
+answered, a user.online for each user, message.undelivered only for unacked messages).
 
 Each test runs ``python -m bench.chaos --short --faults NAME`` for real: its own
 redis-server, its own MariaDB database (so it needs the MariaDB of the test setup: it fails,
@@ -50,6 +52,9 @@ def test_fault_under_load_loses_nothing(fault: str, tmp_path: Path) -> None:
     assert row["recover_s"] is not None, table
     assert row["centre_retracted"] > 0 and row["centre_read"] > 0, table
     assert row["centre_retracted_back"] == 0 and row["centre_read_unread"] == 0, table
+    assert row["hooks_acks_confirmed"] > 0 and row["hooks_online_missing"] == 0, table
+    hooks_lost = row["hooks_acked_missing"] + row["hooks_undelivered_acked"]
+    assert hooks_lost <= row["hooks_forgiven"], table
     assert row["failed"] == [], table
     assert done.returncode == 0, table
 
@@ -114,3 +119,45 @@ def test_books_name_a_read_or_retraction_that_did_not_hold() -> None:
     books = Books(plan, Fault("redis-kill", 100.0, 100.0), [], {}, {}, 0, [], 0, [],
                   {**centre, "read_unread": []})
     assert not [f for f in account(books, "none", 15)["failed"] if f.startswith("centre:")]
+
+
+def test_books_name_an_event_the_site_did_not_get() -> None:
+    """The events' books (bench.chaos_hooks), on made-up observations: an ack answered with
+    no message.acked, a user with no user.online and a message.undelivered of a message
+    acked before it break the phase; duplicates are counted, not failures; with Redis
+    emptied, what was answered before it came back is forgiven."""
+    from bench.chaos_hooks import hooks_check
+    from bench.chaos_load import Plan
+    from bench.chaos_report import Books, Fault, account
+
+    plan = Plan(phase=1, run_id="r", ws_port=1, ingest_port=2, secret="s", online=(10, 11),
+                offline=(20, 22), rate=1, offline_share=1, seconds=10, multicast_every=5,
+                multicast_size=2, broadcast_every=5, connections=4)
+
+    def event(eid: str, type_: str, ts: int, **data: object) -> dict[str, object]:
+        return {"id": eid, "type": type_, "ts": ts, "data": data}
+
+    events = [
+        event("e1", "user.online", 99_000, uid="10"),
+        event("e1", "user.online", 99_000, uid="10"),  # taken again
+        event("e2", "message.acked", 100_200, uid="10", ids=["501"]),
+        event("e3", "message.undelivered", 103_000, uid="10", id="502", kind="notice"),
+        event("e4", "user.online", 99_000, uid="99"),  # another phase's user
+    ]
+    users = {
+        10: {"acked": [["501", 100.1], ["502", 101.0], ["503", 104.0]]},  # 503: no event
+        11: {"acked": []},  # no user.online
+    }
+    hooks = hooks_check(plan, users, events, range(0, 50))
+    assert hooks["events"] == 4 and hooks["duplicates"] == 1
+    assert hooks["acked_missing"] == [101.0, 104.0] and hooks["online_missing"] == [11]
+    assert hooks["undelivered_acked"] == [101.0]  # acked at 101 s, undelivered made at 103 s
+    for fault, forgiven in (("socket-worker", 0), ("redis-empty", 2)):
+        books = Books(plan, Fault(fault, 102.0, 102.0), [], {}, {}, 0, [], 0, [],
+                      hooks=hooks)
+        row = account(books, "none", reconnect_bound=15)
+        assert row["hooks_forgiven"] == forgiven
+        assert [f for f in row["failed"] if f.startswith("events")] == [
+            "events to the site: 2 acks with no message.acked, 1 users with no user.online, "
+            f"1 message.undelivered of acked messages ({forgiven} forgiven: lost with Redis)"
+        ]

@@ -1,5 +1,5 @@
 """Events to the site (docs/webhooks.md), end to end: real nodes POSTing to a receiver the test
-runs (tests.receiver), which checks every signature."""
+runs (bench.receiver), which checks every signature."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
+from bench.receiver import Receiver
 from tests.helpers import REDIS_URL, Ingest, Node, wait_for, ws_client
-from tests.receiver import Receiver
 from tests.test_chat import agent, connect_as, ok
 from tests.test_metrics import scrape, value
 from tests.test_redis_cluster import (  # noqa: F401 - redis_cluster: a fixture

@@ -1,5 +1,6 @@
-"""A site's webhook endpoint for the tests (docs/webhooks.md): an http.server in a thread that
-records every POST, checks its signature, and can be told to fail or to hang."""
+"""A site's webhook endpoint (docs/webhooks.md) for the tests and the chaos suite: an
+http.server in a thread that records every POST, checks its signature, counts events it got
+again (by id), and can be told to fail or to hang."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.helpers import wait_for
+from bench.chaos_rig import wait_until
 
 
 class Receiver:
     """Records the events of each POST it took (``events``, in arrival order) and counts
-    the bodies whose signature was wrong (``bad_signatures``); ``status`` is what it answers
+    the bodies whose signature was wrong (``bad_signatures``) and the events taken again
+    (``duplicates``: an id taken before, at-least-once delivery); ``status`` is what it answers
     (set 500 to fail), ``gate`` when cleared holds every answer until set again."""
 
     def __init__(self, secret: str) -> None:
@@ -26,6 +28,8 @@ class Receiver:
         self.posts = 0  # answered
         self.arrived = 0  # read, answered or not yet
         self.bad_signatures = 0
+        self.duplicates = 0
+        self.ids: set[str] = set()
         self.status = 200
         self.gate = threading.Event()
         self.gate.set()
@@ -59,7 +63,10 @@ class Receiver:
                 self.bad_signatures += 1
                 return 401
             if self.status == 200:
-                self.events += json.loads(body)["events"]
+                events = json.loads(body)["events"]
+                self.duplicates += sum(1 for e in events if e["id"] in self.ids)
+                self.ids.update(e["id"] for e in events)
+                self.events += events
             return self.status
 
     def of(self, kind: str, **data: Any) -> list[dict[str, Any]]:
@@ -71,7 +78,7 @@ class Receiver:
             ]
 
     def wait(self, condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-        return wait_for(condition, timeout, what)
+        return wait_until(condition, timeout, what)
 
     def close(self) -> None:
         self.gate.set()
