@@ -51,9 +51,6 @@ class Events:
             self._online = scripts.register(redis, "hooks_online")
             self._left = scripts.register(redis, "hooks_left")
 
-    def wants(self, kind: EventType) -> bool:
-        return kind in self.types
-
     def _event(self, kind: EventType, data: dict[str, Any]) -> bytes:
         return events.encode(kind, data) if kind in self.types else b""
 
