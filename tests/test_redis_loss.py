@@ -377,6 +377,31 @@ def test_redis_emptied_before_storage_caught_up_loses_no_accepted_message(
     site.close()
 
 
+def test_redis_emptied_again_before_its_recovery_loses_no_accepted_message(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    # A journal that handled a loss waits for the recovery's new epoch; were Redis emptied
+    # again meanwhile, what was queued since, and what the journal queued again, would go
+    # unseen. The recovery cannot record its epoch while storage is locked: that holds the
+    # window open (about a second otherwise). One socket worker: its journal saw the loss.
+    node = make_node(
+        redis={"url": own_redis.url}, storage={"shards": SHARDS}, server={"workers": 1}
+    ).start()
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) == 1, 20, "the first epoch")
+    site = Ingest(node)
+    with storage_locked(node):
+        ids = publish(site, 7, 5, "first")
+        restart(own_redis)
+        wait_for(lambda: "queued again" in node.log(), 30, "the journal to see the first loss")
+        ids += publish(site, 11, 5, "second")
+        restart(own_redis)
+    wait_for(lambda: set(map(int, ids)) <= set(sqlite_rows(node)), 30, "every one stored")
+    wait_for(lambda: epoch_of(own_redis, redis_prefix) >= 2, 20, "a new epoch")
+    assert replayed_and_pulled(node, 7, 5) == (ids[:5], ids[:5])
+    assert replayed_and_pulled(node, 11, 5) == (ids[5:], ids[5:])
+    site.close()
+
+
 def test_acks_after_redis_lost_its_data_never_wait_for_storage(
     make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
 ) -> None:
@@ -499,6 +524,11 @@ def test_the_journal_queues_again_once_per_loss_and_only_what_it_keeps(redis_pre
         assert await client.lrange(queue[0], 0, -1) == [b"op2", b"op4"]
         assert await client.lrange("shared-queue", 0, -1) == [b"shared"]
         assert await client.exists(keys.cold("2"), keys.cold("4"), keys.cold("3")) == 2
+        assert await journal.check() == 0  # still no epoch: the same loss
+        # Emptied again before the recovery was done: queued again once more.
+        await client.delete(keys.redis_mark(0), queue[0], "shared-queue")
+        assert await journal.check() == 3
+        assert await client.lrange(queue[0], 0, -1) == [b"op2", b"op4"]
         # The recovery's new epoch is the same loss: nothing queued a second time.
         await client.hset(keys.redis_mark(0), "epoch", 2)
         assert await journal.check() == 0

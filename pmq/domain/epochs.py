@@ -19,6 +19,9 @@ it vouches for:
   removes the epoch.
 * ``recovering``: the token of the recovery under way; the recovery sets the epoch only if
   its token is still there, so a Redis emptied again meanwhile is recovered again.
+* ``journal:<token>``: set by a socket worker's journal (pmq.domain.journal) that handled
+  the bucket's loss, until it sees the recovery's epoch: gone before then, Redis lost the
+  bucket's data again.
 
 Marks compare as pairs ``(epoch, gen)``.
 """
@@ -90,6 +93,24 @@ class RedisMarks:
         False when Redis lost it meanwhile (the bucket must be recovered again)."""
         done = await self._establish(keys=[self.keys.redis_mark(bucket)], args=[token, epoch])
         return bool(done)
+
+    async def witness(self, field: str, add: Iterable[int], remove: Iterable[int]) -> None:
+        """Set ``field`` in the marks of the buckets ``add``, remove it from those of
+        ``remove``: a field gone with its mark tells of a loss that left no other trace."""
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in add:
+            pipe.hset(self.keys.redis_mark(bucket), field, 1)
+        for bucket in remove:
+            pipe.hdel(self.keys.redis_mark(bucket), field)
+        await pipe.execute()
+
+    async def witnessed(self, field: str, buckets: Iterable[int]) -> dict[int, bool]:
+        """Whether the mark of each of ``buckets`` still has ``field``."""
+        wanted = list(buckets)
+        pipe = self.redis.pipeline(transaction=False)
+        for bucket in wanted:
+            pipe.hexists(self.keys.redis_mark(bucket), field)
+        return dict(zip(wanted, map(bool, await pipe.execute()), strict=True))
 
     async def flag_cold(self, uids: Sequence[str], ttl: int) -> None:
         """Flag ``uids`` cold (storage holds unacked messages of theirs), for ``ttl`` s."""

@@ -11,14 +11,17 @@ second it reads the Redis marks of its buckets (pmq.domain.epochs): a bucket who
 vanish or change has lost data, and so has one whose first epoch seen is a recovery's
 (above 1). The worker then queues again every operation it kept for that bucket, together
 with the cold flag of each user concerned, so the inbox reads storage for them once the
-writer has written the operations back. What an operation also keeps in Redis for its users
-meanwhile is put back by whoever registered for it (:meth:`StoreJournal.restore_with`: a
-read, pmq.domain.reads), so that nothing loaded from storage before the writer has written
-the operation again can hide it. Writes are idempotent by id
-(a row that is already stored is left as it is, acked or not), so queueing again what had
-reached storage, or what the emptied Redis never lost, writes nothing twice. The shared
-queues (broadcasts, chat) have no mark of their own: their operations are queued again when
-any bucket lost data.
+writer has written the operations back. Until it sees the recovery's new epoch, it keeps a
+field of its own in the mark of that bucket: the field gone, Redis lost the bucket's data
+again (emptied twice before the recovery was done), and the operations are queued again
+once more, those queued since the first loss with them. What an operation also keeps in
+Redis for its users meanwhile is put back by whoever registered for it
+(:meth:`StoreJournal.restore_with`: a read, pmq.domain.reads), so that nothing loaded from
+storage before the writer has written the operation again can hide it. Writes are
+idempotent by id (a row that is already stored is left as it is, acked or not), so
+queueing again what had reached storage, or what the emptied Redis never lost, writes
+nothing twice. The shared queues (broadcasts, chat) have no mark of their own: their
+operations are queued again when any bucket lost data.
 
 What it does not cover: operations older than KEEP_SECONDS when Redis is emptied (storage
 behind by more than that: an outage, or a writer that cannot keep up), and those of a worker
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
@@ -88,6 +92,7 @@ class StoreJournal:
         self.lost = lost
         self.whole_at = time.time()  # when a look last found no bucket lost
         self.restorers: list[Restore] = []
+        self.field = f"journal:{secrets.token_hex(8)}"  # in the marks of HANDLED buckets
 
     def note(self, bucket: int, queue: str, uid: str | None, op: bytes) -> None:
         """Keep ``op``, just queued on ``queue`` (``bucket`` SHARED for a shared queue)."""
@@ -115,12 +120,22 @@ class StoreJournal:
         """One look at the marks; returns the operations queued again."""
         looked_at = time.time()
         marks = await self.marks.read(range(self.keys.buckets))
-        lost = {b for b, mark in marks.items() if _lost(self.epochs.get(b), mark)}
-        self.epochs = {b: _seen(self.epochs.get(b), mark, b in lost) for b, mark in marks.items()}
+        handled = [b for b, seen in self.epochs.items() if seen == HANDLED]
+        kept = await self.marks.witnessed(self.field, handled) if handled else {}
+        lost = {
+            b for b, mark in marks.items() if _lost(self.epochs.get(b), mark, kept.get(b, False))
+        }
+        epochs = {b: _seen(self.epochs.get(b), mark, b in lost) for b, mark in marks.items()}
+        add = [b for b in lost if epochs[b] == HANDLED]
+        remove = [b for b in handled if epochs.get(b) != HANDLED]
+        if add or remove:  # before queueing again: a loss from now on takes the field too
+            await self.marks.witness(self.field, add, remove)
         if not lost:
+            self.epochs = epochs
             self.whole_at = looked_at
             return 0
         requeued = await self.requeue(lost)
+        self.epochs = epochs  # only now: a look that failed sees the same loss again
         if self.lost is not None:
             self.lost(self.whole_at)
         return requeued
@@ -154,11 +169,14 @@ NONE_YET = 0  # looked, and the bucket has had no epoch since: the worker starte
 HANDLED = -1  # its epoch went, and the loss was handled: the recovery's new one is that loss
 
 
-def _lost(seen: int | None, now: Mark | None) -> bool:
+def _lost(seen: int | None, now: Mark | None, kept: bool) -> bool:
     """Whether the bucket lost its Redis data since the last look (``seen``: its entry in
-    StoreJournal.epochs, None before the first look)."""
-    if seen is None or seen == HANDLED:
+    StoreJournal.epochs, None before the first look; ``kept``: whether the journal's field
+    is still in a HANDLED bucket's mark)."""
+    if seen is None:
         return False
+    if seen == HANDLED:
+        return not kept  # emptied again, recovered since or not
     epoch = now[0] if now is not None else None
     if seen == NONE_YET:
         # A first epoch above 1 is a recovery's: the bucket lost its data before the worker
