@@ -122,9 +122,10 @@ class Keys:
         return f"{self._user(uid)}:cold"
 
     def redis_mark(self, bucket: int = 0) -> str:
-        """HASH ``epoch``, ``gen`` (and ``recovering`` while a recovery runs): the bucket's
-        Redis mark (pmq.domain.epochs). Without ``epoch`` the bucket's Redis data is not known
-        complete and storage is read for every user of the bucket."""
+        """HASH ``epoch``, ``gen`` (and ``recovering`` while a recovery runs, ``journal:<token>``
+        while a socket worker's journal waits for it): the bucket's Redis mark
+        (pmq.domain.epochs). Without ``epoch`` the bucket's Redis data is not known complete
+        and storage is read for every user of the bucket."""
         return f"{self.prefix}{{b{bucket}}}:redis-mark"
 
     def unread(self, uid: str) -> str:
