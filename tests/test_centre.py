@@ -267,6 +267,7 @@ def test_bad_input_is_a_clear_400_never_a_500(node: Node, site: Ingest) -> None:
             assert (reply["code"], reply["msg"].split(" (")[0]) == (400, msg), data
         fields: list[tuple[dict[str, Any], str]] = [
             ({"ids": "1"}, "ids"),
+            ({"ids": []}, "ids"),
             ({"ids": [1.5]}, "ids"),
             ({"ids": ["x"]}, "ids"),
             ({"kinds": "comment"}, "kinds"),
@@ -286,8 +287,9 @@ def test_bad_input_is_a_clear_400_never_a_500(node: Node, site: Ingest) -> None:
         status, reply = site_feed(site, 7, query)
         assert status == 400 and reply["msg"].startswith(f"{field}: "), (query, reply)
     assert site_feed(site, 0)[0] == 400
-    status, reply = site.call("POST", "/api/v1/users/7/read", {"ids": {"a": 1}})
-    assert status == 400 and reply["msg"].startswith("ids: ")
+    for ids in ({"a": 1}, []):
+        status, reply = site.call("POST", "/api/v1/users/7/read", {"ids": ids})
+        assert status == 400 and reply["msg"].startswith("ids: "), (ids, reply)
     assert site.call("POST", "/api/v1/users/7/read", [1])[0] == 400
     for path in ("/api/v1/messages/abc", "/api/v1/broadcast/0", "/api/v1/messages/99999999999"):
         assert site.call("DELETE", path)[0] == 404, path

@@ -21,7 +21,7 @@ MAX_LIST = 100
 DEFAULT_LIST = 20
 BAD_KIND = 'kind: must match [a-z_]{1,32}, e.g. "comment"'
 BAD_BEFORE = "before: must be the id of a message of this user's feed (a string of digits)"
-BAD_IDS = f"ids: must be a list of at most {MAX_ACK} message ids (strings of digits)"
+BAD_IDS = f"ids: must be a list of 1 to {MAX_ACK} message ids (strings of digits)"
 BAD_KINDS = f'kinds: must be a list of at most {MAX_CLEAR_KINDS} kinds like "comment"'
 BOTH = "ids, kinds: give one of them, or neither to read everything"
 
@@ -47,7 +47,7 @@ def read_request(data: dict[str, Any]) -> tuple[list[int] | None, list[str] | No
     if ids is not None and kinds is not None:
         raise bad_request(BOTH)
     if ids is not None:
-        if not isinstance(ids, list) or len(ids) > MAX_ACK or not all(map(is_uid, ids)):
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_ACK or not all(map(is_uid, ids)):
             raise bad_request(BAD_IDS)
         return [int(i) for i in ids], None
     if kinds is not None:
