@@ -5,7 +5,7 @@ how many connections (docs/ingest.md), read from the connection registry in one 
 from __future__ import annotations
 
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
-from pmq.reactor.ingestbase import IngestApp, check_uid, json_object, redis_call, timed
+from pmq.reactor.ingestbase import IngestApp, add_api_routes, check_uid, json_object, redis_call
 
 MAX_UIDS = 1000
 PATH = "/api/v1/presence"
@@ -28,4 +28,4 @@ def add_presence_route(router: Router, app: IngestApp) -> None:
         online = await redis_call(app.routes.online(uids)) if uids else {}
         return json_response(200, {"online": online})
 
-    router.add("POST", PATH, timed(PATH, presence))
+    add_api_routes(router, [("POST", PATH, presence)])

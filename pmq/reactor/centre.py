@@ -13,7 +13,7 @@ from typing import Any
 from pmq.errors import ActionError, StorageError
 from pmq.handlers.centre import list_page, list_query, mark_read
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
-from pmq.reactor.ingestbase import IngestApp, check_uid, json_object, redis_call, timed
+from pmq.reactor.ingestbase import IngestApp, add_api_routes, check_uid, json_object, redis_call
 from pmq.wire.client import is_uid
 
 FLAGS = {"true": True, "1": True, "false": False, "0": False, "": False}
@@ -88,11 +88,10 @@ class CentreRoutes:
 def add_centre_routes(router: Router, app: IngestApp) -> None:
     """Add the centre's routes to the ingest ``router``, behind the API key, timed."""
     routes = CentreRoutes(app)
-    for method, path, handler in (
+    add_api_routes(router, [
         ("GET", "/api/v1/users/{uid}/messages", routes.messages),
         ("POST", "/api/v1/users/{uid}/read", routes.read),
         ("DELETE", "/api/v1/messages/{id}", routes.revoke),
         ("PATCH", "/api/v1/messages/{id}", routes.edit),
         ("DELETE", "/api/v1/broadcast/{id}", routes.revoke_broadcast),
-    ):
-        router.add(method, path, timed(path, handler))
+    ])

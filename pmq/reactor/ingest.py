@@ -21,10 +21,10 @@ from pmq.reactor import openapi
 from pmq.reactor.bulkpresence import add_presence_route
 from pmq.reactor.centre import add_centre_routes
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
-from pmq.reactor.ingestbase import IngestApp, check_uid, json_object, redis_call, timed
+from pmq.reactor.ingestbase import IngestApp, add_api_routes, check_uid, json_object, redis_call
 from pmq.wire.client import Kind, is_kind
 
-__all__ = ["IngestApp", "IngestRoutes", "build_router", "check_uid", "json_object", "timed"]
+__all__ = ["IngestApp", "IngestRoutes", "build_router", "check_uid", "json_object"]
 
 MAX_RECIPIENTS = 1000
 DEDUPE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -182,15 +182,14 @@ def build_router(app: IngestApp) -> Router:
     router.add("GET", "/healthz", routes.healthz, public=True)
     router.add("GET", "/metrics", routes.prometheus, public=True)
     router.add("GET", "/openapi.json", openapi.serve, public=True)
-    for method, path, handler in (
+    add_api_routes(router, [
         ("GET", "/api/v1/users/{uid}", routes.user),
         ("POST", "/api/v1/users/{uid}/kick", routes.kick),
         ("POST", "/api/v1/messages", routes.messages),
         ("POST", "/api/comment/message", routes.seed_comment),
         ("POST", "/api/v1/broadcast", routes.broadcast),
         ("POST", "/api/system/message", routes.seed_system),
-    ):
-        router.add(method, path, timed(path, handler))
+    ])
     add_centre_routes(router, app)
     add_presence_route(router, app)
     return router

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
@@ -16,7 +16,7 @@ from pmq import metrics
 from pmq.domain.auth import Authenticator
 from pmq.handlers.base import App
 from pmq.log import Throttled
-from pmq.reactor.http import HttpError, HttpRequest, HttpResponse
+from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router
 from pmq.store import Store
 from pmq.wire.client import is_uid
 
@@ -47,6 +47,13 @@ def json_object(request: HttpRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise HttpError(400, "body: must be a JSON object")
     return body
+
+
+def add_api_routes(router: Router, routes: Iterable[tuple[str, str, Any]]) -> None:
+    """Add each (method, path, handler) to the ingest ``router`` behind the API key, its run
+    time recorded in pmq_ingest_request_seconds{route}."""
+    for method, path, handler in routes:
+        router.add(method, path, timed(path, handler))
 
 
 def timed(route: str, handler: Any) -> Any:
