@@ -70,14 +70,17 @@ class BatchGuard:
         """Call once the batch is written, with what taken() returned."""
         if not seen:
             return
+        # Storage's marks first: they need no Redis, and a Redis restored from an older
+        # snapshot is seen as behind only if they were raised (a Redis error below must not
+        # skip them: the batch's taken list may be gone with that Redis, never to be redone).
+        vouched = {b: mark for b, mark in seen.items() if mark is not None}
+        if vouched:
+            self.known = await self.in_thread(self.store.raise_redis_marks, vouched)
         now = await self.marks.read(seen)
         doubtful = {b for b, mark in seen.items() if not _same_epoch(mark, now[b])}
         if doubtful:
             uids = sorted({str(r.uid) for r in rows if self.keys.bucket(str(r.uid)) in doubtful})
             await self.marks.flag_cold(uids, self.cold_ttl)
-        vouched = {b: mark for b, mark in seen.items() if mark is not None}
-        if vouched:
-            self.known = await self.in_thread(self.store.raise_redis_marks, vouched)
 
 
 def _same_epoch(before: Mark | None, after: Mark | None) -> bool:
