@@ -19,7 +19,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -259,6 +259,26 @@ async def connected_socket(port: int, source: str | None) -> socket.socket:
     return sock
 
 
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+async def connection_over(sock: socket.socket, factory: Callable[[], P]) -> P:
+    """``loop.create_connection(factory, sock=sock)``'s protocol; ``sock`` closed when it
+    fails. uvloop closes the descriptor of a connect cancelled by a timeout without
+    detaching the socket object (its issue 738), whose garbage collection later closes
+    whatever the OS numbered the same by then: in a reconnect storm, connects failed with
+    "File descriptor N is used by transport" and live connections were cut. Closed here
+    at once, before any other descriptor is made, it is a no-op (EBADF) when uvloop
+    closed it already."""
+    try:
+        _, protocol = await asyncio.get_running_loop().create_connection(factory, sock=sock)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.close()
+        raise
+    return protocol
+
+
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=2))
     sys.stdout.flush()
@@ -365,17 +385,19 @@ class RawWebSocket(asyncio.Protocol):
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             "Sec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             sock = await connected_socket(port, source)
-            _, ws = await loop.create_connection(lambda: cls(request, on_text), sock=sock)
-            await ws.opened
-            if wait_hello:
-                waits: list[asyncio.Future[Any]] = [ws.first_text, ws.closed]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if ws.first_text.cancelled() or not ws.first_text.done():
-                    ws.abort()
-                    raise ConnectionError(f"{ws.closed.result()} before the hello")
+            ws = await connection_over(sock, lambda: cls(request, on_text))
+            try:
+                await ws.opened
+                if wait_hello:
+                    waits: list[asyncio.Future[Any]] = [ws.first_text, ws.closed]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    if ws.first_text.cancelled() or not ws.first_text.done():
+                        raise ConnectionError(f"{ws.closed.result()} before the hello")
+            except BaseException:  # a timeout too: no connection left open at the node
+                ws.abort()
+                raise
         return ws
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

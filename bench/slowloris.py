@@ -50,6 +50,7 @@ from bench.common import (
     Target,
     collect,
     connected_socket,
+    connection_over,
     emit,
     load_average,
     log,
@@ -188,7 +189,6 @@ def slow_request(index: int, port: int) -> tuple[bytes, int]:
 async def slowloris(
     index: int, count: int, port: int, source: str, stop: Any, out: mp.Queue
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     open_now: set[Slow] = set()
     outcomes: collections.Counter[str] = collections.Counter()
     held = array("d")  # seconds from connect to the end, per ended connection
@@ -209,9 +209,7 @@ async def slowloris(
         data, burst = slow_request(slot, port)
         try:
             sock = await connected_socket(port, source)
-            _, conn = await loop.create_connection(
-                lambda: Slow(slot, data, burst, ended), sock=sock
-            )
+            conn = await connection_over(sock, lambda: Slow(slot, data, burst, ended))
         except OSError:
             failed += 1
             await asyncio.sleep(0.1)
