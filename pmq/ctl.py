@@ -83,7 +83,7 @@ def _add_node_commands(sub: Subparsers) -> None:
     )
     stop.add_argument("--fast", action="store_true", help="fast stop (SIGQUIT)")
     _command(sub, "reload", cmd_reload, "reload handlers and reloadable config in every worker")
-    _command(sub, "restart", cmd_restart, "rolling restart: each worker replaced, new before old")
+    _command(sub, "restart", cmd_restart, "rolling restart: new workers, then the old ones drain")
     status = _command(sub, "status", cmd_status, "workers, pids, uptime, connections, RSS")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(

@@ -179,7 +179,7 @@ class Master:
         self.rollout.reload()
 
     def rolling_restart(self) -> None:
-        """Replace every worker one at a time (pmq.workers.rollout); pmqctl restart."""
+        """New workers for all, then the old ones drain (pmq.workers.rollout); pmqctl restart."""
         self.rollout.rolling_restart()
 
     # Workers ------------------------------------------------------------------------

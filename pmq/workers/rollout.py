@@ -28,8 +28,7 @@ class Rollout:
 
     def __init__(self, master: Master) -> None:
         self.master = master
-        self.rolling: list[tuple[str, int]] = []  # slots still to replace on USR2
-        self.replacing: tuple[int, int] | None = None  # (old pid, new pid)
+        self.replacing: dict[int, int] = {}  # old pid -> its replacement's, during USR2
         self.reload_pending: dict[int, dict[str, Any]] | None = None
         self.reload_deadline = 0.0
 
@@ -72,28 +71,16 @@ class Rollout:
         )
 
     def rolling_restart(self) -> None:
-        """USR2: replace every worker one at a time, the new one up before the old drains."""
-        if self.rolling or self.replacing:
+        """USR2: replace every worker. A new one starts for each slot at once; once all of
+        them are ready, the old ones drain together, their listeners closing first, so their
+        clients (close 1001) reconnect onto new workers only. Replaced one at a time, a
+        client moved off the first old worker landed on another old one about as often as
+        not, and was moved again when its turn came."""
+        if self.replacing:
             log.info("rolling restart already under way")
             return
         log.info("rolling restart of %d workers", len(self.master.slots))
-        self.rolling = list(self.master.slots)
-
-    def step_rolling_restart(self) -> None:
-        if self.replacing is not None:
-            old_pid, new_pid = self.replacing
-            new = self.master.workers.get(new_pid)
-            if new is None:  # the replacement died: keep the old one, move on
-                self.replacing = None
-            elif new.ready:
-                old = self.master.workers.get(old_pid)
-                if old is not None:
-                    old.retiring = True
-                    self.master.kill(old_pid, signal.SIGTERM)
-                self.replacing = None
-            return
-        while self.rolling:
-            slot = self.rolling.pop(0)
+        for slot in self.master.slots:
             old = next(
                 (
                     w
@@ -103,6 +90,21 @@ class Rollout:
                 None,
             )
             if old is not None:
-                self.replacing = (old.pid, self.master.spawn_worker(*slot).pid)
-                return
+                self.replacing[old.pid] = self.master.spawn_worker(*slot).pid
+        self.step_rolling_restart()
+
+    def step_rolling_restart(self) -> None:
+        """Once every replacement is ready (or died: its slot keeps the old worker), TERM
+        the old workers that have one and answer ``pmqctl restart``."""
+        if not self.replacing:
+            return
+        new = {old: self.master.workers.get(pid) for old, pid in self.replacing.items()}
+        if any(w is not None and not w.ready for w in new.values()):
+            return
+        for old_pid, replacement in new.items():
+            old = self.master.workers.get(old_pid)
+            if replacement is not None and old is not None:
+                old.retiring = True
+                self.master.kill(old_pid, signal.SIGTERM)
+        self.replacing = {}
         self.master.control.finish("restart", {"ok": True})
