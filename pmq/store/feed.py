@@ -13,6 +13,7 @@ first, retractions and edits, and read state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from pmq.store.rows import MSG_COLUMNS, ReadRows, StoredBroadcast, StoredMessage
 from pmq.store.sqlbase import Cursor, Sql
@@ -42,38 +43,49 @@ class FeedSql(Sql):
     ) -> list[StoredMessage]:
         """``uid``'s messages, acked or not, not retracted, with ``after`` < id < ``before``
         (of ``kind`` only, when given), newest first, at most ``limit``."""
-        p = self.placeholder
-        where = f"uid = {p} AND revoked = 0 AND id < {p} AND id > {p}"
-        params: list[object] = [uid, before, after]
-        if kind is not None:
-            where += f" AND kind = {p}"
-            params.append(kind)
-        with self._session("feed", write=False) as cur:
-            cur.execute(
-                f"SELECT {MSG_COLUMNS} FROM {self.table(uid)} WHERE {where} "
-                f"ORDER BY id DESC LIMIT {p}",
-                (*params, limit),
-            )
-            return [StoredMessage(*row) for row in cur.fetchall()]
+        rows = self._newest(
+            "feed", MSG_COLUMNS, self.table(uid), f"uid = {self.placeholder}", [uid],
+            before, after, kind, limit,
+        )
+        return [StoredMessage(*row) for row in rows]
 
     def feed_broadcasts(
         self, groups: Sequence[str], before: int, after: int, kind: str | None, limit: int
     ) -> list[StoredBroadcast]:
         """Broadcasts to ``groups``, not retracted, with ``after`` < id < ``before`` (of
         ``kind`` only, when given), newest first, at most ``limit``."""
+        rows = self._newest(
+            "feed_broadcasts", BROADCAST_COLUMNS, "pmq_broadcast",
+            f"grp IN ({self.marks(len(groups))})", [*groups], before, after, kind, limit,
+        )
+        return [StoredBroadcast(*row) for row in rows]
+
+    def _newest(
+        self,
+        op: str,
+        columns: str,
+        table: str,
+        owner: str,
+        params: list[object],
+        before: int,
+        after: int,
+        kind: str | None,
+        limit: int,
+    ) -> list[tuple[Any, ...]]:
+        """The rows of ``table`` matching ``owner`` (its ``params``), not retracted, with
+        ``after`` < id < ``before`` (of ``kind`` only, when given), newest first."""
         p = self.placeholder
-        where = f"grp IN ({self.marks(len(groups))}) AND revoked = 0 AND id < {p} AND id > {p}"
-        params: list[object] = [*groups, before, after]
+        where = f"{owner} AND revoked = 0 AND id < {p} AND id > {p}"
+        params = [*params, before, after]
         if kind is not None:
             where += f" AND kind = {p}"
             params.append(kind)
-        with self._session("feed_broadcasts", write=False) as cur:
+        with self._session(op, write=False) as cur:
             cur.execute(
-                f"SELECT {BROADCAST_COLUMNS} FROM pmq_broadcast WHERE {where} "
-                f"ORDER BY id DESC LIMIT {p}",
+                f"SELECT {columns} FROM {table} WHERE {where} ORDER BY id DESC LIMIT {p}",
                 (*params, limit),
             )
-            return [StoredBroadcast(*row) for row in cur.fetchall()]
+            return list(cur.fetchall())
 
     def messages_by_ids(self, uid: int, ids: Sequence[int]) -> list[StoredMessage]:
         """Those of ``ids`` that are ``uid``'s messages, not retracted."""
