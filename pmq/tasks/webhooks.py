@@ -169,12 +169,16 @@ class WebhookSender:
         return await self.send(chat)
 
     # Timers ---------------------------------------------------------------------------
+    async def _due(self, timers: str, now_ms: int) -> list[bytes]:
+        """The first TIMER_PAGE members of the ZSET ``timers`` due by ``now_ms``."""
+        return cast(
+            list[bytes],
+            await self.redis.zrangebyscore(timers, "-inf", now_ms, start=0, num=TIMER_PAGE),
+        )
+
     async def fire_offline(self, bucket: int, now_ms: int) -> None:
         leaving = self.keys.hook_leaving(bucket)
-        due = cast(
-            list[bytes],
-            await self.redis.zrangebyscore(leaving, "-inf", now_ms, start=0, num=TIMER_PAGE),
-        )
+        due = await self._due(leaving, now_ms)
         if not due:
             return
         uids = [raw.decode() for raw in due]
@@ -188,10 +192,7 @@ class WebhookSender:
 
     async def fire_undelivered(self, bucket: int, now_ms: int) -> None:
         timers = self.keys.hook_undelivered(bucket)
-        due = cast(
-            list[bytes],
-            await self.redis.zrangebyscore(timers, "-inf", now_ms, start=0, num=TIMER_PAGE),
-        )
+        due = await self._due(timers, now_ms)
         if not due:
             return
         keys = [timers, self.keys.hook_outbox(bucket)]
