@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from bench.common import emit, load_average, log, percentiles, redis_cpu, run
-from bench.run_node import free_port
+from bench.run_node import free_port, redis_server
 from pmq import configload
 from pmq.domain.ids import first_id_at, timestamp_ms
 from pmq.domain.jwtauth import mint_token
@@ -127,25 +127,7 @@ def without_owners(source: str) -> str:
 def private_redis() -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server of this bench's own (no persistence), so nothing else skews its CPU."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while redis_cpu(url) == 0.0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return proc, url
+    return redis_server(port, None, "--appendonly", "no"), f"redis://127.0.0.1:{port}/0"
 
 
 async def measure_publish(count: int, url: str) -> dict[str, Any]:

@@ -142,6 +142,35 @@ def server_binary(name: str) -> str:
     return str(get_binary_path())
 
 
+def redis_server(
+    port: int, directory: Path | None, *options: str, binary: str = "redis-server"
+) -> subprocess.Popen[bytes]:
+    """A redis-server of a bench's own on 127.0.0.1:``port`` without snapshots, its files in
+    ``directory`` (None: the working directory) and ``options`` added (AOF, a log file),
+    returned once it answers a PING; RuntimeError, the server killed, when it has not within
+    10 s."""
+    where = ("--dir", str(directory)) if directory is not None else ()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *where, *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.RedisError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="socket workers")
@@ -189,33 +218,17 @@ def main() -> int:
     redis_proc = None
     if args.private_redis:
         args.redis = f"redis://127.0.0.1:{args.private_redis}/0"
-        redis_proc = subprocess.Popen(
-            [
-                server_binary(args.redis_server),
-                "--port",
-                str(args.private_redis),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                *(("--appendonly", "yes", "--appendfsync", "everysec") if args.aof else
-                  ("--appendonly", "no")),
-                "--dir",
-                str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(args.redis).ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or redis_proc.poll() is not None:
-                    print("private redis-server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
+        aof = ("--appendonly", "yes", "--appendfsync", "everysec") if args.aof else ()
+        try:
+            redis_proc = redis_server(
+                args.private_redis,
+                directory,
+                *(aof or ("--appendonly", "no")),
+                binary=server_binary(args.redis_server),
+            )
+        except RuntimeError as exc:
+            print(f"private {exc}", file=sys.stderr)
+            return 1
     info = write_config(args, directory)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMQ_")}
     proc = start_master(info, directory, env)

@@ -56,7 +56,7 @@ from bench.common import (
     run,
     source_addresses,
 )
-from bench.run_node import free_port, start_master, wait_ready, write_config
+from bench.run_node import free_port, redis_server, start_master, wait_ready, write_config
 
 MIB = 1024 * 1024
 # Settings of the node beyond bench.run_node's, as PMQ_<SECTION>_<KEY> variables. Messages
@@ -79,40 +79,10 @@ REDIS_TROUBLE = re.compile(r"(?i)warning|error|fail|unable|can't|cannot")
 # Redis and the node -------------------------------------------------------------------
 def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
     """A redis-server of our own with AOF on (as PMQ's docs ask), ready to serve."""
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--logfile",
-            str(directory / "redis.log"),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-            "--maxmemory-policy",
-            "noeviction",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return redis_server(
+        port, directory, "--logfile", str(directory / "redis.log"), "--appendonly", "yes",
+        "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
     )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return proc
-        except redis.RedisError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.1)
 
 
 def start_node(

@@ -55,12 +55,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from bench.ab import HERE, Node, python_in
-from bench.chaos_rig import wait_until
 from bench.common import load_average, log
-from bench.run_node import free_port
+from bench.run_node import free_port, redis_server
 from bench.soak import stop_process
 
 CONTENDERS = ("pmq", "plain")
@@ -152,16 +149,6 @@ def run_bench(argv: list[str], timeout: float) -> dict[str, Any]:
     return result
 
 
-def answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 @contextlib.contextmanager
 def plain_relay() -> Iterator[dict[str, Any]]:
     """The plain relay (2 processes) on a redis-server of its own without persistence, both
@@ -169,21 +156,13 @@ def plain_relay() -> Iterator[dict[str, Any]]:
     directory = Path(tempfile.mkdtemp(prefix="pmq-versus-"))
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--save",
-            "",
-            *f"--port {port} --bind 127.0.0.1 --appendonly no".split(),
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    try:
+        server = redis_server(port, directory, "--appendonly", "no")
+    except RuntimeError:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     relay: subprocess.Popen[bytes] | None = None
     try:
-        wait_until(lambda: answers(url), 15, "the plain relay's redis-server")
         relay = subprocess.Popen(
             [sys.executable, "-m", "bench.plain_relay", "--workers", "2", "--redis", url],
             cwd=HERE,
