@@ -284,6 +284,40 @@ def emit(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+# A tiny keep-alive HTTP/1.1 server connection ------------------------------------------
+class RequestReader(asyncio.Protocol):
+    """One keep-alive server connection of a bench's own HTTP endpoint (the plain relay's
+    ingest, the webhook receiver): requests parsed by httptools, each handed whole to
+    :meth:`request` in order; the subclass writes the answer to :attr:`transport`."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.url, self.body = b"", []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.request(self.url, b"".join(self.body))
+
+    def request(self, url: bytes, body: bytes) -> None:
+        raise NotImplementedError
+
+
 # A tiny keep-alive HTTP/1.1 client -------------------------------------------------
 class HttpClient(asyncio.Protocol):
     """One keep-alive connection, one request at a time; responses parsed by httptools."""

@@ -38,12 +38,12 @@ import tempfile
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httptools
 import jwt
 import orjson
 import redis.asyncio
 from websockets.asyncio.server import ServerConnection, broadcast
 
+from bench.common import RequestReader
 from bench.plain_server import run_forked, serve_websockets
 from bench.run_node import free_port
 
@@ -111,34 +111,16 @@ class Relay:
                 await ws.send(frame.decode())
 
 
-class Ingest(asyncio.Protocol):
+class Ingest(RequestReader):
     """Keep-alive HTTP/1.1, one request at a time per connection, as the publishers send."""
 
     def __init__(self, relay: Relay) -> None:
+        super().__init__()
         self.relay = relay
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.body: list[bytes] = []
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.url, self.body = b"", []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        publish = self.relay.announce if self.url == b"/api/v1/broadcast" else self.relay.publish
-        asyncio.get_running_loop().create_task(self.answer(publish, b"".join(self.body)))
+    def request(self, url: bytes, body: bytes) -> None:
+        publish = self.relay.announce if url == b"/api/v1/broadcast" else self.relay.publish
+        asyncio.get_running_loop().create_task(self.answer(publish, body))
 
     async def answer(self, publish: Any, body: bytes) -> None:
         reply = await publish(orjson.loads(body))

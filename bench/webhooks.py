@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httptools
 import orjson
 from websockets.asyncio.client import connect
 
 from bench.common import (
     HttpClient,
+    RequestReader,
     cpu_used,
     emit,
     log,
@@ -56,39 +56,29 @@ from bench.run_node import delete_prefix, start_master, toml_value, wait_ready, 
 from pmq.domain.jwtauth import mint_token
 
 
-class Receiver(asyncio.Protocol):
+class Receiver(RequestReader):
     """One keep-alive connection of the site's endpoint: each POST's signature checked, its
     events' ids and arrival noted in ``site``, 204 answered."""
 
     def __init__(self, site: Site) -> None:
+        super().__init__()
         self.site = site
-        self.parser = httptools.HttpRequestParser(self)
-        self.body: list[bytes] = []
         self.signature = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
 
     def on_message_begin(self) -> None:
-        self.body, self.signature = [], b""
+        super().on_message_begin()
+        self.signature = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"x-pmq-signature":
             self.signature = value
 
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
+    def request(self, url: bytes, body: bytes) -> None:
         assert self.transport is not None
         if not self.site.open.is_set():  # holding a backlog: refused, sent again later
             self.transport.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
             return
-        self.site.take(b"".join(self.body), self.signature.decode())
+        self.site.take(body, self.signature.decode())
         self.transport.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
 
 
