@@ -74,3 +74,12 @@ def test_a_replacement_that_died_leaves_its_slot_to_the_old_worker() -> None:
     assert not master.workers[kept].retiring
     assert master.finished == [("restart", {"ok": True})]
 
+
+
+def test_a_restart_with_no_live_worker_to_replace_answers_at_once() -> None:
+    master = Master(SLOTS)
+    master.workers.clear()  # every worker just died; the master respawns them on its own
+    rollout = Rollout(master)  # type: ignore[arg-type]
+    rollout.rolling_restart()
+    assert master.workers == {}
+    assert master.finished == [("restart", {"ok": True})]

@@ -91,6 +91,9 @@ class Rollout:
             )
             if old is not None:
                 self.replacing[old.pid] = self.master.spawn_worker(*slot).pid
+        if not self.replacing:  # no live worker to replace (all just died): nothing to wait for
+            self.master.control.finish("restart", {"ok": True})
+            return
         self.step_rolling_restart()
 
     def step_rolling_restart(self) -> None:
