@@ -624,3 +624,40 @@ def test_a_batch_recorded_while_the_check_reads_starts_no_recovery(
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_a_check_that_waited_out_another_workers_recovery_recovers_nothing(
+    redis_prefix: str, tmp_path: Path
+) -> None:
+    """Two task workers see the same loss; one takes the lock and recovers while the other
+    is between its reads and the lock. Taking the lock after, the second must not recover
+    again from what it read before: a second recovery flags everyone cold once more, and,
+    had it read storage after the first raised the epoch there, sets an epoch one above."""
+    keys = Keys(redis_prefix)
+    store = open_store(StorageConfig(url=f"sqlite:///{tmp_path}/pmq.db", shards=SHARDS))
+    store.init_schema()
+    store.write_messages([row(1, 4)])
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        first = Recovery(client, keys, store, asyncio.to_thread, "t:0", cold_ttl=60)
+        second = Recovery(client, keys, store, asyncio.to_thread, "t:1", cold_ttl=60)
+        assert await first.check_once() == [0]  # the first epoch
+        await client.delete(keys.redis_mark(0))  # Redis emptied
+
+        take_lock = second.hold_lock
+
+        async def first_recovers_meanwhile() -> bool:
+            second.hold_lock = take_lock  # type: ignore[method-assign]  # once
+            assert await first.check_once() == [0]
+            return await take_lock()
+
+        second.hold_lock = first_recovers_meanwhile  # type: ignore[method-assign]
+        assert await second.check_once() == []
+        assert second.recoveries == 0
+        assert await RedisMarks(client, keys).read([0]) == {0: (2, 0)}
+        assert not await client.exists(keys.recovery_lock())  # given back
+        await client.aclose()
+
+    asyncio.run(scenario())
+    store.close()

@@ -115,6 +115,22 @@ class Recovery(ClusterJob):
     async def check_once(self) -> list[int]:
         """Recover the buckets found incomplete or behind storage, if this worker gets the
         lock; returns the buckets made complete."""
+        if not (await self._look())[0] or not await self.hold_lock():
+            return []
+        try:
+            # Again under the lock: another worker may have recovered these buckets since
+            # the first look. Its recovery seen half done (storage's epoch raised, Redis's
+            # not yet set) would be recovered again, to an epoch one above.
+            lost, stored, in_redis = await self._look()
+            for b in lost:
+                self._say_why(b, in_redis[b], stored.get(b))
+            return await self.recover(lost, stored) if lost else []
+        finally:
+            await self.release()
+
+    async def _look(self) -> tuple[list[int], dict[int, Mark], dict[int, Mark | None]]:
+        """The buckets without an epoch or behind storage, and the marks they were found
+        by: storage's and Redis's."""
         # Storage first: a writer records a mark in storage only after moving it up in
         # Redis, so what storage holds is at or below what Redis holds from then on. Read
         # the other way round, a batch recorded in between would look like Redis went back.
@@ -123,14 +139,7 @@ class Recovery(ClusterJob):
         lost = [
             b for b, mark in in_redis.items() if mark is None or mark < stored.get(b, NO_MARK)
         ]
-        if not lost or not await self.hold_lock():
-            return []
-        try:
-            for b in lost:
-                self._say_why(b, in_redis[b], stored.get(b))
-            return await self.recover(lost, stored)
-        finally:
-            await self.release()
+        return lost, stored, in_redis
 
     def _say_why(self, bucket: int, in_redis: Mark | None, stored: Mark | None) -> None:
         if stored is None:
