@@ -263,19 +263,26 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
 async def connection_over(sock: socket.socket, factory: Callable[[], P]) -> P:
-    """``loop.create_connection(factory, sock=sock)``'s protocol; ``sock`` closed when it
-    fails. uvloop closes the descriptor of a connect cancelled by a timeout without
-    detaching the socket object (its issue 738), whose garbage collection later closes
-    whatever the OS numbered the same by then: in a reconnect storm, connects failed with
-    "File descriptor N is used by transport" and live connections were cut. Closed here
-    at once, before any other descriptor is made, it is a no-op (EBADF) when uvloop
-    closed it already."""
+    """``loop.create_connection(factory, sock=sock)``'s protocol. Once that returns, the
+    descriptor is uvloop's transport's, and ``sock`` is detached from it here. uvloop
+    attaches ``sock`` to the transport only when the coroutine resumes, and detaches it
+    when the transport closes; a peer that resets the connection in between (a node
+    killed as it accepts: connection_lost runs before create_connection returns) leaves a
+    closed transport, whose close already closed the descriptor, with ``sock`` still
+    holding the number. Its garbage collection then closed whatever the OS had given that
+    number to since: in a reconnect storm, connects failed with "File descriptor N is
+    used by transport" and live connections were cut. When the connect fails, ``sock`` is
+    closed at once, before any other descriptor is made: uvloop before 0.23 left it set
+    (its issue 738), since then it is already detached and this is a no-op."""
+    loop = asyncio.get_running_loop()
     try:
-        _, protocol = await asyncio.get_running_loop().create_connection(factory, sock=sock)
+        _, protocol = await loop.create_connection(factory, sock=sock)
     except BaseException:
         with contextlib.suppress(OSError):
             sock.close()
         raise
+    if isinstance(loop, uvloop.Loop):  # asyncio's own transports use the socket object
+        sock.detach()
     return protocol
 
 
