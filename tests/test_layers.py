@@ -3,9 +3,9 @@
 Each package of pmq/ is a floor (docs/architecture.md); a module imports only from its own
 floor and the floors below. The reactor and the task workers stand side by side on one
 floor and never import each other: they meet in Redis. The client library (pmq/client/)
-stands apart from the server: it imports only the client wire format, and nothing of the
-server imports it. docs/architecture.md lists every module, and every module it lists
-exists.
+stands apart from the server: it imports only the client wire format and the back-off
+policy, and nothing of the server imports it. docs/architecture.md lists every module,
+and every module it lists exists.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ FLOORS: dict[str, int] = {
     "log": 0,
     "metrics": 0,
     "cancel": 0,
+    "backoff": 0,
     "wire": 1,
     "redis": 2,
     "store": 3,
@@ -41,7 +42,7 @@ FLOORS: dict[str, int] = {
 APART = {frozenset({"reactor", "tasks"})}
 # The client library: a part of its own, beside the server's floors.
 CLIENT = "client"
-CLIENT_IMPORTS = {"pmq.wire.client"}  # all it may use of the server's code
+CLIENT_IMPORTS = {"pmq.wire.client", "pmq.backoff"}  # all it may use of the server's code
 
 
 def modules() -> list[Path]:

@@ -7,9 +7,11 @@ site does not take writes nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import orjson
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from pmq.config import CsConfig, WebhooksConfig
@@ -22,6 +24,8 @@ from pmq.domain.routing import Routes
 from pmq.redis.batching import Batcher
 from pmq.redis.keys import Keys
 from pmq.store.rows import ReadRows
+from pmq.tasks.webhooks import RETRY_BASE, DeliveryError, Poster, WebhookSender
+from pmq.wire import events
 from pmq.wire.events import EventType
 from tests.helpers import REDIS_URL
 from tests.test_redis_cluster import Recording
@@ -140,5 +144,45 @@ def test_types_the_site_does_not_take_write_nothing(redis_prefix: str) -> None:
                 assert kinds <= {"user.online"}
         finally:
             await client.aclose()
+
+    asyncio.run(scenario())
+
+
+class Refusing:
+    """A site that takes no POST."""
+
+    def __init__(self) -> None:
+        self.posts = 0
+
+    async def post(self, payload: bytes) -> None:
+        self.posts += 1
+        raise DeliveryError("refused")
+
+
+def test_a_failing_site_is_tried_again_after_the_back_off_of_its_failures(
+    redis_prefix: str,
+) -> None:
+    """Each failed POST in a row doubles the window of the pause before the next (full
+    jitter, pmq.backoff), from RETRY_BASE up to webhooks.max_backoff; the head waits."""
+    keys = Keys(redis_prefix)
+    site = WebhooksConfig(url=SITE.url, secret=SITE.secret, max_backoff=3.0)
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        refusing = Refusing()
+        sender = WebhookSender(client, keys, site, "t:0", 25.0, cast(Poster, refusing))
+        await client.rpush(keys.hook_outbox(0), events.encode(EventType.ONLINE, {"uid": "7"}))
+        assert await sender.leases[0].hold(client)
+        for failures, window in enumerate([RETRY_BASE, 2 * RETRY_BASE, 4 * RETRY_BASE, 3.0]):
+            before = time.monotonic()
+            assert not await sender.send(0)
+            failing = sender.failing[0]
+            assert failing.failures == failures + 1
+            assert before <= failing.next_try <= time.monotonic() + window
+            assert not await sender.send(0)  # backing off: not posted again
+            assert refusing.posts == failures + 1
+            failing.next_try = 0.0  # the pause is over
+        assert await client.llen(keys.hook_outbox(0)) == 1  # the head waits
+        await client.aclose()
 
     asyncio.run(scenario())

@@ -12,7 +12,7 @@ before every connect), waits for the hello, and from then on:
   of them and of every other event frame (``revoke``, ``update``, ``cs.assigned``,
   ``cs.closed``), of ``connected``, ``disconnected`` and ``stopped``;
 - reconnects after any loss with capped exponential back-off and full jitter
-  (:class:`~pmq.client.backoff.Backoff`), until a close or a handshake answer after which
+  (:class:`~pmq.backoff.Backoff`), until a close or a handshake answer after which
   trying again would not help stops it (a kick, 4001; a newer device over the user's
   connection bound, 4008; a refused token, 401 or 403): :attr:`Client.stopped` says why.
 """
@@ -32,7 +32,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pmq.client.backoff import Backoff
+from pmq.backoff import Backoff
 from pmq.client.errors import ClientError, ConnectionLost, RequestError, RequestTimeout, Stopped
 from pmq.client.seen import Seen
 from pmq.wire.client import CloseCode, Code, FrameType

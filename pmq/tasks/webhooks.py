@@ -22,10 +22,11 @@ own outbox (``keys.hook_chat_outbox``, the chat's slot), served the same way und
 lease: in order among themselves.
 
 A failed POST (no answer within ``webhooks.timeout``, a refused connection, any answer but
-2xx) is tried again after an exponential back-off with full jitter (from BACKOFF_BASE
-seconds to ``webhooks.max_backoff``); the head of the outbox waits, so a user's events stay
-in order. Events older than ``webhooks.retry_seconds`` that still fail are dropped (counted).
-Nothing here runs on a socket worker: a slow or failing site holds back only its own events.
+2xx) is tried again after an exponential back-off with full jitter (pmq.backoff, its
+window from RETRY_BASE seconds up to ``webhooks.max_backoff``); the head of the outbox
+waits, so a user's events stay in order. Events older than ``webhooks.retry_seconds`` that
+still fail are dropped (counted). Nothing here runs on a socket worker: a slow or failing
+site holds back only its own events.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -42,6 +42,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from pmq import metrics
+from pmq.backoff import Backoff
 from pmq.config import WebhooksConfig
 from pmq.domain.events import timer_fields
 from pmq.log import Throttled
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 FAILING = Throttled(log, every=30.0)
 
 POLL_SECONDS = 0.2  # pause of a pass that found nothing to send
-BACKOFF_BASE = 0.5  # seconds before the first retry at most
+RETRY_BASE = 0.5  # seconds: the first window of the retries' back-off (pmq.backoff)
 TIMER_PAGE = 500  # timers fired per bucket and pass at most
 SCAN_PAGE = 1000  # online users looked at per script call
 
@@ -90,8 +91,8 @@ class Poster:
 
 
 @dataclasses.dataclass
-class Backoff:
-    """A bucket's failing POSTs in a row, and when the next may go (monotonic seconds)."""
+class Failing:
+    """An outbox's failed POSTs in a row, and when the next may go (monotonic seconds)."""
 
     failures: int = 0
     next_try: float = 0.0
@@ -124,7 +125,8 @@ class WebhookSender:
         self.leases = [Lease(keys.hook_lease(b), owner, ttl_ms) for b in range(keys.buckets)]
         self.outboxes.append(keys.hook_chat_outbox())
         self.leases.append(Lease(keys.hook_chat_lease(), owner, ttl_ms))
-        self.backoff = [Backoff() for _ in self.outboxes]
+        self.failing = [Failing() for _ in self.outboxes]
+        self.retries = Backoff(RETRY_BASE, settings.max_backoff)
         self.chat = bool(self.types & {EventType.CS_ASSIGNED, EventType.CS_CLOSED})
         self.next_reconcile = [0.0] * keys.buckets
         self._offline = scripts.register(redis, "hooks_offline")
@@ -223,8 +225,8 @@ class WebhookSender:
     async def send(self, number: int) -> bool:
         """POST the head of outbox ``number`` unless it is backing off; True when the site
         took it."""
-        backoff = self.backoff[number]
-        if time.monotonic() < backoff.next_try:
+        failing = self.failing[number]
+        if time.monotonic() < failing.next_try:
             return False
         outbox = self.outboxes[number]
         head = cast(list[bytes], await self.redis.lrange(outbox, 0, self.settings.batch - 1))
@@ -235,16 +237,16 @@ class WebhookSender:
         except DeliveryError as exc:
             self.failed += 1
             metrics.WEBHOOK_FAILURES.inc()
-            backoff.failures += 1
-            cap = min(self.settings.max_backoff, BACKOFF_BASE * 2 ** min(backoff.failures, 30))
-            backoff.next_try = time.monotonic() + random.uniform(cap / 10, cap)
+            pause = self.retries.delay(failing.failures)
+            failing.failures += 1
+            failing.next_try = time.monotonic() + pause
             FAILING.warning(
-                "webhooks: POST of %d events to %s failed (%s); retrying in up to %.1fs",
-                len(head), self.settings.url, exc, cap,
+                "webhooks: POST of %d events to %s failed (%s); retrying in %.1fs",
+                len(head), self.settings.url, exc, pause,
             )
             await self.drop_expired(number, head)
             return False
-        backoff.failures, backoff.next_try = 0, 0.0
+        failing.failures, failing.next_try = 0, 0.0
         await self._trim(
             keys=[self.leases[number].key, outbox], args=[self.owner, len(head), head[0]]
         )

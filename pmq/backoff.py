@@ -1,4 +1,5 @@
-"""The reconnect delay: capped exponential back-off with full jitter.
+"""Capped exponential back-off with full jitter: the client library's reconnect delay, and
+the webhook sender's pause before it tries a failing site again.
 
 After the n-th failed try in a row (n from 0) a client waits a random time in
 ``[0, min(cap, base * 2**n)]``. Full jitter spreads the clients a node dropped at once evenly
@@ -18,8 +19,8 @@ MAX_DOUBLINGS = 64  # past this the window is the cap anyway; 2**attempt stays a
 
 @dataclass(frozen=True)
 class Backoff:
-    """Reconnection delays in seconds; ``attempt`` counts the failed tries since the last
-    hello."""
+    """Delays in seconds; ``attempt`` counts the failed tries in a row (for a client, since
+    its last hello)."""
 
     base: float = 0.5
     cap: float = 10.0
