@@ -28,7 +28,7 @@ import pymysql
 import redis
 
 from bench.common import node_processes
-from bench.run_node import free_port, toml_value
+from bench.run_node import free_port, redis_server, toml_value
 from pmq.errors import PMQError
 from pmq.workers.channel import request
 
@@ -62,30 +62,12 @@ class RedisServer:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-                "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-                "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.proc = redis_server(
+            self.port, self.directory,
+            "--appendonly", "yes", "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction", "--logfile", str(self.directory / "redis.log"),
+            binary=self.binary, wait=30,  # a restart loads the AOF first
         )
-        wait_until(self.answers, 30, f"redis-server on port {self.port}")
-
-    def answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-        try:
-            client = redis.Redis(port=self.port, socket_timeout=1)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except redis.BusyLoadingError:
-            return False
-        except redis.RedisError:
-            return False
 
     def version(self) -> str:
         client = redis.Redis(port=self.port, socket_timeout=5)

@@ -143,12 +143,16 @@ def server_binary(name: str) -> str:
 
 
 def redis_server(
-    port: int, directory: Path | None, *options: str, binary: str = "redis-server"
+    port: int,
+    directory: Path | None,
+    *options: str,
+    binary: str = "redis-server",
+    wait: float = 10.0,
 ) -> subprocess.Popen[bytes]:
     """A redis-server of a bench's own on 127.0.0.1:``port`` without snapshots, its files in
     ``directory`` (None: the working directory) and ``options`` added (AOF, a log file),
     returned once it answers a PING; RuntimeError, the server killed, when it has not within
-    10 s."""
+    ``wait`` seconds (one loading its AOF answers LOADING until it is done)."""
     where = ("--dir", str(directory)) if directory is not None else ()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *where, *options],
@@ -156,7 +160,7 @@ def redis_server(
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, socket_timeout=1)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + wait
     try:
         while True:
             try:
