@@ -11,10 +11,14 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from pmq.domain.auth import Identity
 from pmq.domain.ids import IdGenerator
 from pmq.domain.inbox import Inbox
+from pmq.reactor.connections import Client, ConnectionTable
 from pmq.redis.keys import Keys
+from pmq.wire.client import push_of
 from tests.helpers import REDIS_URL, Ingest, Node, WsClient, ws_client
+from tests.test_relay_gap import Socket
 
 UID = "41"
 
@@ -90,3 +94,22 @@ def test_a_repeat_of_an_acked_message_pushes_nothing(
         )
         assert status == 200, reply
         next_push_is(user, site, "k-marker-3")
+
+
+def test_a_repeat_during_the_replay_then_the_first_push_reaches_the_connection_once() -> None:
+    """The first publisher stalls between its script and its push (a worker starved in a
+    reconnect storm); the site, left without an answer, sends the request again, and the
+    repeat's push reaches a connection still replaying (held back, then written at the
+    release: the replay's look came before the message). The first push, when it comes at
+    last, is a copy the connection has had: dropped, as after a replay. Seen once by
+    bench.storm: the same message twice on one connection, 74 ms apart."""
+    socket = Socket()
+    table = ConnectionTable()
+    client = Client(socket, "c1", Identity(UID), 1 << 20, 50)  # type: ignore[arg-type]
+    table.add(client)
+    payload = push_of({"id": str(client.opened + 1), "kind": "notice", "body": {}})[0]
+    client.hold()  # connecting: its replay runs
+    assert table.push_again(UID, payload) == 1  # the repeat's push: held back
+    client.release()  # the replay had not seen it: written now
+    table.send_to_user(UID, payload)  # the first publisher's push, late
+    assert socket.pushed_ids() == [str(client.opened + 1)]

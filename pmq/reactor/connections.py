@@ -135,7 +135,9 @@ class Client:
     def release(self) -> None:
         """Send the frames kept back since hold(), in the order they came, without the
         pushes of messages the replay sent; go on dropping live copies of the messages
-        replayed that were made in the last LIVE_LAG_SECONDS, for that long."""
+        replayed or held that were made in the last LIVE_LAG_SECONDS, for that long (a
+        message pushed again by a repeated publish while held may still have its first
+        publisher's push coming)."""
         held, self.held = self.held or [], None
         replayed, self.replayed = self.replayed or set(), None
         for _, message_id in held:
@@ -146,7 +148,8 @@ class Client:
             if frame:
                 self.write_frame(frame)
         floor = first_id_at(int((time.time() - LIVE_LAG_SECONDS) * 1000))
-        recent = {message_id for message_id in replayed if message_id >= floor}
+        had = replayed.union(message_id for _, message_id in held)
+        recent = {message_id for message_id in had if message_id >= floor}
         if recent:
             self.replayed = recent
             self.replayed_until = time.monotonic() + LIVE_LAG_SECONDS
