@@ -15,7 +15,8 @@ and not used from the end of a fan-out until read again.
 
 While a broadcast is fanned out, and for one interval after, no badges go out: one frame per
 connection would otherwise compete for the CPU with the fan-outs other workers of the node
-are still writing, delaying the broadcast's last deliveries.
+are still writing, delaying the broadcast's last deliveries. A fan-out that begins while
+badges go stops them at the next chunk; the users not yet sent theirs wait for after it.
 """
 
 from __future__ import annotations
@@ -138,7 +139,11 @@ class UnreadPusher:
         frames: dict[tuple[tuple[str, int], ...], bytes] = {}  # after a broadcast most
         for start in range(0, len(users), CHUNK):  # users share their counts: encode once
             chunk = users[start : start + CHUNK]
-            for (uid, _), counts in zip(chunk, await self.unread.counts_many(chunk), strict=True):
+            counted = await self.unread.counts_many(chunk)
+            if self.holds:  # a fan-out began meanwhile: it goes first, these after it
+                self.dirty.update(uid for uid, _ in users[start:])
+                return
+            for (uid, _), counts in zip(chunk, counted, strict=True):
                 key = tuple(counts.items())
                 frame = frames.get(key)
                 if frame is None:
