@@ -113,3 +113,18 @@ def test_a_repeat_during_the_replay_then_the_first_push_reaches_the_connection_o
     client.release()  # the replay had not seen it: written now
     table.send_to_user(UID, payload)  # the first publisher's push, late
     assert socket.pushed_ids() == [str(client.opened + 1)]
+
+
+def test_a_repeat_and_the_first_push_both_during_the_replay_reach_the_connection_once() -> None:
+    """The same, the first publisher's push coming while the replay still runs: both copies
+    are held back, and the release writes one."""
+    socket = Socket()
+    table = ConnectionTable()
+    client = Client(socket, "c1", Identity(UID), 1 << 20, 50)  # type: ignore[arg-type]
+    table.add(client)
+    payload = push_of({"id": str(client.opened + 1), "kind": "notice", "body": {}})[0]
+    client.hold()
+    assert table.push_again(UID, payload) == 1  # the repeat's push: held back
+    table.send_to_user(UID, payload)  # the first publisher's push: held back too
+    client.release()
+    assert socket.pushed_ids() == [str(client.opened + 1)]

@@ -6,10 +6,11 @@ closed with 1008, or aborted when even the close frame would not fit, so one slo
 never stalls the worker.
 
 A connection never gets one message twice: while the inbox replays, live frames are held
-back with the id of the message each pushes, and on release those the replay already sent
-are dropped. A live copy may come later still (a broadcast whose fan-out trailed its store, a
-relay its publisher had not sent yet), so the ids replayed that were made within
-LIVE_LAG_SECONDS before the release are kept that long, and their pushes dropped too.
+back with the id of the message each pushes, and on release those the replay already sent,
+or an earlier held frame, are dropped. A live copy may come later still (a broadcast whose
+fan-out trailed its store, a relay its publisher had not sent yet, the first push of a
+message a repeated publish pushed again), so the ids replayed or released that were made
+within LIVE_LAG_SECONDS before the release are kept that long, and their pushes dropped too.
 """
 
 from __future__ import annotations
@@ -139,16 +140,17 @@ class Client:
         message pushed again by a repeated publish while held may still have its first
         publisher's push coming)."""
         held, self.held = self.held or [], None
-        replayed, self.replayed = self.replayed or set(), None
+        had, self.replayed = self.replayed or set(), None  # grows with the held pushes sent
         for _, message_id in held:
             self.note_sent(message_id)
         for frame, message_id in held:
-            if message_id in replayed:
+            if message_id in had:  # replayed, or held twice (a repeat, then its first push)
                 frame = frame[first_frame_size(frame) :]  # a badge sent with it still goes
+            elif message_id:
+                had.add(message_id)
             if frame:
                 self.write_frame(frame)
         floor = first_id_at(int((time.time() - LIVE_LAG_SECONDS) * 1000))
-        had = replayed.union(message_id for _, message_id in held)
         recent = {message_id for message_id in had if message_id >= floor}
         if recent:
             self.replayed = recent
