@@ -16,7 +16,7 @@ and not used from the end of a fan-out until read again.
 While a broadcast is fanned out, and for one interval after, no badges go out: one frame per
 connection would otherwise compete for the CPU with the fan-outs other workers of the node
 are still writing, delaying the broadcast's last deliveries. A fan-out that begins while
-badges go stops them at the next chunk; the users not yet sent theirs wait for after it.
+badges go stops them at the next chunk; the users not yet sent theirs come first after it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class UnreadPusher:
         self.interval = interval
         self.table = table
         self.unread = unread
-        self.dirty: set[str] = set()
+        # Users whose counters changed, in the order they did: a flush cut short by a
+        # fan-out puts those it had not reached first, so the next serves them first.
+        self.dirty: dict[str, None] = {}
         self.pushed: dict[str, float] = {}  # uid -> when its last badge went (this interval)
         self.times: dict[str, list[float]] = {}  # broadcast times of the groups seen here
         self.fresh = False  # self.times read since the last fan-out
@@ -57,7 +59,7 @@ class UnreadPusher:
 
     def changed(self, uid: str) -> None:
         """The counters of ``uid`` changed: push them at the next tick."""
-        self.dirty.add(uid)
+        self.dirty[uid] = None
 
     async def watch(self, groups: Sequence[str]) -> None:
         """A user of ``groups`` connected: keep their broadcast times (read now if new)."""
@@ -74,9 +76,9 @@ class UnreadPusher:
         Returns how many connections took it."""
         badge = self._badge(uid, unread)
         if badge is None:
-            self.dirty.add(uid)
+            self.dirty[uid] = None
             return self.table.send_to_user(uid, frame)
-        self.dirty.discard(uid)
+        self.dirty.pop(uid, None)
         self.pushed[uid] = time.monotonic()
         return self.table.send_frame_to_user(
             uid, text_frame(frame) + text_frame(badge), message_id_of(frame)
@@ -130,7 +132,8 @@ class UnreadPusher:
         now = time.monotonic()
         self.pushed = {u: t for u, t in self.pushed.items() if now - t < self.interval}
         due = [uid for uid in self.dirty if uid not in self.pushed]
-        self.dirty.difference_update(due)
+        for uid in due:
+            del self.dirty[uid]
         users = []
         for uid in due:
             client = self.table.any_of_user(uid)
@@ -138,12 +141,11 @@ class UnreadPusher:
                 users.append((uid, client.identity.groups))
         frames: dict[tuple[tuple[str, int], ...], bytes] = {}  # after a broadcast most
         for start in range(0, len(users), CHUNK):  # users share their counts: encode once
-            chunk = users[start : start + CHUNK]
-            counted = await self.unread.counts_many(chunk)
-            if self.holds:  # a fan-out began meanwhile: it goes first, these after it
-                self.dirty.update(uid for uid, _ in users[start:])
+            if self.holding:  # a fan-out began: it goes first, then these users first
+                self.dirty = {**dict.fromkeys(uid for uid, _ in users[start:]), **self.dirty}
                 return
-            for (uid, _), counts in zip(chunk, counted, strict=True):
+            chunk = users[start : start + CHUNK]
+            for (uid, _), counts in zip(chunk, await self.unread.counts_many(chunk), strict=True):
                 key = tuple(counts.items())
                 frame = frames.get(key)
                 if frame is None:
