@@ -30,6 +30,7 @@ from pmq.domain.routing import Routes
 from pmq.redis.keys import Keys
 from pmq.store import Store, StoredMessage, open_store
 from pmq.store.base import SCHEMA_VERSION
+from pmq.tasks import recovery as recovery_module
 from pmq.tasks.recovery import BatchGuard, Recovery
 from tests.helpers import (
     REDIS_URL,
@@ -657,6 +658,46 @@ def test_a_check_that_waited_out_another_workers_recovery_recovers_nothing(
         assert second.recoveries == 0
         assert await RedisMarks(client, keys).read([0]) == {0: (2, 0)}
         assert not await client.exists(keys.recovery_lock())  # given back
+        await client.aclose()
+
+    asyncio.run(scenario())
+    store.close()
+
+
+def test_a_recovery_that_lost_its_lock_stops_and_a_later_check_starts_over(
+    redis_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock is renewed at every page of the scan; one that could not be (it expired on
+    a slow page, or Redis was emptied) ends the recovery there: another worker may hold the
+    lock and be recovering by now. The bucket stays incomplete, and the next check that
+    gets the lock recovers it."""
+    monkeypatch.setattr(recovery_module, "PAGE", 1)
+    keys = Keys(redis_prefix)
+    store = open_store(StorageConfig(url=f"sqlite:///{tmp_path}/pmq.db", shards=1))
+    store.init_schema()
+    store.write_messages([row(1, 4), row(2, 5), row(3, 6)])
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        recovery = Recovery(client, keys, store, asyncio.to_thread, "t:0", cold_ttl=60)
+        renewals = 0
+        take_lock = recovery.hold_lock
+
+        async def lost_at_the_second_page() -> bool:
+            nonlocal renewals
+            renewals += 1
+            if renewals == 3:  # the check's own take, the first page's renewal, then this
+                await client.delete(keys.recovery_lock())
+                await client.set(keys.recovery_lock(), "t:1")  # another worker's now
+            return await take_lock()
+
+        recovery.hold_lock = lost_at_the_second_page  # type: ignore[method-assign]
+        assert await recovery.check_once() == []
+        assert recovery.recoveries == 0
+        assert await RedisMarks(client, keys).read([0]) == {0: None}  # still incomplete
+        assert await client.get(keys.recovery_lock()) == b"t:1"  # not released: not ours
+        await client.delete(keys.recovery_lock())  # the other worker gave up
+        assert await recovery.check_once() == [0]  # a later check recovers
         await client.aclose()
 
     asyncio.run(scenario())

@@ -166,7 +166,9 @@ class Recovery(ClusterJob):
                 cold = [str(u) for u in uids if self.keys.bucket(str(u)) in wanted]
                 await self.marks.flag_cold(cold, self.cold_ttl)
                 flagged += len(cold)
-                await self.hold_lock()
+                if not await self.hold_lock():  # expired on a slow page, or Redis emptied
+                    log.warning("redis recovery lost its lock: a later check starts over")
+                    return []
                 if len(uids) < PAGE:
                     break
                 after = uids[-1]
