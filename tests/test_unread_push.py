@@ -157,3 +157,32 @@ def test_a_fan_out_that_begins_during_a_badge_flush_stops_it_until_after() -> No
         unread.fresh_flush = True
         asyncio.run(pusher.flush())
     assert sorted(uid for uid, _ in table.sent) == sorted(uids)  # each once, none left out
+
+
+class ShortFanOutDuringFlush(FakeUnread):
+    """Counts whose first read sees a whole fan-out begin and end (a small group's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pusher: UnreadPusher | None = None
+
+    async def counts_many(self, users: Sequence[tuple[str, Any]]) -> list[dict[str, int]]:
+        if self.pusher is not None:
+            with self.pusher.held():
+                pass
+            self.pusher = None
+        return await super().counts_many(users)
+
+
+def test_a_fan_out_over_before_the_next_chunk_still_stops_the_badges_for_an_interval() -> None:
+    """Other workers of the node may still be writing that broadcast: badges wait for one
+    interval after any fan-out here, even one that began and ended inside a read."""
+    uids = [str(n) for n in range(2 * CHUNK)]
+    table = FakeTable(*uids)
+    unread = ShortFanOutDuringFlush()
+    pusher = UnreadPusher(INTERVAL, table, unread)  # type: ignore[arg-type]
+    unread.pusher = pusher
+    for uid in uids:
+        pusher.changed(uid)
+    asyncio.run(pusher.flush())
+    assert len(table.sent) == CHUNK
