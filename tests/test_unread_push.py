@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pmq.domain.unread import Unread
@@ -113,20 +113,43 @@ def test_a_new_message_brings_its_badge_along_once_an_interval() -> None:
     assert list(pusher.dirty) == ["7"]  # the second change waits for the interval to pass
 
 
-class FanOutDuringFlush(FakeUnread):
-    """Counts whose first read of each flush lets a fan-out begin (a broadcast arriving
-    while the badges go); ``pusher`` is set once the pusher is made."""
+class FanOutDuringRead(FakeUnread):
+    """Counts whose first read of each flush (``armed``) lets ``meanwhile`` act on the
+    pusher: a broadcast's fan-out arriving while the badges go."""
 
-    def __init__(self) -> None:
+    def __init__(self, meanwhile: Callable[[UnreadPusher], None]) -> None:
         super().__init__()
+        self.meanwhile = meanwhile
         self.pusher: UnreadPusher | None = None
-        self.fresh_flush = True
+        self.armed = True
 
     async def counts_many(self, users: Sequence[tuple[str, Any]]) -> list[dict[str, int]]:
-        if self.fresh_flush and self.pusher is not None:
-            self.fresh_flush = False
-            self.pusher.holds += 1
+        if self.armed and self.pusher is not None:
+            self.armed = False
+            self.meanwhile(self.pusher)
         return await super().counts_many(users)
+
+
+def fan_out_begins(pusher: UnreadPusher) -> None:
+    pusher.holds += 1
+
+
+def whole_fan_out(pusher: UnreadPusher) -> None:
+    with pusher.held():  # a small group's: over at once
+        pass
+
+
+def flush_rig(
+    uids: list[str], meanwhile: Callable[[UnreadPusher], None]
+) -> tuple[FakeTable, FanOutDuringRead, UnreadPusher]:
+    """A pusher whose ``uids`` all changed, its counts read as FanOutDuringRead does."""
+    table = FakeTable(*uids)
+    unread = FanOutDuringRead(meanwhile)
+    pusher = UnreadPusher(INTERVAL, table, unread)  # type: ignore[arg-type]
+    unread.pusher = pusher
+    for uid in uids:
+        pusher.changed(uid)
+    return table, unread, pusher
 
 
 def test_a_fan_out_that_begins_during_a_badge_flush_stops_it_until_after() -> None:
@@ -138,12 +161,7 @@ def test_a_fan_out_that_begins_during_a_badge_flush_stops_it_until_after() -> No
     With a broadcast during every flush, the users cut off come first the next time: each
     broadcast marks every user changed again, and none may wait for ever."""
     uids = [str(n) for n in range(3 * CHUNK)]
-    table = FakeTable(*uids)
-    unread = FanOutDuringFlush()
-    pusher = UnreadPusher(INTERVAL, table, unread)  # type: ignore[arg-type]
-    unread.pusher = pusher
-    for uid in uids:
-        pusher.changed(uid)
+    table, unread, pusher = flush_rig(uids, fan_out_begins)
 
     asyncio.run(pusher.flush())
     assert len(table.sent) == CHUNK  # the chunk read went; then the fan-out came first
@@ -154,35 +172,14 @@ def test_a_fan_out_that_begins_during_a_badge_flush_stops_it_until_after() -> No
         pusher.pushed.clear()
         for uid in uids:  # the fan-out's users' counters changed
             pusher.changed(uid)
-        unread.fresh_flush = True
+        unread.armed = True
         asyncio.run(pusher.flush())
     assert sorted(uid for uid, _ in table.sent) == sorted(uids)  # each once, none left out
-
-
-class ShortFanOutDuringFlush(FakeUnread):
-    """Counts whose first read sees a whole fan-out begin and end (a small group's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pusher: UnreadPusher | None = None
-
-    async def counts_many(self, users: Sequence[tuple[str, Any]]) -> list[dict[str, int]]:
-        if self.pusher is not None:
-            with self.pusher.held():
-                pass
-            self.pusher = None
-        return await super().counts_many(users)
 
 
 def test_a_fan_out_over_before_the_next_chunk_still_stops_the_badges_for_an_interval() -> None:
     """Other workers of the node may still be writing that broadcast: badges wait for one
     interval after any fan-out here, even one that began and ended inside a read."""
-    uids = [str(n) for n in range(2 * CHUNK)]
-    table = FakeTable(*uids)
-    unread = ShortFanOutDuringFlush()
-    pusher = UnreadPusher(INTERVAL, table, unread)  # type: ignore[arg-type]
-    unread.pusher = pusher
-    for uid in uids:
-        pusher.changed(uid)
+    table, _, pusher = flush_rig([str(n) for n in range(2 * CHUNK)], whole_fan_out)
     asyncio.run(pusher.flush())
     assert len(table.sent) == CHUNK
