@@ -39,12 +39,18 @@ class Master:
 SLOTS = [("socket", 1), ("socket", 2), ("socket", 3), ("task", 1)]
 
 
-def test_old_workers_drain_together_once_every_replacement_is_ready() -> None:
+def restarted() -> tuple[Master, Rollout, set[int], list[WorkerState]]:
+    """A stand-in master of SLOTS told to restart: it, its rollout, the old workers' pids
+    and the replacements started."""
     master = Master(SLOTS)
     old = set(master.workers)
     rollout = Rollout(master)  # type: ignore[arg-type]
     rollout.rolling_restart()
-    new = [w for w in master.workers.values() if w.pid not in old]
+    return master, rollout, old, [w for w in master.workers.values() if w.pid not in old]
+
+
+def test_old_workers_drain_together_once_every_replacement_is_ready() -> None:
+    master, rollout, old, new = restarted()
     assert sorted((w.kind, w.index) for w in new) == sorted(SLOTS)  # all started at once
     for replacement in new[:-1]:
         replacement.ready = True
@@ -58,11 +64,7 @@ def test_old_workers_drain_together_once_every_replacement_is_ready() -> None:
 
 
 def test_a_replacement_that_died_leaves_its_slot_to_the_old_worker() -> None:
-    master = Master(SLOTS)
-    old = set(master.workers)
-    rollout = Rollout(master)  # type: ignore[arg-type]
-    rollout.rolling_restart()
-    new = [w for w in master.workers.values() if w.pid not in old]
+    master, rollout, old, new = restarted()
     dead = new[0]
     del master.workers[dead.pid]
     for replacement in new[1:]:
