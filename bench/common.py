@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import multiprocessing as mp
@@ -241,18 +242,37 @@ def source_addresses(count: int) -> list[str]:
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
-async def connected_socket(port: int, source: str | None) -> socket.socket:
+async def connected_socket(port: int, source: str | None, timeout: float = 30) -> socket.socket:
     """A TCP socket connected to 127.0.0.1:port from ``source``. The source port is left to
     connect() (IP_BIND_ADDRESS_NO_PORT): bind() picking it would search every port bound
-    on that address, which gets slow with thousands of sockets per process."""
+    on that address, which gets slow with thousands of sockets per process. The connect is
+    the socket's own (``connect_ex``, then a wait for writable only if it is in progress):
+    uvloop's ``sock_connect`` resolves even a numeric address in its thread pool, which
+    with the timers around it took a fifth of a storm client's CPU (docs/benchmarks.md)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if source:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
-        async with asyncio.timeout(30):
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        error = sock.connect_ex(("127.0.0.1", port))
+        if error == errno.EINPROGRESS:  # a SYN dropped or not yet answered: wait for it
+            loop = asyncio.get_running_loop()
+            writable: asyncio.Future[None] = loop.create_future()
+
+            def ready() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(sock.fileno(), ready)
+            try:
+                async with asyncio.timeout(timeout):
+                    await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, f"connect to port {port}: {os.strerror(error)}")
     except BaseException:
         sock.close()
         raise

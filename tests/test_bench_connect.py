@@ -1,5 +1,6 @@
-"""The load generator's connect (bench.common.connection_over) on uvloop: a socket handed to
-a transport never closes a descriptor the transport owns."""
+"""The load generator's connect on uvloop: its own non-blocking connect
+(bench.common.connected_socket), and a socket handed to a transport
+(bench.common.connection_over) never closes a descriptor the transport owns."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import socket
 import struct
 from typing import cast
 
+import pytest
 import uvloop
 
-from bench.common import connection_over
+from bench.common import connected_socket, connection_over
 
 
 class Upgrading(asyncio.Protocol):
@@ -48,5 +50,49 @@ def test_a_connection_reset_as_it_is_made_leaves_the_socket_owning_nothing() -> 
                 assert sock.fileno() == -1  # nothing left to close twice
                 sock.close()
                 os.fstat(other.fileno())  # still open
+
+    uvloop.run(scenario())
+
+
+def test_connected_socket_connects_from_its_source_and_names_a_refusal() -> None:
+    """The load generator's own non-blocking connect: from the source address asked for,
+    and a port nobody listens on is a ConnectionRefusedError, as uvloop's was."""
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            sock = await connected_socket(port, "127.0.0.5")
+            peer, address = listener.accept()
+            assert address[0] == "127.0.0.5" and sock.getpeername()[1] == port
+            peer.close()
+            sock.close()
+        with pytest.raises(ConnectionRefusedError):
+            await connected_socket(port, None)
+
+    uvloop.run(scenario())
+
+
+def test_connected_socket_gives_up_on_an_unanswered_syn_and_closes_its_socket() -> None:
+    """A listener whose accept queue is full drops new SYNs: the connect stays in progress
+    until the timeout, which closes the socket."""
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            held: list[socket.socket] = []
+            open_before = len(os.listdir("/proc/self/fd"))
+            try:
+                with pytest.raises(TimeoutError):
+                    for _ in range(8):  # the queue fills; one of these waits
+                        held.append(await connected_socket(port, None, timeout=0.3))
+                assert held  # the first got in
+                assert len(os.listdir("/proc/self/fd")) == open_before + len(held)
+            finally:
+                for sock in held:
+                    sock.close()
 
     uvloop.run(scenario())
