@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import itertools
 import multiprocessing as mp
 import random
@@ -341,6 +342,11 @@ async def clients_main(
     while clients.connected < len(users) and not stop.is_set():
         await asyncio.sleep(0.2)
     settle_heap()
+    # No cycle collection from here on: every connect leaves a few cycles (futures, the
+    # transport and its protocol), and collecting them, over a heap that reconnects keep
+    # growing, took a fifth of a client process's CPU in the storm, when its loop's lag is
+    # what delays the hellos it counts. The garbage stays bounded: one run's connects.
+    gc.disable()
     await asyncio.get_running_loop().run_in_executor(None, stop.wait)
     clients.stopping = True
     results.put(("clients", index, clients.report()))
