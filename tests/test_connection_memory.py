@@ -23,7 +23,7 @@ from pmq.handlers.system import ACTIONS
 from pmq.reactor.connections import Client, ConnectionTable
 from pmq.reactor.gateway import Gateway
 from pmq.reactor.websocket import Connection
-from pmq.workers.heap import YOUNG_THRESHOLD, freeze_survivors, keep_heap_frozen, reclaim
+from pmq.workers.heap import freeze_survivors, reclaim
 from tests.helpers import wait_for_async
 
 
@@ -35,9 +35,7 @@ class Cycle:
 @pytest.fixture
 def collector() -> Iterator[None]:
     """Leave the test process's collector as it was found."""
-    thresholds = gc.get_threshold()
     yield
-    gc.set_threshold(*thresholds)
     gc.set_debug(0)
     gc.garbage.clear()
     gc.unfreeze()
@@ -63,22 +61,6 @@ def test_freezing_first_collects_young_garbage(collector: None) -> None:
     del cycle
     freeze_survivors()
     assert alive() is None
-
-
-def test_the_heap_keeper_collects_the_young_generation_less_often(collector: None) -> None:
-    """A socket worker's young collections come every YOUNG_THRESHOLD net allocations, not
-    CPython's 700: a connect's short-lived objects are freed by reference count, and walking
-    them was 7 % of a worker's CPU in a reconnect storm (docs/benchmarks.md)."""
-
-    async def keep_a_moment() -> None:
-        keeper = asyncio.create_task(keep_heap_frozen(lambda: False, interval=60))
-        await asyncio.sleep(0)
-        keeper.cancel()
-
-    gc.set_threshold(700, 10, 10)
-    asyncio.run(keep_a_moment())
-    assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)
-    assert YOUNG_THRESHOLD >= 10_000
 
 
 class Authenticator:

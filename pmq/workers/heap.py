@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 
 FREEZE_SECONDS = 5.0
 RECLAIM_SECONDS = 3600.0
-# A young collection every 20,000 net allocations instead of CPython's 700. A connect makes
-# hundreds of short-lived objects (tasks, futures, handles) that reference counting frees
-# anyway; at 700 the collector kept walking them and the new connections beside them.
-YOUNG_THRESHOLD = 20_000
 
 
 def freeze_survivors() -> None:
@@ -54,7 +50,6 @@ async def keep_heap_frozen(
 ) -> None:
     """Freeze survivors every ``interval``; reclaim every ``reclaim_every`` once ``busy()``
     (a fan-out in progress, say) is false, so the full pass never lands inside one."""
-    gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     next_reclaim = time.monotonic() + reclaim_every
     while True:
         await asyncio.sleep(interval)
