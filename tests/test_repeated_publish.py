@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from pmq.domain.auth import Identity
 from pmq.domain.ids import IdGenerator
 from pmq.domain.inbox import Inbox
-from pmq.reactor.connections import Client, ConnectionTable
+from pmq.reactor import connections
+from pmq.reactor.connections import RECENT_PUSHES, Client, ConnectionTable
 from pmq.redis.keys import Keys
 from pmq.wire.client import push_of
 from tests.helpers import REDIS_URL, Ingest, Node, WsClient, ws_client
@@ -128,3 +130,41 @@ def test_a_repeat_and_the_first_push_both_during_the_replay_reach_the_connection
     table.send_to_user(UID, payload)  # the first publisher's push: held back too
     client.release()
     assert socket.pushed_ids() == [str(client.opened + 1)]
+
+
+def test_a_repeat_long_after_the_first_push_pushes_nothing_again() -> None:
+    """The site repeats a request long after its message was pushed (its answer was lost,
+    or came after the site's timeout), the message still unacked: more than RECENT_PUSHES
+    pushes later, 3 s of a worker pushing 10,000 a second. The table still knows the id
+    (REPEAT_MEMORY) and the connection does not get it twice."""
+    socket, busy = Socket(), Socket()
+    table = ConnectionTable()
+    client = Client(socket, "c1", Identity(UID), 1 << 20, 50)  # type: ignore[arg-type]
+    other = Client(busy, "c2", Identity("42"), 1 << 30, 50)  # type: ignore[arg-type]
+    table.add(client)
+    table.add(other)
+    message_id = str(client.opened + 1)
+    payload = push_of({"id": message_id, "kind": "notice", "body": {}})[0]
+    table.send_to_user(UID, payload)  # the first publisher's push
+    for n in range(RECENT_PUSHES + 1):  # the worker's other pushes since
+        table.send_to_user("42", push_of({"id": str(client.opened + 2 + n), "kind": "notice"})[0])
+    assert table.push_again(UID, payload) == 0
+    assert socket.pushed_ids() == [message_id]
+
+
+def test_the_table_remembers_the_last_ids_pushed_and_forgets_older_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The id memory, made small: every id of the last REPEAT_MEMORY pushes is found, in
+    whichever block, the one being written too, in push order or not; an id pushed before
+    them, or never, is not."""
+    monkeypatch.setattr(connections, "REPEAT_MEMORY", 64)
+    monkeypatch.setattr(connections, "REPEAT_BLOCK", 8)
+    recent = connections.RecentPushes()
+    pushed = [1000 + 10 * n + (5 if n % 3 else -5) for n in range(64 * 3 + 5)]  # not sorted
+    for message_id in pushed:
+        recent.add(UID, message_id)
+    assert all(message_id in recent for message_id in pushed[-64:])
+    assert not any(message_id in recent for message_id in pushed[: -64 - 8])
+    assert 1001 not in recent and 10**12 not in recent
+    assert len(recent.ids) == 64 * 8  # bytes: the memory stops growing

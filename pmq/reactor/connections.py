@@ -20,6 +20,7 @@ import logging
 import secrets
 import struct
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +38,14 @@ LIVE_LAG_SECONDS = 120.0
 # Pushes remembered by the table (uid, message id), for the catch-up after a relay gap
 # (pmq.reactor.catchup): some seconds of a busy worker's pushes, 3 MiB at most.
 RECENT_PUSHES = 32768
+# Ids of the messages pushed lately, for a repeated publish (ConnectionTable.push_again), 8
+# bytes each: 100 s of a worker pushing 10,000 a second, 8 MiB at most. A site repeats a
+# request that got no answer, after its timeout and often more than once; the pairs above
+# cover 3 s of such a worker, and a message pushed before them went again, twice on one
+# connection.
+REPEAT_MEMORY = 1 << 20
+REPEAT_BLOCK = 4096  # ids per block of that memory, each with its lowest and highest id
+ID = struct.Struct("<q")
 
 
 TEXT_FIN = 0x81  # FIN and the text opcode: the first byte of a whole (unfragmented) text frame
@@ -248,19 +257,59 @@ class Client:
 
 
 class RecentPushes:
-    """The last RECENT_PUSHES pushes of messages to local connections, as (uid, id)."""
+    """The last RECENT_PUSHES pushes of messages to local connections, as (uid, id), and
+    the ids of about the last REPEAT_MEMORY."""
 
     def __init__(self) -> None:
         self.ring: deque[tuple[str, int]] = deque(maxlen=RECENT_PUSHES)
         self.count = 0  # pushes ever added, so an index knows which are new
+        # The ids packed 8 bytes each, in turn: grown to REPEAT_MEMORY, then overwritten
+        # from the start; a look searches the bytes in C. Pushes follow their messages'
+        # making, so the lowest and highest id of each block written narrow a look to the
+        # block being written and a block or two more.
+        self.ids = bytearray()
+        self.lowest: list[int] = []
+        self.highest: list[int] = []
 
     def add(self, uid: str, message_id: int) -> None:
         self.ring.append((uid, message_id))
+        at = self.count % REPEAT_MEMORY * ID.size
+        if at == len(self.ids):
+            self.ids += ID.pack(message_id)
+        else:
+            ID.pack_into(self.ids, at, message_id)
         self.count += 1
+        if not self.count % REPEAT_BLOCK:
+            self._bound((self.count - 1) % REPEAT_MEMORY // REPEAT_BLOCK)
 
-    def __contains__(self, push: tuple[str, int]) -> bool:
-        """(uid, id) was pushed here lately (a scan: for the rare repeated publish)."""
-        return push in self.ring
+    def _bound(self, block: int) -> None:
+        """Note the lowest and highest id of ``block``, just written."""
+        width = REPEAT_BLOCK * ID.size
+        ids = array("q", self.ids[block * width : (block + 1) * width])
+        if block == len(self.lowest):
+            self.lowest.append(min(ids))
+            self.highest.append(max(ids))
+        else:
+            self.lowest[block], self.highest[block] = min(ids), max(ids)
+
+    def __contains__(self, message_id: int) -> bool:
+        """``message_id`` was pushed here lately (for the rare repeated publish)."""
+        writing = self.count % REPEAT_MEMORY // REPEAT_BLOCK
+        blocks = [writing] + [
+            block
+            for block, (low, high) in enumerate(zip(self.lowest, self.highest, strict=True))
+            if low <= message_id <= high and block != writing
+        ]
+        packed = ID.pack(message_id)
+        width = REPEAT_BLOCK * ID.size
+        for block in blocks:
+            end = (block + 1) * width
+            at = self.ids.find(packed, block * width, end)
+            while at >= 0 and at % ID.size:  # found across two ids: look on
+                at = self.ids.find(packed, at + 1, end)
+            if at >= 0:
+                return True
+        return False
 
     def since(self, floor: int) -> PushIndex:
         """The pushes of ids from ``floor`` on by uid, those added later included."""
@@ -344,7 +393,7 @@ class ConnectionTable:
         that still comes is dropped (Client.push_missed). Returns how many took it."""
         mine = self.by_uid.get(uid)
         message_id = message_id_of(payload)
-        if mine is None or (uid, message_id) in self.recent:
+        if mine is None or message_id in self.recent:  # an id is one user's message
             return 0
         self.recent.add(uid, message_id)
         return sum(client.push_again(payload, message_id) for client in list(mine.values()))
