@@ -65,8 +65,10 @@ class Steps:
 
     async def read(self, uid: str, ids: list[str]) -> list[str]:
         outbox = self.keys.hook_outbox(self.keys.bucket(uid))
-        hook = self.events.queued_by(EventType.READ, outbox)
-        return await self.reads.mark_read(uid, [{"id": i, "kind": "notice"} for i in ids], {}, hook)
+        items = [{"id": i, "kind": "notice"} for i in ids]
+        return await self.reads.mark_read(
+            uid, items, {}, lambda: self.events.queued_by(EventType.READ, outbox)
+        )
 
 
 def test_each_event_is_queued_by_the_script_of_its_change(redis_prefix: str) -> None:

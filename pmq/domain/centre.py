@@ -6,6 +6,7 @@ site (pmq.reactor.centre): a page of the feed (pmq.domain.feed), marking read
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
@@ -81,7 +82,7 @@ class Centre:
         """Reads.mark_read, with message.read for the site (the ids that were unread) queued
         by the same script; returns how many were unread."""
         outbox = self.keys.hook_outbox(self.keys.bucket(uid))
-        hook = self.events.queued_by(EventType.READ, outbox)
+        hook = functools.partial(self.events.queued_by, EventType.READ, outbox)
         return len(await self.reads.mark_read(uid, items, marks, hook))
 
     async def _unread(self, uid: str, groups: Sequence[str], kind: str | None) -> list[Item]:

@@ -14,7 +14,11 @@ An item is read when its id is among the ids, or at or below the mark of its kin
 Every change is one script (centre_read) that counts the items it turns read, moves the
 state and queues a ``read`` storage operation with what changed, so the count is exact
 however many devices read at once, and the state is in SQL (``pmq_read``,
-``pmq_read_mark``) a moment later.
+``pmq_read_mark``) a moment later. A read of many items (``msg.read {}`` of a long unread
+feed) is READ_CHUNK items a script, oldest first, each raising the marks no higher than its
+newest item: everything unread at or below that is in the chunks done, so the marks make
+read nothing that was not counted, and the count stays exact; Redis is held one chunk at a
+time, not for the whole feed (25,000 items were one 105 ms script).
 
 The Redis state is loaded from storage when it is missing (never read, expired, or Redis
 lost it) and, while the user's bucket is not known complete in Redis (pmq.domain.epochs:
@@ -46,6 +50,7 @@ from pmq.wire import storeops
 ALL = "*"  # the mark of every kind
 LOADED = "loaded"  # the reads hash's field saying it holds storage's state
 READ_OP = b'{"op":"' + storeops.OpName.READ.encode() + b'"'  # how a read op starts
+READ_CHUNK = 1000  # items per centre_read script: about 4 ms of Redis
 
 # (uid, since unix ms) -> the user's read state in storage (pmq.store.feed.FeedSql.read_state)
 StoredReadState = Callable[[str, int], Awaitable[ReadRows]]
@@ -143,11 +148,31 @@ class Reads:
         uid: str,
         items: Sequence[dict[str, Any]],
         marks: dict[str, int],
-        hook: tuple[list[str], list[Any]] = ([], []),
+        hook: Callable[[], tuple[list[str], list[Any]]] = lambda: ([], []),
     ) -> list[str]:
         """Mark ``items`` (the user's, as clients see them) read and raise ``marks``; returns
-        the ids of those that were unread. ``hook`` (Events.queued_by): the key and arguments
-        that make the same script queue message.read with those ids."""
+        the ids of those that were unread. ``hook()`` (Events.queued_by), asked once per
+        script: the key and arguments that make it queue message.read with its ids."""
+        ordered = sorted(items, key=lambda m: int(m["id"]))
+        changed: list[str] = []
+        for start in range(0, max(len(ordered), 1), READ_CHUNK):
+            chunk = ordered[start : start + READ_CHUNK]
+            if start + READ_CHUNK < len(ordered):  # the marks wait for the items below them
+                newest = int(chunk[-1]["id"])
+                raised = {kind: min(mark, newest) for kind, mark in marks.items()}
+            else:
+                raised = marks
+            changed += await self._mark_chunk(uid, chunk, raised, hook())
+        return changed
+
+    async def _mark_chunk(
+        self,
+        uid: str,
+        items: Sequence[dict[str, Any]],
+        marks: dict[str, int],
+        hook: tuple[list[str], list[Any]],
+    ) -> list[str]:
+        """One centre_read script: ``items`` read and ``marks`` raised."""
         ids = [(int(m["id"]), timestamp_ms(int(m["id"]))) for m in items]
         op = storeops.encode_read(uid, ids, marks)
         keys = [
