@@ -45,7 +45,7 @@ RECENT_PUSHES = 32768
 # connection.
 REPEAT_MEMORY = 1 << 20
 REPEAT_BLOCK = 4096  # ids per block of that memory, each with its lowest and highest id
-ID = struct.Struct("<q")
+ID = struct.Struct("q")  # as array("q") reads them back
 
 
 TEXT_FIN = 0x81  # FIN and the text opcode: the first byte of a whole (unfragmented) text frame
