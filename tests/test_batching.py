@@ -13,6 +13,7 @@ import uvloop
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from pmq.redis import batching
 from pmq.redis import pipe as redispipe
 from pmq.redis import resp as respconn
 from pmq.redis.batching import Batcher
@@ -176,3 +177,144 @@ def test_a_pipeline_s_commands_share_one_write_and_reply_as_redis_py_s(
     assert after == [b"a string"]
     tls = Batcher(aioredis.Redis.from_url("rediss://127.0.0.1:6390/0"))
     assert isinstance(tls.pipeline(), Pipeline)
+
+
+# A script with a head (KEYS[1], ARGV[1]) and items (one key, one step each): it adds each
+# step to its key and to the head's total, and replies 1, then per item its key's value and
+# the total as it stood then (two elements per item, as inbox_publish replies).
+ADD_ITEMS = """
+local reply = {1}
+for i = 2, #KEYS do
+    reply[#reply + 1] = redis.call('INCRBY', KEYS[i], ARGV[i])
+    reply[#reply + 1] = redis.call('INCRBY', KEYS[1], ARGV[i] * ARGV[1])
+end
+return reply
+"""
+
+
+def add_items(batcher: Batcher, script: Any, prefix: str, steps: list[int], scale: int = 1) -> Any:
+    keys = [f"{prefix}item{step}" for step in steps]
+    head = ((f"{prefix}total",), (scale,))
+    return batcher.script_merged(script, head, keys, steps, len(steps), 2)
+
+
+def test_merged_calls_of_one_iteration_go_as_one_call(redis_prefix: str, writes: list[int]) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])  # loaded, connected
+        writes.clear()
+        try:
+            return await asyncio.gather(
+                add_items(batcher, script, redis_prefix, [1]),
+                add_items(batcher, script, redis_prefix, [2, 3]),
+                add_items(batcher, script, redis_prefix, [4]),
+            )
+        finally:
+            batcher.close()
+
+    replies = run(scenario)
+    assert writes == [1]  # one EVALSHA for the three callers
+    # each caller gets the status and its own items, as Redis ran them one after another
+    assert replies == [[1, 1, 1], [1, 2, 3, 3, 6], [1, 4, 10]]
+
+
+def test_calls_with_another_head_are_not_merged(redis_prefix: str, writes: list[int]) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])  # loaded, connected
+        writes.clear()
+        try:
+            return await asyncio.gather(
+                add_items(batcher, script, redis_prefix, [1]),
+                add_items(batcher, script, redis_prefix, [2], scale=10),
+                add_items(batcher, script, redis_prefix, [3]),
+            )
+        finally:
+            batcher.close()
+
+    replies = run(scenario)
+    # one write, two calls: scale 1 (the first and third callers), then scale 10
+    assert writes == [2]
+    assert replies == [[1, 1, 1], [1, 2, 24], [1, 3, 4]]
+
+
+def test_a_merged_call_is_loaded_again_after_redis_lost_the_script(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])
+        await client.script_flush()
+        try:
+            return await asyncio.gather(
+                *(add_items(batcher, script, redis_prefix, [step]) for step in (1, 2))
+            )
+        finally:
+            batcher.close()
+
+    assert run(scenario) == [[1, 1, 1], [1, 2, 3]]
+
+
+def test_a_cancelled_caller_leaves_the_others_their_replies(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])
+        try:
+            calls = [
+                asyncio.ensure_future(add_items(batcher, script, redis_prefix, [step]))
+                for step in (1, 2, 3)
+            ]
+            await asyncio.sleep(0)  # all three joined the merge
+            calls[1].cancel()
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            batcher.close()
+
+    first, cancelled, third = run(scenario)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert (first, third) == ([1, 1, 1], [1, 3, 6])  # its items ran: it was written
+
+
+def test_a_merged_call_holds_merge_max_items_at_most(
+    redis_prefix: str, writes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "MERGE_MAX", 4)
+
+    async def scenario(client: Any) -> list[Any]:
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])
+        writes.clear()
+        try:
+            return await asyncio.gather(
+                *(add_items(batcher, script, redis_prefix, [step]) for step in range(1, 11))
+            )
+        finally:
+            batcher.close()
+
+    replies = run(scenario)
+    assert writes == [3]  # 4 + 4 + 2 items
+    total = 0
+    for step, reply in zip(range(1, 11), replies, strict=True):
+        total += step
+        assert reply == [1, step, total]
+
+
+def test_an_error_fails_every_caller_of_the_merged_call(redis_prefix: str) -> None:
+    async def scenario(client: Any) -> list[Any]:
+        await client.set(f"{redis_prefix}item2", "not a number")
+        batcher = Batcher(client)
+        script = client.register_script(ADD_ITEMS)
+        await batcher.script(script, [f"{redis_prefix}total"], [0])
+        try:
+            return await asyncio.gather(
+                *(add_items(batcher, script, redis_prefix, [step]) for step in (1, 2)),
+                return_exceptions=True,
+            )
+        finally:
+            batcher.close()
+
+    for reply in run(scenario):
+        assert isinstance(reply, ResponseError)

@@ -102,6 +102,12 @@ class Pipe:
         except Unsent:
             return await (await self._connection()).send_many(commands)
 
+    def connected(self) -> RespConnection | None:
+        """The connection if it is open now, else None (the caller goes the usual way,
+        which opens one)."""
+        conn = self._conn
+        return None if conn is None or conn.lost.done() else conn
+
     def pipeline(self) -> Pipeline:
         """A few commands to queue and send in one go (:class:`Pipeline`)."""
         return Pipeline(self)

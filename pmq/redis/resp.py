@@ -72,6 +72,10 @@ def pack(*args: Any) -> bytes:
     return hiredis.pack_command(cast(Any, args))
 
 
+# A command to write: packed, or (RespConnection.send_built) packed at the write.
+Outgoing = bytes | Callable[[], bytes]
+
+
 class Unsent(RedisConnectionError):
     """The connection ended before the command was written: Redis never saw it, and sending
     it again (on a fresh connection) cannot apply it twice."""
@@ -147,7 +151,7 @@ class RespConnection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any] | _Shared | _Replies] = (
             collections.deque()
         )
-        self.outgoing: list[bytes] = []
+        self.outgoing: list[Outgoing] = []
         self.lost = self.loop.create_future()  # its result: why the connection ended
         self.paused = False
         self.progress = time.monotonic()  # last reply, or when the first waiter came
@@ -173,6 +177,14 @@ class RespConnection(asyncio.Protocol):
         self._queue(packed, future)
         return future
 
+    def send_built(self, build: Callable[[], bytes]) -> asyncio.Future[Any]:
+        """As :meth:`send`, for a command ``build()`` packs only when this iteration's
+        commands are written, in its place among them: until then its caller may still add
+        to it (pmq.redis.batching merges script calls so)."""
+        future = self.loop.create_future()
+        self._queue(build, future)
+        return future
+
     def send_many(self, commands: Sequence[bytes]) -> asyncio.Future[list[Any]]:
         """The replies to ``commands`` (at least one), in one list: they go in the same
         write, so either all of them reach Redis or none (then :class:`Unsent`)."""
@@ -182,7 +194,7 @@ class RespConnection(asyncio.Protocol):
             self._queue(packed, replies)
         return future
 
-    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Replies) -> None:
+    def _queue(self, packed: Outgoing, waiter: asyncio.Future[Any] | _Replies) -> None:
         if self.lost.done():
             raise Unsent(f"Redis connection lost: {self.lost.result()}")
         if not self.outgoing:
@@ -220,7 +232,7 @@ class RespConnection(asyncio.Protocol):
             self.in_flight = shared
         outgoing, self.outgoing = self.outgoing, []
         if self.transport is not None and not self.lost.done():
-            self.transport.write(b"".join(outgoing))
+            self.transport.write(b"".join([o if isinstance(o, bytes) else o() for o in outgoing]))
 
     def _check(self) -> None:
         self.watchdog = None
