@@ -114,6 +114,7 @@ class Inbox:
         self.ttl = retention_seconds
         self._publish = scripts.register(redis, "inbox_publish")
         self._bucket_keys_made: dict[int, tuple[str, str, str, str]] = {}
+        self._plain_head = ("0", PUBLISH_DEDUPE_SECONDS, self.ttl, b"")  # ARGV: no dedupe key
         self.batch = batch or Batcher(redis)
         self._ack = scripts.register(redis, "inbox_ack")
         self.marks = RedisMarks(redis, keys)
@@ -198,15 +199,9 @@ class Inbox:
         ``to`` in the same order: (the first ids when the key was seen before, else None;
         the wire JSONs; the connections per message; the unread state per message, None
         when it counts nothing)."""
-        keys = list(self._bucket_keys(bucket))
-        if dedupe_key:
-            keys[0] = self.keys.publish_dedupe(dedupe_key, bucket)
-        args: list[Any] = [
-            "1" if dedupe_key else "0",
-            PUBLISH_DEDUPE_SECONDS,
-            self.ttl,
-            orjson.dumps([str(m.id) for m in messages]) if dedupe_key else b"",
-        ]
+        head_keys = self._bucket_keys(bucket)
+        keys: list[Any] = []
+        args: list[Any] = []
         encoded = []
         ops = []
         for m, to in zip(messages, recipients, strict=True):
@@ -230,7 +225,18 @@ class Inbox:
         timers = self.events.timers(
             bucket, [(to, m.id, m.kind) for m, to in zip(messages, recipients, strict=True)]
         )
-        result = await self.batch.script(self._publish, keys, args)
+        if dedupe_key:  # alone: the script looks the key up first
+            dedupe = [self.keys.publish_dedupe(dedupe_key, bucket), *head_keys[1:]]
+            first_ids = orjson.dumps([str(m.id) for m in messages])
+            result = await self.batch.script(
+                self._publish,
+                dedupe + keys,
+                ["1", PUBLISH_DEDUPE_SECONDS, self.ttl, first_ids, *args],
+            )
+        else:  # one call with the other publishes of this loop iteration
+            result = await self.batch.script_merged(
+                self._publish, (head_keys, self._plain_head), keys, args, len(messages), 2
+            )
         if timers is not None:  # set before the 202; a repeat's finds no message when due
             await timers
         if result[0] == 0:  # a repeat: the first messages' wires ('' once acked), connections
@@ -238,7 +244,7 @@ class Inbox:
             return first, list(result[2::2]), [_pairs(flat) for flat in result[3::2]], []
         if self.journal is not None:
             for m, op in zip(messages, ops, strict=True):
-                self.journal.note(bucket, keys[1], m.to, op)
+                self.journal.note(bucket, head_keys[1], m.to, op)
         conns = [_pairs(flat) for flat in result[1::2]]
         states = [UnreadState.of_reply(flat) if flat else None for flat in result[2::2]]
         return None, encoded, conns, states
