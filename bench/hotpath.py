@@ -53,13 +53,15 @@ UNREAD_STATE = UnreadState.of_reply(STATE_REPLY)
 
 
 class CountingTransport:
-    """Stands for a socket: counts writes, never pushes back."""
+    """Stands for a socket: counts writes (keeping the last), never pushes back."""
 
     def __init__(self) -> None:
         self.writes = 0
+        self.last = b""
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        self.last = data
 
     def is_closing(self) -> bool:
         return False
@@ -91,7 +93,15 @@ class ScriptedRedis:
     pipe = None
 
     async def script(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
-        uid = args[6]  # the first message's recipient (PUBLISH's ARGV layout)
+        return self._reply(args[6])  # the first message's recipient (PUBLISH's ARGV layout)
+
+    async def script_merged(
+        self, script: Any, head: Any, keys: list[Any], args: list[Any], items: int, width: int
+    ) -> Any:
+        return self._reply(args[2])  # as script(), the ARGV without its head
+
+    @staticmethod
+    def _reply(uid: str) -> list[Any]:
         worker = HERE if int(uid) % 2 else THERE
         return [1, [b"c" + uid.encode(), worker.encode()], STATE_REPLY]
 
@@ -150,6 +160,8 @@ async def main(count: int) -> dict[str, Any]:
             conn.data_received(request)
             while transport.writes == before:
                 await asyncio.sleep(0)
+            if not transport.last.startswith(b"HTTP/1.1 202"):  # else it measured a failure
+                raise RuntimeError(f"the publish was not accepted: {transport.last[:300]!r}")
 
     sample = requests(count)
     await serve(sample[: count // 10])  # warm up
