@@ -23,9 +23,9 @@ import redis
 from bench.common import emit, log
 from bench.run_node import free_port, redis_server
 from pmq.domain.ids import EPOCH_MS, TIME_SHIFT, timestamp_ms
+from pmq.redis import scripts
 from pmq.redis.keys import Keys
 
-SCRIPT = Path(__file__).resolve().parent.parent / "pmq/redis/scripts/inbox_publish.lua"
 USERS = 10_000
 TTL = 86_400
 PER_ROUND_TRIP = 100
@@ -89,7 +89,7 @@ def main() -> int:
         server = redis_server(port, Path(directory), "--appendonly", "no")
         try:
             client = redis.Redis(port=port)
-            sha = client.script_load(SCRIPT.read_text())
+            sha = client.script_load(scripts.source("inbox_publish"))
             keys = Keys("pmqbench:merge:")
             one_pass(client, sha, keys, args.messages, 1)  # warm: keys and allocator
             figures: dict[int, list[float]] = {k: [] for k in per_calls}

@@ -79,3 +79,25 @@ def test_a_publish_with_an_idempotency_key_goes_alone(
     assert writes[-1] == 2  # the three publishes' call, and the keyed one's
     assert not any(a.duplicate for a in accepted)
     assert len(queued) == 5
+
+
+def test_a_publish_keeps_the_inbox_for_the_retention_from_now(redis_prefix: str) -> None:
+    """A merged call still gives the user's inbox and bodies the retention as their time to
+    live, from this publish: a later publish moves it on."""
+    retention = 3600
+
+    async def scenario() -> list[int]:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = Keys(redis_prefix)
+        try:
+            inbox = Inbox(client, keys, IdGenerator(1), 86400, retention)
+            await inbox.publish([OFFLINE], "notice", None, {"n": 1})
+            await client.pexpire(keys.inbox(OFFLINE), 5000)  # as if published long ago
+            await client.pexpire(keys.inbox_bodies(OFFLINE), 5000)
+            await inbox.publish([OFFLINE], "notice", None, {"n": 2})
+            return [await client.pttl(k) for k in (keys.inbox(OFFLINE), keys.inbox_bodies(OFFLINE))]
+        finally:
+            await client.aclose()
+
+    for left in uvloop.run(scenario()):
+        assert retention * 1000 - 60_000 < left <= retention * 1000
