@@ -1,18 +1,22 @@
 """Redis's CPU per message of the publish script, one message per call against several.
 
     python -m bench.script_merge [--messages 20000] [--per-call 1,4,12,32] [--rounds 3]
+    python -m bench.script_merge --per-call 12 --rounds 10 --compare OTHER.lua
 
 Runs a private redis-server (no persistence) on a free port and sends it ``inbox_publish``
 calls as a socket worker does, to offline users of one bucket: pipelined, 100 messages per
 round trip, ``k`` messages per call, for each ``k`` of ``--per-call`` in turn, rounds
 alternating. Reports Redis's own CPU (INFO cpu) per message: what merging the publishes of
 one loop iteration into one call (pmq.redis.batching's script_merged) saves Redis.
+``--compare FILE`` measures another version of the script against PMQ's instead, in turn
+in the same server, and reports the median of their ratio round by round.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +86,12 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--per-call", default="1,4,12,32", help="messages per call, in turn")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="another source of the script (same KEYS and ARGV): PMQ's and it in turn, at "
+        "the first --per-call",
+    )
     args = parser.parse_args()
     per_calls = [int(k) for k in args.per_call.split(",")]
     port = free_port()
@@ -90,26 +100,36 @@ def main() -> int:
         try:
             client = redis.Redis(port=port)
             sha = client.script_load(scripts.source("inbox_publish"))
+            # (name, script, messages per call), measured in turn, the order reversed
+            # every other round
+            variants = [(str(k), sha, k) for k in per_calls]
+            if args.compare:
+                other = client.script_load(args.compare.read_text())
+                variants = [("pmq", sha, per_calls[0]), (str(args.compare), other, per_calls[0])]
             keys = Keys("pmqbench:merge:")
             one_pass(client, sha, keys, args.messages, 1)  # warm: keys and allocator
-            figures: dict[int, list[float]] = {k: [] for k in per_calls}
+            figures: dict[str, list[float]] = {name: [] for name, _, _ in variants}
             for round_no in range(args.rounds):
-                for k in per_calls if round_no % 2 == 0 else reversed(per_calls):
-                    used = one_pass(client, sha, keys, args.messages, k)
-                    figures[k].append(round(1e6 * used / args.messages, 2))
-                    log(f"round {round_no + 1}: {k} per call, {figures[k][-1]} us/message")
+                for name, script, k in variants if round_no % 2 == 0 else variants[::-1]:
+                    used = one_pass(client, script, keys, args.messages, k)
+                    figures[name].append(round(1e6 * used / args.messages, 2))
+                    log(f"round {round_no + 1}: {name}, {figures[name][-1]} us/message")
             client.close()
         finally:
             server.kill()
             server.wait()
-    emit(
-        {
-            "bench": "script_merge",
-            "messages": args.messages,
-            "redis_cpu_us_per_message": {str(k): v for k, v in figures.items()},
-            "median": {str(k): sorted(v)[len(v) // 2] for k, v in figures.items()},
-        }
-    )
+    result: dict[str, Any] = {
+        "bench": "script_merge",
+        "messages": args.messages,
+        "redis_cpu_us_per_message": figures,
+        "median": {name: statistics.median(v) for name, v in figures.items()},
+    }
+    if args.compare:  # round by round: the machine's speed drifts less within a round
+        pmq, other = figures.values()
+        result["compare_over_pmq_median"] = round(
+            statistics.median(b / a for a, b in zip(pmq, other, strict=True)), 3
+        )
+    emit(result)
     return 0
 
 
