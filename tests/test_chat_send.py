@@ -14,6 +14,7 @@ from pmq.domain.ids import IdGenerator
 from pmq.domain.inbox import Inbox
 from pmq.domain.routing import Routes
 from pmq.errors import ActionError
+from pmq.redis import scripts
 from pmq.redis.keys import Keys
 from pmq.wire import storeops
 from tests.helpers import REDIS_URL
@@ -33,6 +34,9 @@ def test_a_send_is_one_chat_script_then_the_inbox_publish(redis_prefix: str) -> 
             await routes.register("900", "c900")
             await chat.agent_online("900")
             sid = (await chat.open("101"))["session_id"]
+            # Loaded now, so that the calls recorded below are the send's own and not a
+            # NOSCRIPT's retry (another test may have flushed Redis's scripts).
+            await client.script_load(scripts.source("chat_send"))
             client.scripts = []
             message_id = await chat.send("900", sid, {"text": "hi"})
             # The chat's part is one script (the inbox's goes through the batch's own
