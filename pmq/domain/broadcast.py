@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from pmq.domain.ids import IdGenerator, timestamp_ms
 from pmq.domain.journal import SHARED, StoreJournal
 from pmq.redis import scripts
+from pmq.redis.batching import Batcher
 from pmq.redis.durability import Confirm, run_script
 from pmq.redis.keys import BROADCAST_TAG, Keys, key_template
 from pmq.wire import relay, storeops
@@ -65,8 +66,10 @@ class Broadcasts:
         retention_seconds: int,
         confirm: Confirm | None = None,
         journal: StoreJournal | None = None,
+        batch: Batcher | None = None,
     ) -> None:
         self.redis = redis
+        self.batch = batch or Batcher(redis)  # acks: on the lean connection
         self.keys = keys
         self.ids = ids
         self.confirm = confirm  # redis.durability = "aof": publish waits for WAITAOF
@@ -149,12 +152,14 @@ class Broadcasts:
         ``ids`` that were broadcasts."""
         if not ids:
             return []
-        present = await self.redis.hmget(self.keys.broadcast_bodies(), [str(i) for i in ids])
+        present = await self.batch.call("HMGET", self.keys.broadcast_bodies(), *map(str, ids))
         known = [i for i, body in zip(ids, present, strict=True) if body is not None]
         if known:
-            await self._raise_mark(
-                keys=[self.keys.broadcast_mark(uid)],
-                args=[str(max(known)), self.retention_ms // 1000],
+            await self.batch.script(
+                self._raise_mark,
+                [self.keys.broadcast_mark(uid)],
+                [str(max(known)), self.retention_ms // 1000],
+                confirmed=False,
             )
         return known
 

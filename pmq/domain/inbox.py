@@ -280,7 +280,12 @@ class Inbox:
         args: list[Any] = [storeops.encode_ack(uid, ids), self.ttl]
         outbox = self.keys.hook_outbox(self.keys.bucket(uid))
         hook_keys, hook_args = self.events.queued_by(EventType.ACKED, outbox)  # in the same step
-        removed, cold = await self._ack(keys=keys + hook_keys, args=args + hook_args)
+        # The lean connection, as a publish: through redis-py an ack cost the socket worker
+        # 5 times the CPU (docs/benchmarks.md, "Tenth sitting"). Not waiting for a WAITAOF:
+        # an ack Redis lost comes again with the next replay.
+        removed, cold = await self.batch.script(
+            self._ack, keys + hook_keys, args + hook_args, confirmed=False
+        )
         return Acked({int(i) for i in removed}, int(cold))
 
     def look_on(

@@ -123,16 +123,20 @@ class Batcher:
             return self.redis.pipeline(transaction=False)
         return self.plain.pipeline()
 
-    async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    async def script(
+        self, script: AsyncScript, keys: list[Any], args: list[Any], confirmed: bool = True
+    ) -> Any:
         """Call a registered script (loaded again if Redis lost it); with a confirm, its
-        reply only once WAITAOF confirmed it, else NotDurable."""
+        reply only once WAITAOF confirmed it, else NotDurable. ``confirmed=False``: never
+        waits for a WAITAOF (a write the caller may lose, as an ack, which comes again)."""
+        confirm = self.confirm if confirmed else None
         if self.plain is None:  # the script object loads itself on the node owning the keys
-            return await durability.run_script(self.redis, script, keys, args, self.confirm)
+            return await durability.run_script(self.redis, script, keys, args, confirm)
         try:
-            return await self._evalsha(script, keys, args)
+            return await self._evalsha(script, keys, args, confirm)
         except NoScriptError:  # Redis restarted or was flushed: load it, send again
             await self.plain.call("SCRIPT", "LOAD", script.script)  # Redis-wide
-            return await self._evalsha(script, keys, args)
+            return await self._evalsha(script, keys, args, confirm)
 
     def script_merged(
         self,
@@ -182,12 +186,18 @@ class Batcher:
         else:
             merge.deliver(reply)
 
-    def _evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+    def _evalsha(
+        self,
+        script: AsyncScript,
+        keys: list[Any],
+        args: list[Any],
+        confirm: durability.Confirm | None,
+    ) -> Awaitable[Any]:
         # Not a coroutine itself: without a confirm, the hot path awaits pipe.call directly.
-        assert self.pipe is not None
-        if self.confirm is None:
-            return self.pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        return self._confirmed(self.pipe, self.confirm, script, keys, args)
+        assert self.pipe is not None and self.plain is not None
+        if confirm is None:  # the plain connection: never behind a WAITAOF
+            return self.plain.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self._confirmed(self.pipe, confirm, script, keys, args)
 
     @staticmethod
     async def _confirmed(

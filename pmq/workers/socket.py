@@ -143,7 +143,7 @@ class SocketWorker(Worker):
         )
         broadcasts = Broadcasts(
             redis, keys, ids, config.broadcast.dedupe_seconds, config.broadcast.replay_max,
-            retention, self.confirm, self.journal,
+            retention, self.confirm, self.journal, self.batch,
         )
         unread = Unread(redis, keys, retention)
         self.chat = Chat(
