@@ -39,14 +39,32 @@ async def nothing_stored(uid: str, since_ms: int) -> ReadRows:
     return ReadRows(int(uid), [], {})
 
 
+class RecordingBatcher(Batcher):
+    """A Batcher that adds the keys of each script it calls alone (an ack's) to the
+    recording client's: those go on its own connection, which the client does not see."""
+
+    def __init__(self, client: Recording) -> None:
+        super().__init__(client)
+        self.client = client
+
+    async def script(
+        self, script: Any, keys: list[Any], args: list[Any], confirmed: bool = True
+    ) -> Any:
+        self.client.record(("EVALSHA", script.sha, len(keys), *keys))
+        return await super().script(script, keys, args, confirmed)
+
+
 class Steps:
     """An inbox, read state and chat on one recording client, sending events as ``site``."""
 
     def __init__(self, client: Recording, keys: Keys, site: WebhooksConfig) -> None:
         self.client, self.keys = client, keys
+        client.scripts = []
         self.events = Events(Batcher(client), keys, site)
         self.routes = Routes(client, keys, "w1", 1.0, events=self.events)
-        self.inbox = Inbox(client, keys, IdGenerator(3), 86400, 3600, events=self.events)
+        self.inbox = Inbox(
+            client, keys, IdGenerator(3), 86400, 3600, RecordingBatcher(client), events=self.events
+        )
         self.reads = Reads(client, keys, 3600, nothing_stored)
         self.chat = Chat(client, keys, self.routes, self.inbox, CsConfig, 3600)
 
