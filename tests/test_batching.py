@@ -5,9 +5,11 @@ and reply as redis-py's pipeline would."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 import uvloop
 from redis.asyncio.client import Pipeline
@@ -198,62 +200,69 @@ def add_items(batcher: Batcher, script: Any, prefix: str, steps: list[int], scal
     return batcher.script_merged(script, head, keys, steps, len(steps), 2)
 
 
-def test_merged_calls_of_one_iteration_go_as_one_call(redis_prefix: str, writes: list[int]) -> None:
+def merged(
+    prefix: str,
+    writes: list[int],
+    calls: Callable[[Batcher, Any], Iterable[Awaitable[Any]]],
+    flush: bool = False,
+) -> list[Any]:
+    """The replies (or errors) of ``calls(batcher, script)`` made together on a Batcher
+    already connected and with ADD_ITEMS loaded (``flush``: then lost by Redis); ``writes``
+    counts only theirs."""
+
     async def scenario(client: Any) -> list[Any]:
         batcher = Batcher(client)
         script = client.register_script(ADD_ITEMS)
-        await batcher.script(script, [f"{redis_prefix}total"], [0])  # loaded, connected
+        await batcher.script(script, [f"{prefix}total"], [0])  # loaded, connected
+        if flush:
+            await client.script_flush()
         writes.clear()
         try:
-            return await asyncio.gather(
-                add_items(batcher, script, redis_prefix, [1]),
-                add_items(batcher, script, redis_prefix, [2, 3]),
-                add_items(batcher, script, redis_prefix, [4]),
-            )
+            return await asyncio.gather(*calls(batcher, script), return_exceptions=True)
         finally:
             batcher.close()
 
-    replies = run(scenario)
+    return cast(list[Any], run(scenario))
+
+
+def test_merged_calls_of_one_iteration_go_as_one_call(redis_prefix: str, writes: list[int]) -> None:
+    replies = merged(
+        redis_prefix,
+        writes,
+        lambda batcher, script: [
+            add_items(batcher, script, redis_prefix, [1]),
+            add_items(batcher, script, redis_prefix, [2, 3]),
+            add_items(batcher, script, redis_prefix, [4]),
+        ],
+    )
     assert writes == [1]  # one EVALSHA for the three callers
     # each caller gets the status and its own items, as Redis ran them one after another
     assert replies == [[1, 1, 1], [1, 2, 3, 3, 6], [1, 4, 10]]
 
 
 def test_calls_with_another_head_are_not_merged(redis_prefix: str, writes: list[int]) -> None:
-    async def scenario(client: Any) -> list[Any]:
-        batcher = Batcher(client)
-        script = client.register_script(ADD_ITEMS)
-        await batcher.script(script, [f"{redis_prefix}total"], [0])  # loaded, connected
-        writes.clear()
-        try:
-            return await asyncio.gather(
-                add_items(batcher, script, redis_prefix, [1]),
-                add_items(batcher, script, redis_prefix, [2], scale=10),
-                add_items(batcher, script, redis_prefix, [3]),
-            )
-        finally:
-            batcher.close()
-
-    replies = run(scenario)
+    replies = merged(
+        redis_prefix,
+        writes,
+        lambda batcher, script: [
+            add_items(batcher, script, redis_prefix, [1]),
+            add_items(batcher, script, redis_prefix, [2], scale=10),
+            add_items(batcher, script, redis_prefix, [3]),
+        ],
+    )
     # one write, two calls: scale 1 (the first and third callers), then scale 10
     assert writes == [2]
     assert replies == [[1, 1, 1], [1, 2, 24], [1, 3, 4]]
 
 
 def test_a_merged_call_is_loaded_again_after_redis_lost_the_script(redis_prefix: str) -> None:
-    async def scenario(client: Any) -> list[Any]:
-        batcher = Batcher(client)
-        script = client.register_script(ADD_ITEMS)
-        await batcher.script(script, [f"{redis_prefix}total"], [0])
-        await client.script_flush()
-        try:
-            return await asyncio.gather(
-                *(add_items(batcher, script, redis_prefix, [step]) for step in (1, 2))
-            )
-        finally:
-            batcher.close()
-
-    assert run(scenario) == [[1, 1, 1], [1, 2, 3]]
+    replies = merged(
+        redis_prefix,
+        [],
+        lambda batcher, script: [add_items(batcher, script, redis_prefix, [s]) for s in (1, 2)],
+        flush=True,
+    )
+    assert replies == [[1, 1, 1], [1, 2, 3]]
 
 
 def test_a_cancelled_caller_leaves_the_others_their_replies(redis_prefix: str) -> None:
@@ -281,20 +290,13 @@ def test_a_merged_call_holds_merge_max_items_at_most(
     redis_prefix: str, writes: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batching, "MERGE_MAX", 4)
-
-    async def scenario(client: Any) -> list[Any]:
-        batcher = Batcher(client)
-        script = client.register_script(ADD_ITEMS)
-        await batcher.script(script, [f"{redis_prefix}total"], [0])
-        writes.clear()
-        try:
-            return await asyncio.gather(
-                *(add_items(batcher, script, redis_prefix, [step]) for step in range(1, 11))
-            )
-        finally:
-            batcher.close()
-
-    replies = run(scenario)
+    replies = merged(
+        redis_prefix,
+        writes,
+        lambda batcher, script: [
+            add_items(batcher, script, redis_prefix, [step]) for step in range(1, 11)
+        ],
+    )
     assert writes == [3]  # 4 + 4 + 2 items
     total = 0
     for step, reply in zip(range(1, 11), replies, strict=True):
@@ -303,18 +305,12 @@ def test_a_merged_call_holds_merge_max_items_at_most(
 
 
 def test_an_error_fails_every_caller_of_the_merged_call(redis_prefix: str) -> None:
-    async def scenario(client: Any) -> list[Any]:
-        await client.set(f"{redis_prefix}item2", "not a number")
-        batcher = Batcher(client)
-        script = client.register_script(ADD_ITEMS)
-        await batcher.script(script, [f"{redis_prefix}total"], [0])
-        try:
-            return await asyncio.gather(
-                *(add_items(batcher, script, redis_prefix, [step]) for step in (1, 2)),
-                return_exceptions=True,
-            )
-        finally:
-            batcher.close()
-
-    for reply in run(scenario):
+    with redis.Redis.from_url(REDIS_URL) as client:
+        client.set(f"{redis_prefix}item2", "not a number")
+    replies = merged(
+        redis_prefix,
+        [],
+        lambda batcher, script: [add_items(batcher, script, redis_prefix, [s]) for s in (1, 2)],
+    )
+    for reply in replies:
         assert isinstance(reply, ResponseError)
