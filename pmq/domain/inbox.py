@@ -281,7 +281,7 @@ class Inbox:
         outbox = self.keys.hook_outbox(self.keys.bucket(uid))
         hook_keys, hook_args = self.events.queued_by(EventType.ACKED, outbox)  # in the same step
         # The lean connection, as a publish: through redis-py an ack cost the socket worker
-        # 5 times the CPU (docs/benchmarks.md, "Tenth sitting"). Not waiting for a WAITAOF:
+        # six times the CPU (docs/benchmarks.md, "Tenth sitting"). Not waiting for a WAITAOF:
         # an ack Redis lost comes again with the next replay.
         removed, cold = await self.batch.script(
             self._ack, keys + hook_keys, args + hook_args, confirmed=False

@@ -12,7 +12,7 @@ replies in one list.
 Calls of one script that differ only in their items (:meth:`Batcher.script_merged`: a
 publish without an idempotency key, whatever its recipients) are merged: those of one
 iteration go as one call, whose reply is cut back into each caller's part. Redis spends
-about a quarter less per message on twelve messages in one call than on twelve calls
+about a sixth less per message on twelve messages in one call than on twelve calls
 (docs/benchmarks.md, "Tenth sitting").
 
 On a Redis Cluster (or TLS) it sends each command alone through redis-py: a cluster
