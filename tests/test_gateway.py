@@ -579,6 +579,21 @@ def test_kick_closes_every_connection_4001_on_both_workers(make_node, redis_clie
         assert connections_of(node, "701") == 1
 
 
+def test_a_kicked_user_reads_offline_when_the_kick_answers(make_node):
+    """The registry drops a kicked connection at once, not when its closing handshake ends:
+    this client never answers the close, which keeps its TCP connection CLOSE_SECONDS."""
+    node = make_node().start()
+    ws = RawWebSocket(node, 704)
+    try:
+        wait_for(lambda: connections_of(node, "704") == 1, 5, "the connection to register")
+        status, answer = api(node, "POST", "/api/v1/users/704/kick", {"reason": "logout"})
+        assert status == 200 and answer["data"] == {"closed": 1}
+        assert connections_of(node, "704") == 0
+        assert ws.close_code(timeout=10) == 4001
+    finally:
+        ws.close()
+
+
 def test_a_kick_reason_too_long_for_a_close_frame_is_cut_and_the_connection_closed(make_node):
     node = make_node().start()
     with contextlib.ExitStack() as stack:

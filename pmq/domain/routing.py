@@ -303,8 +303,13 @@ class Routes:
         return await self.send([(op, uid, await self.connections(uid), frame)])
 
     async def kick(self, uid: str, reason: str) -> int:
-        """Close every connection of ``uid`` on every node (close code 4001)."""
-        return await self.send([(Op.KICK, uid, await self.connections(uid), reason.encode())])
+        """Close every connection of ``uid`` on every node (close code 4001). Their entries
+        leave the registry at once, as evict()'s do: when the kick answers, the user reads
+        offline, though a closing handshake may still be under way."""
+        conns = await self.connections(uid)
+        if conns:
+            await self.redis.hdel(self.keys.user_conns(uid), *conns)
+        return await self.send([(Op.KICK, uid, conns, reason.encode())])
 
     async def notify_unread(self, uid: str) -> None:
         """Tell every worker holding ``uid`` that the counters changed."""
