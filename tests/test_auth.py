@@ -204,13 +204,20 @@ KICK_MS = 1_700_000_000_500  # a kick half-way through a second
         (None, True),  # no iat: may be anything
         (1_699_999_999, True),
         (1_700_000_000, True),  # the kick's own second: maybe before it
-        (1_700_000_000.9, True),
+        (1_700_000_000.4, True),  # a fraction before the kick
+        (1_700_000_000.9, False),  # a fraction after it: issued after the kick
         (1_700_000_001, False),  # a later second: after it
     ],
 )
 def test_issued_before_a_kick(iat: float | None, before: bool) -> None:
     assert issued_before(iat, KICK_MS) is before
-    assert issued_before(iat, 1_700_000_000_000) is before  # a kick on the second itself
+
+
+def test_a_whole_second_iat_in_a_kick_on_that_second_is_refused() -> None:
+    # Kicked at 1_700_000_000.000x: the kick keeps only the millisecond, so a token minted
+    # in it may be older than the kick.
+    assert issued_before(1_700_000_000, 1_700_000_000_000)
+    assert not issued_before(1_700_000_000.001, 1_700_000_000_000)
 
 
 def with_kicks(scenario: Callable[[Redis, Keys], Awaitable[T]]) -> T:

@@ -168,6 +168,20 @@ def test_kick_revokes_older_tokens_on_every_worker_of_every_node(
     assert handshake(other, new) == 101
 
 
+def test_a_token_with_a_fractional_iat_after_the_kick_connects(
+    make_node: Callable[..., Node],
+) -> None:
+    """A NumericDate may carry a fraction: a token whose iat lies after the kick's
+    millisecond was issued after it, even within the kick's own second."""
+    node = make_node().start()
+    uid = "4244"
+    before = signed({"sub": uid, "iat": time.time()})
+    assert kick(node, uid) == 0
+    after = signed({"sub": uid, "iat": time.time()})  # the kick answered: it is behind us
+    assert handshake(node, before) == 401
+    assert handshake(node, after) == 101
+
+
 # The user centre (auth.mode = "http") ------------------------------------------------------
 
 
