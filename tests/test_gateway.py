@@ -598,7 +598,9 @@ def test_a_kick_reason_too_long_for_a_close_frame_is_cut_and_the_connection_clos
     node = make_node().start()
     with contextlib.ExitStack() as stack:
         ws, _ = open_client(stack, node, "702")
-        reason = "é" * 100  # 100 characters, 200 bytes of UTF-8: a close frame holds 123
+        status, answer = api(node, "POST", "/api/v1/users/702/kick", {"reason": 5})
+        assert status == 400 and answer["msg"] == "reason: must be a string"
+        reason = "é" * 300  # 600 bytes of UTF-8: a close frame holds 123
         status, answer = api(node, "POST", "/api/v1/users/702/kick", {"reason": reason})
         assert status == 200 and answer["data"] == {"closed": 1}
         with pytest.raises(ConnectionClosed) as closed:

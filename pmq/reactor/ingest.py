@@ -20,6 +20,7 @@ from pmq.errors import StorageError
 from pmq.reactor import openapi
 from pmq.reactor.bulkpresence import add_presence_route
 from pmq.reactor.centre import add_centre_routes
+from pmq.reactor.connections import close_reason
 from pmq.reactor.http import HttpError, HttpRequest, HttpResponse, Router, json_response
 from pmq.reactor.ingestbase import IngestApp, add_api_routes, check_uid, json_object, redis_call
 from pmq.wire.client import Kind, is_kind
@@ -138,8 +139,9 @@ class IngestRoutes:
         if request.body:
             body = json_object(request)
             reason = body.get("reason") or ""
-            if not isinstance(reason, str) or len(reason) > 120:
-                raise HttpError(400, "reason: must be a string of at most 120 characters")
+            if not isinstance(reason, str):
+                raise HttpError(400, "reason: must be a string")
+            reason = close_reason(reason)  # what the close frame holds, cut here once
         # Revoke first: a client closed below that reconnects at once with the same token
         # is then refused on every node.
         await redis_call(self.app.authenticator.revoke(uid))
