@@ -384,6 +384,22 @@ def test_the_token_callback_is_called_again_before_a_reconnect(make_node):
         proxy.close()
 
 
+def test_a_plain_function_may_give_the_token(make_node):
+    node = make_node().start()
+    calls: list[str] = []
+
+    def token() -> str:
+        calls.append(node.token(7))
+        return calls[-1]
+
+    async def scenario() -> None:
+        async with started(Client(node.ws_url, token)) as client:
+            assert isinstance((await client.ping())["ts"], int)
+            assert len(calls) == 1
+
+    asyncio.run(scenario())
+
+
 # Requests --------------------------------------------------------------------------------
 
 
@@ -421,6 +437,33 @@ def test_unread_counters_follow_the_server(make_node):
             assert (await client.unread_get())["total"] == 0 == client.unread["total"]
 
     asyncio.run(scenario())
+
+
+def test_the_counters_are_read_after_every_hello(make_node):
+    """A connect brings no unread frame and a replay no badge: counters that moved while
+    the client was away are read after each hello."""
+    node = make_node().start()
+    proxy = TcpProxy("127.0.0.1", node.port)
+
+    async def scenario() -> None:
+        await publish_async(node, 7, 1)
+        await publish_async(node, 7, 2)
+        client = Client(f"ws://127.0.0.1:{proxy.port}/ws", node.token(7), backoff=QUICK)
+        async with started(client):
+            reader = Reader(client)
+            await reader.until(2)
+            await wait_for_async(lambda: client.unread.get("notice") == 2, 10, "the counters")
+            proxy.cut()
+            await wait_for_async(lambda: not client.connected, 10, "the client to see the cut")
+            await publish_async(node, 7, 3)  # while away: no badge reaches the client
+            proxy.restore()
+            await reader.until(3)
+            await wait_for_async(lambda: client.unread.get("notice") == 3, 10, "the new counters")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
 
 
 def test_a_request_times_out_or_fails_when_the_connection_is_lost():

@@ -1,16 +1,18 @@
 """One user's connection to PMQ, kept open, and everything it carries (docs/client-python.md).
 
-:class:`Client` connects with a token (or a coroutine function returning one, called
-before every connect), waits for the hello, and from then on:
+:class:`Client` connects with a token (or a function returning one, or a coroutine
+function, called before every connect), waits for the hello, and from then on:
 
 - hands every message to the application once (:meth:`Client.messages`), however often
   reconnects replay it, remembering the last ``dedupe_size`` ids;
 - acks what the application received in batches: one ``msg.ack`` per ``ack_delay`` seconds
   or per ``ack_batch`` ids, whichever comes first, sent again after a reconnect when its
   reply never came;
-- keeps the unread counters (:attr:`Client.unread`) and tells listeners (:meth:`Client.on`)
-  of them and of every other event frame (``revoke``, ``update``, ``cs.assigned``,
-  ``cs.closed``), of ``connected``, ``disconnected`` and ``stopped``;
+- keeps the unread counters (:attr:`Client.unread`; read after every hello, as they may
+  have moved while the client was away, then kept by each ``unread`` frame) and tells
+  listeners (:meth:`Client.on`) of them and of every other event frame (``revoke``,
+  ``update``, ``cs.assigned``, ``cs.closed``), of ``connected``, ``disconnected`` and
+  ``stopped``;
 - reconnects after any loss with capped exponential back-off and full jitter
   (:class:`~pmq.backoff.Backoff`), until a close or a handshake answer after which
   trying again would not help stops it (a kick, 4001; a newer device over the user's
@@ -37,7 +39,7 @@ from pmq.client.errors import ClientError, ConnectionLost, RequestError, Request
 from pmq.client.seen import Seen
 from pmq.wire.client import CloseCode, Code, FrameType
 
-Token = str | Callable[[], Awaitable[str]]
+Token = str | Callable[[], str | Awaitable[str]]
 Listener = Callable[[Any], Any]
 Data = dict[str, Any]
 Ids = list[str]  # a name of its own: Client.list hides the builtin in the class body
@@ -319,7 +321,9 @@ class Client:
 
     async def _open(self) -> ClientConnection:
         """A new connection that has said hello (closed again if it fails on the way)."""
-        token = self.token if isinstance(self.token, str) else await self.token()
+        token = self.token if isinstance(self.token, str) else self.token()
+        if inspect.isawaitable(token):
+            token = await token
         async with asyncio.timeout(self.connect_timeout):
             ws = await connect(
                 self.url,
@@ -343,6 +347,13 @@ class Client:
         self.hello = hello
         self._ready.set_result(ws)
         self._emit("connected", hello)
+        self._spawn(self._read_unread())
+
+    async def _read_unread(self) -> None:
+        """The counters after a hello: they may have moved while the client was away, and a
+        connect brings no ``unread`` frame. A failure leaves them to the next frame."""
+        with contextlib.suppress(ClientError):
+            await self.unread_get()
 
     def _down(self, gone: ConnectionLost) -> None:
         """The connection is gone: requests waiting for a reply fail, later ones wait for
