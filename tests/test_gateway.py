@@ -329,6 +329,14 @@ def test_bad_frames_get_replies_and_the_connection_stays(make_node):
         ws.send(json.dumps({"id": "u1", "action": "no.such_action", "data": {}}))
         reply = next_frame(ws, "reply")
         assert reply["code"] == 404 and reply["id"] == "u1" and "no.such_action" in reply["msg"]
+        for name in ("Ping", "action1", "foo-bar", "x" * 200):  # any unknown name: 404
+            ws.send(json.dumps({"id": "u2", "action": name, "data": {}}))
+            reply = next_frame(ws, "reply")
+            assert reply["code"] == 404 and reply["msg"] == f"unknown action {name[:64]!r}"
+        for action in (None, "", 7):
+            ws.send(json.dumps({"id": "u3", "action": action, "data": {}}))
+            reply = next_frame(ws, "reply")
+            assert reply["code"] == 400 and reply["msg"] == "action: missing or not a string"
         assert ping(ws, "after-unknown")["code"] == 200
 
 

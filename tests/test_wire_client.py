@@ -83,20 +83,19 @@ def test_non_object_is_400(frame: str) -> None:
         '{"id":"c3"}',
         '{"id":"c3","action":""}',
         '{"id":"c3","action":5}',
-        '{"id":"c3","action":"Ping"}',
-        '{"id":"c3","action":"1ping"}',
-        '{"id":"c3","action":"msg-ack"}',
-        '{"id":"c3","action":"' + "a" * 65 + '"}',
+        '{"id":"c3","action":null}',
     ],
 )
 def test_missing_or_invalid_action_is_400_with_id(frame: str) -> None:
     error = bad_request(frame)
     assert error.request_id == "c3"
-    assert "action" in error.msg
+    assert error.msg == "action: missing or not a string"
 
 
-def test_action_at_max_length_is_accepted() -> None:
-    assert parse_request('{"action":"' + "a" * 64 + '"}').action == "a" * 64
+@pytest.mark.parametrize("name", ["Ping", "1ping", "msg-ack", "a" * 65])
+def test_any_other_name_is_an_action_the_gateway_may_not_know(name: str) -> None:
+    # SPEC 3: an unknown action is a 404, whatever its name (pmq.reactor.gateway).
+    assert parse_request('{"action":"' + name + '"}').action == name
 
 
 def test_invalid_action_carries_int_id_as_string() -> None:
@@ -312,7 +311,7 @@ def test_is_uid_rejects(value: object) -> None:
     assert not is_uid(value)
 
 
-ACTIONS = st.from_regex(protocol.ACTION_PATTERN, fullmatch=True)
+ACTIONS = st.text(min_size=1, max_size=70)
 REQUEST_IDS = st.none() | st.text(max_size=protocol.MAX_REQUEST_ID)
 
 

@@ -40,6 +40,7 @@ UNAVAILABLE = Throttled(log)
 
 WS_PATH = "/ws"
 RATE_LIMITED = "rate limit: slow down"
+MAX_ACTION_SHOWN = 64  # characters of an unknown action's name its 404 repeats
 # Connections waiting to be accepted, per socket worker (the kernel caps it at somaxconn).
 # When a node restarts, its clients all come back at once; a full queue drops their SYNs
 # and each client's TCP tries again only after 1 s, then 3 s, 7 s... (asyncio's own default
@@ -225,7 +226,8 @@ class Gateway:
     async def call(self, client: Client, request: wire.Request) -> bytes:
         handler = self.handlers().get(request.action)
         if handler is None:
-            return encode_reply(request.id, Code.NOT_FOUND, f"unknown action {request.action!r}")
+            name = request.action[:MAX_ACTION_SHOWN]  # any string: the reply names it briefly
+            return encode_reply(request.id, Code.NOT_FOUND, f"unknown action {name!r}")
         try:
             data: dict[str, Any] = await handler(
                 self.app, Caller(client.identity, client.conn_id), request.data
