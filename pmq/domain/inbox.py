@@ -276,6 +276,7 @@ class Inbox:
         keys = [
             self.keys.inbox(uid), self.keys.inbox_bodies(uid), queue, self.keys.cold(uid), mark,
             self.keys.owners(self.keys.bucket(uid)), self.keys.acked_unstored(uid),
+            self.keys.acks_queued(uid),
         ]
         args: list[Any] = [storeops.encode_ack(uid, ids), self.ttl]
         outbox = self.keys.hook_outbox(self.keys.bucket(uid))
@@ -348,7 +349,7 @@ class Inbox:
                 mark = cast(bytes | None, await self.redis.get(self.keys.cold(uid)))
         found: list[dict[str, Any]] = []
         if cold is not None and (mark is not None or not look.complete):
-            found = await self.amended(uid, await cold(uid, after, limit))
+            found = await self.amended(uid, await self._stored_unacked(uid, cold, after, limit))
             if not found and not after and mark is not None:  # storage holds none: drop
                 # the flag, unless a sweep set it again since (its mark is new every sweep)
                 await delete_if(self.redis, self.keys.cold(uid), mark)
@@ -360,6 +361,23 @@ class Inbox:
         found.sort(key=lambda m: int(m["id"]))
         return found[:limit]
 
+
+    async def _stored_unacked(
+        self, uid: str, cold: ColdReader, after: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """The first ``limit`` messages storage holds unacked above ``after``, without those
+        whose ack still waits in the storage queue (Keys.acks_queued): read on past them."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = await cold(uid, after, limit)
+            if not page:
+                return found
+            ids = [str(m["id"]) for m in page]
+            queued = await self.redis.smismember(self.keys.acks_queued(uid), ids)
+            found += [m for m, acked in zip(page, queued, strict=True) if not acked]
+            if len(page) < limit or len(found) >= limit:
+                return found[:limit]
+            after = int(ids[-1])
 
     async def amended(self, uid: str, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``stored`` (messages storage holds for ``uid``) as the user sees them now: without

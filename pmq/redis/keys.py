@@ -164,6 +164,12 @@ class Keys:
         the writer removes each once its row is there."""
         return f"{self._user(uid)}:acked"
 
+    def acks_queued(self, uid: str) -> str:
+        """SET of the user's message ids acked while storage held them (not in Redis): their
+        ack waits in the storage queue, and msg.pull and replays leave them out meanwhile;
+        the writer removes each once storage has it."""
+        return f"{self._user(uid)}:acking"
+
     def reads(self, uid: str) -> str:
         """HASH of the user's read marks: kind -> the id up to which every item of that kind
         is read ("*": every kind), and ``loaded`` once taken from storage (pmq.domain.reads)."""

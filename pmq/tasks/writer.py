@@ -342,10 +342,15 @@ class StorageWriter:
         self._deferred.append(_DeferredAck(uid, missing, attempt + 1, due))
 
     async def _stored_acked(self, uid: int, ids: list[int]) -> None:
-        """Storage holds ``ids`` of ``uid``: the copies inbox_ack kept of those acked before
-        they were stored (pmq.redis.keys.Keys.acked_unstored) are no longer needed."""
+        """Storage holds ``ids`` of ``uid`` acked: the copies inbox_ack kept of those acked
+        before they were stored (pmq.redis.keys.Keys.acked_unstored), and its note of those
+        whose ack waited in the queue (Keys.acks_queued), are no longer needed."""
         if ids:
-            await self.redis.hdel(self.keys.acked_unstored(str(uid)), *map(str, ids))
+            members = [str(i) for i in ids]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hdel(self.keys.acked_unstored(str(uid)), *members)
+            pipe.srem(self.keys.acks_queued(str(uid)), *members)
+            await pipe.execute()
 
     async def _retry_deferred(self) -> None:
         """Retry the deferred acks that are due. Each leaves the list only once retried (a

@@ -1,12 +1,15 @@
 -- KEYS: inbox, bodies, queue, cold flag, the bucket's mark, the bucket's owners, the user's
--- acked-unstored hash; ARGV[1]: the storage op acking every id asked
+-- acked-unstored hash, the user's set of acks queued for storage; ARGV[1]: the storage op
+-- acking every id asked
 -- (pmq.wire.storeops.encode_ack), ARGV[2]: the acked-unstored hash's ttl. Removes what is
 -- hot and queues the storage ack of those (their rows may not be written yet): the same op,
 -- keeping those ids; one storage does not hold yet (it has an owners entry) keeps its body
 -- in the acked-unstored hash until the writer stores it (the notification centre lists it). The
 -- others are queued too when storage may hold unacked messages of the user (flagged cold, or
 -- the bucket not known complete): the writer acks them there, so a socket worker never writes
--- storage for an ack. With message.acked on (pmq.domain.events), KEYS[8] is the bucket's
+-- storage for an ack. While reads of the user may go to storage, every id queued waits in
+-- the set of acks queued until the writer has acked it there: msg.pull and replays leave
+-- those out. With message.acked on (pmq.domain.events), KEYS[9] is the bucket's
 -- outbox and ARGV[3], ARGV[4] the event's id and time: the event lists the hot ids, or every
 -- id asked once when the others were queued too. Returns {the hot ids, how many others were
 -- queued}.
@@ -28,12 +31,18 @@ end
 redis.call('HDEL', KEYS[2], unpack(op.ids))
 local queued = {unpack(removed)}
 local cold = 0
-if #others > 0 and (redis.call('EXISTS', KEYS[4]) == 1
-        or redis.call('HEXISTS', KEYS[5], 'epoch') == 0) then
+-- Whether reads of this user's inbox may go to storage (pmq.domain.inbox's pending()).
+local storage_read = redis.call('EXISTS', KEYS[4]) == 1
+        or redis.call('HEXISTS', KEYS[5], 'epoch') == 0
+if #others > 0 and storage_read then
     for _, id in ipairs(others) do queued[#queued + 1] = id end
     cold = #others
 end
-if KEYS[8] then
+if #queued > 0 and storage_read then  -- their rows are unacked until the writer acks them
+    redis.call('SADD', KEYS[8], unpack(queued))
+    redis.call('EXPIRE', KEYS[8], tonumber(ARGV[2]))
+end
+if KEYS[9] then
     local ids, seen = removed, {}
     if cold > 0 then
         ids = {}
@@ -42,7 +51,7 @@ if KEYS[8] then
         end
     end
     if #ids > 0 then
-        queue_event(KEYS[8], ARGV[3], 'message.acked', ARGV[4], {uid = op.uid, ids = ids})
+        queue_event(KEYS[9], ARGV[3], 'message.acked', ARGV[4], {uid = op.uid, ids = ids})
     end
 end
 if #queued > 0 then
