@@ -115,6 +115,7 @@ async def start_gateway() -> tuple[Gateway, ConnectionTable, int, list[Client]]:
         handlers,
         on_open,
         on_close,  # type: ignore[arg-type]
+        on_close,  # on_leaving: nothing to do before a close completes
     )
     await gateway.start("127.0.0.1", 0)
     assert gateway.server is not None

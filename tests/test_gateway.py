@@ -602,6 +602,17 @@ def test_a_kicked_user_reads_offline_when_the_kick_answers(make_node):
         ws.close()
 
 
+def test_a_client_that_closed_reads_offline_when_its_close_completes(make_node):
+    """A client's close ends (the server ends the TCP connection) only once its registry
+    entry is gone: a site asking right after sees the user offline, every time. Before,
+    the entry left in a batch a moment later and about a third of these asks counted it."""
+    node = make_node().start()
+    for uid, role in [("705", "user")] * 20 + [("706", "agent")] * 5:
+        with connect(f"{node.ws_url}?token={node.token(uid, role=role)}", open_timeout=5) as ws:
+            assert next_frame(ws, "hello")["uid"] == uid
+        assert connections_of(node, uid) == 0
+
+
 def test_a_kick_reason_too_long_for_a_close_frame_is_cut_and_the_connection_closed(make_node):
     node = make_node().start()
     with contextlib.ExitStack() as stack:

@@ -104,6 +104,7 @@ class Routes:
         self._refresh = scripts.register(redis, "routing_refresh")
         self.departures: list[tuple[str, str]] = []  # (uid, conn id) closed, not yet removed
         self.departed = asyncio.Event()
+        self.emptied: asyncio.Future[None] | None = None  # done once those are all removed
         self.batch = batch or Batcher(redis)  # relays, sent with the worker's publishes
 
     def subscribe(self, here: Here) -> None:
@@ -160,14 +161,18 @@ class Routes:
             pipe.hdel(self.keys.user_conns(uid), conn_id)
         pipe.hdel(self.keys.worker_conns(self.worker_id), *(conn for _, conn in departed))
 
-    def leave(self, uid: str, conn_id: str) -> None:
+    def leave(self, uid: str, conn_id: str) -> asyncio.Future[None]:
         """Queue a closed connection's removal; remove_departed() writes them in batches, so
         a mass disconnect costs a few round trips, not one per connection competing for
-        the pool (which ran dry at 12,500 closes at once)."""
+        the pool (which ran dry at 12,500 closes at once). The future is done once the
+        queue has been written out with this one in it (never while Redis is away)."""
         if len(self.departures) >= MAX_DEPARTURES:
             del self.departures[0]
         self.departures.append((uid, conn_id))
         self.departed.set()
+        if self.emptied is None:
+            self.emptied = asyncio.get_running_loop().create_future()
+        return self.emptied
 
     async def remove_departed(self) -> None:
         """Run for the worker's life: remove queued departures, DEPARTURE_BATCH a round
@@ -185,6 +190,9 @@ class Routes:
                 except BaseException:
                     self.departures[:0] = batch
                     raise
+            if self.emptied is not None:
+                self.emptied.set_result(None)
+                self.emptied = None
             await self.departed.wait()
             self.departed.clear()
 

@@ -8,6 +8,7 @@ module named after it: pmq.reactor.registration, pmq.reactor.replay, pmq.reactor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from pmq.reactor.connections import Client
@@ -48,10 +49,27 @@ class Connects:
         await self.replay.run(client, registered.look, registered.broadcast_ids)
         await self.presence.opened(client)
 
+    async def leaving(self, client: Client) -> None:
+        """The client closed: its entry leaves the registry before the close completes, so
+        that a site asking right after it sees the connection gone."""
+        await self._leave(client)
+
     async def closed(self, client: Client) -> None:
         self.replay.stop(client)
+        left = self._leave(client)
+        if is_agent(client):
+            await left
+        # Another's entry leaves with the next batch of departures, unless leaving() saw
+        # it go: not waited for here, so a Redis away holds no close.
+
+    def _leave(self, client: Client) -> asyncio.Future[None]:
+        """The entry of ``client`` leaves the registry, once however often asked."""
         if is_agent(client):  # its online check reads the registry: its entry leaves now
-            await self.registration.unregister(client)
-            await self.presence.closed(client)
-        else:
-            self.registration.leave(client)
+            if client.left is None:
+                client.left = asyncio.ensure_future(self._agent_left(client))
+            return client.left
+        return self.registration.leave(client)
+
+    async def _agent_left(self, client: Client) -> None:
+        await self.registration.unregister(client)
+        await self.presence.closed(client)

@@ -15,6 +15,7 @@ within LIVE_LAG_SECONDS before the release are kept that long, and their pushes 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
@@ -91,8 +92,8 @@ class Client:
     """One WebSocket connection of an authenticated user."""
 
     __slots__ = (
-        "checked_ms", "conn_id", "held", "identity", "max_pending", "opened", "rate", "replayed",
-        "replayed_until", "sent", "tokens", "updated", "ws",
+        "checked_ms", "conn_id", "held", "identity", "left", "max_pending", "opened", "rate",
+        "replayed", "replayed_until", "sent", "tokens", "updated", "ws",
     )
 
     def __init__(
@@ -117,6 +118,8 @@ class Client:
         self.held: list[tuple[bytes, int]] | None = None
         self.replayed: set[int] | None = None  # ids replayed whose live copy may still come
         self.replayed_until = 0.0  # time.monotonic() when those are forgotten
+        # Once closed: done when its registry entry has left (pmq.reactor.connect).
+        self.left: asyncio.Future[None] | None = None
         # The first id made after the connection opened: older messages are its replay's,
         # newer ones come live.
         self.opened = first_id_at(int(time.time() * 1000))

@@ -132,6 +132,7 @@ class Gateway:
         handlers: Callable[[], dict[str, Handler]],
         on_open: OnOpen,
         on_close: OnClose,
+        on_leaving: OnClose,
     ) -> None:
         self.app = app
         self.table = table
@@ -139,6 +140,7 @@ class Gateway:
         self.handlers = handlers
         self.on_open = on_open
         self.on_close = on_close
+        self.on_leaving = on_leaving
         self.server: asyncio.Server | None = None
         self.static = load_static()
         # Checked before the token: a foreign page would get its tokens checked (a
@@ -174,7 +176,9 @@ class Gateway:
         except AuthError as exc:
             return plain_response(exc.status, exc.reason)
         opened = functools.partial(self.opened, identity, checked_ms)
-        return Connection(self.app.config.server.max_frame, opened, self.on_message, self.closed)
+        return Connection(
+            self.app.config.server.max_frame, opened, self.on_message, self.closed, self.leaving
+        )
 
     async def opened(self, identity: Identity, checked_ms: int, connection: Connection) -> None:
         """The 101 is out: the connection becomes a Client. (Made only now: picows may still
@@ -197,6 +201,12 @@ class Gateway:
             await self.on_frame(client, frame)
         except Exception:
             log.exception("request failed conn=%s uid=%s", client.conn_id, client.uid)
+
+    async def leaving(self, connection: Connection) -> None:
+        """The client closed: what must be done before its close completes."""
+        client: Client | None = connection.client
+        if client is not None:
+            await self.on_leaving(client)
 
     async def closed(self, connection: Connection) -> None:
         client: Client = connection.client

@@ -10,6 +10,7 @@ since the handshake checked (pmq.domain.kicks.Kicks.kicked_since_on).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 
@@ -76,9 +77,12 @@ class Registration:
         await self.routes.events.online(uid)  # user.online for the site, when it takes it
         return Registered(look, broadcast_ids)
 
-    def leave(self, client: Client) -> None:
-        """``client`` closed: its entry leaves in the next batch of departures."""
-        self.routes.leave(client.uid, client.conn_id)
+    def leave(self, client: Client) -> asyncio.Future[None]:
+        """``client`` closed: its entry leaves in the next batch of departures, once however
+        often asked; the future is done when it has left."""
+        if client.left is None:
+            client.left = self.routes.leave(client.uid, client.conn_id)
+        return client.left
 
     async def unregister(self, client: Client) -> None:
         """``client`` closed: its entry leaves now (for readers that must not see it)."""

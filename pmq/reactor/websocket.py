@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (a browser's cookies fit)
 HEAD_SECONDS = 10.0  # the client must send its whole request head within this
 CLOSE_SECONDS = 2.0  # after our close frame, how long the peer has to answer it
+LEAVE_SECONDS = 1.0  # the longest the end of a peer-closed connection waits for on_leaving
 MAX_QUEUED = 4  # messages waiting for the gateway before the socket stops being read
 READ_BUFFER = 2048  # picows's first read buffer per connection (it grows for big frames)
 
@@ -72,6 +73,9 @@ class Connection(WSListener):
 
     ``on_open(conn)`` runs once the 101 is out, ``on_message(conn, data)`` for each message
     in order (after on_open returned), ``on_close(conn)`` once the TCP connection is gone.
+    When the peer closes, ``on_leaving(conn)`` runs (after on_open and the message being
+    handled) before the TCP connection ends, so that what the peer sees done is done: its
+    close completes only then (or after LEAVE_SECONDS).
     ``heard`` and ``pinged`` (loop time) are the heartbeat's (pmq.reactor.heartbeat)."""
 
     __slots__ = (
@@ -81,6 +85,7 @@ class Connection(WSListener):
         "loop",
         "max_message",
         "on_close",
+        "on_leaving",
         "on_message",
         "on_open",
         "parts",
@@ -99,12 +104,14 @@ class Connection(WSListener):
         on_open: Callable[[Connection], Awaitable[None]],
         on_message: Callable[[Connection, bytes], Awaitable[None]],
         on_close: Callable[[Connection], Awaitable[None]],
+        on_leaving: Callable[[Connection], Awaitable[None]],
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.max_message = max_message
         self.on_open = on_open
         self.on_message = on_message
         self.on_close = on_close
+        self.on_leaving = on_leaving
         self.client: Any = None  # the gateway's, for on_close
         self.transport: WSTransport | None = None
         self.raw: asyncio.Transport | None = None
@@ -212,16 +219,30 @@ class Connection(WSListener):
     # closing -----------------------------------------------------------------------------
     def _closed_by_peer(self, frame: WSFrame) -> None:
         """The peer's close frame: answer it with its code (as websockets does), unless ours
-        went first, and end the TCP connection."""
+        went first, and end the TCP connection, once on_leaving is done when the peer
+        closed first (a client waits for the end of the TCP connection)."""
         assert self.transport is not None
-        if not self.closing:
-            self.closing = True
-            code = frame.get_close_code()
-            if code == WSCloseCode.NO_INFO:  # a close frame without a code
-                self.transport.send_close(WSCloseCode.OK)
-            else:
-                self.transport.send_close(code)
-        self.transport.disconnect()
+        if self.closing:  # the peer answered ours
+            self.transport.disconnect()
+            return
+        self.closing = True
+        code = frame.get_close_code()
+        if code == WSCloseCode.NO_INFO:  # a close frame without a code
+            self.transport.send_close(WSCloseCode.OK)
+        else:
+            self.transport.send_close(code)
+        self.loop.create_task(self._end_after_leaving(self.transport))
+
+    async def _end_after_leaving(self, transport: WSTransport) -> None:
+        try:
+            async with asyncio.timeout(LEAVE_SECONDS):
+                if self.reader is not None:  # on_open, or a message, first
+                    await asyncio.shield(self.reader)
+                await self.on_leaving(self)
+        except Exception:  # on_close comes all the same, and does what this could not
+            pass
+        finally:
+            transport.disconnect()
 
     @property
     def open(self) -> bool:

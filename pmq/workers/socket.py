@@ -190,7 +190,7 @@ class SocketWorker(Worker):
         self.handlers = load_handlers()
         self.gateway = Gateway(
             services, self.table, services.authenticator, lambda: self.handlers,
-            connects.opened, connects.closed,
+            connects.opened, connects.closed, connects.leaving,
         )
 
     async def subscribe(self) -> None:
