@@ -3,6 +3,7 @@ and control")."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -22,7 +24,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import pmq
-from tests.helpers import MysqlDatabase, Node, wait_for
+from pmq.workers import base
+from tests.helpers import MysqlDatabase, Node, wait_for, wait_for_async
 
 pytestmark = pytest.mark.e2e
 
@@ -232,8 +235,7 @@ def test_pmqctl_status_stop_and_not_running(make_node):
     as_json = json.loads(node.ctl("status", "--json").stdout)
     assert {w["kind"] for w in as_json["workers"]} == {"socket", "task"}
     assert all(w["rss"] > 0 for w in as_json["workers"])
-    wait_for(lambda: "queues: store 0, broadcast 0" in node.ctl("status").stdout, 10,
-             "queue depths in the status")
+    assert "queues: store 0, broadcast 0" in status.stdout  # read before the task worker's ready
     stop = node.ctl("stop")
     assert stop.returncode == 0, stop.stderr
     assert node.wait_exit() == 0
@@ -276,3 +278,53 @@ def test_db_init_twice_on_mariadb(make_node):
         assert {"pmq_broadcast", "pmq_last_read", "pmq_cs_session", "pmq_cs_message"} <= tables
     finally:
         database.drop()
+
+
+def test_a_worker_sends_its_stats_when_they_change_not_only_each_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pmqctl status shows what the master heard last: a change (a connection opened) is
+    sent at the next look (STATS_POLL_SECONDS), not only with the once-a-second heartbeat;
+    stats that did not change wait for it."""
+    monkeypatch.setattr(base, "HEARTBEAT_SECONDS", 3600.0)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+
+    class Fake:
+        status_fd = write_fd
+        connections = 0
+
+        def stats(self) -> dict[str, int]:
+            return {"connections": self.connections}
+
+    def events() -> list[dict[str, Any]]:
+        try:
+            data = os.read(read_fd, 65536)
+        except BlockingIOError:
+            return []
+        return [json.loads(line) for line in data.splitlines()]
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        fake = Fake()
+        seen = []
+        beat = asyncio.create_task(base.Worker._heartbeat(fake))  # type: ignore[arg-type]
+        try:
+            await wait_for_async(lambda: bool(seen.append(events()) or seen[-1]), 5, "stats")
+            for _ in range(5):  # unchanged: nothing more within five looks
+                await asyncio.sleep(base.STATS_POLL_SECONDS)
+            seen.append(events())
+            fake.connections = 1
+            await wait_for_async(lambda: bool(seen.append(events()) or seen[-1]), 5, "a change")
+        finally:
+            beat.cancel()
+        return [batch for batch in seen if batch]
+
+    try:
+        sent = asyncio.run(scenario())
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert sent == [
+        [{"event": "heartbeat", "connections": 0}],
+        [{"event": "heartbeat", "connections": 1}],
+    ]

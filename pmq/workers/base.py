@@ -33,7 +33,8 @@ from pmq.workers.channel import send_event
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_SECONDS = 1.0  # the longest between two stats events (the master sees us alive)
+STATS_POLL_SECONDS = 0.1  # how soon a change of the stats reaches pmqctl status
 PARENT_CHECK_SECONDS = 0.25
 ORPHAN_DEADLINE = 1.5  # seconds an orphan may spend cleaning up before it is gone
 
@@ -129,6 +130,8 @@ class Worker(abc.ABC):
         loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
         loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
         await self.start()
+        # The stats first: pmqctl status right after the node is ready shows them.
+        send_event(self.status_fd, event="heartbeat", **self.stats())
         send_event(self.status_fd, event="ready", id=self.id)
         log.info("%s ready (pid %d)", self.title, self.pid)
         watchers = [
@@ -203,9 +206,16 @@ class Worker(abc.ABC):
 
     # Liveness -----------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        """Send the stats when they change (looked at every STATS_POLL_SECONDS), and at least
+        every HEARTBEAT_SECONDS."""
+        sent: dict[str, Any] | None = None
+        at = 0.0
         while True:
-            send_event(self.status_fd, event="heartbeat", **self.stats())
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(STATS_POLL_SECONDS)
+            stats, now = self.stats(), time.monotonic()
+            if stats != sent or now - at >= HEARTBEAT_SECONDS:
+                send_event(self.status_fd, event="heartbeat", **stats)
+                sent, at = stats, now
 
     async def _watch_parent(self) -> None:
         while os.getppid() == self.ppid:

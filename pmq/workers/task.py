@@ -12,6 +12,7 @@ here, after fork.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Any
@@ -54,9 +55,12 @@ class TaskWorker(Worker):
         self.webhooks: WebhookSender | None = None
 
     async def start(self) -> None:
-        """Connect, build the jobs, then run each under supervision, in that order."""
+        """Connect, build the jobs, then run each under supervision, in that order; the
+        queues' depths are read once first, for the stats sent with the ready."""
         await self.connect()
         writer, sweeper = self.assemble()
+        with contextlib.suppress(RedisError, OSError):  # watch_queues reads them again
+            await self.read_queues()
         self.run_jobs(writer, sweeper)
 
     async def connect(self) -> None:
@@ -134,6 +138,11 @@ class TaskWorker(Worker):
 
     async def watch_queues(self) -> None:
         """Publish the queues' depths (pmqctl status, /metrics) every few seconds."""
+        while True:
+            await self.read_queues()
+            await asyncio.sleep(QUEUE_WATCH_SECONDS)
+
+    async def read_queues(self) -> None:
         queues = {
             "store": [self.keys.store_queue(tag) for tag in self.keys.store_tags()],
             "broadcast": [self.keys.broadcast_queue()],
@@ -144,14 +153,12 @@ class TaskWorker(Worker):
                 *(self.keys.hook_outbox(b) for b in range(self.keys.buckets)),
                 self.keys.hook_chat_outbox(),
             ]
-        while True:
-            for name, keys in queues.items():
-                pipe = self.redis.pipeline(transaction=False)
-                for key in keys:
-                    pipe.llen(key)
-                self.queue_depths[name] = sum(await pipe.execute())
-                metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
-            await asyncio.sleep(QUEUE_WATCH_SECONDS)
+        for name, keys in queues.items():
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+            self.queue_depths[name] = sum(await pipe.execute())
+            metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.writer.stats() if self.writer else {}
