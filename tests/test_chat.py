@@ -23,7 +23,7 @@ from pmq.domain.jwtauth import mint_token
 from pmq.redis.keys import Keys
 from pmq.store import Store, open_store
 from pmq.store.rows import StoredCsMessage, StoredCsSession
-from tests.helpers import SECRET, MysqlDatabase, Node, WsClient, wait_for
+from tests.helpers import SECRET, Ingest, MysqlDatabase, Node, WsClient, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -214,6 +214,33 @@ def test_queued_session_assigned_when_agent_connects(make_node: Callable[..., No
             (listed,) = sessions["sessions"]
             assert listed["session_id"] == reply["session_id"] and listed["user"] == "1"
             assert listed["last"]["id"] == msg["id"]
+
+
+def test_an_agent_is_online_when_its_hello_comes(
+    make_node: Callable[..., Node], redis_client: redis.Redis, redis_prefix: str
+) -> None:
+    """A user who sees an agent's hello finds it online: the agent joins the online set
+    before its hello, not after its replay (here a slow one: from storage)."""
+    node = make_node(
+        cs={"max_sessions_per_agent": 5}, inbox={"hot_seconds": 1, "sweep_seconds": 1}
+    ).start()
+    keys = Keys(redis_prefix)
+    site = Ingest(node)
+    try:
+        assert site.publish({"to": AGENT_A, "kind": "notice", "body": {}})[0] == 202
+    finally:
+        site.close()
+    wait_for(
+        lambda: redis_client.zcard(keys.inbox(AGENT_A)) == 0
+        and redis_client.exists(keys.cold(AGENT_A)),
+        30,
+        "the agent's message to move to storage",
+    )
+    token = mint_token(SECRET, AGENT_A, (), "agent", ttl=3600)
+    with connect(f"{node.ws_url}?token={token}", open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "hello"
+        assert redis_client.sismember(keys.cs_online(), AGENT_A)
+        assert json.loads(ws.recv(timeout=5))["type"] == "push"  # the replay follows
 
 
 def test_message_to_offline_agent_arrives_on_reconnect(make_node: Callable[..., Node]) -> None:

@@ -1,8 +1,9 @@
-"""A connection's open and close on this worker, in order: registration, hello, replay,
-presence; then the reverse.
+"""A connection's open and close on this worker, in order: registration, presence, hello,
+replay; then the registry entry leaves, before the client's close completes.
 
 The gateway (pmq.reactor.gateway) calls :meth:`Connects.opened` once the handshake is
-authenticated and :meth:`Connects.closed` when the socket is gone. Each step lives in the
+authenticated, :meth:`Connects.leaving` when the client closed (before the TCP connection
+ends) and :meth:`Connects.closed` when the socket is gone. Each step lives in the
 module named after it: pmq.reactor.registration, pmq.reactor.replay, pmq.reactor.presence.
 """
 
@@ -37,17 +38,19 @@ class Connects:
         self.heartbeat_interval = heartbeat_interval
 
     async def opened(self, client: Client) -> None:
-        """Register (closing the user's oldest connections past the bound), say hello,
-        replay the inbox in id order, then let live frames through; an agent comes online.
-        Live frames wait (Client.hold) until the replay is out."""
+        """Register (closing the user's oldest connections past the bound), bring an agent
+        online, say hello, replay the inbox in id order, then let live frames through.
+        Live frames wait (Client.hold) until the replay is out: a session handed to an
+        agent coming online reaches it after its hello and replay, and a user who sees the
+        agent's hello finds it online."""
         client.hold()
         registered = await self.registration.register(client)
         if registered is None:  # kicked since its handshake: closed
             return
         await self.unread.watch(client.identity.groups)  # a round trip only for a new group
+        await self.presence.opened(client)
         client.write(encode_hello(client.conn_id, client.uid, self.heartbeat_interval()))
         await self.replay.run(client, registered.look, registered.broadcast_ids)
-        await self.presence.opened(client)
 
     async def leaving(self, client: Client) -> None:
         """The client closed: its entry leaves the registry before the close completes, so

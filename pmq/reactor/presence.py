@@ -21,8 +21,8 @@ class Presence:
         self.chat = chat
 
     async def opened(self, client: Client) -> None:
-        """Call once ``client`` is registered and replayed: an agent comes online and may be
-        handed queued sessions."""
+        """Call once ``client`` is registered, before its hello: an agent comes online and
+        may be handed queued sessions (their cs.assigned wait until its replay is out)."""
         if is_agent(client):
             await self.chat.agent_online(client.uid)
 
