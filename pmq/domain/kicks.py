@@ -7,11 +7,12 @@ commands of the loop iteration) and refuses a token issued before the kick.
 
 Clock resolution: the kick is kept in whole milliseconds, ``iat`` in seconds, whole or not
 (a JWT NumericDate may have a fraction). A token counts as issued after the kick only when
-its ``iat`` lies after the kick's millisecond (:func:`issued_before`). A whole-second ``iat``
-in the kick's own second is refused, whether the token was minted just before or just after
-the kick, so no token older than the kick ever passes: a site that mints a new token right
-after a kick with a whole-second ``iat`` sees it refused for less than a second (plus the
-clock skew between its host and PMQ's); a client that reconnects with back-off gets in.
+its ``iat`` lies after the whole of the kick's millisecond (:func:`issued_before`). A
+whole-second ``iat`` in the kick's own second is refused, whether the token was minted just
+before or just after the kick, so no token older than the kick ever passes: a site that
+mints a new token right after a kick with a whole-second ``iat`` sees it refused for less
+than a second (plus the clock skew between its host and PMQ's); a client that reconnects
+with back-off gets in.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def now_ms() -> int:
 
 def issued_before(iat: float | None, kicked_ms: int) -> bool:
     """Whether a token issued at ``iat`` (unix seconds; None: unknown) may predate a kick at
-    ``kicked_ms`` (truncated to the millisecond): True unless ``iat`` lies after the kick's
-    millisecond."""
-    return iat is None or iat * 1000 <= kicked_ms
+    ``kicked_ms`` (truncated to the millisecond): True unless ``iat`` lies after the whole
+    of the kick's millisecond."""
+    return iat is None or iat * 1000 < kicked_ms + 1
 
 
 class Kicks:
