@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -490,6 +491,32 @@ def test_a_request_times_out_or_fails_when_the_connection_is_lost():
                 assert (gone.value.code, gone.value.reason) == (1011, "going down")
                 await wait_for_async(lambda: lost, 10, "the disconnected event")
                 assert lost[0].code == 1011
+
+    asyncio.run(scenario())
+
+
+def test_an_unread_frame_that_overtakes_the_hellos_read_is_kept():
+    """The server can read the counters for unread.get's reply before a change it pushes
+    first: the frame then arrives before the older reply, which must not undo it."""
+    counts = {"notice": 0, "total": 0}
+    newer = {"notice": 1, "total": 1}
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send('{"type":"hello","conn_id":"c","uid":"7","heartbeat":25}')
+        async for frame in ws:
+            request = json.loads(frame)
+            if request["action"] == "unread.get":
+                reply = {"type": "reply", "id": request["id"], "code": 200, "data": counts}
+                await ws.send(json.dumps({"type": "unread", "data": newer}))
+                await ws.send(json.dumps({**reply, "msg": "OK"}))
+
+    async def scenario() -> None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with started(Client(f"ws://127.0.0.1:{port}/ws", "t")) as client:
+                await wait_for_async(lambda: client.unread == newer, 10, "the newer counters")
+                assert await client.unread_get() == counts  # the reply itself, as answered
+                assert client.unread == newer
 
     asyncio.run(scenario())
 

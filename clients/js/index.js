@@ -65,6 +65,7 @@ export class PmqClient {
     this.connId = null;
     /** The badge counters ({comment, notice, letter, system, cs, total, ...}); null until known. */
     this.unread = null;
+    this._unreadFrames = 0; // unread frames so far (unreadGet's reply may be older)
     this._listeners = new Map();
     this._ws = null;
     this._attempt = 0;
@@ -283,6 +284,7 @@ export class PmqClient {
         this._deliver(frame.msg);
         break;
       case "unread":
+        this._unreadFrames += 1;
         this._setUnread(frame.data);
         break;
       case "inbox.more":
@@ -472,8 +474,11 @@ export class PmqClient {
 
   /** The badge counters; also kept in client.unread and emitted as `unread`. */
   async unreadGet() {
+    // An unread frame that comes while the reply is on its way may be the newer: the server
+    // can read the counters for the reply before a change it pushes first.
+    const frames = this._unreadFrames;
     const counters = await this.request("unread.get");
-    this._setUnread(counters);
+    if (this._unreadFrames === frames) this._setUnread(counters);
     return counters;
   }
 

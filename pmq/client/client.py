@@ -87,6 +87,7 @@ class Client:
         self.auto_ack = auto_ack
         self.connect_timeout = connect_timeout  # TCP, the upgrade and the hello together
         self.unread: dict[str, int] = {}  # the counters of the last unread frame or reply
+        self._unread_frames = 0  # unread frames so far (unread_get's reply may be older)
         self.hello: Data | None = None  # the live connection's hello; None while down
         self.stopped: Stopped | None = None  # why the client stopped for good
         self._ready: asyncio.Future[ClientConnection] | None = None  # done while connected
@@ -231,9 +232,13 @@ class Client:
         return await self.request("msg.pull", fields(after=after, limit=limit))
 
     async def unread_get(self) -> Data:
-        """The unread counters, also kept in :attr:`unread`."""
+        """The unread counters, also kept in :attr:`unread` unless an ``unread`` frame came
+        while the reply was on its way (the frame may be the newer: the server can read the
+        counters for the reply before a change it pushes first)."""
+        frames = self._unread_frames
         counts = await self.request("unread.get")
-        self._set_unread(counts)
+        if self._unread_frames == frames:
+            self._set_unread(counts)
         return counts
 
     async def unread_clear(self, kinds: Iterable[str] | None = None) -> Data:
@@ -400,6 +405,7 @@ class Client:
         elif kind == FrameType.PUSH:
             self._deliver(frame["msg"])
         elif kind == FrameType.UNREAD:
+            self._unread_frames += 1
             self._set_unread(frame["data"])
         elif kind == FrameType.INBOX_MORE:
             self._spawn(self._pull_rest(str(frame["after"])))
