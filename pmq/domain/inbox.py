@@ -361,7 +361,6 @@ class Inbox:
         found.sort(key=lambda m: int(m["id"]))
         return found[:limit]
 
-
     async def _stored_unacked(
         self, uid: str, cold: ColdReader, after: int, limit: int
     ) -> list[dict[str, Any]]:

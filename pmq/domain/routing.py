@@ -141,13 +141,19 @@ class Routes:
         return read
 
     async def evict(self, uid: str, conns: dict[str, str]) -> int:
-        """Close ``conns`` (conn id -> worker id) of ``uid`` with 4008, wherever they are.
-        Their entries leave the registry at once, so the next connect counts without them;
+        """Close ``conns`` (conn id -> worker id) of ``uid`` with 4008, wherever they are;
         returns how many were reached."""
         if not conns:
             return 0
-        await self.redis.hdel(self.keys.user_conns(uid), *conns)
-        return await self.send([(Op.EVICT, uid, conns, " ".join(conns).encode())])
+        return await self._close(Op.EVICT, uid, conns, " ".join(conns).encode())
+
+    async def _close(self, op: Op, uid: str, conns: dict[str, str], payload: bytes) -> int:
+        """Close ``conns`` of ``uid`` wherever they are (``op``: a kick or an eviction).
+        Their entries leave the registry at once, not when each closing handshake ends: the
+        next connect counts without them, and a reader sees the user without them."""
+        if conns:
+            await self.redis.hdel(self.keys.user_conns(uid), *conns)
+        return await self.send([(op, uid, conns, payload)])
 
     async def unregister(self, uid: str, conn_id: str) -> None:
         """Remove a closed connection now (leave() queues it instead)."""
@@ -311,13 +317,9 @@ class Routes:
         return await self.send([(op, uid, await self.connections(uid), frame)])
 
     async def kick(self, uid: str, reason: str) -> int:
-        """Close every connection of ``uid`` on every node (close code 4001). Their entries
-        leave the registry at once, as evict()'s do: when the kick answers, the user reads
-        offline, though a closing handshake may still be under way."""
-        conns = await self.connections(uid)
-        if conns:
-            await self.redis.hdel(self.keys.user_conns(uid), *conns)
-        return await self.send([(Op.KICK, uid, conns, reason.encode())])
+        """Close every connection of ``uid`` on every node (close code 4001): when the kick
+        answers, the user reads offline."""
+        return await self._close(Op.KICK, uid, await self.connections(uid), reason.encode())
 
     async def notify_unread(self, uid: str) -> None:
         """Tell every worker holding ``uid`` that the counters changed."""

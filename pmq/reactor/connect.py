@@ -67,11 +67,14 @@ class Connects:
 
     def _leave(self, client: Client) -> asyncio.Future[None]:
         """The entry of ``client`` leaves the registry, once however often asked."""
-        if is_agent(client):  # its online check reads the registry: its entry leaves now
-            if client.left is None:
-                client.left = asyncio.ensure_future(self._agent_left(client))
-            return client.left
-        return self.registration.leave(client)
+        if client.left is None:
+            client.left = (
+                # An agent's online check reads the registry: its entry leaves now.
+                asyncio.ensure_future(self._agent_left(client))
+                if is_agent(client)
+                else self.registration.leave(client)
+            )
+        return client.left
 
     async def _agent_left(self, client: Client) -> None:
         await self.registration.unregister(client)

@@ -78,11 +78,9 @@ class Registration:
         return Registered(look, broadcast_ids)
 
     def leave(self, client: Client) -> asyncio.Future[None]:
-        """``client`` closed: its entry leaves in the next batch of departures, once however
-        often asked; the future is done when it has left."""
-        if client.left is None:
-            client.left = self.routes.leave(client.uid, client.conn_id)
-        return client.left
+        """``client`` closed: its entry leaves in the next batch of departures; the future is
+        done when it has left."""
+        return self.routes.leave(client.uid, client.conn_id)
 
     async def unregister(self, client: Client) -> None:
         """``client`` closed: its entry leaves now (for readers that must not see it)."""
