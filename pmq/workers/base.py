@@ -131,11 +131,12 @@ class Worker(abc.ABC):
         loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
         await self.start()
         # The stats first: pmqctl status right after the node is ready shows them.
-        send_event(self.status_fd, event="heartbeat", **self.stats())
+        stats = self.stats()
+        send_event(self.status_fd, event="heartbeat", **stats)
         send_event(self.status_fd, event="ready", id=self.id)
         log.info("%s ready (pid %d)", self.title, self.pid)
         watchers = [
-            self.supervise("status", self._heartbeat),
+            self.supervise("status", lambda: self._heartbeat(stats)),
             self.supervise("parent-watch", self._watch_parent),
         ]
         await self.stopping.wait()
@@ -205,11 +206,10 @@ class Worker(abc.ABC):
             send_event(self.status_fd, event="reload", ok=True)
 
     # Liveness -----------------------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        """Send the stats when they change (looked at every STATS_POLL_SECONDS), and at least
-        every HEARTBEAT_SECONDS."""
-        sent: dict[str, Any] | None = None
-        at = 0.0
+    async def _heartbeat(self, sent: dict[str, Any]) -> None:
+        """Send the stats when they change from ``sent`` (looked at every
+        STATS_POLL_SECONDS), and at least every HEARTBEAT_SECONDS."""
+        at = time.monotonic()
         while True:
             await asyncio.sleep(STATS_POLL_SECONDS)
             stats, now = self.stats(), time.monotonic()
