@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 
 import orjson
@@ -18,11 +19,12 @@ import psutil
 from pmq import __version__, configload
 from pmq import config as configuration
 from pmq import log as logsetup
-from pmq.errors import ExitCode, NotRunning, PMQError
+from pmq.errors import AlreadyRunning, ExitCode, NotRunning, PMQError
 from pmq.workers import metricsdir, pidfile
 from pmq.workers.channel import request
 
 Command = Callable[[argparse.Namespace], int]
+DAEMON_READY_SECONDS = 60
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,9 +49,18 @@ def main_pmq(argv: Sequence[str] | None = None) -> int:
     return main(["start", *args])
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 (failure), not argparse's 2: pmqctl's exit codes
+    are 0, 1 and 3 only."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.FAILURE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """pmqctl's parser: each subcommand sets ``func``, the ``cmd_*`` that runs it."""
-    parser = argparse.ArgumentParser(prog="pmqctl", description="Control a PMQ node.")
+    parser = Parser(prog="pmqctl", description="Control a PMQ node.")
     parser.add_argument("--version", action="version", version=f"pmq {__version__}")
     sub = parser.add_subparsers(dest="command")
     _add_node_commands(sub)
@@ -142,27 +153,43 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def daemonize(config: configuration.Config, log_file: str | None) -> int:
-    """Fork a detached master and return once it reports ready (1 if it died first)."""
+    """Fork a detached master and return once it reports ready; 1 if a live master already
+    owns the pid file or ours ended first (its own reason is in its log)."""
     from pmq.workers.master import serve
 
+    owner = pidfile.live_master(config.server.pid_file)
+    if owner is not None:
+        raise AlreadyRunning(f"already running: master pid {owner} ({config.server.pid_file})")
+    read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
+        os.close(read_end)
         os.setsid()
         if os.fork():
             os._exit(0)
+        os.write(write_end, b"%d\n" % os.getpid())
+        os.close(write_end)
         redirect_stdio(log_file)
         os._exit(serve(config))
+    os.close(write_end)
     os.waitpid(child, 0)
-    deadline = time.monotonic() + 60
+    with os.fdopen(read_end) as pipe:
+        master = int(pipe.readline())
+    deadline = time.monotonic() + DAEMON_READY_SECONDS
     while time.monotonic() < deadline:
+        if not process_alive(master):
+            where = f"; see {log_file}" if log_file else ""
+            print(f"pmq master pid {master} exited before it was ready{where}", file=sys.stderr)
+            return ExitCode.FAILURE
         try:
-            if request(config.server.control_socket, "status", timeout=2).get("ready"):
-                print(f"pmq started: master pid {pidfile.read(config.server.pid_file)}")
-                return ExitCode.OK
+            status = request(config.server.control_socket, "status", timeout=2)
         except PMQError:
-            pass
+            status = {}
+        if status.get("ready") and status.get("pid") == master:
+            print(f"pmq started: master pid {master}")
+            return ExitCode.OK
         time.sleep(0.1)
-    print("pmq did not report ready within 60s", file=sys.stderr)
+    print(f"pmq did not report ready within {DAEMON_READY_SECONDS}s", file=sys.stderr)
     return ExitCode.FAILURE
 
 

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import pmq
+from pmq import ctl
 from pmq.workers import base
 from tests.helpers import MysqlDatabase, Node, wait_for, wait_for_async
 
@@ -197,6 +199,55 @@ def test_start_refuses_when_already_running(make_node):
     assert again.returncode == 1
     assert "already running" in again.stderr.lower()
     assert node.status()["pid"] == node.master_pid()
+
+
+def test_daemon_start_refuses_when_already_running(make_node):
+    """SPEC 1: a start whose pid file names a live master exits 1, --daemon too (it used to
+    find the running master's control socket ready and report it as started)."""
+    node = make_node().start()
+    again = node.ctl("start", "--daemon")
+    assert again.returncode == 1, again.stdout
+    assert "already running" in again.stderr.lower()
+    assert node.status()["pid"] == node.master_pid()
+
+
+def test_daemon_start_fails_as_soon_as_its_master_dies(make_node):
+    """A daemon whose master cannot start (its client port is taken) exits 1 once that
+    master is gone, instead of polling a control socket for a minute."""
+    node = make_node()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.port))
+        taken.listen()
+        started = time.monotonic()
+        result = node.ctl("start", "--daemon", timeout=120)
+        waited = time.monotonic() - started
+    assert result.returncode == 1
+    assert "exited before it was ready" in result.stderr
+    assert waited < ctl.DAEMON_READY_SECONDS
+
+
+def test_daemon_start_and_stop(make_node):
+    node = make_node()
+    started = node.ctl("start", "--daemon", "--log-file", str(node.log_path))
+    assert started.returncode == 0, started.stderr + node.log()
+    pid = int(started.stdout.split("master pid ")[1])
+    assert node.status()["pid"] == pid
+    assert node.ctl("stop").returncode == 0
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+             10, "the daemon to exit")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bogus"], ["token"], ["token", "42", "--role", "admin"], ["token", "42", "--ttl", "x"],
+     ["db"], ["db", "bogus"], ["status", "--bogus"]],
+)
+def test_a_usage_error_exits_1(argv, capsys):
+    """SPEC 1: pmqctl's exit codes are 0, 1 and 3; argparse's own usage error is 2."""
+    with pytest.raises(SystemExit) as exited:
+        ctl.main(argv)
+    assert exited.value.code == 1
+    assert "error:" in capsys.readouterr().err
 
 
 def test_leftover_workers_of_a_dead_master_are_stopped(make_node):
