@@ -39,6 +39,7 @@ from pmq.wire import storeops
 from pmq.wire.client import Message
 from tests.helpers import (
     REDIS_URL,
+    Ingest,
     MysqlDatabase,
     Node,
     TcpProxy,
@@ -748,6 +749,35 @@ def test_task_worker_writes_sweeps_and_stops_clean(
     log = node.log()
     assert f"pmq: task worker #1 [{node.name}] stopped" in log, log
     assert "Traceback" not in log and "shutdown passed" not in log, log
+
+
+@pytest.mark.e2e
+def test_a_graceful_stop_writes_every_queued_message_to_storage(
+    make_node: Callable[..., Node], redis_client: redis.Redis
+) -> None:
+    """SPEC 1: a graceful stop finishes the queued writes. The publishes come while the
+    writer lingers after a batch (it used to be cancelled there, leaving them queued for the
+    next start) and right before the TERM, which reaches the socket workers first."""
+    node = make_node().start()
+    site = Ingest(node)
+    store = open_store(StorageConfig(url=f"sqlite:///{node.tmp}/pmq.db", shards=SHARDS))
+    try:
+        assert site.publish({"to": 1, "kind": "notice", "body": {}})[0] == 202
+        wait_for(lambda: store.count_messages() == 1, 20, "the first message stored")
+        for n in range(5):
+            status, _ = site.publish({"to": list(range(100 * n + 2, 100 * n + 102)),
+                                      "kind": "notice", "body": {"n": n}})
+            assert status == 202
+        node.signal(signal.SIGTERM)
+        assert node.wait_exit() == 0
+        assert store.count_messages() == 501
+    finally:
+        site.close()
+        store.close()
+    keys = Keys(node.prefix)
+    assert [redis_client.llen(keys.store_queue(t)) for t in keys.store_tags()] == [0] * len(
+        keys.store_tags()
+    )
 
 
 def test_writer_takes_from_every_bucket_and_the_chat_queue(

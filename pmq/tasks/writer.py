@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from pmq import metrics
 from pmq.cancel import raise_if_cancelled
@@ -160,13 +161,15 @@ class StorageWriter:
                 raise
 
     async def drain(self, timeout: float) -> int:
-        """Stop taking batches and let the one in progress finish within ``timeout`` seconds
-        (cancelling it after). What is still taken then goes back to the head of the queue,
-        in order, for any writer (writes are idempotent, so even a batch whose write was cut
-        off mid-way is safe to hand over), the owner leaves the registries (with the owner
-        lease's other taken lists: stop whoever else takes into them first), and deferred
-        acks go to the queue's tail. Returns the
-        number of items left in this writer's taken list (0 unless Redis failed)."""
+        """Stop the run, then write what is queued, batch after batch without lingering,
+        until a pass finds the queues empty or ``timeout`` seconds are up (a batch still
+        being written then is cancelled). What is still taken then goes back to the head of
+        the queue, in order, for any writer (writes are idempotent, so even a batch whose
+        write was cut off mid-way is safe to hand over), the owner leaves the registries (with
+        the owner lease's other taken lists: stop whoever else takes into them first), and
+        deferred acks go to the queue's tail. Returns the number of items left in this
+        writer's taken list (0 unless Redis failed)."""
+        deadline = asyncio.get_running_loop().time() + timeout
         self._stopping = True
         task = self._task
         if task is not None and not task.done():
@@ -176,6 +179,15 @@ class StorageWriter:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})
+        self.linger, self._leftover = 0.0, True
+        while self._leftover and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                await asyncio.wait_for(self._cycle(), left)
+            except TimeoutError:
+                break
+            except (StorageError, RedisError, OSError) as exc:
+                log.warning("storage writer: the last writes before the stop failed: %s", exc)
+                break
         returned = await self.owners.release()
         if returned:
             log.warning("storage writer: put %d unwritten items back on the queue", returned)

@@ -301,18 +301,26 @@ class Master:
 
     # Stop ---------------------------------------------------------------------------
     def stop(self, graceful: bool = True, code: int = 0) -> None:
-        """Stop every worker (TERM, or QUIT when fast), wait, kill the rest; raise StopMaster."""
+        """Stop every worker (TERM, or QUIT when fast), wait, kill the rest; raise StopMaster.
+        A graceful stop stops the socket workers first and the task workers once those are
+        gone, so that the writes queued by the last ingest requests are in the queue the task
+        workers drain; all within one graceful_timeout."""
         notify("STOPPING=1")
         log.info("%s stopping (%s)", self.title, "graceful" if graceful else "fast")
         self.control.close()
-        sig = signal.SIGTERM if graceful else signal.SIGQUIT
-        for pid in list(self.workers):
-            self.kill(pid, sig)
         timeout = self.config.server.graceful_timeout if graceful else FAST_STOP_SECONDS
         deadline = time.monotonic() + timeout
-        while self.workers and time.monotonic() < deadline:
-            self.reap_workers_quietly()
-            time.sleep(0.02)
+        stages = [("socket",), ("task",)] if graceful else [("socket", "task")]
+        for kinds in stages:
+            for pid, worker in list(self.workers.items()):
+                if worker.kind in kinds:
+                    self.kill(pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            while (
+                any(w.kind in kinds for w in self.workers.values())
+                and time.monotonic() < deadline
+            ):
+                self.reap_workers_quietly()
+                time.sleep(0.02)
         for pid in list(self.workers):
             log.warning("worker pid %d still alive after %.0fs; killing it", pid, timeout)
             self.kill(pid, signal.SIGKILL)
