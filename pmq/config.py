@@ -162,10 +162,17 @@ class Config:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     path: str = ""  # the file it was read from, "" for built-in defaults
 
-    # Sections whose change a HUP applies without restarting workers.
+    # The settings a HUP (pmqctl reload) applies without restarting workers; a change of
+    # any other needs a restart, and the reload says so.
     RELOADABLE: typing.ClassVar[frozenset[str]] = frozenset(
-        {"log", "inbox", "broadcast", "unread", "cs"}
-    )
+        {
+            "log.level", "log.json",
+            "inbox.hot_seconds", "inbox.replay_max",
+            "broadcast.dedupe_seconds", "broadcast.replay_max",
+            "unread.push_interval",
+            "cs.max_sessions_per_agent", "cs.idle_seconds", "cs.max_opens_per_hour",
+        }
+    )  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {

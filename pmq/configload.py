@@ -317,3 +317,28 @@ def _webhook_rules(config: Config) -> Iterator[tuple[bool, str]]:
     )
     yield (hooks.timeout > 0, "webhooks.timeout: must be positive")
     yield (hooks.max_backoff >= 0.1, "webhooks.max_backoff: must be at least 0.1")
+
+
+def reloaded(config: Config, environ: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+    """``config`` with its reloadable settings (Config.RELOADABLE) read again from its file
+    and the environment, and the other settings whose change that reading found, which keep
+    their running value until a restart. Raises ConfigError as :func:`load` does."""
+    fresh = load(config.path or None, environ)
+    sections: dict[str, Any] = {}
+    needs_restart = []
+    for name in SECTIONS:
+        running, read = getattr(config, name), getattr(fresh, name)
+        changes: dict[str, Any] = {}
+        for field in dataclasses.fields(running):
+            key = f"{name}.{field.name}"
+            value = getattr(read, field.name)
+            if value == getattr(running, field.name):
+                continue
+            if key in Config.RELOADABLE:
+                changes[field.name] = value
+            elif key != "auth.jwt_secret" or read.jwt_secret:  # unset: the generated one runs
+                needs_restart.append(key)
+        if changes:
+            sections[name] = dataclasses.replace(running, **changes)
+    return dataclasses.replace(config, **sections), needs_restart
+

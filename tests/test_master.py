@@ -27,7 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 import pmq
 from pmq import ctl
 from pmq.workers import base
-from tests.helpers import MysqlDatabase, Node, wait_for, wait_for_async
+from tests.helpers import Ingest, MysqlDatabase, Node, toml_value, wait_for, wait_for_async
 
 pytestmark = pytest.mark.e2e
 
@@ -161,6 +161,50 @@ def test_reload_with_broken_handler_keeps_old_code(make_node, tmp_path):
         assert ping(ws, "still-old")["code"] == 200
     with ws_connect(node) as ws:
         assert ping(ws)["code"] == 200
+
+
+def rewrite_config(node: Node, **sections: dict[str, Any]) -> None:
+    for section, values in sections.items():
+        node.settings.setdefault(section, {}).update(values)
+    node.config_path.write_text("".join(
+        f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+        for section, values in node.settings.items()
+    ))
+
+
+def replayed(node: Node, uid: str) -> list[str]:
+    """The types of the frames a connect replays: pushes up to three, or an inbox.more."""
+    with ws_connect(node, uid) as ws:
+        types: list[str] = []
+        while types.count("push") < 3 and "inbox.more" not in types:
+            types.append(json.loads(ws.recv(timeout=5))["type"])
+        return types
+
+
+def test_reload_reads_the_reloadable_settings_again(make_node):
+    """SPEC 1: HUP re-reads the reloadable parts of the config (it used to re-import the
+    handlers only): a connect replays inbox.replay_max messages as the file now says, a
+    setting that needs a restart is named in the log, a bad file fails the reload and
+    leaves the node as it was."""
+    node = make_node(inbox={"replay_max": 1})
+    node.start()
+    site = Ingest(node)
+    for n in range(3):
+        assert site.publish({"to": 5, "kind": "notice", "body": {"n": n}})[0] == 202
+    site.close()
+    assert replayed(node, "5") == ["push", "inbox.more"]
+
+    rewrite_config(node, inbox={"replay_max": "many"})
+    result = node.ctl("reload")
+    assert result.returncode == 1
+    assert "inbox.replay_max" in result.stderr
+    assert replayed(node, "5") == ["push", "inbox.more"]
+
+    rewrite_config(node, inbox={"replay_max": 1000}, server={"graceful_timeout": 7})
+    result = node.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert replayed(node, "5") == ["push", "push", "push"]
+    assert "server.graceful_timeout changed; a restart applies it" in node.log()
 
 
 def test_sd_notify_ready_reloading_stopping(make_node, tmp_path):

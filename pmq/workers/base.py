@@ -25,6 +25,8 @@ import setproctitle
 import uvloop
 from redis.exceptions import RedisError
 
+from pmq import configload
+from pmq import log as logsetup
 from pmq.cancel import raise_if_cancelled
 from pmq.config import Config
 from pmq.errors import StorageError, WorkerExit
@@ -198,6 +200,8 @@ class Worker(abc.ABC):
 
     async def _reload(self) -> None:
         try:
+            self.config, _ = configload.reloaded(self.config)  # the master logs what changed
+            logsetup.setup(self.config.log)
             await self.reload()
         except Exception as exc:
             log.error("%s: reload failed, keeping the old code: %s", self.title, exc)
@@ -234,7 +238,8 @@ class Worker(abc.ABC):
         niceties, not the cleanup."""
 
     async def reload(self) -> None:  # noqa: B027 - optional hook
-        """Re-read what can change without a restart; raise to keep the old state."""
+        """Apply ``self.config``'s reloadable settings, just read again (Config.RELOADABLE),
+        and re-import what can change without a restart; raise to keep the old state."""
 
     def stats(self) -> dict[str, Any]:
         """Numbers for ``pmqctl status``, sent with every heartbeat."""

@@ -13,6 +13,9 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from pmq import configload
+from pmq import log as logsetup
+from pmq.errors import ConfigError
 from pmq.workers.notify import notify
 
 if TYPE_CHECKING:
@@ -38,8 +41,20 @@ class Rollout:
             self.reload_pending[pid] = event
 
     def reload(self) -> None:
-        """HUP every worker: they re-import handlers and re-read reloadable config."""
+        """Read the config again (a bad file fails the reload before any worker sees it),
+        keep its reloadable settings for the workers forked from now on, and HUP every
+        worker: they re-import handlers and apply the same settings."""
         notify("RELOADING=1")
+        try:
+            self.master.config, needs_restart = configload.reloaded(self.master.config)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running config", exc)
+            notify("READY=1\nSTATUS=serving")
+            self.master.control.finish("reload", {"ok": False, "error": str(exc)})
+            return
+        logsetup.setup(self.master.config.log)
+        if needs_restart:
+            log.warning("reload: %s changed; a restart applies it", ", ".join(needs_restart))
         log.info("reloading handlers in %d workers", len(self.master.workers))
         live = [w for w in self.master.workers.values() if not w.retiring]
         self.reload_pending = {w.pid: {} for w in live}

@@ -174,18 +174,18 @@ class SocketWorker(Worker):
         self.assemble_connects(kicks)
 
     def assemble_connects(self, kicks: Kicks) -> None:
-        services, config = self.services, self.config
+        services = self.services
         registration = Registration(
             self.batch, self.routes, services.inbox, services.broadcasts, kicks,
-            lambda: config.server.max_connections_per_user,
+            lambda: self.config.server.max_connections_per_user,
         )
         self.replay = ConnectReplay(
             services.inbox, services.broadcasts, self.stored.cold_messages,
-            lambda: config.inbox.replay_max,
+            lambda: self.config.inbox.replay_max,  # read at each connect: a reload changes it
         )
         connects = Connects(
             registration, self.replay, Presence(self.chat), self.unread_pusher,
-            lambda: config.heartbeat.interval,
+            lambda: self.config.heartbeat.interval,
         )
         self.handlers = load_handlers()
         self.gateway = Gateway(
@@ -288,7 +288,14 @@ class SocketWorker(Worker):
 
     # Reload, stats, Redis loss --------------------------------------------------------
     async def reload(self) -> None:
-        self.handlers = load_handlers()  # raises, keeping the old registry, on any error
+        handlers = load_handlers()  # raises, keeping the old registry, on any error
+        # The parts that keep a reloadable setting of their own; the others read self.config.
+        config, services = self.config, self.services
+        services.inbox.hot_seconds = config.inbox.hot_seconds
+        services.broadcasts.dedupe_seconds = config.broadcast.dedupe_seconds
+        services.broadcasts.replay_max = config.broadcast.replay_max
+        self.unread_pusher.interval = config.unread.push_interval
+        self.handlers = handlers
         log.info("%s reloaded %d actions", self.title, len(self.handlers))
 
     def stats(self) -> dict[str, Any]:
