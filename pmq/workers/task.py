@@ -160,6 +160,10 @@ class TaskWorker(Worker):
             self.queue_depths[name] = sum(await pipe.execute())
             metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
 
+    async def reload(self) -> None:
+        if self.sweeper is not None:  # the one reloadable setting a task worker keeps
+            self.sweeper.hot_ms = self.config.inbox.hot_seconds * 1000
+
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.writer.stats() if self.writer else {}
         if self.webhooks is not None:
