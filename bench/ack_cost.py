@@ -49,7 +49,7 @@ async def main(count: int, concurrency: int) -> dict[str, Any]:
             messages += [(uid, int(a.ids[0])) for uid, a in zip(part, accepted, strict=True)]
 
         async def ack(uid: str, message_id: int) -> int:  # as pmq.handlers.msg.ack
-            known = await broadcasts.acknowledge(uid, [message_id])
+            known = await broadcasts.acknowledge(uid, (), [message_id])
             acked = await inbox.ack(uid, [i for i in [message_id] if i not in known])
             return len(known) + len(acked.hot) + acked.cold
 

@@ -342,13 +342,16 @@ class WsClient:
 
 
 @contextlib.contextmanager
-def ws_client(node: Node, uid: str | int, sync: bool = True) -> Iterator[WsClient]:
-    """Connect as ``uid``; the first frame must be the hello, which the client keeps.
+def ws_client(
+    node: Node, uid: str | int, sync: bool = True, groups: tuple[str, ...] = ()
+) -> Iterator[WsClient]:
+    """Connect as ``uid`` (in ``groups``); the first frame must be the hello, which the
+    client keeps.
 
     With ``sync`` it also waits for the reply to a ping, which the server sends only after
     the inbox replay: the replayed pushes are then in ``kept``, and a message published
     afterwards cannot also be part of the replay."""
-    with connect(f"{node.ws_url}?token={node.token(uid)}", open_timeout=5) as ws:
+    with connect(f"{node.ws_url}?token={node.token(uid, groups)}", open_timeout=5) as ws:
         hello = json.loads(ws.recv(timeout=5))
         assert hello["type"] == "hello" and hello["uid"] == str(uid), hello
         client = WsClient(ws, hello)

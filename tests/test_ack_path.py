@@ -42,7 +42,7 @@ def test_the_acks_of_one_iteration_share_one_write_each_with_its_answer(
             writes.clear()
 
             async def ack(uid: str, message_id: int) -> int:  # as pmq.handlers.msg.ack
-                known = await broadcasts.acknowledge(uid, [message_id])
+                known = await broadcasts.acknowledge(uid, (), [message_id])
                 acked = await inbox.ack(uid, [i for i in [message_id] if i not in known])
                 return len(known) + len(acked.hot) + acked.cold
 

@@ -175,6 +175,20 @@ def test_same_body_without_id_is_a_duplicate_within_the_window(make_node):
     assert broadcast(node, {"text": "different"})[0] == 202
 
 
+def test_acking_another_groups_broadcast_leaves_the_users_own_to_replay(make_node):
+    """SPEC 4: acks of broadcasts move the user's watermark over the broadcasts to the
+    user's groups. An id of a broadcast to another group is no such ack: it used to move the
+    watermark past the user's own unacked broadcast, which no connect replayed after."""
+    node = make_node().start()
+    own = broadcast(node, {"text": "for g"}, "g")[1]["data"]["id"]
+    other = broadcast(node, {"text": "for h"}, "h")[1]["data"]["id"]
+    with ws_client(node, 5200, groups=("g",)) as client:
+        assert {f["msg"]["id"] for f in client.kept if f.get("type") == "push"} == {own}
+        assert client.request("msg.ack", {"ids": [other]})["data"]["acked"] == 0
+    with ws_client(node, 5200, groups=("g",)) as client:
+        assert {f["msg"]["id"] for f in client.kept if f.get("type") == "push"} == {own}
+
+
 def test_offline_user_gets_it_later_with_system_unread(make_node):
     node = make_node().start()
     status, reply = broadcast(node, {"text": "while you were away"})

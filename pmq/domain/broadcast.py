@@ -147,13 +147,19 @@ class Broadcasts:
 
         return read
 
-    async def acknowledge(self, uid: str, ids: Sequence[int]) -> list[int]:
-        """Move the watermark to the newest of ``ids`` that is a broadcast; returns those of
-        ``ids`` that were broadcasts."""
+    async def acknowledge(self, uid: str, groups: Sequence[str], ids: Sequence[int]) -> list[int]:
+        """Move the watermark to the newest of ``ids`` that is a broadcast to the user's
+        ``groups``; returns those. (A broadcast to another group moved it past the user's
+        own, which then no connect replayed.)"""
         if not ids:
             return []
         present = await self.batch.call("HMGET", self.keys.broadcast_bodies(), *map(str, ids))
-        known = [i for i, body in zip(ids, present, strict=True) if body is not None]
+        reach = set(groups_of(groups))
+        known = [
+            i
+            for i, body in zip(ids, present, strict=True)
+            if body is not None and orjson.loads(body).get("group") in reach
+        ]
         if known:
             await self.batch.script(
                 self._raise_mark,

@@ -31,7 +31,7 @@ async def ack(app: App, caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
     the messages that were in Redis, and, while storage may hold the user's messages (after
     they left Redis, or Redis lost data), the other ids, whose ack the storage writer makes."""
     ids = message_ids(data)
-    broadcasts = await app.broadcasts.acknowledge(caller.uid, ids)
+    broadcasts = await app.broadcasts.acknowledge(caller.uid, caller.groups, ids)
     known = set(broadcasts)
     acked = await app.inbox.ack(caller.uid, [i for i in ids if i not in known])
     count = len(broadcasts) + len(acked.hot) + acked.cold
