@@ -42,10 +42,14 @@ class Published:
     duplicate: bool
 
 
-def dedupe_key(explicit: str | None, group: str, kind: str, body: Any) -> str:
-    """The site's id, else a digest of what is sent (same kind, group and body = same)."""
-    if explicit:
-        return "id:" + explicit
+def id_key(explicit: str) -> str:
+    """The dedupe key of a broadcast the site sent with an ``id`` of its own."""
+    return "id:" + explicit
+
+
+def content_key(group: str, kind: str, body: Any) -> str:
+    """A dedupe key made of what is sent (same group, kind and body = same): for the old
+    site's system messages, which carry no id and were sent again on a retry."""
     canonical = orjson.dumps([group, kind, body], option=orjson.OPT_SORT_KEYS)
     return "body:" + hashlib.sha256(canonical).hexdigest()
 
@@ -82,21 +86,22 @@ class Broadcasts:
         self._raise_mark = scripts.register(redis, "broadcast_raise_mark")
 
     async def publish(self, group: str, kind: str, body: Any, key: str | None) -> Published:
-        """Keep and queue one broadcast; a repeat of its key within the window is a duplicate."""
+        """Keep and queue one broadcast; a repeat of its dedupe ``key`` (:func:`id_key`,
+        :func:`content_key`) within the window is a duplicate. Without a key, never."""
         message_id = self.ids.next()
         now = int(time.time() * 1000)
         wire = Message(message_id, kind, None, None, body, now, group).encode()
         item = relay.encode_broadcast_item(group, wire)
         storage_op = storeops.encode_broadcast(group, wire)
         keys = [
-            self.keys.broadcast_dedupe(dedupe_key(key, group, kind, body)),
+            self.keys.broadcast_dedupe(key or ""),  # "": unused, for the script's first key
             self.keys.broadcasts(group),
             self.keys.broadcast_index(),
             self.keys.broadcast_bodies(),
             self.keys.broadcast_queue(),
             self.keys.store_queue(BROADCAST_TAG),
         ]
-        args = [self.dedupe_seconds, message_id, now, wire, item, storage_op]
+        args = [self.dedupe_seconds if key else 0, message_id, now, wire, item, storage_op]
         result = await run_script(
             self.redis, self._publish, keys, [*args, self.retention_seconds], self.confirm
         )

@@ -14,7 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from pmq import metrics
-from pmq.domain.broadcast import ALL
+from pmq.domain.broadcast import ALL, content_key, id_key
 from pmq.domain.messaging import publish
 from pmq.errors import StorageError
 from pmq.reactor import openapi
@@ -149,7 +149,8 @@ class IngestRoutes:
         return json_response(200, {"closed": closed})
 
     async def announce(self, group: str, kind: str, body: Any, key: str | None) -> HttpResponse:
-        """Publish a checked broadcast: 202 with its id, 200 for a duplicate key."""
+        """Publish a checked broadcast: 202 with its id, 200 for a repeat of its dedupe
+        ``key`` (none: never a repeat)."""
         published = await redis_call(self.app.broadcasts.publish(group, kind, body, key))
         if published.duplicate:
             return json_response(200, {"id": published.id, "duplicate": True})
@@ -158,7 +159,8 @@ class IngestRoutes:
 
     async def broadcast(self, request: HttpRequest) -> HttpResponse:
         """POST /api/v1/broadcast: a message to a group, or to everyone."""
-        return await self.announce(*broadcast_fields(json_object(request)))
+        group, kind, body, explicit = broadcast_fields(json_object(request))
+        return await self.announce(group, kind, body, id_key(explicit) if explicit else None)
 
     async def seed_system(self, request: HttpRequest) -> HttpResponse:
         """The old site's form: ``msg`` (JSON), a system message to everyone."""
@@ -168,7 +170,7 @@ class IngestRoutes:
             raise HttpError(400, "msg: must be JSON") from None
         if not isinstance(msg, dict):
             raise HttpError(400, "msg: must be a JSON object")
-        return await self.announce(ALL, Kind.SYSTEM, msg, None)
+        return await self.announce(ALL, Kind.SYSTEM, msg, content_key(ALL, Kind.SYSTEM, msg))
 
     async def prometheus(self, request: HttpRequest) -> HttpResponse:
         """The node's metrics in Prometheus's text format."""

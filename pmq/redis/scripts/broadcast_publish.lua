@@ -1,9 +1,11 @@
 -- KEYS: dedupe, group zset, index zset, bodies, queue, storage queue.
--- ARGV: dedupe_ttl, id, ms, message_json, queue_item, storage_op, retention seconds.
+-- ARGV: dedupe_ttl (0: no dedupe), id, ms, message_json, queue_item, storage_op, retention seconds.
 -- Returns {0, first id} or {1}.
-local previous = redis.call('GET', KEYS[1])
-if previous then return {0, previous} end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
+if ARGV[1] ~= '0' then  -- 0: no dedupe key
+    local previous = redis.call('GET', KEYS[1])
+    if previous then return {0, previous} end
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
+end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[4])
