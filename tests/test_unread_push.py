@@ -91,6 +91,30 @@ def test_badges_wait_for_a_fan_out_and_one_interval_after_it() -> None:
     assert [uid for uid, _ in table.sent] == ["7", "8"]
 
 
+def test_broadcasts_faster_than_one_an_interval_hold_the_badges_back_only_once() -> None:
+    """SPEC 4 keeps badges live: with a fan-out every 0.8 interval, counting the interval
+    from the latest one's end never let a badge go (a user in no broadcast's group saw one
+    after eight broadcasts). The wait counts from the first fan-out's end."""
+    table = FakeTable("7")
+    pusher = UnreadPusher(INTERVAL, table, FakeUnread())  # type: ignore[arg-type]
+
+    async def scenario() -> float:
+        running = asyncio.create_task(pusher.run())
+        try:
+            began = time.monotonic()
+            pusher.changed("7")
+            while not table.sent and time.monotonic() - began < 10 * INTERVAL:
+                with pusher.held():  # a small group's fan-out
+                    pass
+                await asyncio.sleep(0.8 * INTERVAL)
+            return time.monotonic() - began
+        finally:
+            running.cancel()
+
+    waited = asyncio.run(scenario())
+    assert [uid for uid, _ in table.sent] == ["7"], waited
+
+
 def test_a_new_message_brings_its_badge_along_once_an_interval() -> None:
     table = FakeTable("7")
     pusher = UnreadPusher(INTERVAL, table, FakeUnread())  # type: ignore[arg-type]

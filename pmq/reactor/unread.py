@@ -17,6 +17,9 @@ While a broadcast is fanned out, and for one interval after, no badges go out: o
 connection would otherwise compete for the CPU with the fan-outs other workers of the node
 are still writing, delaying the broadcast's last deliveries. A fan-out that begins while
 badges go stops them at the next chunk; the users not yet sent theirs come first after it.
+The interval is counted from the end of the first fan-out since the badges last went, so
+broadcasts coming faster than one an interval hold the badges back no longer than that
+interval and the fan-outs themselves (counting from the latest, they never went out).
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class UnreadPusher:
         self.times: dict[str, list[float]] = {}  # broadcast times of the groups seen here
         self.fresh = False  # self.times read since the last fan-out
         self.holds = 0  # fan-outs in progress: badges wait, the broadcast itself goes first
-        self.released = -interval  # time.monotonic() when the last fan-out ended
+        # time.monotonic() when the first fan-out since the badges last went ended
+        self.released = -interval
+        self.waiting = False  # a fan-out ended since the badges last went
 
     def changed(self, uid: str) -> None:
         """The counters of ``uid`` changed: push them at the next tick."""
@@ -108,7 +113,8 @@ class UnreadPusher:
             yield
         finally:
             self.holds -= 1
-            self.released = time.monotonic()
+            if not self.waiting:
+                self.released, self.waiting = time.monotonic(), True
             self.fresh = False
 
     @property
@@ -129,6 +135,7 @@ class UnreadPusher:
 
     async def flush(self) -> None:
         """Push the counters of the dirty users whose last badge is an interval old."""
+        self.waiting = False  # the next fan-out's end starts the next wait
         now = time.monotonic()
         self.pushed = {u: t for u, t in self.pushed.items() if now - t < self.interval}
         due = [uid for uid in self.dirty if uid not in self.pushed]
