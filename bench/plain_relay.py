@@ -128,11 +128,8 @@ class Ingest(RequestReader):
         self.transport.write(ACCEPTED % len(reply) + reply)
 
 
-async def serve(
-    index: int, workers: int, node: str, url: str, ws_port: int, http_port: int
-) -> None:
+async def serve(relay: Relay, ws_port: int, http_port: int) -> None:
     loop = asyncio.get_running_loop()
-    relay = Relay(index, workers, node, url)
     relaying = loop.create_task(relay.relay())
     http = await loop.create_server(lambda: Ingest(relay), "127.0.0.1", http_port, reuse_port=True)
     await serve_websockets(relay.connection, ws_port, 25)
@@ -160,7 +157,7 @@ def main() -> int:
             "plain relay",
             node,
             args.workers,
-            lambda i: serve(i, args.workers, node, args.redis, ws_port, http_port),
+            lambda i: serve(Relay(i, args.workers, node, args.redis), ws_port, http_port),
             {"config": path, "node": node, "ws_port": ws_port},
         )
     finally:
