@@ -102,7 +102,7 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         types = typing.get_type_hints(SECTIONS[section])
         if key not in types:
             raise ConfigError(f"{name}: unknown key {section}.{key}")
-        out.setdefault(section, {})[key] = _parse_env(name, text, types[key])
+        out.setdefault(section, {})[key] = _parse_env(f"{name} ({section}.{key})", text, types[key])
     return out
 
 
@@ -130,7 +130,8 @@ def _build(raw: dict[str, Any], path: str) -> Config:
     sections: dict[str, Any] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}]")
+            keys = ", ".join(f"{section}.{k}" for k in values) if isinstance(values, dict) else ""
+            raise ConfigError(f"unknown section [{section}]" + (f": {keys}" if keys else ""))
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: must be a table")
         cls = SECTIONS[section]
