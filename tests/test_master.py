@@ -321,6 +321,21 @@ def test_usr2_rolling_restart_replaces_every_worker(make_node):
         assert ping(ws)["code"] == 200
 
 
+@pytest.mark.parametrize("script", ["pmqctl", "pmq"])
+def test_the_checkouts_scripts_run_without_the_virtualenv_activated(script):
+    """bin/pmqctl and bin/pmq use the checkout's .venv when run with only the system's
+    Python on PATH (they used to fail on a missing library)."""
+    root = Path(pmq.__file__).parent.parent
+    if not (root / ".venv" / "bin" / "python").exists():
+        pytest.skip("this checkout has no .venv")
+    result = subprocess.run(
+        [str(root / "bin" / script), "--help"], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
 def test_pmqctl_status_stop_and_not_running(make_node):
     node = make_node().start()
     status = node.ctl("status")
