@@ -26,6 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 
 import pmq
 from pmq import ctl
+from pmq.redis.keys import Keys
 from pmq.workers import base
 from tests.helpers import Ingest, MysqlDatabase, Node, toml_value, wait_for, wait_for_async
 
@@ -292,6 +293,28 @@ def test_a_usage_error_exits_1(argv, capsys):
         ctl.main(argv)
     assert exited.value.code == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_stop_that_kills_a_stuck_socket_worker_leaves_no_route_entry(make_node, redis_client):
+    """SPEC 1: after graceful_timeout the master kills what is left, and no route entry of
+    the stopped node stays in Redis: a killed worker cannot remove its own, so the master
+    has them removed (they used to wait for their TTL, or for a peer's sweep)."""
+    node = make_node(server={"workers": 1, "graceful_timeout": 2})
+    node.start()
+    keys = Keys(node.prefix)
+    with ws_connect(node, "501"):
+        stuck = node.workers("socket")[0]["pid"]
+        assert redis_client.exists(keys.user_conns("501"))
+        os.kill(stuck, signal.SIGSTOP)
+        node.signal(signal.SIGTERM)
+        assert node.wait_exit() == 0
+    assert "killing it" in node.log()
+    assert not redis_client.exists(keys.user_conns("501"))
+    assert not [w for w in redis_client.zrange(keys.workers(), 0, -1)
+                if w.startswith(f"{node.name}:")]
+    assert not [w for w in redis_client.hkeys(keys.cluster_workers())
+                if w.startswith(f"{node.name}:")]
+    assert not redis_client.keys(f"{node.prefix}*w:{node.name}*")
 
 
 def test_leftover_workers_of_a_dead_master_are_stopped(make_node):

@@ -31,6 +31,7 @@ from pmq.cancel import raise_if_cancelled
 from pmq.config import Config
 from pmq.errors import StorageError, WorkerExit
 from pmq.workers.channel import send_event
+from pmq.workers.spawn import worker_id
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class Worker(abc.ABC):
         self.ppid = ppid
         self.pid = os.getpid()
         self.started = time.time()
-        self.id = f"{config.server.node}:{self.kind}{index}:{self.pid}"
+        self.id = worker_id(config.server.node, self.kind, index, self.pid)
         self.title = f"pmq: {self.kind} worker #{index} [{config.server.node}]"
         self.stopping: asyncio.Event | None = None
         self.fast_stop = False

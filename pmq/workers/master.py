@@ -34,7 +34,7 @@ from pmq.workers.boot import refuse_live_master, stop_leftovers
 from pmq.workers.control import ControlServer
 from pmq.workers.notify import notify
 from pmq.workers.rollout import Rollout
-from pmq.workers.spawn import WorkerState, fork_worker
+from pmq.workers.spawn import WorkerState, fork_withdraw, fork_worker, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -321,12 +321,17 @@ class Master:
             ):
                 self.reap_workers_quietly()
                 time.sleep(0.02)
-        for pid in list(self.workers):
+        killed = []
+        for pid, worker in list(self.workers.items()):
             log.warning("worker pid %d still alive after %.0fs; killing it", pid, timeout)
             self.kill(pid, signal.SIGKILL)
+            if worker.kind == "socket":
+                killed.append(worker_id(self.node, worker.kind, worker.index, pid))
         while self.workers:
             self.reap_workers_quietly()
             time.sleep(0.01)
+        if killed:  # they could not take their route entries with them
+            fork_withdraw(self.config, killed, self.close_in_child)
         raise StopMaster(code)
 
     def reap_workers_quietly(self) -> None:

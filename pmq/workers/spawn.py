@@ -23,6 +23,12 @@ from pmq.workers.channel import LineReader
 log = logging.getLogger(__name__)
 
 WORKER_MODULES = {"socket": "pmq.workers.socket", "task": "pmq.workers.task"}
+WITHDRAW_WAIT_SECONDS = 6.0  # the child's own deadline (withdraw.WITHDRAW_SECONDS) and a margin
+
+
+def worker_id(node: str, kind: str, index: int, pid: int) -> str:
+    """A worker's name in the registry and the cluster view."""
+    return f"{node}:{kind}{index}:{pid}"
 
 
 @dataclasses.dataclass
@@ -75,3 +81,29 @@ def run_child(config: Config, kind: str, index: int, write_fd: int, master_pid: 
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def fork_withdraw(
+    config: Config, worker_ids: list[str], close_in_child: Callable[[], None]
+) -> None:
+    """Remove the registry entries of the killed socket workers ``worker_ids`` in a child
+    (pmq.workers.withdraw) and wait for it, WITHDRAW_WAIT_SECONDS at most."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            close_in_child()
+            code = importlib.import_module("pmq.workers.withdraw").run(config, worker_ids)
+        except BaseException:
+            log.exception("pmq: removing the killed workers' entries failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    deadline = time.monotonic() + WITHDRAW_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+
