@@ -530,6 +530,52 @@ def test_drain_waits_for_in_flight_request() -> None:
     run(main)
 
 
+def test_drain_answers_a_request_partly_received_once_the_rest_is_in() -> None:
+    """SPEC 1: a graceful stop finishes in-flight ingest requests. One whose head and part
+    of whose body were in when the drain began is read to its end and answered (it used to
+    be dropped without an answer); what comes after it is not read."""
+
+    async def main() -> None:
+        server = await serve()
+        client = await Client.connect(server)
+        body = b'{"to": 1, "kind": "notice", "body": {}}'
+        head = b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+        await client.send(head % len(body) + body[:10])
+        await wait_for_async(
+            lambda: any(c.started is not None for c in server.connections),
+            DEADLINE,
+            "the request begun",
+        )
+        drain = asyncio.create_task(server.drain(DEADLINE))
+        await asyncio.sleep(0)
+        assert not drain.done()
+        await client.send(body[10:])
+        reply = await client.response()
+        assert (reply.status, reply.headers["connection"]) == (202, "close")
+        assert reply.json()["data"] == {"got": orjson.loads(body)}
+        assert await drain == 0
+        assert await client.closed()
+
+    run(main)
+
+
+def test_drain_counts_a_request_whose_rest_never_comes() -> None:
+    async def main() -> None:
+        server = await serve()
+        client = await Client.connect(server)
+        await client.send(b"POST /api/v1/messages HTTP/1.1\r\nContent-Length: 9\r\n\r\n{")
+        await wait_for_async(
+            lambda: any(c.started is not None for c in server.connections),
+            DEADLINE,
+            "the request begun",
+        )
+        assert await server.drain(0.1) == 1
+        assert server.in_flight == 0
+        assert await client.closed()
+
+    run(main)
+
+
 def test_drain_deadline_cancels_and_counts() -> None:
     async def main() -> None:
         cancelled = asyncio.Event()

@@ -74,6 +74,7 @@ class HttpConnection(asyncio.Protocol):
         # bytes that begin no request (blank lines) do not move it, so they keep nothing open.
         self.last_active = self.loop.time()
         self.started: float | None = None  # the first byte of the request being received
+        self.partial = False  # a drain counted the request being received as in flight
         self.timer = self.loop.call_later(self._step(), self._check_idle)
 
     # asyncio.Protocol
@@ -106,6 +107,7 @@ class HttpConnection(asyncio.Protocol):
             self.counted = False
             self.server.served -= 1
         self._drop_queue()
+        self._settle_partial()
 
     def data_received(self, data: bytes) -> None:
         if self.rejected or self.transport.is_closing():
@@ -191,8 +193,11 @@ class HttpConnection(asyncio.Protocol):
         self.owe_continue = False
         self.started = None
         self.queue.append((request, self.parser.should_keep_alive()))
-        self.server.in_flight += 1
-        if len(self.queue) >= MAX_PIPELINE and not self.read_paused:
+        if self.partial:
+            self.partial = False  # counted in flight when the drain began
+        else:
+            self.server.in_flight += 1
+        if (self.server.draining or len(self.queue) >= MAX_PIPELINE) and not self.read_paused:
             self.transport.pause_reading()
             self.read_paused = True
 
@@ -266,6 +271,7 @@ class HttpConnection(asyncio.Protocol):
             self.started = self.loop.time()  # the body's clock starts when it may come
 
     def _reject(self, status: int, msg: str) -> None:
+        self._settle_partial()  # answered by the rejection
         self.rejected = True
         self.rejection = json_response(status, msg=msg)
         self.owe_continue = False
@@ -324,7 +330,12 @@ class HttpConnection(asyncio.Protocol):
         self.timer = self.loop.call_later(delay, self._check_idle)
 
     def begin_drain(self) -> None:
-        """Stop reading; close now if nothing is owed, else after the last reply."""
+        """Stop reading; close now if nothing is owed, else after the last reply. A request
+        partly received is owed too: reading goes on until it is in (or times out, 408)."""
+        if self.started is not None and not self.rejected and not self.transport.is_closing():
+            self.partial = True
+            self.server.in_flight += 1
+            return
         if not self.transport.is_closing():
             if not self.read_paused:
                 self.transport.pause_reading()
@@ -333,4 +344,11 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._drop_queue()
+        self._settle_partial()
         self.transport.abort()
+
+    def _settle_partial(self) -> None:
+        """The partly received request the drain waits for ended unanswered or rejected."""
+        if self.partial:
+            self.partial = False
+            self.server.request_done()

@@ -67,18 +67,17 @@ class HttpServer:
             self._server.close()
 
     async def drain(self, timeout: float) -> int:
-        """Stop accepting and reading, answer what was received (last replies say
-        ``Connection: close``), and close connections as they go idle. At the deadline cancel
+        """Stop accepting and reading, answer what was received, a request partly received
+        included once the rest of it is in (last replies say ``Connection: close``), and
+        close connections as they go idle. At the deadline cancel
         the handlers still running, abort every connection, and return how many requests
         were unanswered (0 when all finished in time)."""
         self.close()
         self.draining = True
-        loop = asyncio.get_running_loop()
-        if self.in_flight:
-            self._idle = loop.create_future()
         for conn in list(self.connections):
-            conn.begin_drain()
-        if self._idle is not None:
+            conn.begin_drain()  # a request partly received is counted in flight here
+        if self.in_flight:
+            self._idle = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._idle), timeout)
         left = self.in_flight
