@@ -215,6 +215,14 @@ def main() -> int:
         help="stop after this many seconds (default: on SIGINT/SIGTERM)",
     )
     parser.add_argument("--keep", action="store_true", help="keep Redis keys and the directory")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="one more setting for the node (as its PMQ_SECTION_KEY variable), e.g. "
+        "unread.push_interval=3600; the node gets no other PMQ_* variable of ours",
+    )
     args = parser.parse_args()
 
     directory = Path(args.dir or tempfile.mkdtemp(prefix="pmq-bench-"))
@@ -235,6 +243,9 @@ def main() -> int:
             return 1
     info = write_config(args, directory)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMQ_")}
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        env["PMQ_" + key.replace(".", "_", 1).upper()] = value
     proc = start_master(info, directory, env)
     stop = False
 
