@@ -72,14 +72,7 @@ class DurableRelay(Relay):
             args=[msg_id, msg_id, wire, kind, orjson.dumps([msg_id, uid, kind, wire])],
         )
         unread = {counters[i].decode(): int(counters[i + 1]) for i in range(0, len(counters), 2)}
-        frame = orjson.dumps({"type": "push", "msg": msg, "unread": unread})
-        ws = self.users.get(uid)
-        if ws is not None:
-            await ws.send(frame.decode())
-        else:
-            relayed = b"%d " % uid + frame
-            for channel in self.others:
-                await self.redis.publish(channel, relayed)
+        await self.deliver(uid, orjson.dumps({"type": "push", "msg": msg, "unread": unread}))
         return b'{"id":"%d"}' % msg_id
 
 

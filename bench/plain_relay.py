@@ -78,7 +78,11 @@ class Relay:
         uid = int(message["to"])
         msg_id = next(self.ids)
         msg = {"id": str(msg_id), "kind": message["kind"], "body": message["body"]}
-        frame = orjson.dumps({"type": "push", "msg": msg})
+        await self.deliver(uid, orjson.dumps({"type": "push", "msg": msg}))
+        return b'{"id":"%d"}' % msg_id
+
+    async def deliver(self, uid: int, frame: bytes) -> None:
+        """Push ``frame`` to ``uid`` if connected here, else to the other processes."""
         ws = self.users.get(uid)
         if ws is not None:
             await ws.send(frame.decode())
@@ -86,7 +90,6 @@ class Relay:
             relayed = b"%d " % uid + frame
             for channel in self.others:
                 await self.redis.publish(channel, relayed)
-        return b'{"id":"%d"}' % msg_id
 
     async def announce(self, message: dict[str, Any]) -> bytes:
         msg_id = next(self.ids)
