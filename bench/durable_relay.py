@@ -21,22 +21,17 @@ the same sitting.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sqlite3
 import sys
-import tempfile
 from typing import Any
 
 import orjson
 import redis.asyncio
 
-from bench.plain_relay import SECRET, Relay, serve
-from bench.plain_server import run_forked
-from bench.run_node import free_port
+from bench.plain_relay import Relay, run
 
 KEEP = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
@@ -76,10 +71,10 @@ class DurableRelay(Relay):
         return b'{"id":"%d"}' % msg_id
 
 
-async def write(node: str, url: str, path: str) -> None:
-    """Move the storage queue into SQLite until SIGTERM."""
+async def write(node: str, url: str, run_dir: str) -> None:
+    """Move the storage queue into SQLite (in ``run_dir``) until SIGTERM."""
     client = redis.asyncio.Redis.from_url(url)
-    db = sqlite3.connect(path, isolation_level=None)
+    db = sqlite3.connect(os.path.join(run_dir, "store.db"), isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute(
@@ -101,37 +96,7 @@ async def write(node: str, url: str, path: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--redis", required=True, help="redis:// URL (a private server)")
-    args = parser.parse_args()
-    ws_port, http_port = free_port(), free_port()
-    node = f"durablerelay{os.getpid()}"
-    run_dir = tempfile.mkdtemp(prefix="pmq-durable-relay-")
-    path = os.path.join(run_dir, "durable.toml")
-    with open(path, "w") as f:
-        f.write(
-            f'[server]\nport = {ws_port}\nnode = "{node}"\n'
-            f"[ingest]\nport = {http_port}\n"
-            f'[redis]\nurl = "{args.redis}"\n'
-            f'[auth]\njwt_secret = "{SECRET}"\n'
-        )
-
-    def process(i: int) -> Any:
-        if i == args.workers:
-            return write(node, args.redis, os.path.join(run_dir, "store.db"))
-        return serve(DurableRelay(i, args.workers, node, args.redis), ws_port, http_port)
-
-    try:
-        return run_forked(
-            "durable relay",
-            node,
-            args.workers + 1,
-            process,
-            {"config": path, "node": node, "ws_port": ws_port},
-        )
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return run("durable relay", DurableRelay, write)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -141,13 +142,25 @@ async def serve(relay: Relay, ws_port: int, http_port: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return run("plain relay", Relay)
+
+
+def run(
+    name: str,
+    relay: Callable[[int, int, str, str], Relay],
+    extra: Callable[[str, str, str], Coroutine[Any, Any, None]] | None = None,
+) -> int:
+    """Parse ``--workers`` and ``--redis``, write the config the benches read, and fork
+    the processes: ``relay(index, workers, node, url)`` served in each, and
+    ``extra(node, url, run_dir)`` run in one more when given."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redis", required=True, help="redis:// URL (a private server)")
     args = parser.parse_args()
     ws_port, http_port = free_port(), free_port()
-    node = f"plainrelay{os.getpid()}"
-    path = os.path.join(tempfile.mkdtemp(prefix="pmq-plain-relay-"), "plain.toml")
+    node = f"{name.replace(' ', '')}{os.getpid()}"
+    run_dir = tempfile.mkdtemp(prefix=f"pmq-{name.replace(' ', '-')}-")
+    path = os.path.join(run_dir, "relay.toml")
     with open(path, "w") as f:
         f.write(
             f'[server]\nport = {ws_port}\nnode = "{node}"\n'
@@ -155,16 +168,22 @@ def main() -> int:
             f'[redis]\nurl = "{args.redis}"\n'
             f'[auth]\njwt_secret = "{SECRET}"\n'
         )
+
+    def process(i: int) -> Coroutine[Any, Any, None]:
+        if extra is not None and i == args.workers:
+            return extra(node, args.redis, run_dir)
+        return serve(relay(i, args.workers, node, args.redis), ws_port, http_port)
+
     try:
         return run_forked(
-            "plain relay",
+            name,
             node,
-            args.workers,
-            lambda i: serve(Relay(i, args.workers, node, args.redis), ws_port, http_port),
+            args.workers + (extra is not None),
+            process,
             {"config": path, "node": node, "ws_port": ws_port},
         )
     finally:
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
