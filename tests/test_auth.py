@@ -221,6 +221,22 @@ def test_an_iat_in_the_kicks_millisecond_is_refused() -> None:
     assert not issued_before(1_700_000_000.002, 1_700_000_000_000)
 
 
+def test_a_minted_token_issued_later_in_the_kicks_second_is_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mint_token (pmqctl token) keeps the millisecond of its iat: a token minted 0.2 s after
+    a kick, in the kick's own second, connects; a whole-second iat was refused until the
+    next second."""
+    monkeypatch.setattr(time, "time", lambda: KICK_MS / 1000 + 0.2)
+    claims = jwt.decode(
+        mint_token(SECRET, 7), SECRET, algorithms=["HS256"],
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert claims["iat"] == 1_700_000_000.7
+    assert not issued_before(claims["iat"], KICK_MS)
+    assert claims["exp"] == 1_700_000_000 + 86400
+
+
 def with_kicks(scenario: Callable[[Redis, Keys], Awaitable[T]]) -> T:
     async def main() -> T:
         redis = Redis.from_url(REDIS_URL)

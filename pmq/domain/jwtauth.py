@@ -45,11 +45,13 @@ def mint_token(
 ) -> str:
     """An HS256 JWT for ``uid`` valid for ``ttl`` seconds, as :class:`JwtAuthenticator` wants."""
     identity = make_identity(uid, list(groups), role)
-    now = int(time.time())
+    now = time.time()
     claims = {
         "sub": identity.uid,
-        "iat": now,
-        "exp": now + ttl,
+        # To the millisecond (a NumericDate may be fractional): a token minted right after a
+        # kick, in the kick's own second, is then seen as issued after it and connects.
+        "iat": round(now, 3),
+        "exp": int(now) + ttl,
         "groups": list(identity.groups),
         "role": identity.role.value,
     }
