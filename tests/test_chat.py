@@ -23,7 +23,7 @@ from pmq.domain.jwtauth import mint_token
 from pmq.redis.keys import Keys
 from pmq.store import Store, open_store
 from pmq.store.rows import StoredCsMessage, StoredCsSession
-from tests.helpers import SECRET, Ingest, MysqlDatabase, Node, WsClient, wait_for
+from tests.helpers import SECRET, Ingest, MysqlDatabase, Node, RedisServer, WsClient, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -489,3 +489,25 @@ def test_store_keeps_chat_rows(name: str, tmp_path: Path) -> None:
         assert [m.id for m in store.cs_messages(7)] == [104, 103, 102, 101, 100]
         assert store.cs_messages(7, before_id=103, limit=2) == [messages[2], messages[1]]
         assert store.cs_messages(8) == []
+
+
+def test_an_agent_still_connected_when_redis_lost_its_data_takes_sessions_again(
+    make_node: Callable[..., Node], own_redis: RedisServer, redis_prefix: str
+) -> None:
+    """SPEC 9: a node recovers from a Redis restarted empty without a restart. The set of
+    online agents went with the rest; an agent connected across the loss is online again
+    once its worker writes its route entries back (cs.open used to queue every session
+    for as long as the agent stayed connected)."""
+    node = make_node(redis={"url": own_redis.url}, cs={"max_sessions_per_agent": 5}).start()
+    keys = Keys(redis_prefix)
+    with agent(node, AGENT_A) as a:
+        client = redis.Redis.from_url(own_redis.url)
+        try:
+            client.flushall()
+            wait_for(lambda: client.hlen(keys.user_conns(AGENT_A)), 15, "the agent's route back")
+            wait_for(lambda: client.sismember(keys.cs_online(), AGENT_A), 15, "the agent online")
+        finally:
+            client.close()
+        with connect_as(node, "7101") as user:
+            assert open_and_assign(user, a)[1] == AGENT_A
+

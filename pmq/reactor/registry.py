@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
 from pmq.domain.cluster import Board
 from pmq.domain.ids import GeneratorLease, IdGenerator
 from pmq.domain.routing import Routes
-from pmq.reactor.connections import ConnectionTable
+from pmq.reactor.connections import Client, ConnectionTable
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ def beat_every(heartbeat_interval: float) -> float:
 
 class RegistryKeeper:
     """``missed_since(wall time)`` catches up on the unicasts published since then
-    (pmq.reactor.relay.Channels.missed_since); ``title`` names the worker in logs."""
+    (pmq.reactor.relay.Channels.missed_since); ``restored(clients)`` is told whose route
+    entries were written again (pmq.reactor.presence.Presence.restored); ``title`` names the
+    worker in logs."""
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class RegistryKeeper:
         heartbeat_interval: float,
         missed_since: Callable[[float], None],
         title: str,
+        restored: Callable[[list[Client]], Awaitable[None]],
     ) -> None:
         self.routes = routes
         self.board = board
@@ -54,6 +57,7 @@ class RegistryKeeper:
         self.interval = heartbeat_interval
         self.every = beat_every(heartbeat_interval)
         self.missed_since = missed_since
+        self.restored = restored
         self.title = title
         self.last_beat = time.time()  # the last beat that found our route entries
         self.last_refresh = time.time()  # the last refresh of our users' entries' TTL
@@ -83,10 +87,12 @@ class RegistryKeeper:
         if not await self.routes.beat() and len(self.table):
             # Redis lost our entries: without them no unicast reaches our users, and what
             # was published since the last beat that found them saw them offline.
-            held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
+            clients = list(self.table)
+            held = [(c.uid, c.conn_id, c.identity.groups) for c in clients]
             await self.routes.restore(held)
             log.warning("%s wrote its %d route entries again", self.title, len(held))
             self.missed_since(self.last_beat)
+            await self.restored(clients)
         self.last_beat = beat_at
 
     async def refresh(self) -> None:
@@ -96,10 +102,11 @@ class RegistryKeeper:
         if expired:
             # Their TTL ran out while Redis was away (a cut longer than it): until written
             # again, publishes see these users offline.
-            held = [(c.uid, c.conn_id, c.identity.groups) for c in self.table]
-            await self.routes.restore([h for h in held if h[0] in expired])
+            clients = [c for c in self.table if c.uid in expired]
+            await self.routes.restore([(c.uid, c.conn_id, c.identity.groups) for c in clients])
             log.warning("%s wrote %d users' expired route entries again", self.title, len(expired))
             self.missed_since(self.last_refresh)
+            await self.restored(clients)
         self.last_refresh = refresh_at
 
     async def withdraw(self, worker_id: str) -> None:

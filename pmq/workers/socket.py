@@ -167,9 +167,10 @@ class SocketWorker(Worker):
         catch_up = CatchUp(self.table, inbox, broadcasts, self.fanout, self.stored.stored_since)
         self.loss_catch_up = LossCatchUp(catch_up)
         self.channels = Channels(redis, keys, self.id, relay, self.fanout, catch_up)
+        self.presence = Presence(self.chat)
         self.keeper = RegistryKeeper(
             self.routes, board, lease, ids, self.table, config.heartbeat.interval,
-            self.channels.missed_since, self.title,
+            self.channels.missed_since, self.title, self.presence.restored,
         )
         self.assemble_connects(kicks)
 
@@ -184,7 +185,7 @@ class SocketWorker(Worker):
             lambda: self.config.inbox.replay_max,  # read at each connect: a reload changes it
         )
         connects = Connects(
-            registration, self.replay, Presence(self.chat), self.unread_pusher,
+            registration, self.replay, self.presence, self.unread_pusher,
             lambda: self.config.heartbeat.interval,
         )
         self.handlers = load_handlers()
