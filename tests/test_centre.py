@@ -274,6 +274,7 @@ def test_bad_input_is_a_clear_400_never_a_500(node: Node, site: Ingest) -> None:
             ({"kinds": ["Comment"]}, "kinds"),
             ({"kinds": []}, "kinds"),
             ({"ids": [], "kinds": ["comment"]}, "ids, kinds"),
+            ({"id": ["1"]}, "id"),  # misspelt: not "everything"
         ]
         for data, field in fields:
             reply = client.request("msg.read", data)
@@ -291,6 +292,8 @@ def test_bad_input_is_a_clear_400_never_a_500(node: Node, site: Ingest) -> None:
         status, reply = site.call("POST", "/api/v1/users/7/read", {"ids": ids})
         assert status == 400 and reply["msg"].startswith("ids: "), (ids, reply)
     assert site.call("POST", "/api/v1/users/7/read", [1])[0] == 400
+    status, reply = site.call("POST", "/api/v1/users/7/read", {"uids": [5]})
+    assert status == 400 and reply["msg"].startswith("uids: unknown field"), reply
     for path in ("/api/v1/messages/abc", "/api/v1/broadcast/0", "/api/v1/messages/99999999999"):
         assert site.call("DELETE", path)[0] == 404, path
 

@@ -56,6 +56,9 @@ def read_request(data: dict[str, Any]) -> tuple[list[int] | None, list[str] | No
         if not all(map(is_kind, kinds)):
             raise bad_request(BAD_KINDS)
         return None, list(dict.fromkeys(kinds))
+    unknown = sorted(set(data) - {"ids", "kinds"})
+    if unknown:  # a misspelt "ids" must not mark everything read
+        raise bad_request(f"{unknown[0][:64]}: unknown field; give ids, kinds or neither (all)")
     return None, None
 
 
