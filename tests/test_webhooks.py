@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,27 @@ def test_online_and_offline_across_two_nodes_and_a_node_killed(
         assert not receiver.of("user.offline", uid="31")
     receiver.wait(lambda: receiver.of("user.offline", uid="31"), "31 offline")
     assert receiver.bad_signatures == 0
+
+
+def test_a_killed_node_that_held_the_webhook_leases_delays_user_offline_only_seconds(
+    make_node: Callable[..., Node], receiver: Receiver
+) -> None:
+    """SPEC 12: a node's death counts for user.offline. Here the dead node's task worker
+    held every bucket's lease; leases are short and renewed during a POST, so the survivor
+    serves the buckets within seconds. A lease made to outlive the longest POST (25 s at the
+    default webhooks.timeout of 10 s) held every event of the cluster back that long. What
+    the wait below allows: the route entries' expiry (3 heartbeats of 2 s), one look an
+    interval, the grace (1 s) and a lease (3 s), with room; not the old 25 s."""
+    first = hooked(make_node, receiver, timeout=10).start()
+    with ws_client(first, 61):
+        receiver.wait(lambda: receiver.of("user.online", uid="61"), "61 online")
+        second = hooked(make_node, receiver, timeout=10).start()
+        killed_at = time.monotonic()
+        first.kill_all()
+        receiver.wait(lambda: receiver.of("user.offline", uid="61"), "61 offline", timeout=60)
+        waited = time.monotonic() - killed_at
+    assert waited < 20, waited
+    assert second.status() is not None
 
 
 def test_a_quick_reconnect_sends_no_offline(

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 FAILING = Throttled(log, every=30.0)
 
 POLL_SECONDS = 0.2  # pause of a pass that found nothing to send
+LEASE_SECONDS = 3.0  # a bucket's lease: how soon a dead holder's buckets are served again
 RETRY_BASE = 0.5  # seconds: the first window of the retries' back-off (pmq.backoff)
 TIMER_PAGE = 500  # timers fired per bucket and pass at most
 SCAN_PAGE = 1000  # online users looked at per script call
@@ -118,8 +119,10 @@ class WebhookSender:
         self.types = frozenset(EventType(t) for t in settings.events)
         self.reconcile_every = heartbeat_interval
         self.grace_ms = int(settings.offline_grace * 1000)
-        # A POST holds no renewal: the lease outlives the longest one with room to spare.
-        ttl_ms = int((2 * settings.timeout + 5) * 1000)
+        # Short, so that when its holder dies another worker serves the bucket within
+        # seconds; renewed by every pass, and during a POST (which may take
+        # webhooks.timeout) by a task of its own.
+        ttl_ms = int(LEASE_SECONDS * 1000)
         # Outbox number n < buckets is bucket n's; number ``buckets``, the last, the chat's.
         self.outboxes = [keys.hook_outbox(b) for b in range(keys.buckets)]
         self.leases = [Lease(keys.hook_lease(b), owner, ttl_ms) for b in range(keys.buckets)]
@@ -233,7 +236,7 @@ class WebhookSender:
         if not head:
             return False
         try:
-            await self.poster.post(events.body(head))
+            await self.post_holding(number, events.body(head))
         except DeliveryError as exc:
             self.failed += 1
             metrics.WEBHOOK_FAILURES.inc()
@@ -256,6 +259,23 @@ class WebhookSender:
         for raw in head:
             metrics.WEBHOOK_SECONDS.observe(max(0.0, now_ms - events.parse(raw)["ts"]) / 1000)
         return True
+
+    async def post_holding(self, number: int, body: bytes) -> None:
+        """POST ``body``, renewing the lease of outbox ``number`` meanwhile. A lease lost
+        anyway (this worker stalled) lets another worker send the same events again; the
+        trim after the POST then finds the lease not ours and removes nothing."""
+        lease = self.leases[number]
+
+        async def keep() -> None:
+            while await lease.renew(self.redis):
+                await asyncio.sleep(LEASE_SECONDS / 3)
+
+        keeping = asyncio.create_task(keep())
+        try:
+            await self.poster.post(body)
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
 
     async def drop_expired(self, number: int, head: Sequence[bytes]) -> None:
         """Drop the events at the head of outbox ``number`` older than
