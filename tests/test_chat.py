@@ -489,6 +489,10 @@ def test_store_keeps_chat_rows(name: str, tmp_path: Path) -> None:
         assert [m.id for m in store.cs_messages(7)] == [104, 103, 102, 101, 100]
         assert store.cs_messages(7, before_id=103, limit=2) == [messages[2], messages[1]]
         assert store.cs_messages(8) == []
+        # By the pair, over their closed sessions: user 1 with agent 2 (session 7) only.
+        assert [m.id for m in store.cs_messages_between(1, 2)] == [104, 103, 102, 101, 100]
+        assert store.cs_messages_between(1, 2, before_id=102, limit=1) == [messages[1]]
+        assert store.cs_messages_between(1, 3) == []
 
 
 def test_an_agent_still_connected_when_redis_lost_its_data_takes_sessions_again(
@@ -510,4 +514,43 @@ def test_an_agent_still_connected_when_redis_lost_its_data_takes_sessions_again(
             client.close()
         with connect_as(node, "7101") as user:
             assert open_and_assign(user, a)[1] == AGENT_A
+
+
+def test_history_with_a_peer_reads_storage_after_redis_lost_its_data(
+    make_node: Callable[..., Node], own_redis: RedisServer
+) -> None:
+    """SPEC 9 and 6: after Redis was emptied, cs.history {"peer"} still returns the messages
+    of the closed sessions storage holds, newest first, with paging (it read Redis alone
+    and returned [])."""
+    node = make_node(redis={"url": own_redis.url}, cs={"max_sessions_per_agent": 5}).start()
+    store = open_store(StorageConfig(url=str(node.settings["storage"]["url"]), shards=4))
+    try:
+        with agent(node, AGENT_A) as a, connect_as(node, "7201") as user:
+            sid, _ = open_and_assign(user, a)
+            sent = [
+                ok((user if n % 2 else a).request("cs.send", {"session_id": sid, "text": f"m{n}"}))[
+                    "id"
+                ]
+                for n in range(6)
+            ]
+            close_session(user, a, sid)
+        wait_for(
+            lambda: store.cs_session(int(sid)) and len(store.cs_messages(int(sid))) == 6,
+            30,
+            "the session and its messages stored",
+        )
+    finally:
+        store.close()
+    client = redis.Redis.from_url(own_redis.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    newest_first = sent[::-1]
+    with connect_as(node, "7201") as user, agent(node, AGENT_A) as a:
+        for who, peer in ((user, AGENT_A), (a, "7201")):
+            reply = ok(who.request("cs.history", {"peer": peer}))
+            assert [m["id"] for m in reply["messages"]] == newest_first
+        page = ok(user.request("cs.history", {"peer": AGENT_A, "before": sent[3], "limit": 2}))
+        assert [m["id"] for m in page["messages"]] == newest_first[3:5]
 

@@ -29,6 +29,13 @@ class Archive(Protocol):
         """The session's stored messages with id < ``before`` (0 = no bound), newest first."""
         ...
 
+    async def cs_messages_between(
+        self, user: str, agent: str, before: int, limit: int
+    ) -> list[dict[str, Any]]:
+        """The stored messages of the closed sessions between ``user`` and ``agent`` with
+        id < ``before`` (0 = no bound), newest first."""
+        ...
+
 
 def refused(code: int, what: str) -> ActionError:
     """The ActionError for a chat script's refusal ``code`` (404, 403, 409) of session
@@ -81,8 +88,10 @@ class ChatReads:
     async def history_with(
         self, user: str, agent: str, before: int, limit: int
     ) -> list[dict[str, Any]]:
-        """The messages of every session between ``user`` and ``agent`` kept in Redis,
-        newest first (sessions of one user never overlap, so their ids never interleave)."""
+        """The messages of every session between ``user`` and ``agent``, newest first
+        (sessions of one user never overlap, so their ids never interleave): those Redis
+        keeps, then, below them, those of the sessions storage has (all of them, after
+        Redis lost its data)."""
         key = self.keys.cs_user_sessions(user)
         sids = [s.decode() for s in cast(list[bytes], await self.redis.zrevrange(key, 0, -1))]
         pipe = self.redis.pipeline(transaction=False)
@@ -95,7 +104,12 @@ class ChatReads:
                 continue
             found += await self._messages(sid, before, limit - len(found))
             if len(found) >= limit:
-                break
+                return found
+        if self.archive is not None:
+            seen = {m["id"] for m in found}
+            floor = min((int(i) for i in seen), default=before)
+            older = await self.archive.cs_messages_between(user, agent, floor, limit - len(found))
+            found += [m for m in older if m["id"] not in seen]
         return found
 
     async def _messages(self, session_id: str, before: int, limit: int) -> list[dict[str, Any]]:

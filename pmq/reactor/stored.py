@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from pmq.store import Store
-from pmq.store.rows import ReadRows, StoredBroadcast, StoredMessage
+from pmq.store.rows import ReadRows, StoredBroadcast, StoredCsMessage, StoredMessage
 from pmq.wire.client import Kind, Message, stored_message
 
 T = TypeVar("T")
@@ -88,9 +88,19 @@ class StoredReads:
         return {"user": str(row.uid), "agent": None if row.agent is None else str(row.agent)}
 
     async def cs_messages(self, session_id: int, before: int, limit: int) -> list[dict[str, Any]]:
-        rows = await self.in_thread(self.store.cs_messages, session_id, before, limit)
-        cs = Kind.CS.value
-        return [stored_message(r.id, cs, r.from_uid, r.to_uid, r.body, r.ts) for r in rows]
+        return _cs(await self.in_thread(self.store.cs_messages, session_id, before, limit))
+
+    async def cs_messages_between(
+        self, user: str, agent: str, before: int, limit: int
+    ) -> list[dict[str, Any]]:
+        rows = await self.in_thread(
+            self.store.cs_messages_between, int(user), int(agent), before, limit
+        )
+        return _cs(rows)
+
+
+def _cs(rows: Sequence[StoredCsMessage]) -> list[dict[str, Any]]:
+    return [stored_message(r.id, Kind.CS.value, r.from_uid, r.to_uid, r.body, r.ts) for r in rows]
 
 
 def _messages(rows: Sequence[StoredMessage]) -> list[dict[str, Any]]:

@@ -66,3 +66,21 @@ class ChatSql(Sql):
                 (session_id, before_id or MAX_ID, limit),
             )
             return [StoredCsMessage(*row) for row in cur.fetchall()]
+
+    def cs_messages_between(
+        self, uid: int, agent: int, before_id: int = 0, limit: int = 50
+    ) -> list[StoredCsMessage]:
+        """The stored messages of the closed sessions between user ``uid`` and ``agent``
+        (sessions are stored once closed) with ids below ``before_id`` (0: no bound), newest
+        first, at most ``limit``."""
+        p = self.placeholder
+        with self._session("cs_messages_between", write=False) as cur:
+            cur.execute(
+                f"SELECT {', '.join('m.' + c for c in CS_MESSAGE_COLUMNS.split(', '))} "
+                "FROM pmq_cs_message m JOIN pmq_cs_session s ON m.session_id = s.id "
+                f"WHERE s.uid = {p} AND s.agent = {p} AND m.id < {p} "
+                f"ORDER BY m.id DESC LIMIT {p}",
+                (uid, agent, before_id or MAX_ID, limit),
+            )
+            return [StoredCsMessage(*row) for row in cur.fetchall()]
+

@@ -208,3 +208,8 @@ class ShardedStore(Store):
         self, session_id: int, before_id: int = 0, limit: int = 50
     ) -> list[StoredCsMessage]:
         return self.main.cs_messages(session_id, before_id, limit)
+
+    def cs_messages_between(
+        self, uid: int, agent: int, before_id: int = 0, limit: int = 50
+    ) -> list[StoredCsMessage]:
+        return self.main.cs_messages_between(uid, agent, before_id, limit)
