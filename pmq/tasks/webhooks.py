@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 
 from pmq import metrics
 from pmq.backoff import Backoff
+from pmq.cancel import raise_if_cancelled
 from pmq.config import WebhooksConfig
 from pmq.domain.events import timer_fields
 from pmq.log import Throttled
@@ -268,6 +269,7 @@ class WebhookSender:
 
         async def keep() -> None:
             while await lease.renew(self.redis):
+                raise_if_cancelled()  # redis-py may have swallowed the POST's end
                 await asyncio.sleep(LEASE_SECONDS / 3)
 
         keeping = asyncio.create_task(keep())
