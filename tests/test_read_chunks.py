@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from pmq.config import WebhooksConfig
 from pmq.domain import reads as reads_module
@@ -99,3 +100,25 @@ def test_a_read_of_everything_goes_in_chunks_and_counts_each_item_once(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_read_state_redis_keeps_losing_is_redis_unavailable(redis_prefix: str) -> None:
+    """A read whose state Redis lost again at every try (it is being emptied) fails as
+    Redis away does, which callers answer 503 (it was a RuntimeError: a 500)."""
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            reads = Reads(client, Keys(redis_prefix, 8), 3600, nothing_stored)
+
+            async def lost(**kwargs: Any) -> int:
+                return -1  # the script's answer when the state is not loaded
+
+            reads._read = lost
+            with pytest.raises(RedisError, match="would not load"):
+                await reads.mark_read(UID, unread_items(2), {}, lambda: ([], []))
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from pmq.domain.epochs import RedisMarks
 from pmq.domain.ids import first_id_at, timestamp_ms
@@ -189,7 +190,9 @@ class Reads:
                     self.journal.note(self.keys.bucket(uid), keys[2], uid, op)
                 return [i.decode() for i in changed]
             await self.view(uid)
-        raise RuntimeError(f"read state of uid {uid} would not load")
+        # Redis lost it again each time (it is being emptied or restarted): as unavailable
+        # as when it does not answer, so the caller answers 503, retry.
+        raise RedisError(f"read state of uid {uid} would not load")
 
 
 def newest_id() -> int:
