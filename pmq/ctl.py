@@ -22,6 +22,7 @@ from pmq import log as logsetup
 from pmq.errors import AlreadyRunning, ExitCode, NotRunning, PMQError
 from pmq.workers import metricsdir, pidfile
 from pmq.workers.channel import request
+from pmq.workers.spawn import WITHDRAW_WAIT_SECONDS
 
 Command = Callable[[argparse.Namespace], int]
 DAEMON_READY_SECONDS = 60
@@ -207,7 +208,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if pid is None:
         raise NotRunning(f"no live master in {config.server.pid_file}")
     os.kill(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
-    deadline = time.monotonic() + config.server.graceful_timeout + 5
+    # Two stages of graceful_timeout (socket workers, then task workers), and the removal
+    # of what a killed socket worker left in Redis.
+    deadline = time.monotonic() + 2 * config.server.graceful_timeout + WITHDRAW_WAIT_SECONDS + 5
     while time.monotonic() < deadline:
         if not process_alive(pid):
             print(f"pmq stopped (master pid {pid})")

@@ -304,35 +304,45 @@ class Master:
         """Stop every worker (TERM, or QUIT when fast), wait, kill the rest; raise StopMaster.
         A graceful stop stops the socket workers first and the task workers once those are
         gone, so that the writes queued by the last ingest requests are in the queue the task
-        workers drain; all within one graceful_timeout."""
+        workers drain; each stage has its own graceful_timeout (a task worker sizes its drain
+        by it), so a whole stop takes at most twice that."""
         notify("STOPPING=1")
         log.info("%s stopping (%s)", self.title, "graceful" if graceful else "fast")
         self.control.close()
-        timeout = self.config.server.graceful_timeout if graceful else FAST_STOP_SECONDS
-        deadline = time.monotonic() + timeout
-        stages = [("socket",), ("task",)] if graceful else [("socket", "task")]
-        for kinds in stages:
-            for pid, worker in list(self.workers.items()):
-                if worker.kind in kinds:
-                    self.kill(pid, signal.SIGTERM if graceful else signal.SIGQUIT)
-            while (
-                any(w.kind in kinds for w in self.workers.values())
-                and time.monotonic() < deadline
-            ):
-                self.reap_workers_quietly()
-                time.sleep(0.02)
-        killed = []
+        if graceful:
+            timeout = self.config.server.graceful_timeout
+            killed = self.stop_stage(("socket",), signal.SIGTERM, timeout)
+            killed += self.stop_stage(("task",), signal.SIGTERM, timeout)
+        else:
+            killed = self.stop_stage(("socket", "task"), signal.SIGQUIT, FAST_STOP_SECONDS)
+        if killed:  # they could not take their route entries with them
+            fork_withdraw(self.config, killed, self.close_in_child)
+        raise StopMaster(code)
+
+    def stop_stage(self, kinds: tuple[str, ...], sig: int, timeout: float) -> list[str]:
+        """Send ``sig`` to the workers of ``kinds``, wait ``timeout`` seconds for them to
+        exit, kill those left; returns the registry ids of the socket workers killed."""
         for pid, worker in list(self.workers.items()):
+            if worker.kind in kinds:
+                self.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+
+        def left() -> list[tuple[int, WorkerState]]:
+            return [(pid, w) for pid, w in self.workers.items() if w.kind in kinds]
+
+        while left() and time.monotonic() < deadline:
+            self.reap_workers_quietly()
+            time.sleep(0.02)
+        killed = []
+        for pid, worker in left():
             log.warning("worker pid %d still alive after %.0fs; killing it", pid, timeout)
             self.kill(pid, signal.SIGKILL)
             if worker.kind == "socket":
                 killed.append(worker_id(self.node, worker.kind, worker.index, pid))
-        while self.workers:
+        while left():
             self.reap_workers_quietly()
             time.sleep(0.01)
-        if killed:  # they could not take their route entries with them
-            fork_withdraw(self.config, killed, self.close_in_child)
-        raise StopMaster(code)
+        return killed
 
     def reap_workers_quietly(self) -> None:
         for worker in list(self.workers.values()):

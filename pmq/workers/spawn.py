@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -92,6 +93,10 @@ def fork_withdraw(
     if pid == 0:
         code = 1
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)  # not the master's: they write to its pipe
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
             close_in_child()
             code = importlib.import_module("pmq.workers.withdraw").run(config, worker_ids)
         except BaseException:
@@ -104,6 +109,6 @@ def fork_withdraw(
         if os.waitpid(pid, os.WNOHANG)[0]:
             return
         time.sleep(0.02)
-    os.kill(pid, 9)
+    os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
 
