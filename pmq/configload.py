@@ -62,8 +62,10 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
                 raw = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except OSError as exc:  # unreadable: a directory, no permission
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     overlays = raw.pop("env", {})
     if not isinstance(overlays, dict):
         raise ConfigError("env: must be a table of [env.NAME] tables")

@@ -146,12 +146,17 @@ def test_reload_with_broken_handler_keeps_old_code(make_node, tmp_path):
     code = tmp_path / "code"
     shutil.copytree(Path(pmq.__file__).parent, code / "pmq",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    node = make_node()
+    node = make_node(inbox={"replay_max": 1})
     node_env = {"PYTHONPATH": str(code)}
     node.start(**node_env)
+    site = Ingest(node)
+    for n in range(3):
+        assert site.publish({"to": 5, "kind": "notice", "body": {"n": n}})[0] == 202
+    site.close()
     with ws_connect(node) as ws:
         handler = code / "pmq" / "handlers" / "system.py"
         handler.write_text(handler.read_text() + "\ndef broken(:\n")
+        rewrite_config(node, inbox={"replay_max": 1000})  # not applied: the reload fails
         result = subprocess.run(
             [sys.executable, "-m", "pmq.ctl", "reload", "-c", str(node.config_path)],
             capture_output=True, text=True, env=node.env(**node_env), timeout=60,
@@ -162,6 +167,21 @@ def test_reload_with_broken_handler_keeps_old_code(make_node, tmp_path):
         assert ping(ws, "still-old")["code"] == 200
     with ws_connect(node) as ws:
         assert ping(ws)["code"] == 200
+    assert replayed(node, "5") == ["push", "inbox.more"]
+
+
+def test_a_reload_of_a_config_file_that_cannot_be_read_fails_and_the_node_serves_on(make_node):
+    """A file that is not UTF-8 (caught half-written) fails the reload with exit 1; the
+    master used to die of it, taking the node down."""
+    node = make_node().start()
+    with open(node.config_path, "ab") as f:
+        f.write(b"# \xff\n")
+    result = node.ctl("reload")
+    assert result.returncode == 1
+    assert "invalid TOML" in result.stderr
+    with ws_connect(node) as ws:
+        assert ping(ws)["code"] == 200
+    assert node.proc is not None and node.proc.poll() is None
 
 
 def rewrite_config(node: Node, **sections: dict[str, Any]) -> None:

@@ -201,9 +201,10 @@ class Worker(abc.ABC):
 
     async def _reload(self) -> None:
         try:
-            self.config, _ = configload.reloaded(self.config)  # the master logs what changed
-            logsetup.setup(self.config.log)
-            await self.reload()
+            fresh, _ = configload.reloaded(self.config)  # the master logs what changed
+            await self.reload(fresh)
+            self.config = fresh  # only once all of it took: else the old settings stay
+            logsetup.setup(fresh.log)
         except Exception as exc:
             log.error("%s: reload failed, keeping the old code: %s", self.title, exc)
             send_event(self.status_fd, event="reload", ok=False, error=f"{self.title}: {exc}")
@@ -238,9 +239,11 @@ class Worker(abc.ABC):
         """Stop in phases (docs/protocol.md, "Processes and control"); ``fast`` skips the
         niceties, not the cleanup."""
 
-    async def reload(self) -> None:  # noqa: B027 - optional hook
-        """Apply ``self.config``'s reloadable settings, just read again (Config.RELOADABLE),
-        and re-import what can change without a restart; raise to keep the old state."""
+    async def reload(self, fresh: Config) -> None:  # noqa: B027 - optional hook
+        """Re-import what can change without a restart, then hand the parts that keep a
+        reloadable setting of their own its value in ``fresh`` (Config.RELOADABLE); raise,
+        before changing anything, to keep the old state. ``self.config`` becomes ``fresh``
+        once this returns."""
 
     def stats(self) -> dict[str, Any]:
         """Numbers for ``pmqctl status``, sent with every heartbeat."""

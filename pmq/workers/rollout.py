@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmq import configload
 from pmq import log as logsetup
+from pmq.config import Config
 from pmq.errors import ConfigError
 from pmq.workers.notify import notify
 
@@ -33,6 +34,7 @@ class Rollout:
         self.master = master
         self.replacing: dict[int, int] = {}  # old pid -> its replacement's, during USR2
         self.reload_pending: dict[int, dict[str, Any]] | None = None
+        self.fresh: Config | None = None  # the config a reload under way read
         self.reload_deadline = 0.0
 
     def answered(self, pid: int, event: dict[str, Any]) -> None:
@@ -41,18 +43,17 @@ class Rollout:
             self.reload_pending[pid] = event
 
     def reload(self) -> None:
-        """Read the config again (a bad file fails the reload before any worker sees it),
-        keep its reloadable settings for the workers forked from now on, and HUP every
-        worker: they re-import handlers and apply the same settings."""
+        """Read the config again (a bad file fails the reload before any worker sees it) and
+        HUP every worker: they re-import handlers and apply its reloadable settings. Once
+        every worker took them, the workers forked from then on get them too."""
         notify("RELOADING=1")
         try:
-            self.master.config, needs_restart = configload.reloaded(self.master.config)
+            self.fresh, needs_restart = configload.reloaded(self.master.config)
         except ConfigError as exc:
             log.error("reload: %s; keeping the running config", exc)
             notify("READY=1\nSTATUS=serving")
             self.master.control.finish("reload", {"ok": False, "error": str(exc)})
             return
-        logsetup.setup(self.master.config.log)
         if needs_restart:
             log.warning("reload: %s changed; a restart applies it", ", ".join(needs_restart))
         log.info("reloading handlers in %d workers", len(self.master.workers))
@@ -78,6 +79,10 @@ class Rollout:
             if not e.get("ok")
         ]
         self.reload_pending = None
+        if not errors and self.fresh is not None:  # the settings workers forked later get
+            self.master.config = self.fresh
+            logsetup.setup(self.fresh.log)
+        self.fresh = None
         notify("READY=1\nSTATUS=serving")
         for error in errors:
             log.error("reload: %s", error)

@@ -288,10 +288,10 @@ class SocketWorker(Worker):
     )
 
     # Reload, stats, Redis loss --------------------------------------------------------
-    async def reload(self) -> None:
+    async def reload(self, fresh: Config) -> None:
         handlers = load_handlers()  # raises, keeping the old registry, on any error
         # The parts that keep a reloadable setting of their own; the others read self.config.
-        config, services = self.config, self.services
+        config, services = fresh, self.services
         services.inbox.hot_seconds = config.inbox.hot_seconds
         services.broadcasts.dedupe_seconds = config.broadcast.dedupe_seconds
         services.broadcasts.replay_max = config.broadcast.replay_max

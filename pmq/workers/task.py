@@ -160,9 +160,9 @@ class TaskWorker(Worker):
             self.queue_depths[name] = sum(await pipe.execute())
             metrics.QUEUE_DEPTH.labels(name).set(self.queue_depths[name])
 
-    async def reload(self) -> None:
+    async def reload(self, fresh: Config) -> None:
         if self.sweeper is not None:  # the one reloadable setting a task worker keeps
-            self.sweeper.hot_ms = self.config.inbox.hot_seconds * 1000
+            self.sweeper.hot_ms = fresh.inbox.hot_seconds * 1000
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.writer.stats() if self.writer else {}
