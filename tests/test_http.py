@@ -559,6 +559,44 @@ def test_drain_answers_a_request_partly_received_once_the_rest_is_in() -> None:
     run(main)
 
 
+def test_drain_answers_a_request_partly_received_behind_one_being_answered() -> None:
+    """The partial request may follow one still running on the same connection: the
+    running one's reply keeps the connection open for it, and it is answered too."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        router = make_router()
+
+        async def slow(request: HttpRequest) -> HttpResponse:
+            await release.wait()
+            return json_response(200, {"slow": True})
+
+        router.add("GET", "/slow", slow)
+        server = await serve(router)
+        client = await Client.connect(server)
+        body = b'{"n": 1}'
+        second = b"POST /api/v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n" + second + body[:3])
+        await wait_for_async(
+            lambda: server.in_flight == 1
+            and any(c.started is not None for c in server.connections),
+            DEADLINE,
+            "one running, one begun",
+        )
+        drain = asyncio.create_task(server.drain(DEADLINE))
+        await asyncio.sleep(0)
+        release.set()
+        first = await client.response()
+        assert (first.status, first.headers["connection"]) == (200, "keep-alive")
+        await client.send(body[3:])
+        reply = await client.response()
+        assert (reply.status, reply.headers["connection"]) == (202, "close")
+        assert await drain == 0
+        assert await client.closed()
+
+    run(main)
+
+
 def test_drain_counts_a_request_whose_rest_never_comes() -> None:
     async def main() -> None:
         server = await serve()

@@ -221,7 +221,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.rejection is not None:
             self._send_rejection(self.rejection)
-        elif self.eof or self.server.draining:
+        elif self.eof or (self.server.draining and not self.partial):
             transport.close()
         else:
             if self.read_paused:
@@ -256,7 +256,9 @@ class HttpConnection(asyncio.Protocol):
         self.server.request_done()
         if self.transport.is_closing():
             return  # the client left: the reply is dropped
-        keep_alive = keep_alive and not (self.server.draining and not self.queue)
+        keep_alive = keep_alive and not (
+            self.server.draining and not self.queue and not self.partial
+        )
         self.transport.write(encode_response(response, keep_alive, request.method == "HEAD"))
         self.last_active = self.loop.time()
         if not keep_alive:
