@@ -13,7 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from pmq.domain.ids import timestamp_ms
-from pmq.errors import ActionError
+from pmq.errors import ActionError, StorageError
 from pmq.redis.keys import Keys
 from pmq.wire.client import Code
 
@@ -108,7 +108,14 @@ class ChatReads:
         if self.archive is not None:
             seen = {m["id"] for m in found}
             floor = min((int(i) for i in seen), default=before)
-            older = await self.archive.cs_messages_between(user, agent, floor, limit - len(found))
+            try:
+                older = await self.archive.cs_messages_between(
+                    user, agent, floor, limit - len(found)
+                )
+            except StorageError:  # storage away: what Redis keeps is still an answer
+                if not found:
+                    raise
+                return found
             found += [m for m in older if m["id"] not in seen]
         return found
 

@@ -9,6 +9,7 @@ the embedded SQLite store, a file generated once beside the database
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -50,7 +51,7 @@ def mint_token(
         "sub": identity.uid,
         # To the millisecond (a NumericDate may be fractional): a token minted right after a
         # kick, in the kick's own second, is then seen as issued after it and connects.
-        "iat": round(now, 3),
+        "iat": math.floor(now * 1000) / 1000,  # truncated: never a moment not yet come
         "exp": int(now) + ttl,
         "groups": list(identity.groups),
         "role": identity.role.value,

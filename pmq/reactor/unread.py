@@ -135,7 +135,6 @@ class UnreadPusher:
 
     async def flush(self) -> None:
         """Push the counters of the dirty users whose last badge is an interval old."""
-        self.waiting = False  # the next fan-out's end starts the next wait
         now = time.monotonic()
         self.pushed = {u: t for u, t in self.pushed.items() if now - t < self.interval}
         due = [uid for uid in self.dirty if uid not in self.pushed]
@@ -146,11 +145,14 @@ class UnreadPusher:
             client = self.table.any_of_user(uid)
             if client is not None:
                 users.append((uid, client.identity.groups))
+        if not users:
+            self.waiting = False  # nothing owed: the next fan-out's end starts a new wait
         frames: dict[tuple[tuple[str, int], ...], bytes] = {}  # after a broadcast most
         for start in range(0, len(users), CHUNK):  # users share their counts: encode once
             if self.holding:  # a fan-out began: it goes first, then these users first
                 self.dirty = {**dict.fromkeys(uid for uid, _ in users[start:]), **self.dirty}
                 return
+            self.waiting = False  # badges went: the next fan-out's end starts a new wait
             chunk = users[start : start + CHUNK]
             for (uid, _), counts in zip(chunk, await self.unread.counts_many(chunk), strict=True):
                 key = tuple(counts.items())
