@@ -167,6 +167,21 @@ def make_router() -> Router:
     return router
 
 
+def add_slow(router: Router, release: asyncio.Event) -> None:
+    """GET /slow on ``router``: answered 200 once ``release`` is set."""
+
+    async def slow(request: HttpRequest) -> HttpResponse:
+        await release.wait()
+        return json_response(200, {"slow": True})
+
+    router.add("GET", "/slow", slow)
+
+
+def begun(server: HttpServer) -> bool:
+    """Whether a connection of ``server`` is receiving a request it has not had in full."""
+    return any(c.started is not None for c in server.connections)
+
+
 async def serve(router: Router | None = None, api_key: str = "", **limits: Any) -> HttpServer:
     return await start_http_server(
         router or make_router(), "127.0.0.1", 0, max_body=1024, api_key=api_key, **limits
@@ -502,11 +517,7 @@ def test_drain_waits_for_in_flight_request() -> None:
         release = asyncio.Event()
         router = Router()
 
-        async def slow(request: HttpRequest) -> HttpResponse:
-            await release.wait()
-            return json_response(200, {"slow": True})
-
-        router.add("GET", "/slow", slow)
+        add_slow(router, release)
         server = await serve(router)
         busy, idle = await Client.connect(server), await Client.connect(server)
         await busy.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -541,11 +552,7 @@ def test_drain_answers_a_request_partly_received_once_the_rest_is_in() -> None:
         body = b'{"to": 1, "kind": "notice", "body": {}}'
         head = b"POST /api/v1/messages HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
         await client.send(head % len(body) + body[:10])
-        await wait_for_async(
-            lambda: any(c.started is not None for c in server.connections),
-            DEADLINE,
-            "the request begun",
-        )
+        await wait_for_async(lambda: begun(server), DEADLINE, "the request begun")
         drain = asyncio.create_task(server.drain(DEADLINE))
         await asyncio.sleep(0)
         assert not drain.done()
@@ -567,19 +574,14 @@ def test_drain_answers_a_request_partly_received_behind_one_being_answered() -> 
         release = asyncio.Event()
         router = make_router()
 
-        async def slow(request: HttpRequest) -> HttpResponse:
-            await release.wait()
-            return json_response(200, {"slow": True})
-
-        router.add("GET", "/slow", slow)
+        add_slow(router, release)
         server = await serve(router)
         client = await Client.connect(server)
         body = b'{"n": 1}'
         second = b"POST /api/v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n" + second + body[:3])
         await wait_for_async(
-            lambda: server.in_flight == 1
-            and any(c.started is not None for c in server.connections),
+            lambda: server.in_flight == 1 and begun(server),
             DEADLINE,
             "one running, one begun",
         )
@@ -602,11 +604,7 @@ def test_drain_counts_a_request_whose_rest_never_comes() -> None:
         server = await serve()
         client = await Client.connect(server)
         await client.send(b"POST /api/v1/messages HTTP/1.1\r\nContent-Length: 9\r\n\r\n{")
-        await wait_for_async(
-            lambda: any(c.started is not None for c in server.connections),
-            DEADLINE,
-            "the request begun",
-        )
+        await wait_for_async(lambda: begun(server), DEADLINE, "the request begun")
         assert await server.drain(0.1) == 1
         assert server.in_flight == 0
         assert await client.closed()
@@ -767,11 +765,7 @@ def test_408_waits_for_the_replies_owed_before_it() -> None:
         release = asyncio.Event()
         router = make_router()
 
-        async def slow(request: HttpRequest) -> HttpResponse:
-            await release.wait()
-            return json_response(200, {"slow": True})
-
-        router.add("GET", "/slow", slow)
+        add_slow(router, release)
         server = await serve(router, request_timeout=TIMEOUT)
         client = await Client.connect(server)
         await client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /heal")  # and stall
