@@ -89,7 +89,13 @@ class Board:
         return int(await self._sweep(keys=[self.key], args=[now_ms(), self.max_age_ms]))
 
     async def withdraw(self) -> None:
-        await self.redis.hdel(self.key, self.worker_id)
+        await leave_view(self.redis, self.key, self.worker_id)
+
+
+async def leave_view(client: aioredis.Redis, key: str, worker_id: str) -> None:
+    """Take ``worker_id``'s entry out of the cluster view ``key`` (keys.cluster_workers()):
+    at its own stop, or after it was killed (pmq.workers.withdraw)."""
+    await client.hdel(key, worker_id)
 
 
 # Reading the view ---------------------------------------------------------------------

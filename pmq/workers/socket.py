@@ -291,11 +291,11 @@ class SocketWorker(Worker):
     async def reload(self, fresh: Config) -> None:
         handlers = load_handlers()  # raises, keeping the old registry, on any error
         # The parts that keep a reloadable setting of their own; the others read self.config.
-        config, services = fresh, self.services
-        services.inbox.hot_seconds = config.inbox.hot_seconds
-        services.broadcasts.dedupe_seconds = config.broadcast.dedupe_seconds
-        services.broadcasts.replay_max = config.broadcast.replay_max
-        self.unread_pusher.interval = config.unread.push_interval
+        services = self.services
+        services.inbox.hot_seconds = fresh.inbox.hot_seconds
+        services.broadcasts.dedupe_seconds = fresh.broadcast.dedupe_seconds
+        services.broadcasts.replay_max = fresh.broadcast.replay_max
+        self.unread_pusher.interval = fresh.unread.push_interval
         self.handlers = handlers
         log.info("%s reloaded %d actions", self.title, len(self.handlers))
 

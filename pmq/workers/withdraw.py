@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from pmq.config import Config
+from pmq.domain.cluster import leave_view
 from pmq.domain.routing import Routes
 from pmq.redis import conn as redisconn
 from pmq.redis.keys import Keys
@@ -45,7 +46,7 @@ async def forget(config: Config, worker_ids: Sequence[str]) -> None:
             removed = await Routes(redis, keys, worker_id, config.heartbeat.interval).forget(
                 worker_id
             )
-            await redis.hdel(keys.cluster_workers(), worker_id)
+            await leave_view(redis, keys.cluster_workers(), worker_id)
             log.info("removed %d route entries of killed worker %s", removed, worker_id)
     finally:
         await redis.aclose()
