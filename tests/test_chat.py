@@ -326,7 +326,8 @@ def test_history_newest_first_with_paging(make_node: Callable[..., Node]) -> Non
         for n in range(7):
             sender = user if n % 2 == 0 else a
             sent.append(ok(sender.request("cs.send", {"session_id": sid, "text": f"m{n}"}))["id"])
-        newest_first = sent[::-1]
+        # By id: the two parties' socket workers make ids apart, so send order is not id order.
+        newest_first = sorted(sent, key=int, reverse=True)
 
         def page(client: WsClient, **data: Any) -> list[str]:
             reply = ok(client.request("cs.history", data))
@@ -336,11 +337,12 @@ def test_history_newest_first_with_paging(make_node: Callable[..., Node]) -> Non
         assert page(a, session_id=sid, limit=3) == newest_first[:3]
         assert page(a, session_id=sid, limit=3, before=newest_first[2]) == newest_first[3:6]
         assert page(user, session_id=sid, limit=3, before=newest_first[5]) == newest_first[6:]
-        assert page(user, session_id=sid, before=sent[0]) == []
+        assert page(user, session_id=sid, before=newest_first[-1]) == []
         assert page(a, peer="1", limit=4) == newest_first[:4]
         assert page(user, peer=AGENT_A, before=newest_first[3]) == newest_first[4:]
         full = ok(user.request("cs.history", {"session_id": sid, "limit": 1}))
-        assert full["messages"][0]["body"] == {"session_id": sid, "text": "m6"}
+        newest_text = f"m{sent.index(newest_first[0])}"
+        assert full["messages"][0]["body"] == {"session_id": sid, "text": newest_text}
         assert full["session"] == {
             "session_id": sid, "user": "1", "agent": AGENT_A, "status": "open",
         }
@@ -546,7 +548,8 @@ def test_history_with_a_peer_reads_storage_after_redis_lost_its_data(
         client.flushall()
     finally:
         client.close()
-    newest_first = sent[::-1]
+    # By id: the two parties' socket workers make ids apart, so send order is not id order.
+    newest_first = sorted(sent, key=int, reverse=True)
     with connect_as(node, "7201") as user, agent(node, AGENT_A) as a:
 
         def history(who: WsClient, **data: Any) -> list[str] | dict[str, Any]:
@@ -563,6 +566,6 @@ def test_history_with_a_peer_reads_storage_after_redis_lost_its_data(
 
         settles(user, AGENT_A)
         settles(a, "7201")
-        page = history(user, peer=AGENT_A, before=sent[3], limit=2)
+        page = history(user, peer=AGENT_A, before=newest_first[2], limit=2)
         assert page == newest_first[3:5]
 
